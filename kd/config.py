@@ -1,0 +1,483 @@
+"""Typed configuration: dataclasses in, YAML out.
+
+One `Config` describes a whole distillation (and, in `search`, a whole search). It is loaded with
+`yaml.safe_load`, overridden with dotted `--set a.b=c` strings, checked (unknown keys are errors that
+name the key and list the valid ones), and saved next to every output so any run can be reproduced.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from kd.errors import ConfigError
+
+IMBALANCE_METHODS = ("none", "inverse", "effective", "balanced_sampling", "logit_adjust")
+
+
+@dataclass
+class SplitSource:
+    """One split on disk. `folder`: a directory of class folders. `csv`: a CSV of file name and label.
+
+    In YAML a bare string is shorthand for `{path: ...}`.
+    """
+    path: str = ""
+    images: str = ""        # csv only: directory the file names are relative to (default: the CSV's folder)
+    file_column: str = ""   # csv only: overrides data.file_column for this split
+    label_column: str = ""  # csv only: overrides data.label_column for this split
+
+
+@dataclass
+class DataConfig:
+    source: Literal["digits", "folder", "csv"] = "digits"
+    train: SplitSource | None = None  # a single pool given as train is split into train/val/test
+    val: SplitSource | None = None    # missing val/test splits are carved from train, stratified
+    test: SplitSource | None = None
+    file_column: str = "file"
+    label_column: str = "label"
+    classes: list[str] | None = None  # class order; default: sorted labels (integer labels index it)
+    image_size: int = 32
+    val_fraction: float = 0.2
+    test_fraction: float = 0.2
+    split_seed: int = 0
+    digits_minority: int = 8          # digits: this digit is the rare class, every other digit the common one
+    on_bad_image: Literal["warn", "error"] = "warn"
+    allow_leakage: bool = False       # the same image (by content) in two splits is an error unless true
+    allow_external_links: bool = False  # follow symlinks that point outside the dataset folder
+    max_image_pixels: int = 89_478_485  # Pillow's decompression-bomb limit
+    cache_dir: str = "results/cache"
+    pipeline: Literal["memory", "stream"] = "memory"
+    workers: int = 0                  # decoding threads / stream workers; 0 = one per core
+
+    def check(self) -> None:
+        _require(self.image_size >= 8, "data.image_size", "must be at least 8")
+        for key in ("val_fraction", "test_fraction"):
+            _require(0.0 < getattr(self, key) < 1.0, f"data.{key}", "must be between 0 and 1 (exclusive)")
+        _require(self.val_fraction + self.test_fraction < 0.9, "data.val_fraction",
+                 "val_fraction + test_fraction must leave at least 10% for training")
+        _require(0 <= self.digits_minority <= 9, "data.digits_minority", "must be a digit 0-9")
+        _require(self.workers >= 0, "data.workers", "must be >= 0")
+        _require(self.max_image_pixels > 0, "data.max_image_pixels", "must be positive")
+        if self.source != "digits":
+            what = "a CSV file of file names and labels" if self.source == "csv" else "a folder of class folders"
+            _require(self.train is not None and bool(self.train.path), "data.train",
+                     f"is required for source '{self.source}': {what} (e.g. --set data.train=PATH)")
+        if self.classes is not None:
+            _require(len(self.classes) >= 2, "data.classes", "needs at least two classes")
+            _require(len(set(self.classes)) == len(self.classes), "data.classes", "has duplicate names")
+
+
+@dataclass
+class AugmentConfig:
+    """The seeds' augmentations, batched on the training device. Views are a function of (seed, epoch, index)."""
+    crop_scale: list[float] = field(default_factory=lambda: [0.6, 1.0])  # random resized crop, area fraction
+    crop_ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333])
+    flip: float = 0.5          # horizontal flip probability
+    rotation: float = 15.0     # max degrees either way
+    brightness: float = 0.2    # colour jitter strengths, as torchvision's ColorJitter
+    contrast: float = 0.2
+    saturation: float = 0.2
+    hue: float = 0.02
+    seed: int = 0
+
+    def check(self) -> None:
+        for key in ("crop_scale", "crop_ratio"):
+            lo_hi = getattr(self, key)
+            _require(len(lo_hi) == 2 and 0 < lo_hi[0] <= lo_hi[1], f"augment.{key}", "must be [low, high] with 0 < low <= high")
+        _require(self.crop_scale[1] <= 1.0, "augment.crop_scale", "high must be <= 1")
+        _require(0.0 <= self.flip <= 1.0, "augment.flip", "is a probability in [0, 1]")
+        _require(0.0 <= self.rotation <= 180.0, "augment.rotation", "must be in [0, 180] degrees")
+        for key in ("brightness", "contrast", "saturation"):
+            _require(0.0 <= getattr(self, key) < 1.0, f"augment.{key}", "must be in [0, 1)")
+        _require(0.0 <= self.hue <= 0.5, "augment.hue", "must be in [0, 0.5]")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 64
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    warmup_epochs: int = 0
+    step_size: int = 7          # step schedule: multiply lr by gamma every step_size epochs
+    gamma: float = 0.1
+    grad_clip: float = 0.0      # max gradient norm; 0 = off
+    seed: int = 0
+    device: str = "auto"        # auto | cpu | cuda | cuda:N
+    amp: bool = True            # bf16 autocast on CUDA
+    channels_last: bool = True  # CNNs on CUDA
+    compile: bool = False       # torch.compile the model
+    eval_batch_size: int = 512
+    tune_threshold: bool = True  # two classes: pick the decision threshold on validation
+
+    def check(self, prefix: str = "train", min_epochs: int = 1) -> None:
+        _require(self.epochs >= min_epochs, f"{prefix}.epochs", f"must be >= {min_epochs}")
+        _require(self.batch_size >= 1, f"{prefix}.batch_size", "must be >= 1")
+        _require(self.eval_batch_size >= 1, f"{prefix}.eval_batch_size", "must be >= 1")
+        _require(self.lr > 0, f"{prefix}.lr", "must be > 0")
+        _require(0.0 <= self.momentum < 1.0, f"{prefix}.momentum", "must be in [0, 1)")
+        _require(self.weight_decay >= 0, f"{prefix}.weight_decay", "must be >= 0")
+        _require(0 <= self.warmup_epochs < max(self.epochs, 1), f"{prefix}.warmup_epochs", "must be >= 0 and < epochs")
+        _require(self.step_size >= 1, f"{prefix}.step_size", "must be >= 1")
+        _require(0 < self.gamma <= 1, f"{prefix}.gamma", "must be in (0, 1]")
+        _require(self.grad_clip >= 0, f"{prefix}.grad_clip", "must be >= 0")
+        _require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+                 f"{prefix}.device", "must be auto, cpu, cuda or cuda:N")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "test_resnet"          # any timm model name
+    pretrained: Union[bool, str] = False  # false, true (timm's weights from the hub cache) or a local file
+    drop_rate: float = 0.0             # dropout before the classifier
+
+    def check(self, prefix: str) -> None:
+        _require(bool(self.name), f"{prefix}.name", "must name a timm model")
+        _require(0.0 <= self.drop_rate < 1.0, f"{prefix}.drop_rate", "must be in [0, 1)")
+
+
+def _teacher_train() -> TrainConfig:
+    return TrainConfig(epochs=8, lr=0.05)
+
+
+@dataclass
+class TeacherConfig(ModelConfig):
+    name: str = "resnet18"
+    train: TrainConfig = field(default_factory=_teacher_train)  # fine-tuning; epochs: 0 uses the weights as given
+    class_weighted: bool = True                                 # inverse-frequency weights in the teacher's CE
+
+    def check(self, prefix: str = "teacher") -> None:
+        super().check(prefix)
+        self.train.check(f"{prefix}.train", min_epochs=0)
+        _require(self.train.epochs > 0 or self.pretrained is not False, f"{prefix}.train.epochs",
+                 "is 0 (no fine-tuning), so teacher.pretrained must give weights (true or a file)")
+
+
+@dataclass
+class DistillConfig:
+    """`alpha` weights the distillation term (the seeds' and DeiT's convention); 1 - alpha weights the labels."""
+    mode: Literal["soft", "hard"] = "soft"
+    temperature: float = 4.0
+    alpha: float = 0.5
+
+    def check(self) -> None:
+        _require(0.0 <= self.alpha <= 1.0, "distill.alpha", f"must be in [0, 1], got {self.alpha}")
+        _require(0.0 < self.temperature <= 100.0, "distill.temperature", "must be in (0, 100]")
+
+
+@dataclass
+class ImbalanceConfig:
+    method: Literal["none", "inverse", "effective", "balanced_sampling", "logit_adjust"] = "none"
+    beta: float = 0.999   # effective number of samples (Cui et al. 2019)
+    tau: float = 1.0      # logit adjustment strength (Menon et al. 2021)
+
+    def check(self) -> None:
+        _require(0.0 < self.beta < 1.0, "imbalance.beta", "must be in (0, 1)")
+        _require(0.0 <= self.tau <= 10.0, "imbalance.tau", "must be in [0, 10]")
+
+
+def default_space() -> dict[str, dict[str, Any]]:
+    """The search space used when a config declares none: everything the seeds set by hand."""
+    return {
+        "distill.mode": {"type": "choice", "values": ["soft", "hard"]},
+        "distill.temperature": {"type": "loguniform", "low": 1.0, "high": 20.0, "when": {"distill.mode": "soft"}},
+        "distill.alpha": {"type": "uniform", "low": 0.0, "high": 1.0},
+        "train.lr": {"type": "loguniform", "low": 1e-3, "high": 0.3},
+        "imbalance.method": {"type": "choice", "values": list(IMBALANCE_METHODS)},
+        "imbalance.beta": {"type": "uniform", "low": 0.9, "high": 0.9999, "when": {"imbalance.method": "effective"}},
+        "imbalance.tau": {"type": "uniform", "low": 0.25, "high": 2.0, "when": {"imbalance.method": "logit_adjust"}},
+    }
+
+
+@dataclass
+class SearchConfig:
+    num_samples: int = 16
+    metric: str = "val_balanced_accuracy"
+    mode: Literal["max", "min"] = "max"
+    scheduler: Literal["asha", "none"] = "asha"
+    grace_period: int = 2          # ASHA: epochs every trial gets before it can be stopped
+    reduction_factor: int = 2
+    max_concurrent: int = 0        # 0 = as many as the resources allow
+    gpus_per_trial: float = 0.0    # fractions pack several trials on one GPU; with no GPU this is ignored
+    cpus_per_trial: float = 1.0
+    seed: int = 0
+    space: dict[str, Any] = field(default_factory=default_space)
+    points: list[dict[str, Any]] = field(default_factory=list)  # known configs to try first
+    confirm_seeds: int = 3         # retrain the best config with this many further seeds
+    max_failures: int = 1          # retries of a failed trial
+    checkpoint_every: int = 1      # epochs between trial checkpoints (the last epoch always is one)
+    storage: str = ""              # shared path or s3:// for clusters; default: the run directory
+
+    def check(self) -> None:
+        _require(self.num_samples >= 1, "search.num_samples", "must be >= 1")
+        _require(self.grace_period >= 1, "search.grace_period", "must be >= 1")
+        _require(self.reduction_factor >= 2, "search.reduction_factor", "must be >= 2")
+        _require(self.max_concurrent >= 0, "search.max_concurrent", "must be >= 0")
+        _require(self.gpus_per_trial >= 0, "search.gpus_per_trial", "must be >= 0")
+        _require(self.cpus_per_trial > 0, "search.cpus_per_trial", "must be > 0")
+        _require(self.confirm_seeds >= 0, "search.confirm_seeds", "must be >= 0")
+        _require(self.max_failures >= 0, "search.max_failures", "must be >= 0")
+        _require(self.checkpoint_every >= 1, "search.checkpoint_every", "must be >= 1")
+        _require(len(self.space) > 0, "search.space", "is empty: name at least one key to search")
+
+
+@dataclass
+class Config:
+    name: str = "kd"
+    output_dir: str = "results"
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: ModelConfig = field(default_factory=ModelConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    imbalance: ImbalanceConfig = field(default_factory=ImbalanceConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+
+    def check(self) -> "Config":
+        _require(bool(self.name) and "/" not in self.name and self.name not in (".", ".."), "name",
+                 "must be a plain name (it becomes a folder under output_dir)")
+        self.data.check()
+        self.augment.check()
+        self.teacher.check()
+        self.student.check("student")
+        self.distill.check()
+        self.imbalance.check()
+        self.train.check()
+        self.search.check()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, width=120)
+
+    def get(self, dotted: str) -> Any:
+        node: Any = self
+        for part in dotted.split("."):
+            node = getattr(node, part)
+        return node
+
+    def updated(self, values: dict[str, Any], source: str = "override") -> "Config":
+        """A new, checked config with dotted keys replaced (used for --set and for searched values)."""
+        raw = self.to_dict()
+        for dotted, value in values.items():
+            _set_dotted(raw, dotted, value, source)
+        return from_dict(raw, source)
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (None: the defaults), apply `a.b=c` overrides, check everything."""
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read config {path}: {e.strerror or e}") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            where = getattr(e, "problem_mark", None)
+            at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+            raise ConfigError(f"{path} is not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path} must hold a mapping of config sections, not a {type(loaded).__name__}")
+        raw = loaded
+    for item in overrides or []:
+        key, sep, text_value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects KEY=VALUE (e.g. distill.temperature=4), got '{item}'")
+        try:
+            value = yaml.safe_load(text_value) if text_value.strip() else ""
+        except yaml.YAMLError:
+            value = text_value
+        _set_dotted(raw, key.strip(), value, "--set")
+    return from_dict(raw, source)
+
+
+def from_dict(raw: dict[str, Any], source: str = "config") -> Config:
+    """Build and check a Config from plain data, naming `source` in every error."""
+    cfg = _build(Config, raw, "", source)
+    try:
+        return cfg.check()
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    from kd.cache import atomic_write_text
+    atomic_write_text(Path(path), cfg.to_yaml())
+
+
+def config_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    """Every dotted scalar key of the config (what `--set` and `search.space` accept)."""
+    keys = []
+    for f in dataclasses.fields(cls):
+        hint = _hints(cls)[f.name]
+        inner = _dataclass_in(hint)
+        if inner is not None:
+            keys.extend(config_keys(inner, f"{prefix}{f.name}."))
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+# ------------------------------------------------------------------------------------------- internals
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"'{key}' {message}")
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any, source: str) -> None:
+    node = raw
+    parts = dotted.split(".")
+    cls: type | None = Config
+    for i, part in enumerate(parts[:-1]):
+        _check_key(cls, part, ".".join(parts[:i]), source)
+        cls = _dataclass_in(_hints(cls)[part]) if cls else None
+        if cls is None:
+            raise ConfigError(f"{source}: '{'.'.join(parts[:i + 1])}' is a value, not a section, in key '{dotted}'")
+        child = node.get(part)
+        if isinstance(child, str):  # shorthand for the section's first field, e.g. data.train: path
+            child = {dataclasses.fields(cls)[0].name: child}
+        elif not isinstance(child, dict):
+            child = {}
+        node[part] = child
+        node = child
+    _check_key(cls, parts[-1], ".".join(parts[:-1]), source)
+    node[parts[-1]] = value
+
+
+def _check_key(cls: type | None, key: str, section: str, source: str) -> None:
+    if cls is None:
+        return
+    names = [f.name for f in dataclasses.fields(cls)]
+    if key not in names:
+        where = f"'{section}.{key}'" if section else f"'{key}'"
+        close = difflib.get_close_matches(key, names, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        scope = f"in '{section}'" if section else "at the top level"
+        raise ConfigError(f"{source}: unknown key {where}{hint}; valid keys {scope}: {', '.join(names)}")
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def _dataclass_in(hint: Any) -> type | None:
+    """The dataclass inside a hint such as `X` or `X | None`, else None."""
+    if dataclasses.is_dataclass(hint):
+        return hint
+    if _is_union(hint):
+        for arg in typing.get_args(hint):
+            if dataclasses.is_dataclass(arg):
+                return arg
+    return None
+
+
+def _is_union(hint: Any) -> bool:
+    return typing.get_origin(hint) in (Union, types.UnionType)
+
+
+def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
+    section = prefix.rstrip(".")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: '{section}' must be a mapping of keys, got {raw!r}")
+    kwargs = {}
+    for key, value in raw.items():
+        _check_key(cls, str(key), section, source)
+        kwargs[key] = _coerce(_hints(cls)[key], value, f"{prefix}{key}", source)
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, key: str, source: str) -> Any:
+    def bad(expected: str) -> ConfigError:
+        return ConfigError(f"{source}: '{key}' must be {expected}, got {value!r}")
+
+    if _is_union(hint):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        if bool in args and str in args:  # pretrained: bool or path
+            if isinstance(value, (bool, str)):
+                return value
+            raise bad("true, false or a file path")
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, key, source)
+    if dataclasses.is_dataclass(hint):
+        if isinstance(value, str):  # shorthand: a bare string sets the first field
+            value = {dataclasses.fields(hint)[0].name: value}
+        return _build(hint, value, key + ".", source)
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        options = typing.get_args(hint)
+        if value not in options:
+            raise ConfigError(f"{source}: '{key}' must be one of {', '.join(map(str, options))}; got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise bad("a list")
+        (item,) = typing.get_args(hint) or (Any,)
+        return [_coerce(item, v, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad("a mapping")
+        return dict(value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise bad("true or false")
+    if hint is int:
+        if isinstance(value, bool):
+            raise bad("an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise bad("an integer")
+    if hint is float:
+        if isinstance(value, bool):
+            raise bad("a number")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise bad("a number")
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise bad("a string")
+    return value

@@ -1,0 +1,109 @@
+import pytest
+import yaml
+
+from kd.config import Config, config_keys, from_dict, load_config
+from kd.errors import ConfigError
+from search.cli import config_path, preset_names
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_are_valid_and_round_trip_through_yaml(tmp_path):
+    cfg = load_config(None)
+    again = load_config(write(tmp_path, cfg.to_yaml()))
+    assert again == cfg
+
+
+def test_unknown_key_names_it_suggests_and_lists_valid_keys(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, "distill:\n  temprature: 4\n"))
+    text = str(e.value)
+    assert "'distill.temprature'" in text and "did you mean 'temperature'" in text
+    assert "mode, temperature, alpha" in text and "c.yaml" in text
+
+
+def test_unknown_top_level_section(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key 'distil'.*valid keys at the top level: name, output_dir"):
+        load_config(write(tmp_path, "distil: {alpha: 0.3}\n"))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("train: {epochs: ten}", "'train.epochs' must be an integer"),
+    ("train: {epochs: -3}", "'train.epochs' must be >= 1"),
+    ("distill: {alpha: 1.5}", "'distill.alpha' must be in [0, 1]"),
+    ("distill: {mode: medium}", "'distill.mode' must be one of soft, hard"),
+    ("train: {amp: maybe}", "'train.amp' must be true or false"),
+    ("search: {space: {}}", "'search.space' is empty"),
+    ("data: {source: folder}", "'data.train' is required for source 'folder'"),
+    ("data: 5", "'data' must be a mapping"),
+])
+def test_bad_values_are_named(tmp_path, text, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, text))
+    assert message in str(e.value)
+
+
+def test_invalid_yaml_and_non_mapping(tmp_path):
+    with pytest.raises(ConfigError, match="not valid YAML at line 2"):
+        load_config(write(tmp_path, "a: 1\n b: [\n"))
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(write(tmp_path, "- 1\n- 2\n"))
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_yaml_is_read_safely(tmp_path):
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "name: !!python/object/apply:os.system ['echo pwned']\n"))
+
+
+def test_overrides_parse_types_and_reject_unknown_keys():
+    cfg = load_config(None, ["distill.temperature=7", "train.lr=1e-4", "distill.mode=hard", "train.amp=false",
+                             "data.train=/some/folder", "data.source=folder"])
+    assert cfg.distill.temperature == 7.0 and cfg.train.lr == 1e-4 and cfg.distill.mode == "hard"
+    assert cfg.train.amp is False and cfg.data.train.path == "/some/folder"
+    with pytest.raises(ConfigError, match="unknown key 'train.lrate'"):
+        load_config(None, ["train.lrate=0.1"])
+    with pytest.raises(ConfigError, match="expects KEY=VALUE"):
+        load_config(None, ["train.lr"])
+    with pytest.raises(ConfigError, match="is a value, not a section"):
+        load_config(None, ["name.x=1"])
+
+
+def test_split_shorthand_and_updated():
+    cfg = from_dict({"data": {"source": "csv", "train": "a/train.csv", "val": {"path": "a/val.csv", "images": "imgs"}}})
+    assert cfg.data.train.path == "a/train.csv" and cfg.data.val.images == "imgs"
+    changed = cfg.updated({"distill.alpha": 0.25, "imbalance.method": "effective"})
+    assert changed.distill.alpha == 0.25 and changed.imbalance.method == "effective" and cfg.distill.alpha == 0.5
+    with pytest.raises(ConfigError, match="'distill.alpha' must be in"):
+        cfg.updated({"distill.alpha": -0.1})
+
+
+def test_config_keys_are_dotted_scalars():
+    keys = config_keys()
+    assert "distill.temperature" in keys and "teacher.train.lr" in keys and "data.train" not in keys
+    assert "data.train.path" in keys
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_presets_load(name):
+    sets = {"deit-small-to-resnet50": ["data.train=/data/seed1"],
+            "resnet50-to-deit-small": ["data.train=/d/train.csv", "data.val=/d/val.csv", "data.test=/d/test.csv"]}
+    cfg = load_config(config_path(name), sets.get(name, []))
+    assert isinstance(cfg, Config)
+    assert yaml.safe_load(cfg.to_yaml())["name"] == name
+
+
+def test_seed_presets_match_the_seed_setups():
+    seed1 = load_config(config_path("deit-small-to-resnet50"), ["data.train=/x"])
+    assert (seed1.teacher.name, seed1.student.name) == ("deit_small_distilled_patch16_224", "resnet50")
+    assert seed1.distill.temperature == 5 and seed1.train.schedule == "step" and seed1.train.epochs == 20
+    seed2 = load_config(config_path("resnet50-to-deit-small"), ["data.train=/x.csv"])
+    assert (seed2.train.optimizer, seed2.train.lr, seed2.train.momentum, seed2.train.weight_decay) == ("sgd", 0.01, 0.9, 1e-4)
+    assert (seed2.train.schedule, seed2.train.epochs, seed2.train.batch_size) == ("cosine", 50, 32)
+    modes = {p["distill.mode"] for p in seed2.search.points}
+    assert modes == {"soft", "hard"}
