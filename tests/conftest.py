@@ -1,0 +1,83 @@
+"""Shared fixtures: tiny timm models, small real images (scikit-learn's digits), caches in tmp dirs."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from kd.config import Config, load_config
+
+
+def tiny_overrides(cache_dir: Path | str, out_dir: Path | str | None = None) -> list[str]:
+    """A distillation that runs in seconds on a 2-core CPU and still learns the rare class."""
+    sets = [
+        f"data.cache_dir={cache_dir}",
+        "data.image_size=32",
+        "teacher.name=test_resnet",
+        "teacher.train.epochs=4",
+        "teacher.train.optimizer=adamw",
+        "teacher.train.lr=0.003",
+        "student.name=test_resnet",
+        "train.epochs=3",
+        "train.optimizer=adamw",
+        "train.lr=0.003",
+        "train.batch_size=64",
+    ]
+    if out_dir is not None:
+        sets.append(f"output_dir={out_dir}")
+    return sets
+
+
+@pytest.fixture
+def tiny_config(tmp_path) -> Config:
+    return load_config(None, tiny_overrides(tmp_path / "cache", tmp_path / "results"))
+
+
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory) -> Path:
+    """One cache for the session: the digits decode and the tiny teacher are prepared once."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def digits_setup(shared_cache):
+    """(config, dataset, teacher) for the tiny digits distillation, shared by the tests that only read it."""
+    from kd.data import load_dataset
+    from kd.teacher import prepare_teacher
+    cfg = load_config(None, tiny_overrides(shared_cache))
+    data = load_dataset(cfg.data, progress=False)
+    teacher = prepare_teacher(cfg, data, progress=False)
+    return cfg, data, teacher
+
+
+@pytest.fixture(autouse=True)
+def _quiet_logs(caplog):
+    caplog.set_level(logging.INFO, logger="kd")
+
+
+def write_image(path: Path, mode: str = "RGB", size: tuple[int, int] = (20, 16), seed: int = 0) -> Path:
+    """A small random image in any Pillow mode, saved by extension."""
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w, h = size
+    if mode == "I;16":
+        img = Image.fromarray(rng.integers(0, 65535, (h, w), dtype=np.uint16))
+    elif mode == "P":
+        img = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).convert("P")
+    else:
+        img = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).convert(mode)
+    img.save(path)
+    return path
+
+
+def make_folder_dataset(root: Path, counts: dict[str, int], start_seed: int = 0) -> Path:
+    """ROOT/<class>/<images>, every image distinct."""
+    seed = start_seed
+    for name, n in counts.items():
+        for i in range(n):
+            write_image(root / name / f"{name}_{i}.png", seed=seed)
+            seed += 1
+    return root

@@ -1,0 +1,250 @@
+import os
+import shutil
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import kd.data
+from kd.config import load_config
+from kd.data import load_dataset
+from kd.errors import DataError
+from tests.conftest import make_folder_dataset, write_image
+
+
+def folder_cfg(tmp_path, root, *sets):
+    return load_config(None, ["data.source=folder", f"data.train={root}", f"data.cache_dir={tmp_path / 'cache'}",
+                              "data.image_size=16", *sets]).data
+
+
+def csv_cfg(tmp_path, *sets):
+    return load_config(None, ["data.source=csv", f"data.cache_dir={tmp_path / 'cache'}", "data.image_size=16",
+                              *sets]).data
+
+
+def test_digits_is_an_imbalanced_binary_task_split_stratified():
+    data = load_dataset(load_config(None, ["data.cache_dir=/nonexistent-unused"]).data, progress=False)
+    assert data.classes == ["other", "digit_8"]
+    total = sum(len(data.split(s)) for s in ("train", "val", "test"))
+    assert total == 1797
+    for s in ("train", "val", "test"):
+        counts = data.class_counts(s)
+        assert 0.08 < counts[1] / sum(counts) < 0.12
+        assert data.split(s).images.shape[1:] == (3, 32, 32) and data.split(s).images.dtype == torch.uint8
+    assert set(data.train.hashes).isdisjoint(data.test.hashes)
+
+
+def test_folder_source_splits_stratified_seeded_and_disjoint(tmp_path):
+    root = make_folder_dataset(tmp_path / "ds", {"B": 30, "M": 10})
+    a = load_dataset(folder_cfg(tmp_path, root), progress=False)
+    b = load_dataset(folder_cfg(tmp_path, root), progress=False)
+    assert a.classes == ["B", "M"]
+    assert a.class_counts("val") == [6, 2] and a.class_counts("test") == [6, 2] and a.class_counts("train") == [18, 6]
+    assert a.test.paths == b.test.paths and a.fingerprint == b.fingerprint
+    paths = [set(a.split(s).paths) for s in ("train", "val", "test")]
+    assert not (paths[0] & paths[1] or paths[0] & paths[2] or paths[1] & paths[2])
+    other_seed = load_dataset(folder_cfg(tmp_path, root, "data.split_seed=1"), progress=False)
+    assert other_seed.test.paths != a.test.paths
+
+
+def test_every_image_mode_becomes_rgb_at_the_right_size(tmp_path):
+    root = tmp_path / "ds"
+    modes = [("L", "png"), ("RGBA", "png"), ("P", "png"), ("I;16", "png"), ("CMYK", "jpg"), ("1", "bmp"), ("RGB", "webp")]
+    for i, (mode, ext) in enumerate(modes):
+        for cls in ("a", "b"):
+            write_image(root / cls / f"{mode.replace(';', '')}_{i}.{ext}", mode, size=(40, 23), seed=i * 2 + (cls == "b"))
+    for cls in ("a", "b"):  # enough images per class to carve val and test
+        for j in range(3):
+            write_image(root / cls / f"extra{j}.png", seed=100 + j + 10 * (cls == "b"))
+    data = load_dataset(folder_cfg(tmp_path, root), progress=False)
+    total = sum(len(data.split(s)) for s in ("train", "val", "test"))
+    assert total == 2 * (len(modes) + 3) and not data.skipped
+    paths = [os.path.basename(p) for s in ("train", "val", "test") for p in data.split(s).paths]
+    images = torch.cat([data.split(s).images for s in ("train", "val", "test")])
+    assert images.shape[1:] == (3, 16, 16) and images.dtype == torch.uint8
+    grey = [i for i, p in enumerate(paths) if p.startswith(("L_", "I16_"))]
+    assert len(grey) == 4
+    for i in grey:
+        assert torch.equal(images[i][0], images[i][1]) and torch.equal(images[i][1], images[i][2])
+    sixteen = [i for i, p in enumerate(paths) if p.startswith("I16_")]
+    for i in sixteen:  # 16-bit values are scaled to 8 bits (random data: mid-grey), not clipped to white
+        assert 100 < images[i].float().mean() < 160
+
+
+def _bad_files(root):
+    (root / "B" / "empty.png").write_bytes(b"")
+    (root / "B" / "text.jpg").write_text("this is not a jpeg")
+    good = (root / "M" / "M_0.png").read_bytes()
+    (root / "M" / "truncated.png").write_bytes(good[: len(good) // 2])
+
+
+def test_bad_images_are_skipped_with_a_warning_naming_each(tmp_path, caplog):
+    root = make_folder_dataset(tmp_path / "ds", {"B": 12, "M": 6})
+    _bad_files(root)
+    data = load_dataset(folder_cfg(tmp_path, root), progress=False)
+    assert sorted(os.path.basename(p) for p, _ in data.skipped) == ["empty.png", "text.jpg", "truncated.png"]
+    assert "skipped 3 files" in caplog.text and "empty file (0 bytes)" in caplog.text
+    assert "not an image" in caplog.text
+    assert sum(len(data.split(s)) for s in ("train", "val", "test")) == 18
+
+
+def test_on_bad_image_error_is_fatal_and_lists_the_files(tmp_path):
+    root = make_folder_dataset(tmp_path / "ds", {"B": 12, "M": 6})
+    _bad_files(root)
+    with pytest.raises(DataError, match=r"(?s)3 files are not usable images.*empty\.png"):
+        load_dataset(folder_cfg(tmp_path, root, "data.on_bad_image=error"), progress=False)
+
+
+def test_decompression_bomb_limit(tmp_path, caplog):
+    root = make_folder_dataset(tmp_path / "ds", {"B": 6, "M": 6})
+    write_image(root / "B" / "huge.png", size=(300, 300))
+    data = load_dataset(folder_cfg(tmp_path, root, "data.max_image_pixels=10000"), progress=False)
+    assert [os.path.basename(p) for p, _ in data.skipped] == ["huge.png"]
+    assert "decompression-bomb limit" in data.skipped[0][1]
+
+
+def test_symlink_out_of_the_root_is_refused(tmp_path):
+    root = make_folder_dataset(tmp_path / "ds", {"B": 6, "M": 6})
+    outside = write_image(tmp_path / "secret" / "x.png", seed=99)
+    os.symlink(outside, root / "B" / "link.png")
+    data = load_dataset(folder_cfg(tmp_path, root), progress=False)
+    assert any("link.png" in p and "outside" in why for p, why in data.skipped)
+    allowed = load_dataset(folder_cfg(tmp_path, root, "data.allow_external_links=true"), progress=False)
+    assert not allowed.skipped
+
+
+@pytest.mark.parametrize("layout, message", [
+    ({"B": 5, "M": 0}, "class folder .*M has no images"),
+    ({"B": 5}, "single class"),
+    ({}, "has no class folders"),
+])
+def test_folder_layout_errors(tmp_path, layout, message):
+    root = tmp_path / "ds"
+    root.mkdir()
+    for cls, n in layout.items():
+        (root / cls).mkdir()
+        for i in range(n):
+            write_image(root / cls / f"{i}.png", seed=i)
+    with pytest.raises(DataError, match=message):
+        load_dataset(folder_cfg(tmp_path, root), progress=False)
+
+
+def test_missing_folder_and_too_few_images_to_split(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_dataset(folder_cfg(tmp_path, tmp_path / "nope"), progress=False)
+    root = make_folder_dataset(tmp_path / "ds", {"B": 10, "M": 2})
+    with pytest.raises(DataError, match="class 'M' has only 2 distinct images"):
+        load_dataset(folder_cfg(tmp_path, root), progress=False)
+
+
+def _csv_split(base, name, rows, header="file,label"):
+    d = base / name
+    d.mkdir(parents=True, exist_ok=True)
+    lines = [header]
+    for i, label in enumerate(rows):
+        write_image(d / f"{name}_{i}.png", seed=zlib.crc32(f"{name}/{i}".encode()))
+        lines.append(f"{name}_{i}.png,{label}")
+    (d / "labels.csv").write_text("\n".join(lines) + "\n")
+    return d / "labels.csv"
+
+
+def test_csv_source_with_given_splits_and_integer_labels(tmp_path):
+    tr = _csv_split(tmp_path, "train", [0] * 8 + [1] * 4)
+    va = _csv_split(tmp_path, "val", [0, 0, 1])
+    te = _csv_split(tmp_path, "test", [0, 0, 0, 1])
+    cfg = csv_cfg(tmp_path, f"data.train={tr}", f"data.val={va}", f"data.test={te}", "data.classes=[benign, malignant]")
+    data = load_dataset(cfg, progress=False)
+    assert data.classes == ["benign", "malignant"]
+    assert data.class_counts("train") == [8, 4] and data.class_counts("val") == [2, 1] and data.class_counts("test") == [3, 1]
+    no_names = load_dataset(csv_cfg(tmp_path, f"data.train={tr}", f"data.val={va}", f"data.test={te}"), progress=False)
+    assert no_names.classes == ["0", "1"]
+
+
+def test_csv_names_columns_and_carved_test(tmp_path):
+    tr = _csv_split(tmp_path, "train", ["cat"] * 9 + ["dog"] * 6, header="image,kind")
+    cfg = csv_cfg(tmp_path, f"data.train={tr}", "data.file_column=image", "data.label_column=kind")
+    data = load_dataset(cfg, progress=False)
+    assert data.classes == ["cat", "dog"] and all(len(data.split(s)) for s in ("train", "val", "test"))
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda lines: lines + ["ghost.png,0"], r"line 14: image 'ghost.png' not found"),
+    (lambda lines: ["name,label"] + lines[1:], r"no column 'file' \(data.file_column\); the columns are: name, label"),
+    (lambda lines: lines + ["../outside.png,1"], r"points outside the image folder"),
+    (lambda lines: lines + [lines[1].split(",")[0] + ",1"], r"is labelled '0' on line 2 and '1' on line 14"),
+    (lambda lines: lines + ["train_1.png,"], r"line 14: empty label"),
+    (lambda lines: lines[:1], r"has a header but no rows"),
+])
+def test_csv_errors_name_the_file_and_line(tmp_path, mutate, message):
+    tr = _csv_split(tmp_path, "train", [0] * 8 + [1] * 4)
+    write_image(tmp_path / "outside.png")
+    lines = tr.read_text().splitlines()
+    tr.write_text("\n".join(mutate(lines)) + "\n")
+    with pytest.raises(DataError, match=message):
+        load_dataset(csv_cfg(tmp_path, f"data.train={tr}"), progress=False)
+
+
+def test_csv_unknown_label_and_duplicate_rows(tmp_path, caplog):
+    tr = _csv_split(tmp_path, "train", ["a"] * 8 + ["b"] * 4)
+    with pytest.raises(DataError, match="label 'b' of .* is not one of data.classes"):
+        load_dataset(csv_cfg(tmp_path, f"data.train={tr}", "data.classes=[a, c]"), progress=False)
+    lines = tr.read_text().splitlines()
+    tr.write_text("\n".join(lines + [lines[1], lines[2]]) + "\n")
+    data = load_dataset(csv_cfg(tmp_path, f"data.train={tr}"), progress=False)
+    assert "2 duplicate rows ignored" in caplog.text
+    assert sum(len(data.split(s)) for s in ("train", "val", "test")) == 12
+
+
+def test_leakage_between_given_splits_is_reported_pair_by_pair(tmp_path, caplog):
+    train = make_folder_dataset(tmp_path / "train", {"B": 10, "M": 5})
+    test = make_folder_dataset(tmp_path / "test", {"B": 3, "M": 2}, start_seed=1000)
+    shutil.copy(train / "B" / "B_3.png", test / "B" / "copy.png")
+    sets = [f"data.test={test}"]
+    with pytest.raises(DataError, match=r"data leakage: 1 identical images in two splits:\n.*B_3\.png  ==  test: .*copy\.png"):
+        load_dataset(folder_cfg(tmp_path, train, *sets), progress=False)
+    data = load_dataset(folder_cfg(tmp_path, train, *sets, "data.allow_leakage=true"), progress=False)
+    assert "allowed by data.allow_leakage" in caplog.text and len(data.test) == 6
+
+
+def test_duplicates_inside_one_pool_stay_in_one_split(tmp_path):
+    root = make_folder_dataset(tmp_path / "ds", {"B": 20, "M": 8})
+    for i in range(5):
+        shutil.copy(root / "B" / f"B_{i}.png", root / "B" / f"dup_{i}.png")
+    load_dataset(folder_cfg(tmp_path, root), progress=False)  # no leakage error: copies are kept together
+
+
+def test_decoded_images_are_cached_and_changes_invalidate(tmp_path, monkeypatch, caplog):
+    root = make_folder_dataset(tmp_path / "ds", {"B": 8, "M": 6})
+    first = load_dataset(folder_cfg(tmp_path, root), progress=False)
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded again despite the cache")
+    real = kd.data.decode_files
+    monkeypatch.setattr(kd.data, "decode_files", no_decoding)
+    second = load_dataset(folder_cfg(tmp_path, root), progress=False)
+    assert torch.equal(first.train.images, second.train.images)
+
+    monkeypatch.setattr(kd.data, "decode_files", real)
+    write_image(root / "B" / "B_0.png", seed=555)  # same name, new content and mtime
+    third = load_dataset(folder_cfg(tmp_path, root), progress=False)
+    assert third.fingerprint != first.fingerprint
+
+    cache_files = list((tmp_path / "cache" / "data").glob("*.safetensors"))
+    for f in cache_files:  # corrupt every cache entry in the middle
+        raw = bytearray(f.read_bytes())
+        raw[len(raw) // 2] ^= 0xFF
+        f.write_bytes(bytes(raw))
+    again = load_dataset(folder_cfg(tmp_path, root), progress=False)
+    assert "data cache rebuilt" in caplog.text and torch.equal(again.train.images, third.train.images)
+
+
+def test_images_are_decoded_at_the_configured_size(tmp_path):
+    root = make_folder_dataset(tmp_path / "ds", {"B": 6, "M": 6})
+    data = load_dataset(folder_cfg(tmp_path, root, "data.image_size=20"), progress=False)
+    assert data.train.images.shape[1:] == (3, 20, 20)
+    png = np.asarray(Image.open(root / "B" / "B_0.png").convert("RGB").resize((20, 20), Image.BILINEAR))
+    i = [os.path.basename(p) for p in data.train.paths + data.val.paths + data.test.paths].index("B_0.png")
+    all_images = torch.cat([data.train.images, data.val.images, data.test.images])
+    assert np.array_equal(all_images[i].permute(1, 2, 0).numpy(), png)
