@@ -1,0 +1,85 @@
+"""Classification metrics for imbalanced data, and the binary decision threshold tuned on validation."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import classification_report, confusion_matrix, f1_score
+
+
+def predict(probs: np.ndarray, threshold: float | None = None) -> np.ndarray:
+    """Class indices: argmax, or for two classes `p(class 1) >= threshold` when a threshold is given."""
+    probs = np.asarray(probs)
+    if threshold is not None and probs.shape[1] == 2:
+        return (probs[:, 1] >= threshold).astype(np.int64)
+    return probs.argmax(axis=1)
+
+
+def compute_metrics(labels: np.ndarray, probs: np.ndarray, classes: list[str],
+                    threshold: float | None = None) -> dict[str, Any]:
+    """Accuracy, balanced accuracy (mean recall over the classes present), macro F1, recall per class, confusion."""
+    labels = np.asarray(labels, dtype=np.int64)
+    pred = predict(probs, threshold)
+    k = len(classes)
+    cm = confusion_matrix(labels, pred, labels=list(range(k)))
+    support = cm.sum(axis=1)
+    recall = np.divide(np.diag(cm), support, out=np.zeros(k), where=support > 0)
+    return {
+        "accuracy": float((pred == labels).mean()) if len(labels) else 0.0,
+        "balanced_accuracy": float(recall[support > 0].mean()) if support.any() else 0.0,
+        "macro_f1": float(f1_score(labels, pred, labels=list(range(k)), average="macro", zero_division=0)),
+        "recall": {c: float(r) for c, r in zip(classes, recall)},
+        "confusion_matrix": cm.tolist(),
+        "n": int(len(labels)),
+        "threshold": threshold,
+    }
+
+
+def flatten(metrics: dict[str, Any], prefix: str) -> dict[str, float]:
+    """Scalars for reporting: {prefix_accuracy, prefix_balanced_accuracy, prefix_macro_f1, prefix_recall_<class>}."""
+    out = {f"{prefix}_{k}": metrics[k] for k in ("accuracy", "balanced_accuracy", "macro_f1")}
+    out.update({f"{prefix}_recall_{c}": r for c, r in metrics["recall"].items()})
+    return out
+
+
+def tune_threshold(labels: np.ndarray, p_positive: np.ndarray) -> float:
+    """The threshold on p(class 1) that maximises balanced accuracy; ties go to the one nearest 0.5.
+
+    The post-hoc form of logit adjustment for binary tasks. Pick it on validation, never on test.
+    """
+    labels = np.asarray(labels)
+    p = np.asarray(p_positive, dtype=np.float64)
+    pos, neg = np.sort(p[labels == 1]), np.sort(p[labels == 0])
+    if len(pos) == 0 or len(neg) == 0:
+        return 0.5
+    u = np.unique(p)
+    candidates = np.concatenate([[0.5], (u[:-1] + u[1:]) / 2, [u[0] / 2, (u[-1] + 1) / 2]])
+    tpr = 1.0 - np.searchsorted(pos, candidates, side="left") / len(pos)
+    tnr = np.searchsorted(neg, candidates, side="left") / len(neg)
+    score = (tpr + tnr) / 2
+    best = np.flatnonzero(score >= score.max() - 1e-12)
+    return float(candidates[best[np.argmin(np.abs(candidates[best] - 0.5))]])
+
+
+def report_text(labels: np.ndarray, probs: np.ndarray, classes: list[str], threshold: float | None = None) -> str:
+    """scikit-learn's classification report."""
+    return classification_report(labels, predict(probs, threshold), labels=list(range(len(classes))),
+                                 target_names=classes, digits=3, zero_division=0)
+
+
+def format_metrics(metrics: dict[str, Any], classes: list[str], title: str = "") -> str:
+    """A small plain-text table: the headline metrics, recall per class and the confusion matrix."""
+    lines = [title] if title else []
+    lines.append(f"  accuracy           {metrics['accuracy']:.4f}")
+    lines.append(f"  balanced accuracy  {metrics['balanced_accuracy']:.4f}")
+    lines.append(f"  macro F1           {metrics['macro_f1']:.4f}")
+    for c in classes:
+        lines.append(f"  recall {c:<11.11s} {metrics['recall'][c]:.4f}")
+    if metrics.get("threshold") is not None:
+        lines.append(f"  threshold          {metrics['threshold']:.4f}  (p({classes[1]}) >= threshold)")
+    width = max(len(c) for c in classes) + 2
+    lines.append("  confusion matrix (rows: true, columns: predicted)")
+    lines.append("  " + " " * width + "".join(f"{c:>{width}}" for c in classes))
+    for c, row in zip(classes, metrics["confusion_matrix"]):
+        lines.append("  " + f"{c:>{width}}" + "".join(f"{v:>{width}}" for v in row))
+    return "\n".join(lines)

@@ -1,0 +1,37 @@
+import numpy as np
+import pytest
+
+from kd.metrics import compute_metrics, flatten, format_metrics, tune_threshold
+
+
+def test_metrics_by_hand():
+    labels = np.array([0, 0, 0, 0, 0, 0, 0, 0, 1, 1])
+    probs = np.array([[0.9, 0.1]] * 7 + [[0.4, 0.6]] + [[0.3, 0.7], [0.8, 0.2]])
+    m = compute_metrics(labels, probs, ["maj", "min"])
+    assert m["accuracy"] == pytest.approx(0.8)
+    assert m["recall"] == {"maj": pytest.approx(7 / 8), "min": pytest.approx(0.5)}
+    assert m["balanced_accuracy"] == pytest.approx((7 / 8 + 0.5) / 2)
+    f1_maj = 2 * (7 / 8) * (7 / 8) / (7 / 8 + 7 / 8)   # precision 7/8, recall 7/8
+    f1_min = 2 * 0.5 * 0.5 / (0.5 + 0.5)               # precision 1/2, recall 1/2
+    assert m["macro_f1"] == pytest.approx((f1_maj + f1_min) / 2)
+    assert m["confusion_matrix"] == [[7, 1], [1, 1]]
+    flat = flatten(m, "val")
+    assert flat["val_recall_min"] == pytest.approx(0.5) and "val_balanced_accuracy" in flat
+    assert "confusion matrix" in format_metrics(m, ["maj", "min"])
+
+
+def test_majority_only_predictions_have_balanced_accuracy_one_half():
+    labels = np.array([0] * 279 + [1] * 21)       # the second seed's test set
+    probs = np.tile([0.8, 0.2], (300, 1))
+    m = compute_metrics(labels, probs, ["majority", "minority"])
+    assert m["accuracy"] == pytest.approx(0.93) and m["balanced_accuracy"] == pytest.approx(0.5)
+
+
+def test_threshold_tuned_for_balanced_accuracy():
+    labels = np.array([0, 0, 0, 0, 0, 0, 1, 1])
+    p1 = np.array([0.01, 0.05, 0.1, 0.2, 0.25, 0.3, 0.28, 0.4])
+    t = tune_threshold(labels, p1)
+    assert 0.25 < t <= 0.28  # both positives above, five of six negatives below
+    m = compute_metrics(labels, np.stack([1 - p1, p1], 1), ["a", "b"], t)
+    assert m["balanced_accuracy"] == pytest.approx((5 / 6 + 1) / 2)
+    assert compute_metrics(labels, np.stack([1 - p1, p1], 1), ["a", "b"])["balanced_accuracy"] == 0.5
