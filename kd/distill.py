@@ -1,0 +1,104 @@
+"""One full teacher-to-student distillation: data, teacher (cached), student, threshold, export, test once."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+import torch
+
+from kd import plots
+from kd.cache import atomic_path, atomic_write_json
+from kd.config import Config, save_config
+from kd.data import Dataset, load_dataset
+from kd.errors import Diverged
+from kd.export import export_student
+from kd.losses import DistillLoss
+from kd.metrics import compute_metrics, format_metrics
+from kd.models import create_model, mean_std
+from kd.teacher import prepare_teacher
+from kd.train import FitResult, ReportFn, fit, predict_probs, resolve_device, seed_everything
+
+log = logging.getLogger("kd")
+
+
+def train_student(cfg: Config, data: Dataset, teacher_logits: torch.Tensor | None, report: ReportFn | None = None,
+                  resume: dict[str, Any] | None = None, progress: bool = True) -> FitResult:
+    """Create the student from `cfg` (seeded) and distil it from the cached teacher logits."""
+    seed_everything(cfg.train.seed)
+    model = create_model(cfg.student, len(data.classes), data.image_size)
+    loss = DistillLoss.build(cfg.distill, cfg.imbalance, data.class_counts())
+    return fit(model, cfg.train, data, loss, cfg.augment, teacher_logits=teacher_logits,
+               balanced_sampling=cfg.imbalance.method == "balanced_sampling", report=report, resume=resume,
+               progress=progress, desc=f"student {cfg.student.name}")
+
+
+def evaluate_model(model: torch.nn.Module, data: Dataset, split: str, threshold: float | None,
+                   cfg: Config) -> dict[str, Any]:
+    """Metrics of an in-memory model on one split, at the given decision threshold."""
+    device = resolve_device(cfg.train.device)
+    mean, std = mean_std(model)
+    probs = predict_probs(model.to(device), data.split(split).images, mean, std, device,
+                          cfg.train.eval_batch_size, cfg.train.amp)
+    return compute_metrics(data.split(split).labels.numpy(), probs, data.classes, threshold)
+
+
+def epoch_line(row: dict[str, Any], epochs: int) -> str:
+    if row.get("status") == "diverged":
+        return f"epoch {row['epoch']}/{epochs}: loss is not finite; training stopped"
+    return (f"epoch {row['epoch']:>3}/{epochs}  loss {row['train_loss']:.4f}  val balanced acc "
+            f"{row['val_balanced_accuracy']:.4f}  acc {row['val_accuracy']:.4f}  ({row['epoch_time']:.1f} s)")
+
+
+def finish_student(cfg: Config, data: Dataset, result: FitResult, out_dir: Path, teacher_metrics: dict[str, Any],
+                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Evaluate a trained student on validation and, once, on test; export it; draw its pictures."""
+    if result.status != "completed":
+        raise Diverged(f"training diverged at epoch {len(result.history)} (non-finite loss): "
+                       "try a lower train.lr or a lower distill.temperature")
+    val = evaluate_model(result.model, data, "val", result.threshold, cfg)
+    test = evaluate_model(result.model, data, "test", result.threshold, cfg)
+    metrics = {"val": val, "test": test, "threshold": result.threshold, "teacher_val": teacher_metrics,
+               "epochs": len(result.history), **(extra or {})}
+    export_student(out_dir / "model", result.model, cfg, data.classes, result.threshold, metrics)
+    plots.learning_curves({cfg.student.name: result.history}, out_dir / "plots" / "learning_curves.png",
+                          f"{cfg.teacher.name} -> {cfg.student.name}, {cfg.distill.mode} KD")
+    plots.confusion_matrix(test["confusion_matrix"], data.classes, out_dir / "plots" / "confusion_matrix_test.png",
+                           "student on the held-out test split")
+    atomic_write_json(out_dir / "metrics.json", metrics)
+    return metrics
+
+
+def write_history(history: list[dict[str, Any]], path: Path) -> None:
+    with atomic_path(path) as tmp:
+        pd.DataFrame(history).to_csv(tmp, index=False)
+
+
+def run_distill(cfg: Config, out_dir: str | Path | None = None, progress: bool = True,
+                echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """`kdsearch distill`: everything from the config to an exported, tested student in `out_dir`."""
+    out = Path(out_dir) if out_dir else Path(cfg.output_dir) / cfg.name / "distill"
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    t0 = time.perf_counter()
+    data = load_dataset(cfg.data, progress)
+    teacher = prepare_teacher(cfg, data, progress=progress)
+    state = "found in the cache" if teacher.info["cached"] else f"fine-tuned in {teacher.info['finetune_seconds']:.1f} s"
+    echo(f"teacher {cfg.teacher.name}: {state}; validation balanced accuracy {teacher.metrics['balanced_accuracy']:.4f}")
+
+    def report(row: dict[str, Any], state_fn: Callable[[], dict[str, Any]]) -> None:
+        history.append(row)
+        write_history(history, out / "history.csv")
+        if progress:
+            echo(epoch_line(row, cfg.train.epochs))
+
+    history: list[dict[str, Any]] = []
+    result = train_student(cfg, data, teacher.logits, report=report, progress=progress)
+    metrics = finish_student(cfg, data, result, out, teacher.metrics,
+                             {"seconds": time.perf_counter() - t0, "teacher": teacher.info})
+    echo(format_metrics(metrics["val"], data.classes, "validation (threshold chosen here):"))
+    echo(format_metrics(metrics["test"], data.classes, "held-out test (evaluated once):"))
+    echo(f"exported student: {out / 'model'}")
+    return metrics

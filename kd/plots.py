@@ -1,0 +1,56 @@
+"""Pictures a person would rather look at than read: learning curves and confusion matrices."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from kd.cache import atomic_path  # noqa: E402
+
+
+def save_figure(fig: plt.Figure, path: str | Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
+    plt.close(fig)
+
+
+def learning_curves(histories: dict[str, list[dict[str, Any]]], path: str | Path, title: str = "") -> None:
+    """Training loss and validation balanced accuracy per epoch, one line per run."""
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, history in histories.items():
+        epochs = [h["epoch"] for h in history]
+        ax_loss.plot(epochs, [h.get("train_loss", np.nan) for h in history], marker=".", label=label)
+        ax_acc.plot(epochs, [h.get("val_balanced_accuracy", np.nan) for h in history], marker=".", label=label)
+    ax_loss.set(xlabel="epoch", ylabel="training loss", title="training loss")
+    ax_acc.set(xlabel="epoch", ylabel="balanced accuracy", title="validation balanced accuracy", ylim=(0.0, 1.02))
+    ax_acc.axhline(0.5, color="grey", linestyle=":", linewidth=1)
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+    if len(histories) > 1 or next(iter(histories), ""):
+        ax_acc.legend(fontsize=8, loc="lower right")
+    if title:
+        fig.suptitle(title)
+    save_figure(fig, path)
+
+
+def confusion_matrix(cm: list[list[int]], classes: list[str], path: str | Path, title: str = "") -> None:
+    """Counts, with each cell's share of its true class (its recall on the diagonal)."""
+    cm_arr = np.asarray(cm, dtype=float)
+    share = cm_arr / np.maximum(cm_arr.sum(axis=1, keepdims=True), 1)
+    size = 1.2 + 0.9 * len(classes)
+    fig, ax = plt.subplots(figsize=(size + 1.5, size))
+    image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(classes)), classes, rotation=45 if len(classes) > 4 else 0, ha="right" if len(classes) > 4 else "center")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set(xlabel="predicted", ylabel="true", title=title or "confusion matrix")
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            ax.text(j, i, f"{int(cm_arr[i, j])}\n{share[i, j]:.0%}", ha="center", va="center", fontsize=9,
+                    color="white" if share[i, j] > 0.6 else "black")
+    fig.colorbar(image, ax=ax, fraction=0.046, label="share of true class")
+    save_figure(fig, path)

@@ -1,0 +1,168 @@
+"""The teacher: fine-tuned once, frozen, cached by content, and its logits precomputed for every view.
+
+The cache key is a hash of the data fingerprint and the teacher's config, so any change to either makes
+a new teacher and nothing stale is reused. Beside the weights lie the teacher's logits for every
+training view of every epoch (views are a function of the augmentation seed, epoch and sample index),
+so a student, and every trial of a search, trains without running the teacher at all.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from kd.augment import Augmenter, Normalize
+from kd.cache import CacheError, atomic_write_json, file_lock, load_tensors, save_tensors
+from kd.config import Config
+from kd.data import Dataset
+from kd.losses import DistillLoss, class_weights
+from kd.metrics import compute_metrics
+from kd.models import create_model, is_cnn, mean_std
+from kd.train import fit, predict_probs, resolve_device, seed_everything
+
+log = logging.getLogger("kd")
+TEACHER_VERSION = 1
+FORWARD_IMAGES = 0  # images this process has run through a teacher to make logits (benchmarks count it)
+
+
+@dataclass
+class Teacher:
+    key: str
+    directory: Path
+    logits: torch.Tensor                 # epochs x N_train x classes, float32
+    metrics: dict[str, Any]              # validation metrics of the teacher
+    info: dict[str, Any] = field(default_factory=dict)  # timings, cache hits, forward passes
+
+
+def teacher_key(cfg: Config, data: Dataset) -> str:
+    """Content address of a fine-tuned teacher: data fingerprint + everything that shapes its weights."""
+    teacher = dataclasses.asdict(cfg.teacher)
+    teacher["train"].pop("device")
+    if isinstance(cfg.teacher.pretrained, str):
+        st = os.stat(cfg.teacher.pretrained) if os.path.exists(cfg.teacher.pretrained) else None
+        teacher["pretrained"] = [os.path.abspath(cfg.teacher.pretrained), st and st.st_size, st and st.st_mtime_ns]
+    blob = json.dumps([TEACHER_VERSION, data.fingerprint, teacher, dataclasses.asdict(cfg.augment)], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def load_teacher_model(cfg: Config, data: Dataset, directory: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    tensors, meta = load_tensors(directory / "model.safetensors")
+    model = create_model(dataclasses.replace(cfg.teacher, pretrained=False), len(data.classes), data.image_size)
+    model.load_state_dict(tensors)
+    return model.eval(), meta
+
+
+def prepare_teacher(cfg: Config, data: Dataset, epochs: int | None = None, progress: bool = True) -> Teacher:
+    """Fine-tune the teacher (or find it in the cache) and make sure logits exist for `epochs` epochs."""
+    epochs = epochs or cfg.train.epochs
+    key = teacher_key(cfg, data)
+    directory = Path(cfg.data.cache_dir) / "teacher" / key
+    info: dict[str, Any] = {"key": key, "name": cfg.teacher.name}
+    device = resolve_device(cfg.teacher.train.device)
+    with file_lock(directory / "model"):
+        try:
+            model, meta = load_teacher_model(cfg, data, directory)
+            info.update(cached=True, finetune_seconds=meta.get("finetune_seconds", 0.0))
+            log.info("teacher %s found in the cache (%s)", cfg.teacher.name, directory)
+        except CacheError as e:
+            if (directory / "model.safetensors").exists():
+                log.warning("teacher cache rebuilt: %s", e)
+            model, meta = _finetune(cfg, data, device, progress)
+            save_tensors(directory / "model.safetensors", model.state_dict(), meta)
+            atomic_write_json(directory / "teacher.json", meta)
+            info.update(cached=False, finetune_seconds=meta["finetune_seconds"])
+    logits, logit_info = _logits(cfg, data, model, directory, epochs, device, progress)
+    info.update(logit_info)
+    return Teacher(key, directory, logits, meta["val_metrics"], info)
+
+
+def _finetune(cfg: Config, data: Dataset, device: torch.device, progress: bool) -> tuple[torch.nn.Module, dict]:
+    t0 = time.perf_counter()
+    tcfg = cfg.teacher
+    seed_everything(tcfg.train.seed)
+    model = create_model(tcfg, len(data.classes), data.image_size)
+    history: list[dict[str, Any]] = []
+    if tcfg.train.epochs > 0:
+        log.info("fine-tuning teacher %s for %d epochs on %s", tcfg.name, tcfg.train.epochs, device)
+        weights = class_weights(data.class_counts(), "inverse") if tcfg.class_weighted else None
+        loss = DistillLoss(cfg.distill, weights=weights)
+        # the teacher trains on its own augmentation stream; the students' views are drawn from cfg.augment
+        stream = dataclasses.replace(cfg.augment, seed=cfg.augment.seed + 104_729)
+        result = fit(model, dataclasses.replace(tcfg.train, tune_threshold=False), data, loss, stream,
+                     progress=progress, desc=f"teacher {tcfg.name}")
+        if result.status != "completed":
+            from kd.errors import UserError
+            raise UserError(f"the teacher's fine-tuning diverged (non-finite loss at epoch {len(result.history)}); "
+                            "lower teacher.train.lr")
+        history = result.history
+    model.to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    mean, std = mean_std(model)
+    probs = predict_probs(model, data.val.images, mean, std, device, tcfg.train.eval_batch_size, tcfg.train.amp)
+    metrics = compute_metrics(data.val.labels.numpy(), probs, data.classes)
+    seconds = time.perf_counter() - t0
+    log.info("teacher %s: validation balanced accuracy %.4f, accuracy %.4f (%.1f s)", tcfg.name,
+             metrics["balanced_accuracy"], metrics["accuracy"], seconds)
+    meta = {"name": tcfg.name, "config": dataclasses.asdict(tcfg), "classes": data.classes,
+            "val_metrics": metrics, "finetune_seconds": seconds, "history": history, "fingerprint": data.fingerprint}
+    return model.cpu(), meta
+
+
+@torch.no_grad()
+def _logits(cfg: Config, data: Dataset, model: torch.nn.Module, directory: Path, epochs: int,
+            device: torch.device, progress: bool) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Teacher logits for every view of epochs 0..epochs-1 (extending a shorter cached set)."""
+    global FORWARD_IMAGES
+    akey = hashlib.sha256(json.dumps(dataclasses.asdict(cfg.augment), sort_keys=True).encode()).hexdigest()[:12]
+    path = directory / f"logits-{akey}.safetensors"
+    n, k = len(data.train), len(data.classes)
+    with file_lock(path):
+        have = torch.zeros((0, n, k))
+        try:
+            tensors, _ = load_tensors(path)
+            have = tensors["logits"]
+            if tuple(have.shape[1:]) != (n, k):
+                raise CacheError(f"{path} has logits of shape {tuple(have.shape)}, expected (*, {n}, {k})")
+        except CacheError as e:
+            if path.exists():
+                log.warning("teacher logits cache rebuilt: %s", e)
+            have = torch.zeros((0, n, k))
+        if len(have) >= epochs:
+            return have[:epochs].float(), {"logits_cached": True, "logit_seconds": 0.0, "forward_images": 0}
+        t0 = time.perf_counter()
+        model.to(device).eval()
+        channels_last = device.type == "cuda" and is_cnn(model)
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        norm = Normalize(*mean_std(model)).to(device)
+        images = data.train.images.to(device)
+        augmenter = Augmenter(cfg.augment, n, device)
+        batch = cfg.teacher.train.eval_batch_size
+        new = torch.empty((epochs - len(have), n, k), device=device)
+        amp = device.type == "cuda" and cfg.teacher.train.amp
+        for i, epoch in enumerate(tqdm(range(len(have), epochs), desc="teacher logits", unit="epoch",
+                                       disable=None if progress else True, leave=False)):
+            for start in range(0, n, batch):
+                idx = torch.arange(start, min(n, start + batch), device=device)
+                x = norm(augmenter(images[idx], idx, epoch))
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    new[i, start:start + len(idx)] = model(x).float()
+        logits = torch.cat([have, new.cpu()])
+        forward = (epochs - len(have)) * n
+        FORWARD_IMAGES += forward
+        save_tensors(path, {"logits": logits}, {"augment": dataclasses.asdict(cfg.augment)})
+        seconds = time.perf_counter() - t0
+        log.info("teacher logits for %d epochs x %d views computed in %.1f s", epochs - len(have), n, seconds)
+        return logits[:epochs], {"logits_cached": False, "logit_seconds": seconds, "forward_images": forward}
