@@ -1,0 +1,208 @@
+"""`kdsearch`: the command line. Every user mistake ends in one clear message, never a traceback."""
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import os
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from kd.errors import KDError, UserError
+
+PRESETS = resources.files("search") / "presets"
+log = logging.getLogger("kd")
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name.removesuffix(".yaml") for p in PRESETS.iterdir() if p.name.endswith(".yaml"))
+
+
+def config_path(name: str) -> str:
+    """A config file path, or the name of a preset shipped with the package."""
+    if os.path.exists(name):
+        return name
+    preset = PRESETS / f"{name}.yaml"
+    if preset.is_file():
+        return str(preset)
+    raise UserError(f"no config file or preset named '{name}' (presets: {', '.join(preset_names())})")
+
+
+def load(args: argparse.Namespace):
+    from kd.config import load_config
+    return load_config(config_path(args.config), args.set)
+
+
+def setup_logging(quiet: bool) -> None:
+    class Format(logging.Formatter):
+        def format(self, record: logging.LogRecord) -> str:
+            text = super().format(record)
+            return f"{record.levelname.lower()}: {text}" if record.levelno >= logging.WARNING else text
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(Format("%(message)s"))
+    for name in ("kd", "search"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [handler]
+        logger.setLevel(logging.WARNING if quiet else logging.INFO)
+        logger.propagate = False
+
+
+# -------------------------------------------------------------------------------------------- commands
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from kd.distill import run_distill
+    cfg = load(args)
+    run_distill(cfg, args.out, progress=not args.quiet, echo=_echo(args.quiet))
+    return 0
+
+
+def cmd_teacher(args: argparse.Namespace) -> int:
+    from kd.data import load_dataset
+    from kd.metrics import format_metrics
+    from kd.teacher import prepare_teacher
+    cfg = load(args)
+    data = load_dataset(cfg.data, not args.quiet)
+    teacher = prepare_teacher(cfg, data, progress=not args.quiet)
+    print(format_metrics(teacher.metrics, data.classes, f"teacher {cfg.teacher.name} on validation:"))
+    print(f"teacher cache: {teacher.directory} ({'found' if teacher.info['cached'] else 'fine-tuned now'}); "
+          f"logits for {len(teacher.logits)} epochs x {teacher.logits.shape[1]} views")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from kd import plots
+    from kd.cache import atomic_write_json
+    from kd.export import load_student
+    from kd.metrics import compute_metrics, format_metrics, report_text
+    student = load_student(args.model)
+    split, name = _evaluation_split(args, student)
+    probs = student.probs(split.images)
+    labels = split.labels.numpy()
+    metrics = compute_metrics(labels, probs, student.classes, student.threshold)
+    print(format_metrics(metrics, student.classes, f"{args.model} on {name} ({len(labels)} images):"))
+    print(report_text(labels, probs, student.classes, student.threshold))
+    out = Path(args.out)
+    plots.confusion_matrix(metrics["confusion_matrix"], student.classes, out / "confusion_matrix.png",
+                           f"{Path(args.model).name} on {name}")
+    atomic_write_json(out / "metrics.json", {"model": str(args.model), "data": name, **metrics})
+    print(f"confusion matrix: {out / 'confusion_matrix.png'}; metrics: {out / 'metrics.json'}")
+    return 0
+
+
+def _evaluation_split(args: argparse.Namespace, student):
+    """DATA: `digits` or a config (its test split), a folder of class folders, or a labelled CSV."""
+    from kd.config import DataConfig, SplitSource, from_dict, load_config
+    from kd.data import load_dataset, load_labelled
+    is_config = args.data.endswith((".yaml", ".yml")) or (not os.path.exists(args.data) and args.data in preset_names())
+    if args.data == "digits" or is_config:
+        if args.data == "digits":
+            cfg = from_dict(student.info["config"], f"{args.model}/config.json").updated({"data.source": "digits"})
+        else:
+            cfg = load_config(config_path(args.data))
+        cfg = cfg.updated({"data.image_size": student.image_size})
+        data = load_dataset(cfg.data, progress=not args.quiet)
+        if data.classes != student.classes:
+            raise UserError(f"{args.data} has classes {', '.join(data.classes)}; the model {', '.join(student.classes)}")
+        return data.test, f"the test split of {args.data}"
+    if not os.path.exists(args.data):
+        raise UserError(f"{args.data}: no such folder or CSV file (DATA may also be 'digits' or a config)")
+    data_cfg = DataConfig(source="csv" if os.path.isfile(args.data) else "folder", image_size=student.image_size,
+                          file_column=args.file_column, label_column=args.label_column,
+                          cache_dir=student.info["config"]["data"]["cache_dir"])
+    src = SplitSource(path=args.data, images=args.images or "")
+    return load_labelled(data_cfg, src, student.classes, progress=not args.quiet), args.data
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from kd.cache import atomic_path
+    from kd.export import collect_images, load_student, predict_files
+    student = load_student(args.model)
+    files = collect_images(args.images)
+    rows = predict_files(student, files, progress=not args.quiet)
+    fields = ["file", "predicted", *[f"p_{c}" for c in student.classes], "error"]
+    with atomic_path(args.out) as tmp:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields, restval="")
+            writer.writeheader()
+            writer.writerows(rows)
+    bad = sum(1 for r in rows if r["error"])
+    counts = {c: sum(1 for r in rows if r["predicted"] == c) for c in student.classes}
+    print(f"wrote {len(rows)} predictions to {args.out}: " + ", ".join(f"{c} {n}" for c, n in counts.items())
+          + (f"; {bad} files could not be read (see the error column)" if bad else ""))
+    return 0
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    for name in preset_names():
+        first = (PRESETS / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ")
+        print(f"{name:<26} {first}")
+    return 0
+
+
+def _echo(quiet: bool):
+    return (lambda text: None) if quiet else print
+
+
+# ---------------------------------------------------------------------------------------------- parser
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kdsearch", description="Hyperparameter search for knowledge distillation "
+                                     "on small, imbalanced image datasets.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("config", metavar="CONFIG", help="a YAML config file or a preset name (kdsearch presets)")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key, e.g. --set distill.temperature=4 (repeatable)")
+        return p
+
+    def quiet(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--quiet", "-q", action="store_true", help="only warnings, errors and results")
+        return p
+
+    p = quiet(with_config(sub.add_parser("distill", help="fine-tune the teacher (cached) and distil one student")))
+    p.add_argument("--out", help="output folder (default: OUTPUT_DIR/NAME/distill)")
+    p.set_defaults(func=cmd_distill)
+
+    p = quiet(with_config(sub.add_parser("teacher", help="prepare only the teacher and its cached logits")))
+    p.set_defaults(func=cmd_teacher)
+
+    p = quiet(sub.add_parser("evaluate", help="metrics and a confusion matrix of an exported student"))
+    p.add_argument("model", metavar="MODEL", help="an exported student folder")
+    p.add_argument("data", metavar="DATA", help="a folder of class folders, a labelled CSV, 'digits', or a config "
+                   "(its test split)")
+    p.add_argument("--images", help="CSV: the folder image names are relative to (default: the CSV's folder)")
+    p.add_argument("--file-column", default="file", help="CSV: the file-name column (default: file)")
+    p.add_argument("--label-column", default="label", help="CSV: the label column (default: label)")
+    p.add_argument("--out", default="results/evaluate", help="where the PNG and metrics.json go")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = quiet(sub.add_parser("predict", help="predict classes of image files with an exported student"))
+    p.add_argument("model", metavar="MODEL", help="an exported student folder")
+    p.add_argument("images", metavar="IMAGES", nargs="+", help="image files or folders")
+    p.add_argument("--out", default="predictions.csv", help="the CSV to write (default: predictions.csv)")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("presets", help="list the shipped presets")
+    p.set_defaults(func=cmd_presets)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(getattr(args, "quiet", False))
+    try:
+        return args.func(args)
+    except KDError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, UserError) else 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

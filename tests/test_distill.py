@@ -1,0 +1,178 @@
+"""Real distillations on real images (scikit-learn's digits) with tiny timm models."""
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from kd.config import load_config
+from kd.distill import run_distill, train_student
+from kd.errors import Diverged
+from kd.export import export_student, load_graph, load_student
+from kd.metrics import compute_metrics
+from kd.teacher import prepare_teacher
+from search.cli import main
+from tests.conftest import tiny_overrides
+
+
+def test_teacher_is_cached_by_content_and_logits_extend(digits_setup):
+    cfg, data, teacher = digits_setup
+    assert teacher.logits.shape == (cfg.train.epochs, len(data.train), 2)
+    assert teacher.metrics["balanced_accuracy"] > 0.6
+    again = prepare_teacher(cfg, data, progress=False)
+    assert again.info["cached"] and again.info["logits_cached"] and again.info["forward_images"] == 0
+    assert torch.equal(again.logits, teacher.logits)
+    longer = prepare_teacher(cfg, data, epochs=cfg.train.epochs + 2, progress=False)
+    assert longer.info["cached"] and longer.info["forward_images"] == 2 * len(data.train)
+    assert torch.allclose(longer.logits[:cfg.train.epochs], teacher.logits)
+    other = cfg.updated({"teacher.train.lr": 0.001})
+    assert prepare_teacher.__module__ and other.teacher.train.lr != cfg.teacher.train.lr
+    from kd.teacher import teacher_key
+    assert teacher_key(other, data) != teacher.key
+
+
+def test_logits_are_the_teachers_outputs_on_the_students_views(digits_setup):
+    from kd.augment import Augmenter, Normalize
+    from kd.models import mean_std
+    from kd.teacher import load_teacher_model
+    cfg, data, teacher = digits_setup
+    model, _ = load_teacher_model(cfg, data, teacher.directory)
+    idx = torch.tensor([3, 100, 7])
+    view = Augmenter(cfg.augment, len(data.train))(data.train.images[idx], idx, epoch=1)
+    with torch.no_grad():
+        direct = model(Normalize(*mean_std(model))(view))
+    assert torch.allclose(direct, teacher.logits[1][idx], atol=1e-4)
+
+
+def test_tiny_distillation_learns_the_rare_class(digits_setup):
+    cfg, data, teacher = digits_setup
+    result = train_student(cfg, data, teacher.logits, progress=False)
+    assert result.status == "completed" and len(result.history) == cfg.train.epochs
+    assert result.history[-1]["train_kd_loss"] < result.history[0]["train_kd_loss"]
+    val = result.history[-1]["val_balanced_accuracy_tuned"]
+    from kd.distill import evaluate_model
+    test = evaluate_model(result.model, data, "test", result.threshold, cfg)
+    assert val > 0.75 and test["balanced_accuracy"] > 0.75, (val, test)
+    assert test["recall"]["digit_8"] > 0.5
+
+
+def test_resume_from_a_checkpoint_matches_an_uninterrupted_run(digits_setup):
+    cfg, data, teacher = digits_setup
+    states = []
+    full = train_student(cfg, data, teacher.logits, report=lambda row, state: states.append(state()), progress=False)
+    resumed = train_student(cfg, data, teacher.logits, resume=states[0], progress=False)
+    assert [h["train_loss"] for h in resumed.history] == pytest.approx([h["train_loss"] for h in full.history])
+    for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-5)
+
+
+def test_divergence_ends_with_a_clear_status(digits_setup, tmp_path):
+    cfg, data, teacher = digits_setup
+    bad = cfg.updated({"train.lr": 1e12, "train.optimizer": "sgd", "train.epochs": 2})
+    result = train_student(bad, data, teacher.logits, progress=False)
+    assert result.status == "diverged" and result.history[-1]["status"] == "diverged"
+    from kd.distill import finish_student
+    with pytest.raises(Diverged, match="diverged at epoch 1"):
+        finish_student(bad, data, result, tmp_path, teacher.metrics)
+    assert not (tmp_path / "model").exists()
+
+
+def test_export_round_trips_to_identical_logits(digits_setup, tmp_path):
+    cfg, data, teacher = digits_setup
+    result = train_student(cfg, data, teacher.logits, progress=False)
+    out = export_student(tmp_path / "export", result.model, cfg, data.classes, result.threshold, {"val": {}})
+    loaded = load_student(out)
+    images = data.test.images[:50]
+    with torch.no_grad():
+        direct = result.model.cpu().eval()(((images.float() / 255) - 0.5) / 0.5)  # test_resnet: mean = std = 0.5
+    assert torch.allclose(loaded.logits(images), direct, atol=1e-6)
+    graph = load_graph(out)
+    assert torch.allclose(graph(((images.float() / 255) - 0.5) / 0.5), direct, atol=1e-5)
+    info = json.loads((out / "config.json").read_text())
+    assert info["architecture"] == "test_resnet" and info["classes"] == data.classes
+    assert info["threshold"] == pytest.approx(result.threshold) and info["config"]["distill"]["alpha"] == 0.5
+    probs = loaded.probs(images)
+    assert np.array_equal(loaded.predict(images), (probs[:, 1] >= result.threshold).astype(int))
+
+
+def test_distilled_deit_student_uses_both_heads(digits_setup):
+    cfg, data, teacher = digits_setup
+    deit = cfg.updated({"student.name": "deit_tiny_distilled_patch16_224", "train.epochs": 1})
+    result = train_student(deit, data, teacher.logits, progress=False)
+    assert result.status == "completed"
+    assert not result.model.distilled_training  # inference averages the two heads
+    out = result.model(torch.zeros(2, 3, 32, 32))
+    assert isinstance(out, torch.Tensor) and out.shape == (2, 2)
+
+
+def test_cli_distill_evaluate_predict(tmp_path, capsys):
+    cfg_path = tmp_path / "tiny.yaml"
+    cfg = load_config(None, tiny_overrides(tmp_path / "cache", tmp_path / "results") + ["name=tiny"])
+    cfg_path.write_text(cfg.to_yaml())
+    assert main(["distill", str(cfg_path), "--quiet"]) == 0
+    run = tmp_path / "results" / "tiny" / "distill"
+    for name in ("config.yaml", "history.csv", "metrics.json", "model/model.safetensors", "model/config.json",
+                 "model/model.pt2", "plots/learning_curves.png", "plots/confusion_matrix_test.png"):
+        assert (run / name).is_file(), name
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert load_config(run / "config.yaml") == cfg
+    capsys.readouterr()
+
+    assert main(["evaluate", str(run / "model"), str(cfg_path), "--out", str(tmp_path / "ev"), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert f"balanced accuracy  {metrics['test']['balanced_accuracy']:.4f}" in printed
+    assert (tmp_path / "ev" / "confusion_matrix.png").is_file()
+
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for i in range(3):
+        arr = cfg_data_image(i)
+        from PIL import Image
+        Image.fromarray(arr).save(images / f"{i}.png")
+    (images / "broken.jpg").write_text("nope")
+    out_csv = tmp_path / "pred.csv"
+    assert main(["predict", str(run / "model"), str(images), "--out", str(out_csv), "--quiet"]) == 0
+    import pandas as pd
+    table = pd.read_csv(out_csv)
+    assert list(table.columns) == ["file", "predicted", "p_other", "p_digit_8", "error"]
+    assert len(table) == 4 and table["error"].notna().sum() == 1
+    good = table[table["error"].isna()]
+    assert np.allclose(good["p_other"] + good["p_digit_8"], 1.0, atol=1e-5)
+
+
+def cfg_data_image(i: int) -> np.ndarray:
+    from sklearn.datasets import load_digits
+    img = load_digits().images[i] * (255 / 16)
+    return np.kron(img, np.ones((3, 3))).astype(np.uint8)
+
+
+def test_cli_reports_user_mistakes_without_traceback(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("distill:\n  alpha: 2\n")
+    assert main(["distill", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "'distill.alpha' must be in [0, 1]" in err and "Traceback" not in err
+    assert main(["distill", "no-such-preset"]) == 2
+    assert "presets: " in capsys.readouterr().err
+    assert main(["evaluate", str(tmp_path), "digits"]) == 2
+    assert "is not an exported student" in capsys.readouterr().err
+    folder = tmp_path / "ds"
+    (folder / "only").mkdir(parents=True)
+    assert main(["distill", "digits", "--set", "data.source=folder", "--set", f"data.train={folder}",
+                 "--set", f"data.cache_dir={tmp_path / 'c'}", "--quiet"]) == 2
+    assert "has no images" in capsys.readouterr().err
+
+
+def test_run_distill_writes_everything_and_tests_once(tmp_path):
+    cfg = load_config(None, tiny_overrides(tmp_path / "cache", tmp_path / "results"))
+    lines = []
+    metrics = run_distill(cfg, progress=True, echo=lines.append)
+    assert metrics["test"]["n"] == 360 and metrics["val"]["n"] == 360
+    assert any(line.startswith("epoch   3/3") for line in lines)
+    assert any("held-out test (evaluated once)" in line for line in lines)
+    assert dataclasses.asdict(cfg) == metrics_config(tmp_path / "results" / "kd" / "distill")
+
+
+def metrics_config(run):
+    return json.loads((run / "model" / "config.json").read_text())["config"]
