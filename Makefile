@@ -1,4 +1,4 @@
-# Two commands on a fresh machine: `make demo` (the main job on the built-in data) and `make test`.
+# Two commands on a fresh machine: `make demo` (a whole search on the built-in data) and `make test`.
 # Both create the virtual environment first (torch with its CUDA build runs fine on a CPU).
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(VENV)/bin/kdsearch distill digits
+	$(VENV)/bin/kdsearch demo
 
 test: install
 	$(PY) -m pytest -q

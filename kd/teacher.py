@@ -61,6 +61,32 @@ def load_teacher_model(cfg: Config, data: Dataset, directory: Path) -> tuple[tor
     return model.eval(), meta
 
 
+def cached_teacher(cfg: Config, data: Dataset, epochs: int | None = None) -> Teacher | None:
+    """The teacher and its logits when both are already in the cache (no training, no forward pass), else None."""
+    epochs = epochs or cfg.train.epochs
+    key = teacher_key(cfg, data)
+    directory = Path(cfg.data.cache_dir) / "teacher" / key
+    akey = _augment_key(cfg)
+    try:
+        with file_lock(directory / "model"):
+            meta = json.loads((directory / "teacher.json").read_text())
+            load_tensors(directory / "model.safetensors")  # verifies the weights' checksums
+        with file_lock(directory / f"logits-{akey}.safetensors"):
+            tensors, _ = load_tensors(directory / f"logits-{akey}.safetensors")
+    except (CacheError, OSError, ValueError):
+        return None
+    logits = tensors["logits"]
+    if len(logits) < epochs or tuple(logits.shape[1:]) != (len(data.train), len(data.classes)):
+        return None
+    info = {"key": key, "name": cfg.teacher.name, "cached": True, "finetune_seconds": meta.get("finetune_seconds", 0.0),
+            "logits_cached": True, "logit_seconds": 0.0, "forward_images": 0}
+    return Teacher(key, directory, logits[:epochs].float(), meta["val_metrics"], info)
+
+
+def _augment_key(cfg: Config) -> str:
+    return hashlib.sha256(json.dumps(dataclasses.asdict(cfg.augment), sort_keys=True).encode()).hexdigest()[:12]
+
+
 def prepare_teacher(cfg: Config, data: Dataset, epochs: int | None = None, progress: bool = True) -> Teacher:
     """Fine-tune the teacher (or find it in the cache) and make sure logits exist for `epochs` epochs."""
     epochs = epochs or cfg.train.epochs
@@ -123,8 +149,7 @@ def _logits(cfg: Config, data: Dataset, model: torch.nn.Module, directory: Path,
             device: torch.device, progress: bool) -> tuple[torch.Tensor, dict[str, Any]]:
     """Teacher logits for every view of epochs 0..epochs-1 (extending a shorter cached set)."""
     global FORWARD_IMAGES
-    akey = hashlib.sha256(json.dumps(dataclasses.asdict(cfg.augment), sort_keys=True).encode()).hexdigest()[:12]
-    path = directory / f"logits-{akey}.safetensors"
+    path = directory / f"logits-{_augment_key(cfg)}.safetensors"
     n, k = len(data.train), len(data.classes)
     with file_lock(path):
         have = torch.zeros((0, n, k))

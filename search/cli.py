@@ -135,6 +135,58 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_search(args: argparse.Namespace) -> int:
+    from search.tuner import run_search
+    run_search(load(args), address=args.address, storage=args.storage, resume=args.resume, quiet=args.quiet)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from kd.config import load_config
+    from search.tuner import run_search
+    cfg = load_config(config_path("digits"), args.set)
+    print("kd-search demo: a search over distillation hyperparameters on scikit-learn's handwritten digits "
+          "('8' vs the rest, ~10% minority)")
+    run_dir = run_search(cfg, quiet=args.quiet)
+    print(f"\nDone. Read {run_dir / 'summary.md'} (tables and plots), {run_dir / 'trials.csv'} (every trial), "
+          f"and use the best student in {run_dir / 'best'}:\n"
+          f"  kdsearch evaluate {run_dir / 'best'} digits\n  kdsearch predict {run_dir / 'best'} IMAGES...")
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from search.analyze import write_report
+    table = write_report(args.run_dir)
+    counts = table["status"].value_counts().to_dict() if len(table) else {}
+    print(f"{len(table)} trials (" + ", ".join(f"{n} {s}" for s, n in counts.items()) + f"); wrote "
+          f"{Path(args.run_dir) / 'trials.csv'}, {Path(args.run_dir) / 'summary.md'} and {Path(args.run_dir) / 'plots'}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import json
+
+    from search.analyze import best_trials, load_run, load_trials
+    from search.finalize import export_trial
+    cfg, exp = load_run(args.run_dir)
+    table, _ = load_trials(cfg, exp)
+    if args.trial:
+        match = table[table["trial"] == args.trial] if len(table) else table
+        if match.empty:
+            raise UserError(f"no trial '{args.trial}' in {args.run_dir} (trials: {', '.join(table.get('trial', []))})")
+        row = match.iloc[0]
+    else:
+        top = best_trials(cfg, table, 1)
+        if top.empty:
+            raise UserError(f"no finished trial in {args.run_dir} to export")
+        row = top.iloc[0]
+    run = json.loads((Path(args.run_dir) / "run.json").read_text())
+    metrics = export_trial(cfg, row, run["classes"], Path(args.out))
+    print(f"exported trial {row['trial']} (epoch {metrics['epoch']}, validation {cfg.search.metric} "
+          f"{row[cfg.search.metric]:.4f}) to {args.out}")
+    return 0
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     for name in preset_names():
         first = (PRESETS / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ")
@@ -185,6 +237,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", metavar="IMAGES", nargs="+", help="image files or folders")
     p.add_argument("--out", default="predictions.csv", help="the CSV to write (default: predictions.csv)")
     p.set_defaults(func=cmd_predict)
+
+    p = quiet(with_config(sub.add_parser("search", help="run (or resume) a Ray Tune + Optuna search")))
+    p.add_argument("--address", help="join a Ray cluster: 'auto' or ray://HOST:10001 (default: start Ray here)")
+    p.add_argument("--storage", help="where the experiment lives: a shared path or s3://... (clusters)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted search (the same command "
+                   "on an existing experiment does this too)")
+    p.set_defaults(func=cmd_search)
+
+    p = quiet(sub.add_parser("demo", help="a complete search on the built-in digits data (a few minutes on a CPU)"))
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key of the demo")
+    p.set_defaults(func=cmd_demo)
+
+    p = quiet(sub.add_parser("analyze", help="rebuild tables and plots from a search directory"))
+    p.add_argument("run_dir", metavar="RUN_DIR", help="results/<name> of a search (finished, running or interrupted)")
+    p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("export", help="export a trial's student (default: the best)")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--trial", help="trial id (see trials.csv); default: the best on validation")
+    p.add_argument("--out", required=True, help="the folder to write")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("presets", help="list the shipped presets")
     p.set_defaults(func=cmd_presets)

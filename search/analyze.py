@@ -1,0 +1,179 @@
+"""Results of a search, read from its directory alone: trials table, best trials, summary.md, plots.
+
+Works on a finished, running or interrupted search: it reads Ray's per-trial `params.json` and
+`result.json` and the statuses in `experiment_state-*.json` (plain JSON; nothing is unpickled), plus the
+files the search itself wrote (`config.yaml`, `teacher.json`, `confirm.json`, `best/`).
+"""
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from kd.cache import atomic_path, atomic_write_text
+from kd.config import Config, load_config, save_config
+from kd.errors import UserError
+
+log = logging.getLogger("search")
+METRICS = ("val_balanced_accuracy", "val_accuracy", "val_macro_f1", "val_balanced_accuracy_tuned")
+
+
+def load_run(run_dir: str | Path) -> tuple[Config, str]:
+    """The search's config and the path of its Ray experiment."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"{run_dir} is not a search directory (it has no config.yaml)")
+    cfg = load_config(run_dir / "config.yaml")
+    exp = run_dir / "ray"
+    if (run_dir / "run.json").is_file():
+        recorded = json.loads((run_dir / "run.json").read_text()).get("experiment", "")
+        exp = Path(recorded) if recorded and os.path.isdir(recorded) else exp
+    if not exp.is_dir():
+        raise UserError(f"{run_dir} has no Ray experiment folder ({exp}); the search has not started trials yet")
+    return cfg, str(exp)
+
+
+def _statuses(exp: str) -> dict[str, dict[str, Any]]:
+    """trial_id -> {status, num_failures} from the newest experiment state, if it can be read."""
+    files = sorted(glob.glob(os.path.join(exp, "experiment_state-*.json")), key=os.path.getmtime)
+    if not files:
+        return {}
+    try:
+        state = json.loads(Path(files[-1]).read_text())
+        out = {}
+        for entry in state.get("trial_data", []):
+            trial = json.loads(entry[0] if isinstance(entry, list) else entry)
+            runtime = json.loads(entry[1]) if isinstance(entry, list) and len(entry) > 1 else {}
+            out[trial["trial_id"]] = {"status": trial.get("status"), "failures": runtime.get("num_failures", 0)}
+        return out
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log.warning("could not read trial statuses from %s (%s); deriving them from the trial folders", files[-1], e)
+        return {}
+
+
+def _read_results(path: str) -> list[dict[str, Any]]:
+    rows = []
+    if os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:  # a line cut short by a kill
+                    break
+    return rows
+
+
+def _error_text(trial_dir: str) -> str:
+    path = os.path.join(trial_dir, "error.txt")
+    if not os.path.isfile(path):
+        return ""
+    lines = [ln.strip() for ln in Path(path).read_text(errors="replace").splitlines() if ln.strip()]
+    causes = [ln for ln in lines if re.match(r"^[\w.]+(Error|Exception|Diverged)\b", ln)]
+    return (causes[-1] if causes else lines[-1] if lines else "failed")[:300]
+
+
+def load_trials(cfg: Config, exp: str) -> tuple[pd.DataFrame, dict[str, list[dict[str, Any]]]]:
+    """One row per trial (parameters, final and best metrics, epochs, time, status, error) and each history."""
+    statuses = _statuses(exp)
+    rows, histories = [], {}
+    for trial_dir in sorted(glob.glob(os.path.join(exp, "*", "params.json"))):
+        trial_dir = os.path.dirname(trial_dir)
+        name = os.path.basename(trial_dir)
+        match = re.match(r".*?_([0-9a-f]{8})_(\d+)_", name)
+        trial_id, number = (match.group(1), int(match.group(2))) if match else (name, 0)
+        try:
+            params = json.loads(Path(trial_dir, "params.json").read_text())
+        except ValueError:
+            continue
+        history = [r for r in _read_results(os.path.join(trial_dir, "result.json")) if "epoch" in r]
+        histories[trial_id] = history
+        error = _error_text(trial_dir)
+        status = _status(statuses.get(trial_id, {}).get("status"), history, error, cfg.train.epochs)
+        row: dict[str, Any] = {"trial": trial_id, "number": number, "status": status, **params}
+        last = history[-1] if history else {}
+        for m in METRICS:
+            row[m] = last.get(m, np.nan)
+        for key in sorted(k for k in last if k.startswith("val_recall_")):
+            row[key] = last[key]
+        metric = cfg.search.metric
+        values = [h.get(metric) for h in history if h.get(metric) is not None]
+        row[f"best_{metric}"] = (max(values) if cfg.search.mode == "max" else min(values)) if values else np.nan
+        row["threshold"] = last.get("threshold", np.nan)
+        row["epochs"] = len(history)
+        row["seconds"] = last.get("time_total_s", np.nan)
+        row["failures"] = statuses.get(trial_id, {}).get("failures", 0)
+        row["error"] = error
+        row["path"] = trial_dir
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    if len(table):
+        first = ["trial", "number", "status", *[k for k in cfg.search.space if k in table.columns]]
+        table = table[first + [c for c in table.columns if c not in first]]
+        table = table.sort_values("number").reset_index(drop=True)
+    return table, histories
+
+
+def _status(ray_status: str | None, history: list[dict[str, Any]], error: str, epochs: int) -> str:
+    if ray_status == "ERROR" or (error and ray_status is None):
+        return "failed"
+    if ray_status == "TERMINATED" or (ray_status is None and len(history) >= epochs):
+        return "completed" if len(history) >= epochs else "stopped early"
+    return "unfinished"
+
+
+def searched_keys(cfg: Config, table: pd.DataFrame) -> list[str]:
+    return [k for k in cfg.search.space if k in table.columns]
+
+
+def best_trials(cfg: Config, table: pd.DataFrame, k: int = 5) -> pd.DataFrame:
+    """Ranked on validation only: trials that ran every epoch first (ASHA's survivors), then the rest."""
+    metric = cfg.search.metric
+    ok = table[table["status"].isin(["completed", "stopped early"]) & table[metric].notna()].copy()
+    if ok.empty:
+        return ok
+    ok["_full"] = ok["status"] == "completed"
+    ok = ok.sort_values(["_full", metric], ascending=[False, cfg.search.mode == "min"])
+    return ok.drop(columns="_full").head(k)
+
+
+def trial_config(cfg: Config, row: pd.Series | dict[str, Any]) -> Config:
+    """The trial's full config: base config + its sampled keys (reproduces it with kdsearch distill)."""
+    values = {k: _plain(row[k]) for k in cfg.search.space if k in row and not _missing(row[k])}
+    return cfg.updated(values, source=f"trial {row['trial']}")
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and np.isnan(value))
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars from the table as Python values (kd.config coerces 3.0 to 3 where a key wants an int)."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def write_report(run_dir: str | Path) -> pd.DataFrame:
+    """Rebuild trials.csv, configs/, summary.md and plots/ from the run directory."""
+    from search import plots
+    from search.summary import summary_markdown
+
+    run_dir = Path(run_dir)
+    cfg, exp = load_run(run_dir)
+    table, histories = load_trials(cfg, exp)
+    columns = [c for c in table.columns if c != "path"]
+    with atomic_path(run_dir / "trials.csv") as tmp:
+        table[columns].to_csv(tmp, index=False)
+    for _, row in table.iterrows():
+        try:
+            save_config(trial_config(cfg, row), run_dir / "configs" / f"{row['trial']}.yaml")
+        except Exception as e:  # a trial written by an older config: its table row still stands
+            log.warning("no config for trial %s: %s", row["trial"], e)
+    plots.draw_all(cfg, run_dir, table, histories)
+    atomic_write_text(run_dir / "summary.md", summary_markdown(cfg, run_dir, table))
+    return table

@@ -1,0 +1,66 @@
+"""The Ray Tune function trainable: base config + sampled keys -> kd distillation -> tune.report.
+
+`param_space` (the `config` argument here) holds only the sampled dotted keys; the base config, the
+dataset and the teacher's cached logits arrive through `tune.with_parameters`, so trials never decode an
+image or run the teacher. The kd loop reports every epoch through a callback that this module turns into
+`tune.report(metrics, checkpoint=...)`; a restarted trial resumes from `tune.get_checkpoint()`.
+"""
+from __future__ import annotations
+
+import gc
+import os
+import tempfile
+from typing import Any
+
+import torch
+from ray import tune
+
+from kd.config import from_dict
+from kd.data import Dataset
+from kd.distill import train_student
+from kd.errors import Diverged
+from kd.train import load_state, save_state
+
+STATE_FILE = "state.pt"
+
+
+class TrialDiverged(RuntimeError):
+    """Raised inside a trial so Ray records it as failed, with this message as its error."""
+
+
+def numeric(row: dict[str, Any]) -> dict[str, Any]:
+    """What Ray should record of an epoch: numbers, plus the status string."""
+    return {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool) or k == "status"}
+
+
+def distill_trainable(config: dict[str, Any], base: dict[str, Any], data: Dataset, teacher_logits: torch.Tensor,
+                      checkpoint_every: int = 1, threads: int = 1) -> None:
+    """One trial: distil a student with the sampled hyperparameters `config` on top of `base`."""
+    torch.set_num_threads(max(1, threads))
+    cfg = from_dict(base, "search base config").updated(config, source="sampled trial config")
+    resume = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            resume = load_state(os.path.join(d, STATE_FILE))
+
+    def report(row: dict[str, Any], state_fn) -> None:
+        if row.get("status") == "diverged":  # no report: it would lack the metric Tune optimises
+            raise TrialDiverged(f"non-finite loss at epoch {row['epoch']}: the trial diverged")
+        metrics = numeric(row)
+        last = row["epoch"] == cfg.train.epochs
+        if row["epoch"] % checkpoint_every and not last:
+            tune.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as d:
+            save_state(state_fn(), os.path.join(d, STATE_FILE))
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+
+    try:
+        train_student(cfg, data, teacher_logits, report=report, resume=resume, progress=False)
+    except Diverged as e:
+        raise TrialDiverged(str(e)) from None
+    finally:  # release GPU memory when a trial ends or is stopped early
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

@@ -1,0 +1,160 @@
+"""End-to-end searches with Ray Tune + Optuna on the digits, tiny models, a few trials (Ray is stopped after each)."""
+import json
+import shutil
+
+import pandas as pd
+import pytest
+import ray
+import torch
+
+from kd.config import load_config
+from kd.export import load_student
+from search.cli import main
+from search.tuner import run_search
+from tests.conftest import tiny_overrides
+
+pytestmark = pytest.mark.slow
+
+SPACE = {
+    "student.name": {"type": "choice", "values": ["test_resnet", "no_such_model"]},
+    "distill.mode": {"type": "choice", "values": ["soft", "hard"]},
+    "distill.temperature": {"type": "loguniform", "low": 1.0, "high": 20.0, "when": {"distill.mode": "soft"}},
+    "train.lr": {"type": "loguniform", "low": 0.001, "high": 1e10},
+}
+POINTS = [
+    {"student.name": "test_resnet", "distill.mode": "soft", "distill.temperature": 4.0, "train.lr": 0.003},
+    {"student.name": "test_resnet", "distill.mode": "hard", "train.lr": 0.003},
+    {"student.name": "test_resnet", "distill.mode": "soft", "distill.temperature": 2.0, "train.lr": 0.01},
+    {"student.name": "no_such_model", "distill.mode": "soft", "distill.temperature": 4.0, "train.lr": 0.003},
+    {"student.name": "test_resnet", "distill.mode": "soft", "distill.temperature": 2.0, "train.lr": 1e10},
+]
+
+
+def search_config(tmp, cache, **extra):
+    cfg = load_config(None, tiny_overrides(cache, tmp / "results") + [
+        "name=tiny-search", "search.num_samples=5", "search.grace_period=1", "search.confirm_seeds=2",
+        "search.max_failures=1", "search.cpus_per_trial=1"])
+    return cfg.updated({"search.space": SPACE, "search.points": POINTS, **extra})
+
+
+@pytest.fixture(scope="module")
+def finished_search(tmp_path_factory, shared_cache):
+    tmp = tmp_path_factory.mktemp("search")
+    cfg = search_config(tmp, shared_cache)
+    lines = []
+    run_dir = run_search(cfg, quiet=False, echo=lines.append)
+    assert not ray.is_initialized()
+    return cfg, run_dir, lines
+
+
+def test_outputs_exist_and_agree(finished_search):
+    cfg, run_dir, lines = finished_search
+    for name in ("trials.csv", "summary.md", "config.yaml", "teacher.json", "confirm.json", "optuna.journal",
+                 "best/model.safetensors", "best/config.json", "best/metrics.json", "best/model.pt2",
+                 "plots/trials.png", "plots/params.png", "plots/learning_curves.png", "plots/importance.png",
+                 "plots/confusion_matrix_test.png"):
+        assert (run_dir / name).is_file(), name
+    table = pd.read_csv(run_dir / "trials.csv")
+    assert len(table) == cfg.search.num_samples and table["trial"].is_unique
+    for column in ("distill.mode", "distill.temperature", "train.lr", "val_balanced_accuracy", "val_accuracy",
+                   "val_macro_f1", "val_recall_other", "val_recall_digit_8", "epochs", "seconds", "status", "error"):
+        assert column in table.columns, column
+    assert table.loc[table["distill.mode"] == "hard", "distill.temperature"].isna().all()
+
+    best = json.loads((run_dir / "best" / "metrics.json").read_text())
+    ok = table[table["status"] == "completed"]
+    top = ok.sort_values("val_balanced_accuracy", ascending=False).iloc[0]
+    assert best["trial"] == top["trial"]
+    assert best["val_last_epoch"]["val_balanced_accuracy"] == pytest.approx(top["val_balanced_accuracy"], abs=1e-9)
+    # the exported model predicts with the threshold chosen on validation: its validation score is the tuned one
+    assert best["val"]["balanced_accuracy"] == pytest.approx(top["val_balanced_accuracy_tuned"], abs=1e-6)
+    assert best["threshold"] == pytest.approx(top["threshold"])
+    summary = (run_dir / "summary.md").read_text()
+    assert f"Trial `{best['trial']}`, exported to `best/`" in summary
+    assert f"{best['test']['balanced_accuracy']:.4f}".rstrip("0") in summary
+    assert "## Best soft vs best hard distillation (validation)" in summary
+    confirm = json.loads((run_dir / "confirm.json").read_text())
+    assert confirm["trial"] == best["trial"] and confirm["seeds"] == [1, 2]
+    assert len(confirm["summary"]["val_balanced_accuracy"]["values"]) == 2
+    student = load_student(run_dir / "best")
+    exported = json.loads((run_dir / "best" / "config.json").read_text())
+    assert exported["config"]["distill"]["mode"] == top["distill.mode"]
+    assert exported["config"]["train"]["lr"] == pytest.approx(top["train.lr"])
+    assert student.classes == ["other", "digit_8"]
+    assert best["test"]["balanced_accuracy"] > 0.6  # a real student, on data the search never saw
+    assert any("held-out test (evaluated once)" in line for line in lines)
+
+
+def test_teacher_ran_once_before_the_trials(finished_search):
+    cfg, run_dir, _ = finished_search
+    teacher = json.loads((run_dir / "teacher.json").read_text())
+    assert teacher["info"]["forward_images"] in (0, cfg.train.epochs * 1077)  # 0 when the cache already had it
+    assert "the trials ran no teacher forward pass" in (run_dir / "summary.md").read_text()
+
+
+def test_failing_and_diverging_trials_are_recorded_and_the_search_goes_on(finished_search):
+    cfg, run_dir, _ = finished_search
+    table = pd.read_csv(run_dir / "trials.csv")
+    failed = table[table["status"] == "failed"]
+    assert set(failed["student.name"]) >= {"no_such_model"}
+    errors = " ".join(failed["error"].astype(str))
+    assert "not a timm model name" in errors and "non-finite loss" in errors
+    assert (failed["failures"] >= 1).all()  # retried (search.max_failures=1) before being recorded
+    assert table["status"].isin(["completed", "stopped early"]).sum() >= 3
+
+
+def test_analyze_on_a_copy_reproduces_the_tables(finished_search, tmp_path, capsys):
+    cfg, run_dir, _ = finished_search
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    (copy / "run.json").write_text(json.dumps({**json.loads((copy / "run.json").read_text()),
+                                               "experiment": str(tmp_path / "gone")}))
+    for name in ("trials.csv", "summary.md"):
+        (copy / name).unlink()
+    shutil.rmtree(copy / "plots")
+    assert main(["analyze", str(copy)]) == 0
+    assert "5 trials" in capsys.readouterr().out
+    original, rebuilt = pd.read_csv(run_dir / "trials.csv"), pd.read_csv(copy / "trials.csv")
+    pd.testing.assert_frame_equal(original, rebuilt)
+    assert (copy / "summary.md").read_text() == (run_dir / "summary.md").read_text().replace(str(run_dir), str(copy))
+    assert (copy / "plots" / "trials.png").is_file()
+
+
+def test_export_a_chosen_trial_and_reproduce_it_outside_ray(finished_search, tmp_path):
+    cfg, run_dir, _ = finished_search
+    table = pd.read_csv(run_dir / "trials.csv")
+    row = table[table["status"] == "completed"].iloc[-1]
+    assert main(["export", str(run_dir), "--trial", row["trial"], "--out", str(tmp_path / "exp")]) == 0
+    student = load_student(tmp_path / "exp")
+    assert student.info["metrics"]["trial"] == row["trial"]
+    trial_cfg = load_config(run_dir / "configs" / f"{row['trial']}.yaml")
+    assert trial_cfg.distill.mode == row["distill.mode"] and trial_cfg.train.lr == pytest.approx(row["train.lr"])
+    from kd.data import load_dataset
+    from kd.distill import train_student
+    from kd.teacher import prepare_teacher
+    data = load_dataset(trial_cfg.data, progress=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the trial ran (search.cpus_per_trial=1): float sums in the same order
+    try:
+        rerun = train_student(trial_cfg, data, prepare_teacher(trial_cfg, data, progress=False).logits, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert rerun.history[-1]["val_balanced_accuracy"] == pytest.approx(row["val_balanced_accuracy"], abs=1e-6)
+    images = data.val.images[:16]
+    assert torch.allclose(student.logits(images), rerun.model.cpu().eval()((images.float() / 255 - 0.5) / 0.5), atol=1e-5)
+
+
+def test_a_second_search_on_the_same_directory_refuses(finished_search, capsys):
+    cfg, run_dir, _ = finished_search
+    from search.tuner import exclusive
+    with exclusive(run_dir):
+        changed = cfg.to_yaml()
+        path = run_dir.parent / "same.yaml"
+        path.write_text(changed)
+        assert main(["search", str(path), "--quiet"]) == 2
+    assert "is in use by another search" in capsys.readouterr().err
+    other = cfg.updated({"distill.alpha": 0.9})
+    path.write_text(other.to_yaml())
+    assert main(["search", str(path), "--quiet"]) == 2
+    assert "holds a search with a different config (changed: distill.alpha)" in capsys.readouterr().err
+    assert not ray.is_initialized()
