@@ -207,7 +207,7 @@ class SearchConfig:
     grace_period: int = 2          # ASHA: epochs every trial gets before it can be stopped
     reduction_factor: int = 2
     max_concurrent: int = 0        # 0 = as many as the resources allow
-    gpus_per_trial: float = 0.0    # fractions pack several trials on one GPU; with no GPU this is ignored
+    gpus_per_trial: float = 0.25   # fractions pack several trials on one GPU; ignored where there is no GPU
     cpus_per_trial: float = 1.0
     seed: int = 0
     space: dict[str, Any] = field(default_factory=default_space)

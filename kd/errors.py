@@ -19,3 +19,7 @@ class DataError(UserError):
 
 class Diverged(KDError):
     """Training produced a non-finite loss."""
+
+
+class Interrupted(KDError):
+    """A run stopped by the user (Ctrl-C, SIGTERM) after saving what it had; it can be resumed."""

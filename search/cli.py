@@ -10,7 +10,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from kd.errors import KDError, UserError
+from kd.errors import Interrupted, KDError, UserError
 
 PRESETS = resources.files("search") / "presets"
 log = logging.getLogger("kd")
@@ -137,6 +137,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_search(args: argparse.Namespace) -> int:
     from search.tuner import run_search
+    args.resume_hint = "kdsearch search " + " ".join([args.config, *[f"--set {s}" for s in args.set], "--resume"])
     run_search(load(args), address=args.address, storage=args.storage, resume=args.resume, quiet=args.quiet)
     return 0
 
@@ -145,6 +146,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from kd.config import load_config
     from search.tuner import run_search
     cfg = load_config(config_path("digits"), args.set)
+    args.resume_hint = "kdsearch demo" + "".join(f" --set {s}" for s in args.set)
     print("kd-search demo: a search over distillation hyperparameters on scikit-learn's handwritten digits "
           "('8' vs the rest, ~10% minority)")
     run_dir = run_search(cfg, quiet=args.quiet)
@@ -269,11 +271,15 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(getattr(args, "quiet", False))
     try:
         return args.func(args)
+    except Interrupted as e:
+        print(f"{e}\nresume with: {getattr(args, 'resume_hint', 'the same command')}", file=sys.stderr)
+        return 130
     except KDError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2 if isinstance(e, UserError) else 1
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        hint = getattr(args, "resume_hint", None)
+        print("interrupted" + (f"; resume with: {hint}" if hint else ""), file=sys.stderr)
         return 130
 
 

@@ -10,6 +10,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import signal
 import time
 import warnings
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any, Callable, Iterator
 
 from kd.cache import atomic_write_json
 from kd.config import Config, load_config, save_config
-from kd.errors import UserError
+from kd.errors import Interrupted, UserError
 from search.space import DefineByRun, check_points, parse_space
 
 log = logging.getLogger("search")
@@ -156,7 +157,7 @@ def build_tuner(cfg: Config, data: Any, teacher_logits: Any, exp_path: str, rest
     s = cfg.search
     gpus = s.gpus_per_trial if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     if s.gpus_per_trial > 0 and gpus == 0:
-        log.warning("search.gpus_per_trial is %s but the cluster has no GPU: trials run on CPUs", s.gpus_per_trial)
+        log.info("no GPU in the cluster: trials run on CPUs")
     if gpus == 0 and ray.cluster_resources().get("GPU", 0) > 0:
         log.warning("GPUs are available but search.gpus_per_trial is 0: trials run on CPUs (try 0.25)")
     trainable = tune.with_resources(
@@ -171,11 +172,9 @@ def build_tuner(cfg: Config, data: Any, teacher_logits: Any, exp_path: str, rest
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         sampler = optuna.samplers.TPESampler(seed=s.seed, multivariate=True, group=True, constant_liar=True,
                                              n_startup_trials=min(10, max(4, s.num_samples // 3)))
-    journal = Path(exp_path).parent / "optuna.journal" if "://" not in exp_path else None
-    storage = None
-    if journal is not None:
-        journal.parent.mkdir(parents=True, exist_ok=True)
-        storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+    # The study lives beside the results (not in remote storage): Optuna's own tools can load it from there.
+    journal = run_dir_of(cfg) / "optuna.journal"
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
     searcher = OptunaSearch(space=DefineByRun(params, cfg), metric=s.metric, mode=s.mode,
                             points_to_evaluate=check_points(s.points, params, cfg) or None, sampler=sampler,
                             storage=storage, study_name=cfg.name)
@@ -196,6 +195,27 @@ def build_tuner(cfg: Config, data: Any, teacher_logits: Any, exp_path: str, rest
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         failure_config=tune.FailureConfig(max_failures=s.max_failures))
     return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a cluster scheduler, `kill`) stops the search the way Ctrl-C does: cleanly, resumable."""
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, lambda signum, frame: signal.raise_signal(signal.SIGINT))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_if_interrupted(cfg: Config, run_dir: Path, exp_path: str) -> None:
+    """Tune returns normally after Ctrl-C; an unfinished experiment must not be reported as a finished one."""
+    from search.analyze import load_trials
+    table, _ = load_trials(cfg, exp_path)
+    finished = int(table["status"].isin(["completed", "stopped early", "failed"]).sum()) if len(table) else 0
+    if finished < cfg.search.num_samples:
+        raise Interrupted(f"search interrupted: {finished} of {cfg.search.num_samples} trials finished and saved in "
+                          f"{run_dir}; unfinished trials resume from their last checkpoint")
 
 
 def run_search(cfg: Config, address: str | None = None, storage: str | None = None, resume: bool = False,
@@ -227,7 +247,9 @@ def run_search(cfg: Config, address: str | None = None, storage: str | None = No
             echo(("resuming" if restore else "starting") + f" the search: {cfg.search.num_samples} trials of "
                  f"{cfg.student.name}, optimising {cfg.search.metric} ({cfg.search.mode}); results in {run_dir}")
             tuner = build_tuner(cfg, data, teacher.logits, exp_path, restore, quiet)
-            tuner.fit()
+            with sigterm_as_interrupt():
+                tuner.fit()
+            _raise_if_interrupted(cfg, run_dir, exp_path)
             atomic_write_json(run_dir / "run.json", {**run_info, "seconds": time.perf_counter() - t0})
             finalize(cfg, run_dir, data, teacher, echo=echo)
         finally:
