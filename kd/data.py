@@ -55,6 +55,8 @@ class Dataset:
     test: Split
     fingerprint: str = ""
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    workers: int = 0                  # streaming pipeline: DataLoader workers decoding each batch
+    max_pixels: int = 89_478_485
 
     def split(self, name: str) -> Split:
         return getattr(self, name)
@@ -91,7 +93,9 @@ def load_dataset(cfg: DataConfig, progress: bool = True) -> Dataset:
                             "every class needs images in train, val and test")
     _check_leakage(splits, cfg.allow_leakage)
     fingerprint = _fingerprint(classes, cfg, splits)
-    dataset = Dataset(classes, cfg.image_size, splits["train"], splits["val"], splits["test"], fingerprint, skipped)
+    workers = cfg.workers or min(8, os.cpu_count() or 1)
+    dataset = Dataset(classes, cfg.image_size, splits["train"], splits["val"], splits["test"], fingerprint, skipped,
+                      workers, cfg.max_image_pixels)
     log.info("data: %s", dataset.describe())
     return dataset
 

@@ -17,9 +17,9 @@ from kd.errors import Diverged
 from kd.export import export_student
 from kd.losses import DistillLoss
 from kd.metrics import compute_metrics, format_metrics
-from kd.models import create_model, mean_std
+from kd.models import create_model
 from kd.teacher import prepare_teacher
-from kd.train import FitResult, ReportFn, fit, predict_probs, resolve_device, seed_everything
+from kd.train import FitResult, ReportFn, fit, resolve_device, seed_everything, split_probs
 
 log = logging.getLogger("kd")
 
@@ -39,9 +39,7 @@ def evaluate_model(model: torch.nn.Module, data: Dataset, split: str, threshold:
                    cfg: Config) -> dict[str, Any]:
     """Metrics of an in-memory model on one split, at the given decision threshold."""
     device = resolve_device(cfg.train.device)
-    mean, std = mean_std(model)
-    probs = predict_probs(model.to(device), data.split(split).images, mean, std, device,
-                          cfg.train.eval_batch_size, cfg.train.amp)
+    probs = split_probs(model.to(device), data, split, device, cfg.train.eval_batch_size, cfg.train.amp)
     return compute_metrics(data.split(split).labels.numpy(), probs, data.classes, threshold)
 
 

@@ -27,7 +27,8 @@ from kd.data import Dataset
 from kd.losses import DistillLoss, class_weights
 from kd.metrics import compute_metrics
 from kd.models import create_model, is_cnn, mean_std
-from kd.train import fit, predict_probs, resolve_device, seed_everything
+from kd.stream import BatchSource
+from kd.train import fit, resolve_device, seed_everything, split_probs
 
 log = logging.getLogger("kd")
 TEACHER_VERSION = 1
@@ -133,8 +134,7 @@ def _finetune(cfg: Config, data: Dataset, device: torch.device, progress: bool) 
     model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    mean, std = mean_std(model)
-    probs = predict_probs(model, data.val.images, mean, std, device, tcfg.train.eval_batch_size, tcfg.train.amp)
+    probs = split_probs(model, data, "val", device, tcfg.train.eval_batch_size, tcfg.train.amp)
     metrics = compute_metrics(data.val.labels.numpy(), probs, data.classes)
     seconds = time.perf_counter() - t0
     log.info("teacher %s: validation balanced accuracy %.4f, accuracy %.4f (%.1f s)", tcfg.name,
@@ -170,20 +170,19 @@ def _logits(cfg: Config, data: Dataset, model: torch.nn.Module, directory: Path,
         if channels_last:
             model.to(memory_format=torch.channels_last)
         norm = Normalize(*mean_std(model)).to(device)
-        images = data.train.images.to(device)
+        source = BatchSource(data, "train", device)
         augmenter = Augmenter(cfg.augment, n, device)
         batch = cfg.teacher.train.eval_batch_size
         new = torch.empty((epochs - len(have), n, k), device=device)
         amp = device.type == "cuda" and cfg.teacher.train.amp
         for i, epoch in enumerate(tqdm(range(len(have), epochs), desc="teacher logits", unit="epoch",
                                        disable=None if progress else True, leave=False)):
-            for start in range(0, n, batch):
-                idx = torch.arange(start, min(n, start + batch), device=device)
-                x = norm(augmenter(images[idx], idx, epoch))
+            for idx, images in source.in_order(batch):
+                x = norm(augmenter(images, idx, epoch))
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    new[i, start:start + len(idx)] = model(x).float()
+                    new[i, idx] = model(x).float()
         logits = torch.cat([have, new.cpu()])
         forward = (epochs - len(have)) * n
         FORWARD_IMAGES += forward

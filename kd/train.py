@@ -12,7 +12,7 @@ import copy
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -25,6 +25,7 @@ from kd.data import Dataset
 from kd.losses import DistillLoss
 from kd.metrics import compute_metrics, flatten, tune_threshold
 from kd.models import is_cnn, is_distilled, mean_std
+from kd.stream import BatchSource
 
 ReportFn = Callable[[dict[str, Any], Callable[[], dict[str, Any]]], None]
 
@@ -64,17 +65,30 @@ def load_state(path: str) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-@torch.no_grad()
 def predict_probs(model: nn.Module, images: torch.Tensor, mean, std, device: torch.device,
                   batch_size: int = 512, amp: bool = True) -> np.ndarray:
     """Class probabilities for uint8 images, in large batches, with one transfer back at the end."""
+    batches = (images[i:i + batch_size] for i in range(0, len(images), batch_size))
+    return _probs(model, batches, mean, std, device, amp)
+
+
+def split_probs(model: nn.Module, data: Dataset, split: str, device: torch.device, batch_size: int = 512,
+                amp: bool = True) -> np.ndarray:
+    """Class probabilities for a whole split, resident or streamed."""
+    source = BatchSource(data, split, device)
+    return _probs(model, (x for _, x in source.in_order(batch_size)), *mean_std(model), device, amp)
+
+
+@torch.no_grad()
+def _probs(model: nn.Module, batches: Iterable[torch.Tensor], mean, std, device: torch.device,
+           amp: bool) -> np.ndarray:
     was_training = model.training
     model.eval()
     norm = Normalize(mean, std).to(device)
     channels_last = device.type == "cuda" and is_cnn(model)
     out = []
-    for start in range(0, len(images), batch_size):
-        x = norm(to_float(images[start:start + batch_size].to(device, non_blocking=True)))
+    for images in batches:
+        x = norm(to_float(images.to(device, non_blocking=True)))
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
@@ -150,10 +164,11 @@ def fit(model: nn.Module, cfg: TrainConfig, data: Dataset, loss_fn: DistillLoss,
     forward = torch.compile(model) if cfg.compile else model
 
     train, n = data.train, len(data.train)
-    images, labels = train.images.to(device), train.labels.to(device)
+    source, labels = BatchSource(data, "train", device), train.labels.to(device)
     logits_cache = teacher_logits.to(device) if teacher_logits is not None else None
     augmenter = Augmenter(augment, n, device)
-    steps = n // cfg.batch_size + (1 if n % cfg.batch_size > 1 else 0)  # a lone last sample would upset BatchNorm
+    drop_lone = n % cfg.batch_size == 1 and n > 1  # a lone last sample would upset BatchNorm
+    steps = n // cfg.batch_size + (0 if n % cfg.batch_size in (0, 1) else 1)
 
     optimizer = _optimizer(model, cfg, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(cfg, s, steps))
@@ -176,12 +191,12 @@ def fit(model: nn.Module, cfg: TrainConfig, data: Dataset, loss_fn: DistillLoss,
         torch.manual_seed(cfg.seed * 1_000 + epoch)  # dropout / drop-path: reproducible on resume
         t0 = time.perf_counter()
         model.train()
-        order = epoch_order(n, train.labels, cfg.seed, epoch, balanced_sampling).to(device)
+        order = epoch_order(n, train.labels, cfg.seed, epoch, balanced_sampling)
+        order = order[:-1] if drop_lone else order
         sums = torch.zeros(4, device=device)  # loss, task, kd, correct
         seen = 0
-        for b in range(steps):
-            idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-            x = norm(augmenter(images[idx], idx, epoch))
+        for idx, images in source(order, cfg.batch_size):
+            x = norm(augmenter(images, idx, epoch))
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda and cfg.amp):
@@ -211,7 +226,7 @@ def fit(model: nn.Module, cfg: TrainConfig, data: Dataset, loss_fn: DistillLoss,
             if report:
                 report(row, state_fn)
             break
-        probs = predict_probs(model, data.val.images, mean, std, device, cfg.eval_batch_size, cfg.amp)
+        probs = split_probs(model, data, "val", device, cfg.eval_batch_size, cfg.amp)
         val_labels = data.val.labels.numpy()
         metrics = compute_metrics(val_labels, probs, data.classes)
         row.update(flatten(metrics, "val"))
@@ -227,7 +242,7 @@ def fit(model: nn.Module, cfg: TrainConfig, data: Dataset, loss_fn: DistillLoss,
             report(row, state_fn)
     bar.close()
     if result.status == "completed" and not result.val_metrics:  # resumed after the last epoch
-        probs = predict_probs(model, data.val.images, mean, std, device, cfg.eval_batch_size, cfg.amp)
+        probs = split_probs(model, data, "val", device, cfg.eval_batch_size, cfg.amp)
         result.val_metrics = compute_metrics(data.val.labels.numpy(), probs, data.classes)
         result.threshold = result.history[-1].get("threshold") if result.history else None
     if distilled:

@@ -102,7 +102,7 @@ def _evaluation_split(args: argparse.Namespace, student):
             cfg = from_dict(student.info["config"], f"{args.model}/config.json").updated({"data.source": "digits"})
         else:
             cfg = load_config(config_path(args.data))
-        cfg = cfg.updated({"data.image_size": student.image_size})
+        cfg = cfg.updated({"data.image_size": student.image_size, "data.pipeline": "memory"})
         data = load_dataset(cfg.data, progress=not args.quiet)
         if data.classes != student.classes:
             raise UserError(f"{args.data} has classes {', '.join(data.classes)}; the model {', '.join(student.classes)}")

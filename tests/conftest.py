@@ -81,3 +81,15 @@ def make_folder_dataset(root: Path, counts: dict[str, int], start_seed: int = 0)
             write_image(root / name / f"{name}_{i}.png", seed=seed)
             seed += 1
     return root
+
+
+def digits_folder(root: Path, count: int = 400, size: int = 32) -> Path:
+    """Real scans as files: the first `count` digits, 8 against the rest, as PNGs in ROOT/<class>/."""
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    for i in range(count):
+        cls = "digit_8" if digits.target[i] == 8 else "other"
+        img = Image.fromarray((digits.images[i] * (255 / 16)).astype(np.uint8)).resize((size, size), Image.BILINEAR)
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        img.save(root / cls / f"{i:04d}.png")
+    return root
