@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load, save_file
 
 FORMAT_VERSION = "kd-search-1"
 _UMASK = os.umask(0)
@@ -107,16 +106,23 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[
 
 
 def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read a file written by `save_tensors`, raising CacheError unless every check passes."""
+    """Read a file written by `save_tensors`, raising CacheError unless every check passes.
+
+    The file is read into memory rather than memory-mapped: a mapped file that is later truncated in place
+    would crash the process (SIGBUS) the next time a tensor is touched.
+    """
     path = Path(path)
     if not path.is_file():
         raise CacheError(f"{path} does not exist")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-            if header.get("format") != FORMAT_VERSION:
-                raise CacheError(f"{path} has format {header.get('format')!r}, expected {FORMAT_VERSION!r}")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        raw = path.read_bytes()
+        size = int.from_bytes(raw[:8], "little")
+        if len(raw) < 8 + size:
+            raise CacheError(f"{path} is truncated ({len(raw)} bytes, its header alone claims {size})")
+        header = json.loads(raw[8:8 + size]).get("__metadata__") or {}
+        if header.get("format") != FORMAT_VERSION:
+            raise CacheError(f"{path} has format {header.get('format')!r}, expected {FORMAT_VERSION!r}")
+        tensors = load(raw)
         crcs = json.loads(header["crc"])
         meta = json.loads(header["meta"])
     except CacheError:
