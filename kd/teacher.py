@@ -51,7 +51,9 @@ def teacher_key(cfg: Config, data: Dataset) -> str:
     if isinstance(cfg.teacher.pretrained, str):
         st = os.stat(cfg.teacher.pretrained) if os.path.exists(cfg.teacher.pretrained) else None
         teacher["pretrained"] = [os.path.abspath(cfg.teacher.pretrained), st and st.st_size, st and st.st_mtime_ns]
-    blob = json.dumps([TEACHER_VERSION, data.fingerprint, teacher, dataclasses.asdict(cfg.augment)], sort_keys=True)
+    augment = dataclasses.asdict(cfg.augment)
+    augment.pop("seed")  # the students' view stream: it shapes the logits, not the teacher's weights
+    blob = json.dumps([TEACHER_VERSION, data.fingerprint, teacher, augment], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -122,8 +124,9 @@ def _finetune(cfg: Config, data: Dataset, device: torch.device, progress: bool) 
         log.info("fine-tuning teacher %s for %d epochs on %s", tcfg.name, tcfg.train.epochs, device)
         weights = class_weights(data.class_counts(), "inverse") if tcfg.class_weighted else None
         loss = DistillLoss(cfg.distill, weights=weights)
-        # the teacher trains on its own augmentation stream; the students' views are drawn from cfg.augment
-        stream = dataclasses.replace(cfg.augment, seed=cfg.augment.seed + 104_729)
+        # the teacher trains on its own augmentation stream (from its own seed); the students' views come from
+        # cfg.augment.seed, so a new student stream needs new logits but not a new teacher
+        stream = dataclasses.replace(cfg.augment, seed=tcfg.train.seed + 104_729)
         result = fit(model, dataclasses.replace(tcfg.train, tune_threshold=False), data, loss, stream,
                      progress=progress, desc=f"teacher {tcfg.name}")
         if result.status != "completed":

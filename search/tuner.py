@@ -114,15 +114,23 @@ def start_ray(address: str | None, quiet: bool) -> bool:
 
 
 def prepare_teacher_once(cfg: Config, data: Any, epochs: int) -> Any:
-    """Fine-tune (or find) the teacher and its logits in one Ray task, on a GPU where there is one."""
+    """Fine-tune (or find) the teacher and its logits once: here when this machine has the best device for
+    it (a local GPU, or a cluster without GPUs), else in a Ray task on a GPU node."""
     import ray
+    import torch
 
     from kd.teacher import cached_teacher, prepare_teacher
 
-    found = cached_teacher(cfg, data, epochs)  # no need to start a worker for what is on disk
+    found = cached_teacher(cfg, data, epochs)  # no need to start anything for what is on disk
     if found is not None:
         return found
-    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    cluster_gpus = ray.cluster_resources().get("GPU", 0)
+    if torch.cuda.is_available() or cluster_gpus < 1:
+        teacher = prepare_teacher(cfg, data, epochs=epochs, progress=False)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the trials get the GPU memory back
+        return teacher
+    gpus = 1
     cpus = max(1, min(int(ray.cluster_resources().get("CPU", 1)), os.cpu_count() or 1))
 
     @ray.remote
@@ -157,7 +165,7 @@ def build_tuner(cfg: Config, data: Any, teacher_logits: Any, exp_path: str, rest
     s = cfg.search
     gpus = s.gpus_per_trial if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     if s.gpus_per_trial > 0 and gpus == 0:
-        log.info("no GPU in the cluster: trials run on CPUs")
+        log.debug("no GPU in the cluster: trials run on CPUs")
     if gpus == 0 and ray.cluster_resources().get("GPU", 0) > 0:
         log.warning("GPUs are available but search.gpus_per_trial is 0: trials run on CPUs (try 0.25)")
     trainable = tune.with_resources(
@@ -188,10 +196,10 @@ def build_tuner(cfg: Config, data: Any, teacher_logits: Any, exp_path: str, rest
                                   metric=s.metric, mode=s.mode, max_concurrent_trials=s.max_concurrent or None,
                                   reuse_actors=True)
     root, name = os.path.split(exp_path.rstrip("/"))
-    from search.progress import ProgressLines
-    callbacks = [] if quiet else [ProgressLines(s.num_samples, s.metric, s.mode, cfg.train.epochs)]
+    from search.progress import TrialLog
     run_config = tune.RunConfig(
-        name=name, storage_path=root, verbose=0, callbacks=callbacks,
+        name=name, storage_path=root, verbose=0,
+        callbacks=[TrialLog(run_dir_of(cfg), s.metric, s.mode, cfg.train.epochs, echo=not quiet)],
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         failure_config=tune.FailureConfig(max_failures=s.max_failures))
     return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
@@ -211,7 +219,7 @@ def sigterm_as_interrupt() -> Iterator[None]:
 def _raise_if_interrupted(cfg: Config, run_dir: Path, exp_path: str) -> None:
     """Tune returns normally after Ctrl-C; an unfinished experiment must not be reported as a finished one."""
     from search.analyze import load_trials
-    table, _ = load_trials(cfg, exp_path)
+    table, _ = load_trials(cfg, exp_path, run_dir)
     finished = int(table["status"].isin(["completed", "stopped early", "failed"]).sum()) if len(table) else 0
     if finished < cfg.search.num_samples:
         raise Interrupted(f"search interrupted: {finished} of {cfg.search.num_samples} trials finished and saved in "
