@@ -42,7 +42,9 @@ def load_run(run_dir: str | Path) -> tuple[Config, str]:
 
 def _statuses(exp: str) -> dict[str, dict[str, Any]]:
     """trial_id -> {status, num_failures} from the newest experiment state, if it can be read."""
-    files = sorted(glob.glob(os.path.join(exp, "experiment_state-*.json")), key=os.path.getmtime)
+    # The newest session's file: names carry the session's start time (Ray rewrites all of them at the end,
+    # so their modification times do not tell which is newest).
+    files = sorted(glob.glob(os.path.join(exp, "experiment_state-*.json")))
     if not files:
         return {}
     try:
@@ -79,9 +81,18 @@ def _error_text(trial_dir: str) -> str:
     return (causes[-1] if causes else lines[-1] if lines else "failed")[:300]
 
 
-def load_trials(cfg: Config, exp: str) -> tuple[pd.DataFrame, dict[str, list[dict[str, Any]]]]:
-    """One row per trial (parameters, final and best metrics, epochs, time, status, error) and each history."""
+def load_trials(cfg: Config, exp: str, run_dir: str | Path) -> tuple[pd.DataFrame, dict[str, list[dict[str, Any]]]]:
+    """One row per trial (parameters, final and best metrics, epochs, time, status, error) and each history.
+
+    A trial's status comes from the driver's own event log when it has one (written as events happen), else
+    from Ray's newest experiment state, else from the trial's files.
+    """
+    from search.progress import read_events
+
     statuses = _statuses(exp)
+    events: dict[str, list[dict[str, Any]]] = {}
+    for event in read_events(run_dir):
+        events.setdefault(event["trial"], []).append(event)
     rows, histories = [], {}
     for trial_dir in sorted(glob.glob(os.path.join(exp, "*", "params.json"))):
         trial_dir = os.path.dirname(trial_dir)
@@ -94,8 +105,18 @@ def load_trials(cfg: Config, exp: str) -> tuple[pd.DataFrame, dict[str, list[dic
             continue
         history = [r for r in _read_results(os.path.join(trial_dir, "result.json")) if "epoch" in r]
         histories[trial_id] = history
-        error = _error_text(trial_dir)
-        status = _status(statuses.get(trial_id, {}).get("status"), history, error, cfg.train.epochs)
+        mine = events.get(trial_id, [])
+        ends = [e for e in mine if e["status"] != "retry"]
+        errors = [e["error"] for e in mine if e.get("error")]
+        error = errors[-1] if errors else _error_text(trial_dir) or ("the trial's process died" if mine else "")
+        if ends:
+            status = ends[-1]["status"]
+            failures = sum(e["status"] in ("retry", "failed") for e in mine)
+        else:
+            status = _status(statuses.get(trial_id, {}).get("status"), history, error, cfg.train.epochs)
+            failures = statuses.get(trial_id, {}).get("failures", 0)
+        if status not in ("failed", "unfinished"):  # a retried trial that then finished carries no error
+            error = ""
         row: dict[str, Any] = {"trial": trial_id, "number": number, "status": status, **params}
         last = history[-1] if history else {}
         for m in METRICS:
@@ -108,7 +129,7 @@ def load_trials(cfg: Config, exp: str) -> tuple[pd.DataFrame, dict[str, list[dic
         row["threshold"] = last.get("threshold", np.nan)
         row["epochs"] = len(history)
         row["seconds"] = last.get("time_total_s", np.nan)
-        row["failures"] = statuses.get(trial_id, {}).get("failures", 0)
+        row["failures"] = failures
         row["error"] = error
         row["path"] = trial_dir
         rows.append(row)
@@ -165,7 +186,7 @@ def write_report(run_dir: str | Path) -> pd.DataFrame:
 
     run_dir = Path(run_dir)
     cfg, exp = load_run(run_dir)
-    table, histories = load_trials(cfg, exp)
+    table, histories = load_trials(cfg, exp, run_dir)
     columns = [c for c in table.columns if c != "path"]
     with atomic_path(run_dir / "trials.csv") as tmp:
         table[columns].to_csv(tmp, index=False)

@@ -171,7 +171,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from search.analyze import best_trials, load_run, load_trials
     from search.finalize import export_trial
     cfg, exp = load_run(args.run_dir)
-    table, _ = load_trials(cfg, exp)
+    table, _ = load_trials(cfg, exp, args.run_dir)
     if args.trial:
         match = table[table["trial"] == args.trial] if len(table) else table
         if match.empty:

@@ -102,7 +102,7 @@ def _cached(path: Path, trial: str, **match: Any) -> dict[str, Any] | None:
 
 def finalize(cfg: Config, run_dir: Path, data: Dataset, teacher: Any, echo: Callable[[str], None] = print) -> None:
     _, exp = load_run(run_dir)
-    table, _ = load_trials(cfg, exp)
+    table, _ = load_trials(cfg, exp, run_dir)
     top = best_trials(cfg, table, 1)
     if top.empty:
         echo("no trial finished successfully: nothing to confirm or export (see trials.csv for the errors)")
