@@ -21,7 +21,7 @@ import torch
 from kd.cache import CacheError, file_lock, load_tensors, save_tensors
 from kd.config import DataConfig, SplitSource
 from kd.errors import DataError
-from kd.images import decode_files, is_inside, list_images
+from kd.images import IMAGE_EXTENSIONS, decode_files, is_inside, list_images
 
 log = logging.getLogger("kd")
 SPLITS = ("train", "val", "test")
@@ -150,6 +150,11 @@ def _folder_entries(cfg: DataConfig, split: str, root: str, skipped: list) -> li
         class_dirs = [c for c in class_dirs if c in cfg.classes]
     if not class_dirs:
         raise DataError(f"data.{split}: {root} has no class folders; expected ROOT/<class>/<images>")
+    split_names = {"train", "val", "valid", "validation", "test"}
+    if set(class_dirs) <= split_names and "train" in class_dirs:
+        given = " ".join(f"data.{'val' if d.startswith('val') else d}={os.path.join(root, d)}" for d in class_dirs)
+        raise DataError(f"data.{split}: {root} holds split folders ({', '.join(class_dirs)}), not class folders; "
+                        f"give each split: {given}")
     entries = []
     for name in class_dirs:
         files, refused = list_images(os.path.join(root, name), cfg.allow_external_links)
@@ -173,15 +178,13 @@ def _csv_entries(cfg: DataConfig, split: str, src: SplitSource) -> list[tuple[st
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             columns = reader.fieldnames or []
-            for col, key in ((file_col, "file_column"), (label_col, "label_column")):
-                if col not in columns:
-                    raise DataError(f"{path}: no column '{col}' (data.{key}); the columns are: "
-                                    f"{', '.join(columns) or 'none (empty file)'}")
-            rows = [(i + 2, (r.get(file_col) or "").strip(), (r.get(label_col) or "").strip()) for i, r in enumerate(reader)]
+            records = list(reader)
     except UnicodeDecodeError:
         raise DataError(f"{path} is not a UTF-8 text CSV file") from None
     except csv.Error as e:
         raise DataError(f"{path}: malformed CSV ({e})") from None
+    file_col, label_col = _csv_columns(path, columns, records, file_col, label_col)
+    rows = [(i + 2, (r.get(file_col) or "").strip(), (r.get(label_col) or "").strip()) for i, r in enumerate(records)]
     if not rows:
         raise DataError(f"{path} has a header but no rows")
     real_dir = os.path.realpath(image_dir)
@@ -211,6 +214,26 @@ def _csv_entries(cfg: DataConfig, split: str, src: SplitSource) -> list[tuple[st
     if duplicates:
         log.warning("%s: %d duplicate rows ignored (same file, same label)", path, duplicates)
     return entries
+
+
+def _csv_columns(path: str, columns: list[str], records: list[dict], file_col: str, label_col: str) -> tuple[str, str]:
+    """The configured columns; when they are absent, the one column of image file names and, in a two-column
+    file, the other one as labels (said in the log). Anything less clear is an error listing the columns."""
+    if file_col not in columns:
+        looks_like_files = [c for c in columns if records and sum(
+            os.path.splitext((r.get(c) or "").strip())[1].lower() in IMAGE_EXTENSIONS for r in records) > len(records) / 2]
+        if len(looks_like_files) == 1:
+            log.info("%s: no column '%s'; using '%s', which holds image file names", path, file_col, looks_like_files[0])
+            file_col = looks_like_files[0]
+    if label_col not in columns and file_col in columns and len(columns) == 2:
+        other = columns[1 - columns.index(file_col)]
+        log.info("%s: no column '%s'; using '%s' as the label", path, label_col, other)
+        label_col = other
+    for col, key in ((file_col, "file_column"), (label_col, "label_column")):
+        if col not in columns:
+            raise DataError(f"{path}: no column '{col}' (data.{key}); the columns are: "
+                            f"{', '.join(columns) or 'none (empty file)'}")
+    return file_col, label_col
 
 
 def _is_int(text: str) -> bool:

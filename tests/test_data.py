@@ -171,7 +171,10 @@ def test_csv_names_columns_and_carved_test(tmp_path):
 
 @pytest.mark.parametrize("mutate, message", [
     (lambda lines: lines + ["ghost.png,0"], r"line 14: image 'ghost.png' not found"),
-    (lambda lines: ["name,label"] + lines[1:], r"no column 'file' \(data.file_column\); the columns are: name, label"),
+    (lambda lines: ["name,kind,extra"] + [ln + ",x" for ln in lines[1:]],
+     r"no column 'label' \(data.label_column\); the columns are: name, kind, extra"),
+    (lambda lines: ["id,label"] + [f"{i},0" for i in range(len(lines) - 1)],
+     r"no column 'file' \(data.file_column\); the columns are: id, label"),
     (lambda lines: lines + ["../outside.png,1"], r"points outside the image folder"),
     (lambda lines: lines + [lines[1].split(",")[0] + ",1"], r"is labelled '0' on line 2 and '1' on line 14"),
     (lambda lines: lines + ["train_1.png,"], r"line 14: empty label"),
@@ -248,3 +251,18 @@ def test_images_are_decoded_at_the_configured_size(tmp_path):
     i = [os.path.basename(p) for p in data.train.paths + data.val.paths + data.test.paths].index("B_0.png")
     all_images = torch.cat([data.train.images, data.val.images, data.test.images])
     assert np.array_equal(all_images[i].permute(1, 2, 0).numpy(), png)
+
+
+def test_csv_columns_are_found_when_the_defaults_are_absent(tmp_path, caplog):
+    tr = _csv_split(tmp_path, "train", ["a"] * 8 + ["b"] * 4, header="filename,class")
+    data = load_dataset(csv_cfg(tmp_path, f"data.train={tr}"), progress=False)
+    assert data.classes == ["a", "b"]
+    assert "using 'filename', which holds image file names" in caplog.text and "using 'class' as the label" in caplog.text
+
+
+def test_split_folders_given_as_one_pool_are_explained(tmp_path):
+    for split in ("train", "val", "test"):
+        make_folder_dataset(tmp_path / "ds" / split, {"B": 3, "M": 3})
+    with pytest.raises(DataError, match=r"holds split folders \(test, train, val\), not class folders; give each "
+                                        r"split: data.test=.*data.train=.*data.val="):
+        load_dataset(folder_cfg(tmp_path, tmp_path / "ds"), progress=False)
