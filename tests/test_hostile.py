@@ -1,0 +1,233 @@
+"""Caches that rebuild themselves, outputs that are never half-written, and input that cannot hurt."""
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from kd.cache import atomic_dir, atomic_path, load_tensors, save_tensors
+from kd.config import load_config
+from kd.data import load_dataset
+from kd.errors import UserError
+from kd.teacher import prepare_teacher
+from search.cli import main
+from tests.conftest import digits_folder, make_folder_dataset, tiny_overrides, write_image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------------- outputs
+
+def test_a_failed_write_leaves_the_old_file_and_no_debris(tmp_path):
+    target = tmp_path / "table.csv"
+    target.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half of the new")
+            raise RuntimeError("killed")
+    assert target.read_text() == "old" and os.listdir(tmp_path) == ["table.csv"]
+    folder = tmp_path / "export"
+    folder.mkdir()
+    (folder / "model.safetensors").write_text("old model")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(folder) as tmp:
+            (tmp / "model.safetensors").write_text("new")
+            raise RuntimeError("killed")
+    assert (folder / "model.safetensors").read_text() == "old model"
+    assert sorted(os.listdir(tmp_path)) == ["export", "table.csv"]
+
+
+def test_sigkill_during_export_never_leaves_a_half_written_export(tmp_path, digits_setup):
+    """A process exporting over and over is killed at moments spread across the write; every time, the export
+    folder is either absent or complete and loadable."""
+    from kd.export import export_student, load_student
+    from kd.models import create_model
+    cfg, data, _ = digits_setup
+    model = create_model(cfg.student, 2, cfg.data.image_size)
+    export_student(tmp_path / "model", model, cfg, data.classes, 0.5, {})
+    torch.save({"cfg": cfg.to_dict(), "classes": data.classes}, tmp_path / "job.pt")
+    script = textwrap.dedent(f"""
+        import sys, torch
+        sys.path.insert(0, {str(ROOT)!r})
+        from kd.config import from_dict
+        from kd.export import export_student
+        from kd.models import create_model
+        job = torch.load({str(tmp_path / 'job.pt')!r}, weights_only=True)
+        cfg = from_dict(job["cfg"])
+        model = create_model(cfg.student, 2, cfg.data.image_size)
+        print("ready", flush=True)
+        while True:
+            export_student({str(tmp_path / 'model')!r}, model, cfg, job["classes"], 0.5, {{}})
+    """)
+    for delay in (0.2, 0.7, 1.2):
+        proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        load_student(tmp_path / "model")  # complete and loadable, whatever moment the kill hit
+        assert (tmp_path / "model" / "model.pt2").is_file()
+
+
+# -------------------------------------------------------------------------------------------- caches
+
+def test_corrupted_teacher_and_logits_caches_are_rebuilt_and_reported(tmp_path, caplog):
+    cfg = load_config(None, tiny_overrides(tmp_path / "cache") + ["teacher.train.epochs=1", "train.epochs=2"])
+    data = load_dataset(cfg.data, progress=False)
+    first = prepare_teacher(cfg, data, progress=False)
+    weights = first.directory / "model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[len(raw) // 2] ^= 0x55
+    weights.write_bytes(bytes(raw))
+    second = prepare_teacher(cfg, data, progress=False)
+    assert "teacher cache rebuilt" in caplog.text and "checksum mismatch" in caplog.text
+    assert not second.info["cached"] and load_tensors(weights)
+    logits = next(first.directory.glob("logits-*.safetensors"))
+    logits.write_bytes(logits.read_bytes()[:100])  # truncated, as by a full disk
+    caplog.clear()
+    third = prepare_teacher(cfg, data, progress=False)
+    assert "teacher logits cache rebuilt" in caplog.text and third.info["forward_images"] == 2 * len(data.train)
+    assert torch.allclose(third.logits, second.logits, atol=1e-5)
+
+
+def test_a_cache_of_another_version_is_rebuilt(tmp_path):
+    path = tmp_path / "x.safetensors"
+    save_tensors(path, {"a": torch.ones(3)}, {"k": 1})
+    from safetensors.torch import save_file
+    save_file({"a": torch.ones(3)}, str(path), metadata={"format": "kd-search-0"})
+    from kd.cache import CacheError
+    with pytest.raises(CacheError, match="has format 'kd-search-0'"):
+        load_tensors(path)
+
+
+def _fill_caches(cache: str, root: str, out: str) -> None:
+    """Run in two processes at once: decode the same folder and prepare the same teacher."""
+    import sys
+    sys.path.insert(0, str(ROOT))
+    from kd.config import load_config
+    from kd.data import load_dataset
+    from kd.teacher import prepare_teacher
+    from tests.conftest import tiny_overrides
+    cfg = load_config(None, tiny_overrides(cache) + ["data.source=folder", f"data.train={root}",
+                                                     "teacher.train.epochs=1", "train.epochs=1"])
+    data = load_dataset(cfg.data, progress=False)
+    teacher = prepare_teacher(cfg, data, progress=False)
+    torch.save({"images": data.train.images, "logits": teacher.logits, "cached": teacher.info["cached"]}, out)
+
+
+def test_two_processes_filling_the_same_caches_take_turns(tmp_path):
+    import multiprocessing as mp
+    root = digits_folder(tmp_path / "digits", count=200)
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_fill_caches, args=(str(tmp_path / "cache"), str(root), str(tmp_path / f"{i}.pt")))
+             for i in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+        assert p.exitcode == 0
+    a, b = (torch.load(tmp_path / f"{i}.pt", weights_only=True) for i in range(2))
+    assert torch.equal(a["images"], b["images"]) and torch.equal(a["logits"], b["logits"])
+    assert sorted([a["cached"], b["cached"]]) == [False, True]  # one fine-tuned, the other waited and reused it
+    for f in (tmp_path / "cache").rglob("*.safetensors"):
+        load_tensors(f)  # every entry intact
+
+
+# ------------------------------------------------------------------------------- nothing is executed
+
+class Payload:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickled_code_in_checkpoints_is_never_run(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps({"state_dict": Payload(str(marker))}))
+    from kd.models import create_model
+    from kd.config import ModelConfig
+    with pytest.raises(UserError, match="cannot read weights from .*evil.pt"):
+        create_model(ModelConfig("test_resnet", pretrained=str(evil)), 2, 32)
+    from kd.train import load_state
+    with pytest.raises(Exception):
+        load_state(str(evil))
+    assert not marker.exists()
+
+
+# -------------------------------------------------------------------------- hostile input, end to end
+
+def _folder(tmp_path: Path) -> Path:
+    return make_folder_dataset(tmp_path / "ds", {"B": 8, "M": 6})
+
+
+def _csv(tmp_path: Path, rows: list[str], header: str = "file,label") -> Path:
+    root = tmp_path / "csvds"
+    for i in range(14):
+        write_image(root / f"{i}.png", seed=i)
+    (root / "labels.csv").write_text("\n".join([header, *rows]) + "\n")
+    return root / "labels.csv"
+
+
+GOOD_ROWS = [f"{i}.png,{'a' if i < 8 else 'b'}" for i in range(14)]
+HOSTILE = {
+    "only broken images": (lambda t: _only_broken(t), ["data.source=folder"], "none of the"),
+    "csv without the label column": (lambda t: _csv(t, [r.split(",")[0] for r in GOOD_ROWS], "file"),
+                                     ["data.source=csv"], "no column 'label'"),
+    "csv with an unknown label": (lambda t: _csv(t, GOOD_ROWS), ["data.source=csv", "data.classes=[a, c]"],
+                                  "is not one of data.classes"),
+    "csv escaping the image folder": (lambda t: _csv(t, GOOD_ROWS + ["../../etc/passwd,a"]), ["data.source=csv"],
+                                      "points outside the image folder"),
+    "csv with an absolute path": (lambda t: _csv(t, GOOD_ROWS + ["/etc/hostname,a"]), ["data.source=csv"],
+                                  "points outside the image folder"),
+    "csv that is binary": (lambda t: _binary_csv(t), ["data.source=csv"], "not a UTF-8 text CSV"),
+    "wrong type": (lambda t: _folder(t), ["data.source=folder", "train.epochs=many"], "must be an integer"),
+    "negative epochs": (lambda t: _folder(t), ["data.source=folder", "train.epochs=-2"], "must be >= 1"),
+    "alpha outside [0, 1]": (lambda t: _folder(t), ["data.source=folder", "distill.alpha=1.2"], "must be in [0, 1]"),
+    "a missing folder": (lambda t: t / "nothing-here", ["data.source=folder"], "does not exist"),
+}
+
+
+def _only_broken(tmp_path: Path) -> Path:
+    root = tmp_path / "broken"
+    for cls in ("B", "M"):
+        (root / cls).mkdir(parents=True)
+        (root / cls / "a.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+        (root / cls / "b.png").write_bytes(b"")
+    return root
+
+
+def _binary_csv(tmp_path: Path) -> Path:
+    path = tmp_path / "labels.csv"
+    path.write_bytes(os.urandom(256) + b"\xff\xfe")
+    return path
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_input_ends_in_one_clear_message(case, tmp_path, capsys):
+    make, sets, message = HOSTILE[case]
+    path = make(tmp_path)
+    args = ["distill", "digits", "--quiet", "--set", f"data.train={path}", "--set", f"data.cache_dir={tmp_path / 'c'}",
+            "--set", f"output_dir={tmp_path / 'out'}"]
+    for s in sets:
+        args += ["--set", s]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err, err
+    assert not (tmp_path / "out" / "kd" / "distill" / "model").exists()
+
+
+def test_an_empty_search_space_is_refused_before_anything_runs(tmp_path, capsys):
+    config = tmp_path / "s.yaml"
+    config.write_text("search:\n  space: {}\n")
+    assert main(["search", str(config), "--quiet"]) == 2
+    assert "'search.space' is empty" in capsys.readouterr().err

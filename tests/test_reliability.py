@@ -1,0 +1,162 @@
+"""Searches survive kills, crashes and interrupts, and lose nothing. Each test does the thing for real.
+
+These start real searches in subprocesses (so they can be killed) on tiny models; Ray is stopped after
+each, and the killed sessions' leftover processes are killed with their process group.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from kd.config import load_config
+from tests.conftest import tiny_overrides
+
+pytestmark = pytest.mark.slow
+EPOCHS = 4
+
+
+def write_config(tmp: Path, cache: Path, name: str, *sets: str) -> Path:
+    cfg = load_config(None, tiny_overrides(cache, tmp / "results") + [
+        f"name={name}", "search.num_samples=3", "search.max_concurrent=1", "search.scheduler=none",
+        f"train.epochs={EPOCHS}", "search.confirm_seeds=0", *sets])
+    path = tmp / f"{name}.yaml"
+    path.write_text(cfg.to_yaml())
+    return path
+
+
+def start(config: Path, *extra: str) -> subprocess.Popen:
+    """`kdsearch search CONFIG` in its own session, so the test can kill it (and its Ray) like a user would."""
+    return subprocess.Popen([sys.executable, "-m", "search.cli", "search", str(config), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            cwd=config.parent)
+
+
+def epochs_by_trial(exp: Path) -> dict[str, list[int]]:
+    out = {}
+    for f in exp.glob("*/result.json"):
+        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        out[f.parent.name.split("_")[2]] = [r["epoch"] for r in rows]
+    return out
+
+
+def wait_for(exp: Path, done: int, partial_epochs: int, since: dict[str, list[int]] | None = None,
+             timeout: float = 240) -> dict[str, list[int]]:
+    """Until `done` trials have run every epoch and another has reported `partial_epochs` (so it checkpointed),
+    counting only a running trial that has progressed beyond the snapshot `since` (the new process's work)."""
+    since = since or {}
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if exp.is_dir():
+            state = epochs_by_trial(exp)
+            finished = [t for t, e in state.items() if e and e[-1] == EPOCHS]
+            running = [t for t, e in state.items() if e and partial_epochs <= e[-1] < EPOCHS
+                       and len(e) > len(since.get(t, []))]
+            if len(finished) >= done and running:
+                return state
+        time.sleep(0.1)
+    raise AssertionError(f"the search did not get that far in {timeout} s")
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def test_killed_then_interrupted_search_finishes_with_every_trial_once(tmp_path, shared_cache):
+    config = write_config(tmp_path, shared_cache, "kills")
+    exp = tmp_path / "results" / "kills" / "ray"
+
+    # 1. A second search on the same directory while the first runs refuses; then SIGKILL the first one's
+    #    driver (only the driver, as `kill -9 PID` would) mid-trial.
+    first = start(config)
+    try:
+        wait_for(exp, done=0, partial_epochs=1)
+        busy = subprocess.run([sys.executable, "-m", "search.cli", "search", str(config)], capture_output=True,
+                              text=True, cwd=tmp_path, timeout=120)
+        assert busy.returncode == 2, busy.stderr
+        assert "is in use by another search (pid" in busy.stderr and "Traceback" not in busy.stderr
+        before_kill = wait_for(exp, done=1, partial_epochs=2)
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+    finally:
+        stop_group(first)
+
+    # 2. The same command again; Ctrl-C it mid-trial: it stops cleanly and says how to resume.
+    second = start(config)
+    try:
+        before_interrupt = wait_for(exp, done=2, partial_epochs=1, since=epochs_by_trial(exp))
+        os.kill(second.pid, signal.SIGINT)
+        _, err = second.communicate(timeout=120)
+    finally:
+        stop_group(second)
+    assert second.returncode == 130, err
+    assert "search interrupted" in err and f"resume with: kdsearch search {config} --resume" in err
+    assert "Traceback" not in err
+
+    # 3. Resume as told: it completes.
+    third = start(config, "--resume")
+    try:
+        out, err = third.communicate(timeout=240)
+    finally:
+        stop_group(third)
+    assert third.returncode == 0, err
+    table = pd.read_csv(tmp_path / "results" / "kills" / "trials.csv")
+    assert len(table) == 3 and table["trial"].is_unique and (table["status"] == "completed").all()
+    final = epochs_by_trial(exp)
+    for trial, epochs in final.items():
+        assert epochs == list(range(1, EPOCHS + 1)), (trial, epochs)  # no epoch run twice: resumed, not restarted
+    for snapshot in (before_kill, before_interrupt):
+        for trial, epochs in snapshot.items():
+            assert final[trial][:len(epochs)] == epochs  # what was reported before stays as it was
+    assert (tmp_path / "results" / "kills" / "best" / "model.safetensors").is_file()
+
+
+def test_killed_trial_processes_are_retried_then_recorded_as_failed(tmp_path, shared_cache):
+    """Trial 1's worker is killed once (retried, resumes, completes); trial 2's twice (max_failures=1: failed).
+    A process killed by the OOM killer dies the same way."""
+    from search.tuner import run_search
+    cfg = load_config(write_config(tmp_path, shared_cache, "crash", "search.num_samples=2", "search.max_failures=1",
+                                   "train.epochs=5"))
+    exp = tmp_path / "results" / "crash" / "ray"
+    plan = {1: 1, 2: 2}  # trial number -> how many times to kill its process
+    killed: dict[str, list[int]] = {}
+    stop = threading.Event()
+
+    def killer() -> None:
+        while not stop.is_set():
+            for f in exp.glob("*/result.json") if exp.is_dir() else []:
+                number = int(f.parent.name.split("_")[3])
+                rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+                pids = killed.setdefault(f.parent.name, [])
+                if rows and len(pids) < plan.get(number, 0) and rows[-1]["pid"] not in pids and rows[-1]["epoch"] >= 2:
+                    pids.append(rows[-1]["pid"])
+                    try:
+                        os.kill(rows[-1]["pid"], signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    try:
+        run_dir = run_search(cfg, quiet=True, echo=lambda s: None)
+    finally:
+        stop.set()
+        thread.join()
+    table = pd.read_csv(run_dir / "trials.csv").set_index("number")
+    assert table.loc[1, "status"] == "completed" and table.loc[1, "failures"] == 1
+    assert table.loc[1, "epochs"] == 5 and pd.isna(table.loc[1, "error"])
+    assert table.loc[2, "status"] == "failed" and table.loc[2, "failures"] == 2
+    assert "died" in table.loc[2, "error"].lower() or "actor" in table.loc[2, "error"].lower()
+    assert (run_dir / "summary.md").read_text().count("Failed trials") == 1
+    assert (run_dir / "best" / "model.safetensors").is_file()
