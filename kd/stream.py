@@ -26,9 +26,10 @@ class _Files(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor]:
         try:
             arr, _ = decode_file(self.paths[i], self.size, self.max_pixels)
+            arr = np.array(arr)  # writable, as torch wants
         except BadImage as e:  # it decoded when the dataset was listed: the file changed since
             raise BadImage(f"{self.paths[i]}: {e} (the file changed after the dataset was loaded)") from None
-        return i, torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
+        return i, torch.from_numpy(arr).permute(2, 0, 1)
 
 
 def _collate(items: list[tuple[int, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
