@@ -151,6 +151,8 @@ def fit(model: nn.Module, cfg: TrainConfig, data: Dataset, loss_fn: DistillLoss,
     """
     device = resolve_device(cfg.device)
     cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels once
     model.to(device)
     channels_last = cuda and cfg.channels_last and is_cnn(model)
     if channels_last:
