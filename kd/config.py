@@ -7,9 +7,6 @@ name the key and list the valid ones), and saved next to every output so any run
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -17,6 +14,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from kd.errors import ConfigError
+from kd.typed import build, scalar_keys, set_dotted
 
 IMBALANCE_METHODS = ("none", "inverse", "effective", "balanced_sampling", "logit_adjust")
 
@@ -272,7 +270,7 @@ class Config:
         """A new, checked config with dotted keys replaced (used for --set and for searched values)."""
         raw = self.to_dict()
         for dotted, value in values.items():
-            _set_dotted(raw, dotted, value, source)
+            set_dotted(Config, raw, dotted, value, source)
         return from_dict(raw, source)
 
 
@@ -308,13 +306,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             value = yaml.safe_load(text_value) if text_value.strip() else ""
         except yaml.YAMLError:
             value = text_value
-        _set_dotted(raw, key.strip(), value, "--set")
+        set_dotted(Config, raw, key.strip(), value, "--set")
     return from_dict(raw, source)
 
 
 def from_dict(raw: dict[str, Any], source: str = "config") -> Config:
     """Build and check a Config from plain data, naming `source` in every error."""
-    cfg = _build(Config, raw, "", source)
+    cfg = build(Config, raw, "", source)
     try:
         return cfg.check()
     except ConfigError as e:
@@ -326,158 +324,11 @@ def save_config(cfg: Config, path: str | Path) -> None:
     atomic_write_text(Path(path), cfg.to_yaml())
 
 
-def config_keys(cls: type = Config, prefix: str = "") -> list[str]:
+def config_keys() -> list[str]:
     """Every dotted scalar key of the config (what `--set` and `search.space` accept)."""
-    keys = []
-    for f in dataclasses.fields(cls):
-        hint = _hints(cls)[f.name]
-        inner = _dataclass_in(hint)
-        if inner is not None:
-            keys.extend(config_keys(inner, f"{prefix}{f.name}."))
-        else:
-            keys.append(prefix + f.name)
-    return keys
+    return scalar_keys(Config)
 
-
-# ------------------------------------------------------------------------------------------- internals
 
 def _require(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"'{key}' {message}")
-
-
-def _set_dotted(raw: dict[str, Any], dotted: str, value: Any, source: str) -> None:
-    node = raw
-    parts = dotted.split(".")
-    cls: type | None = Config
-    for i, part in enumerate(parts[:-1]):
-        _check_key(cls, part, ".".join(parts[:i]), source)
-        cls = _dataclass_in(_hints(cls)[part]) if cls else None
-        if cls is None:
-            raise ConfigError(f"{source}: '{'.'.join(parts[:i + 1])}' is a value, not a section, in key '{dotted}'")
-        child = node.get(part)
-        if isinstance(child, str):  # shorthand for the section's first field, e.g. data.train: path
-            child = {dataclasses.fields(cls)[0].name: child}
-        elif not isinstance(child, dict):
-            child = {}
-        node[part] = child
-        node = child
-    _check_key(cls, parts[-1], ".".join(parts[:-1]), source)
-    node[parts[-1]] = value
-
-
-def _check_key(cls: type | None, key: str, section: str, source: str) -> None:
-    if cls is None:
-        return
-    names = [f.name for f in dataclasses.fields(cls)]
-    if key not in names:
-        where = f"'{section}.{key}'" if section else f"'{key}'"
-        close = difflib.get_close_matches(key, names, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        scope = f"in '{section}'" if section else "at the top level"
-        raise ConfigError(f"{source}: unknown key {where}{hint}; valid keys {scope}: {', '.join(names)}")
-
-
-_HINTS: dict[type, dict[str, Any]] = {}
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    if cls not in _HINTS:
-        _HINTS[cls] = typing.get_type_hints(cls)
-    return _HINTS[cls]
-
-
-def _dataclass_in(hint: Any) -> type | None:
-    """The dataclass inside a hint such as `X` or `X | None`, else None."""
-    if dataclasses.is_dataclass(hint):
-        return hint
-    if _is_union(hint):
-        for arg in typing.get_args(hint):
-            if dataclasses.is_dataclass(arg):
-                return arg
-    return None
-
-
-def _is_union(hint: Any) -> bool:
-    return typing.get_origin(hint) in (Union, types.UnionType)
-
-
-def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
-    section = prefix.rstrip(".")
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: '{section}' must be a mapping of keys, got {raw!r}")
-    kwargs = {}
-    for key, value in raw.items():
-        _check_key(cls, str(key), section, source)
-        kwargs[key] = _coerce(_hints(cls)[key], value, f"{prefix}{key}", source)
-    return cls(**kwargs)
-
-
-def _coerce(hint: Any, value: Any, key: str, source: str) -> Any:
-    def bad(expected: str) -> ConfigError:
-        return ConfigError(f"{source}: '{key}' must be {expected}, got {value!r}")
-
-    if _is_union(hint):
-        args = typing.get_args(hint)
-        if value is None and type(None) in args:
-            return None
-        if bool in args and str in args:  # pretrained: bool or path
-            if isinstance(value, (bool, str)):
-                return value
-            raise bad("true, false or a file path")
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, key, source)
-    if dataclasses.is_dataclass(hint):
-        if isinstance(value, str):  # shorthand: a bare string sets the first field
-            value = {dataclasses.fields(hint)[0].name: value}
-        return _build(hint, value, key + ".", source)
-    origin = typing.get_origin(hint)
-    if origin is Literal:
-        options = typing.get_args(hint)
-        if value not in options:
-            raise ConfigError(f"{source}: '{key}' must be one of {', '.join(map(str, options))}; got {value!r}")
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise bad("a list")
-        (item,) = typing.get_args(hint) or (Any,)
-        return [_coerce(item, v, f"{key}[{i}]", source) for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise bad("a mapping")
-        return dict(value)
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return value.lower() == "true"
-        raise bad("true or false")
-    if hint is int:
-        if isinstance(value, bool):
-            raise bad("an integer")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise bad("an integer")
-    if hint is float:
-        if isinstance(value, bool):
-            raise bad("a number")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-4 as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise bad("a number")
-    if hint is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise bad("a string")
-    return value
