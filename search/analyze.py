@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from kd.cache import atomic_path, atomic_write_text
+from kd.cache import atomic_path, atomic_write_text, read_jsonl
 from kd.config import Config, load_config, save_config
 from kd.errors import UserError
 
@@ -60,18 +60,6 @@ def _statuses(exp: str) -> dict[str, dict[str, Any]]:
         return {}
 
 
-def _read_results(path: str) -> list[dict[str, Any]]:
-    rows = []
-    if os.path.isfile(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    rows.append(json.loads(line))
-                except ValueError:  # a line cut short by a kill
-                    break
-    return rows
-
-
 def _error_text(trial_dir: str) -> str:
     path = os.path.join(trial_dir, "error.txt")
     if not os.path.isfile(path):
@@ -103,7 +91,7 @@ def load_trials(cfg: Config, exp: str, run_dir: str | Path) -> tuple[pd.DataFram
             params = json.loads(Path(trial_dir, "params.json").read_text())
         except ValueError:
             continue
-        history = [r for r in _read_results(os.path.join(trial_dir, "result.json")) if "epoch" in r]
+        history = [r for r in read_jsonl(os.path.join(trial_dir, "result.json")) if "epoch" in r]
         histories[trial_id] = history
         mine = events.get(trial_id, [])
         ends = [e for e in mine if e["status"] != "retry"]
@@ -123,9 +111,12 @@ def load_trials(cfg: Config, exp: str, run_dir: str | Path) -> tuple[pd.DataFram
             row[m] = last.get(m, np.nan)
         for key in sorted(k for k in last if k.startswith("val_recall_")):
             row[key] = last[key]
-        metric = cfg.search.metric
-        values = [h.get(metric) for h in history if h.get(metric) is not None]
-        row[f"best_{metric}"] = (max(values) if cfg.search.mode == "max" else min(values)) if values else np.nan
+        scored = [h for h in history if h.get(cfg.search.metric) is not None]
+        pick = max if cfg.search.mode == "max" else min
+        best = pick(scored, key=lambda h: h[cfg.search.metric]) if scored else {}
+        row["best_epoch"] = best.get("epoch", np.nan)  # the epoch with the best search metric, and its metrics
+        for key in [*METRICS, *sorted(k for k in last if k.startswith("val_recall_"))]:
+            row[f"best_{key}"] = best.get(key, np.nan)
         row["threshold"] = last.get("threshold", np.nan)
         row["epochs"] = len(history)
         row["seconds"] = last.get("time_total_s", np.nan)

@@ -17,6 +17,8 @@ from typing import Any
 
 from ray.tune import Callback
 
+from kd.cache import read_jsonl
+
 EVENTS = "trial_events.jsonl"
 SHORT = {"distill.mode": "", "distill.temperature": "T=", "distill.alpha": "alpha=", "train.lr": "lr=",
          "imbalance.method": "", "imbalance.beta": "beta=", "imbalance.tau": "tau="}
@@ -31,15 +33,7 @@ def describe(config: dict[str, Any]) -> str:
 
 
 def read_events(run_dir: str | Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / EVENTS
-    events = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                events.append(json.loads(line))
-            except ValueError:  # a line cut short by a kill
-                continue
-    return events
+    return [e for e in read_jsonl(Path(run_dir) / EVENTS) if "trial" in e and "status" in e]
 
 
 def _error(trial: Any) -> str:
