@@ -60,6 +60,9 @@ def test_outputs_exist_and_agree(finished_search):
                    "val_macro_f1", "val_recall_other", "val_recall_digit_8", "epochs", "seconds", "status", "error"):
         assert column in table.columns, column
     assert table.loc[table["distill.mode"] == "hard", "distill.temperature"].isna().all()
+    ran = table[table["epochs"] > 0]
+    assert (ran["best_val_balanced_accuracy"] >= ran["val_balanced_accuracy"] - 1e-12).all()
+    assert (ran["best_epoch"] <= ran["epochs"]).all() and (ran["best_epoch"] >= 1).all()
 
     best = json.loads((run_dir / "best" / "metrics.json").read_text())
     ok = table[table["status"] == "completed"]
