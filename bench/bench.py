@@ -189,11 +189,16 @@ def kd_trial(p: dict, work: Path, epochs: int, **sets) -> dict:
 def kd_search(p: dict, work: Path, trials: int, **sets) -> dict:
     import pandas as pd
 
+    from kd.data import load_dataset
+    from kd.teacher import _augment_key, teacher_key
     from search.tuner import run_search
 
     name = f"search-{trials}-" + "-".join(f"{k}{v}" for k, v in sorted(sets.items())).replace(".", "")
     cfg = config(p, work, **{"name": name, "search.num_samples": trials, **sets})
-    shutil.rmtree(work / "results" / name, ignore_errors=True)  # every search starts afresh
+    shutil.rmtree(work / "results" / name, ignore_errors=True)  # every search starts afresh,
+    data = load_dataset(cfg.data, progress=False)                # and pays for its teacher logits
+    (Path(cfg.data.cache_dir) / "teacher" / teacher_key(cfg, data) / f"logits-{_augment_key(cfg)}.safetensors").unlink(
+        missing_ok=True)
     t0 = time.perf_counter()
     run_dir = run_search(cfg, quiet=True, echo=lambda s: None)
     seconds = time.perf_counter() - t0

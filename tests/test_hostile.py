@@ -231,3 +231,14 @@ def test_an_empty_search_space_is_refused_before_anything_runs(tmp_path, capsys)
     config.write_text("search:\n  space: {}\n")
     assert main(["search", str(config), "--quiet"]) == 2
     assert "'search.space' is empty" in capsys.readouterr().err
+
+
+def test_sigterm_stops_a_search_the_way_ctrl_c_does():
+    """A cluster scheduler's SIGTERM reaches Tune's SIGINT handler (here Python's default: KeyboardInterrupt)."""
+    from search.tuner import sigterm_as_interrupt
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        with sigterm_as_interrupt():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(2)
+    assert signal.getsignal(signal.SIGTERM) == before
