@@ -208,7 +208,8 @@ def kd_search(p: dict, work: Path, trials: int, **sets) -> dict:
     epochs = int(table["epochs"].sum())
     images = epochs * _train_size(n_train)
     spans = _trial_span(run_dir / "ray")
-    return {"seconds": seconds, "images": images, "epochs": epochs, "teacher_forwards": teacher["info"]["forward_images"],
+    return {"seconds": seconds, "images": images, "epochs": epochs,
+            "teacher_forwards": teacher["info"]["forward_images"],
             "val_balanced_accuracy": float(table["val_balanced_accuracy"].max()), "trial_phase_seconds": spans,
             "gpu_peak_gb": None}
 
@@ -355,7 +356,8 @@ def report(args, p, rows, prep, total) -> None:
           f"{platform.node()}")
     print(f"paid once per dataset and teacher, then cached (excluded below from both sides): the teacher's "
           f"fine-tuning ({p['teacher_epochs']} epochs) took {prep['teacher_finetune_seconds']:.1f} s\n")
-    header = f"{'case':<58} {'wall s':>8} {'img/s':>9} {'peak RSS':>9} {'peak GPU':>9} {'teacher fwd':>12} {'bal.acc':>8} {'speed-up':>9}"
+    header = (f"{'case':<58} {'wall s':>8} {'img/s':>9} {'peak RSS':>9} {'peak GPU':>9} {'teacher fwd':>12} "
+              f"{'bal.acc':>8} {'speed-up':>9}")
     print(header)
     print("-" * len(header))
     seed_run = rows[0][1]
@@ -374,10 +376,12 @@ def report(args, p, rows, prep, total) -> None:
         rss = f"{r['peak_rss_gb']:.2f} GB" if r.get("peak_rss_gb") else ""
         gpu = f"{r['gpu_peak_gb']:.1f} GB" if r.get("gpu_peak_gb") else ""
         acc = f"{r['val_balanced_accuracy']:.3f}" if r.get("val_balanced_accuracy") is not None else ""
-        print(f"{name:<58} {r['seconds']:>8.1f} {ips:>9.0f} {rss:>9} {gpu:>9} {int(r['teacher_forwards']):>12} {acc:>8} {ratio:>9}")
+        print(f"{name:<58} {r['seconds']:>8.1f} {ips:>9.0f} {rss:>9} {gpu:>9} {int(r['teacher_forwards']):>12} "
+              f"{acc:>8} {ratio:>9}")
     print(f"\ntrial speed-ups are against the 1-run seed-style loop ({rows[0][1]['seconds']:.1f} s for "
           f"{p.get('trial_epochs', p['epochs'])} epochs); search speed-ups against {p['trials']} seed-style runs of "
-          f"{p['epochs']} epochs; packing: aggregate student images/s against one trial at a time. Total {total:.0f} s.")
+          f"{p['epochs']} epochs; packing: aggregate student images/s against one trial at a time. "
+          f"Total {total:.0f} s.")
     if args.out:
         args.out.write_text(json.dumps({"profile": args.profile, "device": device, "rows": [
             {"case": n, **{k: v for k, v in r.items()}} for n, r, _ in rows]}, indent=2))

@@ -137,6 +137,12 @@ def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     return tensors, meta
 
 
+def shown(path: str | Path) -> str:
+    """A path as a person would type it: relative to the working directory when it lies below it."""
+    rel = os.path.relpath(path)
+    return str(path) if rel.startswith("..") else rel
+
+
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """The records of a JSON-lines file that may be in use or cut short by a kill: unreadable lines are skipped."""
     records = []

@@ -87,7 +87,8 @@ class AugmentConfig:
     def check(self) -> None:
         for key in ("crop_scale", "crop_ratio"):
             lo_hi = getattr(self, key)
-            _require(len(lo_hi) == 2 and 0 < lo_hi[0] <= lo_hi[1], f"augment.{key}", "must be [low, high] with 0 < low <= high")
+            _require(len(lo_hi) == 2 and 0 < lo_hi[0] <= lo_hi[1], f"augment.{key}",
+                     "must be [low, high] with 0 < low <= high")
         _require(self.crop_scale[1] <= 1.0, "augment.crop_scale", "high must be <= 1")
         _require(0.0 <= self.flip <= 1.0, "augment.flip", "is a probability in [0, 1]")
         _require(0.0 <= self.rotation <= 180.0, "augment.rotation", "must be in [0, 180] degrees")

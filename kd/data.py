@@ -220,10 +220,13 @@ def _csv_columns(path: str, columns: list[str], records: list[dict], file_col: s
     """The configured columns; when they are absent, the one column of image file names and, in a two-column
     file, the other one as labels (said in the log). Anything less clear is an error listing the columns."""
     if file_col not in columns:
-        looks_like_files = [c for c in columns if records and sum(
-            os.path.splitext((r.get(c) or "").strip())[1].lower() in IMAGE_EXTENSIONS for r in records) > len(records) / 2]
+        def share_of_image_names(col: str) -> float:
+            names = [os.path.splitext((r.get(col) or "").strip())[1].lower() for r in records]
+            return sum(ext in IMAGE_EXTENSIONS for ext in names) / max(len(names), 1)
+        looks_like_files = [c for c in columns if share_of_image_names(c) > 0.5]
         if len(looks_like_files) == 1:
-            log.info("%s: no column '%s'; using '%s', which holds image file names", path, file_col, looks_like_files[0])
+            log.info("%s: no column '%s'; using '%s', which holds image file names", path, file_col,
+                     looks_like_files[0])
             file_col = looks_like_files[0]
     if label_col not in columns and file_col in columns and len(columns) == 2:
         other = columns[1 - columns.index(file_col)]
@@ -313,7 +316,8 @@ def _decode_cached(cfg: DataConfig, paths: list[str], keep_pixels: bool, progres
         ok = [e == "" for e in dec.errors]
         size = cfg.image_size
         if keep_pixels and any(ok):
-            images = torch.from_numpy(np.stack([a for a in dec.arrays if a is not None])).permute(0, 3, 1, 2).contiguous()
+            stacked = np.stack([a for a in dec.arrays if a is not None])
+            images = torch.from_numpy(stacked).permute(0, 3, 1, 2).contiguous()
         else:
             images = torch.zeros((0, 3, size, size), dtype=torch.uint8)
         save_tensors(path, {"images": images, "ok": torch.tensor(ok, dtype=torch.bool)},

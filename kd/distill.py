@@ -76,15 +76,21 @@ def write_history(history: list[dict[str, Any]], path: Path) -> None:
 
 def run_distill(cfg: Config, out_dir: str | Path | None = None, progress: bool = True,
                 echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """`kdsearch distill`: everything from the config to an exported, tested student in `out_dir`."""
+    """`kdsearch distill`: everything from the config to an exported, tested student in `out_dir`.
+
+    With `progress` off only the results are echoed (the final metrics and where the export is).
+    """
     out = Path(out_dir) if out_dir else Path(cfg.output_dir) / cfg.name / "distill"
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     t0 = time.perf_counter()
     data = load_dataset(cfg.data, progress)
     teacher = prepare_teacher(cfg, data, progress=progress)
-    state = "found in the cache" if teacher.info["cached"] else f"fine-tuned in {teacher.info['finetune_seconds']:.1f} s"
-    echo(f"teacher {cfg.teacher.name}: {state}; validation balanced accuracy {teacher.metrics['balanced_accuracy']:.4f}")
+    if progress:
+        seconds = teacher.info["finetune_seconds"]
+        state = "found in the cache" if teacher.info["cached"] else f"fine-tuned in {seconds:.1f} s"
+        echo(f"teacher {cfg.teacher.name}: {state}; validation balanced accuracy "
+             f"{teacher.metrics['balanced_accuracy']:.4f}")
 
     def report(row: dict[str, Any], state_fn: Callable[[], dict[str, Any]]) -> None:
         history.append(row)

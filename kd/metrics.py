@@ -77,7 +77,7 @@ def format_metrics(metrics: dict[str, Any], classes: list[str], title: str = "")
         lines.append(f"  recall {c:<11.11s} {metrics['recall'][c]:.4f}")
     if metrics.get("threshold") is not None:
         lines.append(f"  threshold          {metrics['threshold']:.4f}  (p({classes[1]}) >= threshold)")
-    width = max(len(c) for c in classes) + 2
+    width = max(max(len(c) for c in classes), *(len(str(v)) for row in metrics["confusion_matrix"] for v in row)) + 2
     lines.append("  confusion matrix (rows: true, columns: predicted)")
     lines.append("  " + " " * width + "".join(f"{c:>{width}}" for c in classes))
     for c, row in zip(classes, metrics["confusion_matrix"]):

@@ -45,7 +45,8 @@ def confusion_matrix(cm: list[list[int]], classes: list[str], path: str | Path, 
     size = 1.2 + 0.9 * len(classes)
     fig, ax = plt.subplots(figsize=(size + 1.5, size))
     image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(len(classes)), classes, rotation=45 if len(classes) > 4 else 0, ha="right" if len(classes) > 4 else "center")
+    crowded = len(classes) > 4
+    ax.set_xticks(range(len(classes)), classes, rotation=45 if crowded else 0, ha="right" if crowded else "center")
     ax.set_yticks(range(len(classes)), classes)
     ax.set(xlabel="predicted", ylabel="true", title=title or "confusion matrix")
     for i in range(len(classes)):

@@ -188,7 +188,8 @@ def fit(model: nn.Module, cfg: TrainConfig, data: Dataset, loss_fn: DistillLoss,
                 "optimizer": _to_cpu(optimizer.state_dict()), "scheduler": copy.deepcopy(scheduler.state_dict()),
                 "epoch": len(result.history), "history": copy.deepcopy(result.history)}
 
-    bar = tqdm(total=(cfg.epochs - start) * steps, desc=desc, unit="batch", disable=None if progress else True, leave=False)
+    bar = tqdm(total=(cfg.epochs - start) * steps, desc=desc, unit="batch", leave=False,
+               disable=None if progress else True)  # None: shown on a terminal only
     for epoch in range(start, cfg.epochs):
         torch.manual_seed(cfg.seed * 1_000 + epoch)  # dropout / drop-path: reproducible on resume
         t0 = time.perf_counter()

@@ -10,6 +10,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from kd.cache import shown
 from kd.errors import Interrupted, KDError, UserError
 
 PRESETS = resources.files("search") / "presets"
@@ -55,7 +56,7 @@ def setup_logging(quiet: bool) -> None:
 def cmd_distill(args: argparse.Namespace) -> int:
     from kd.distill import run_distill
     cfg = load(args)
-    run_distill(cfg, args.out, progress=not args.quiet, echo=_echo(args.quiet))
+    run_distill(cfg, args.out, progress=not args.quiet)
     return 0
 
 
@@ -105,7 +106,8 @@ def _evaluation_split(args: argparse.Namespace, student):
         cfg = cfg.updated({"data.image_size": student.image_size, "data.pipeline": "memory"})
         data = load_dataset(cfg.data, progress=not args.quiet)
         if data.classes != student.classes:
-            raise UserError(f"{args.data} has classes {', '.join(data.classes)}; the model {', '.join(student.classes)}")
+            raise UserError(f"{args.data} has classes {', '.join(data.classes)}; "
+                            f"the model {', '.join(student.classes)}")
         return data.test, f"the test split of {args.data}"
     if not os.path.exists(args.data):
         raise UserError(f"{args.data}: no such folder or CSV file (DATA may also be 'digits' or a config)")
@@ -150,9 +152,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print("kd-search demo: a search over distillation hyperparameters on scikit-learn's handwritten digits "
           "('8' vs the rest, ~10% minority)")
     run_dir = run_search(cfg, quiet=args.quiet)
-    print(f"\nDone. Read {run_dir / 'summary.md'} (tables and plots), {run_dir / 'trials.csv'} (every trial), "
-          f"and use the best student in {run_dir / 'best'}:\n"
-          f"  kdsearch evaluate {run_dir / 'best'} digits\n  kdsearch predict {run_dir / 'best'} IMAGES...")
+    best = shown(run_dir / "best")
+    print(f"\nDone. Read {shown(run_dir / 'summary.md')} (tables and plots), {shown(run_dir / 'trials.csv')} "
+          f"(every trial), and use the best student in {best}:\n"
+          f"  kdsearch evaluate {best} digits\n  kdsearch predict {best} IMAGES...")
     return 0
 
 
@@ -160,8 +163,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from search.analyze import write_report
     table = write_report(args.run_dir)
     counts = table["status"].value_counts().to_dict() if len(table) else {}
+    run_dir = Path(args.run_dir)
     print(f"{len(table)} trials (" + ", ".join(f"{n} {s}" for s, n in counts.items()) + f"); wrote "
-          f"{Path(args.run_dir) / 'trials.csv'}, {Path(args.run_dir) / 'summary.md'} and {Path(args.run_dir) / 'plots'}")
+          f"{run_dir / 'trials.csv'}, {run_dir / 'summary.md'} and {run_dir / 'plots'}")
     return 0
 
 
@@ -194,10 +198,6 @@ def cmd_presets(args: argparse.Namespace) -> int:
         first = (PRESETS / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ")
         print(f"{name:<26} {first}")
     return 0
-
-
-def _echo(quiet: bool):
-    return (lambda text: None) if quiet else print
 
 
 # ---------------------------------------------------------------------------------------------- parser

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from kd.cache import atomic_write_json
+from kd.cache import atomic_write_json, shown
 from kd.config import Config
 from kd.data import Dataset
 from kd.errors import UserError
@@ -124,11 +124,12 @@ def finalize(cfg: Config, run_dir: Path, data: Dataset, teacher: Any, echo: Call
     if best is None:
         best = export_trial(cfg, row, data.classes, run_dir / "best", data)
     t = best["test"]
-    echo(f"exported the best student to {run_dir / 'best'}; held-out test (evaluated once): balanced accuracy "
+    echo(f"exported the best student to {shown(run_dir / 'best')}; held-out test (evaluated once): balanced accuracy "
          f"{t['balanced_accuracy']:.4f}, accuracy {t['accuracy']:.4f}, "
          + ", ".join(f"recall {c} {r:.3f}" for c, r in t["recall"].items()))
     write_report(run_dir)
-    echo(f"summary: {run_dir / 'summary.md'}; table: {run_dir / 'trials.csv'}; plots: {run_dir / 'plots'}")
+    echo(f"summary: {shown(run_dir / 'summary.md')}; table: {shown(run_dir / 'trials.csv')}; "
+         f"plots: {shown(run_dir / 'plots')}")
 
 
 def _short(value: Any) -> str:

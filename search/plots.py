@@ -73,7 +73,9 @@ def params_vs_metric(cfg: Config, table: pd.DataFrame, path: Path) -> None:
         if spec.get("type") == "choice":
             values = [str(v) for v in spec["values"]]
             x = [values.index(str(v)) + np.random.default_rng(i).uniform(-0.15, 0.15) for i, v in enumerate(sub[key])]
-            ax.set_xticks(range(len(values)), values, rotation=30 if len(values) > 2 else 0, ha="right" if len(values) > 2 else "center", fontsize=8)
+            many = len(values) > 2
+            ax.set_xticks(range(len(values)), values, rotation=30 if many else 0, ha="right" if many else "center",
+                          fontsize=8)
         else:
             x = sub[key].astype(float)
             if spec.get("type") == "loguniform" or spec.get("log"):
@@ -96,7 +98,8 @@ def soft_vs_hard(cfg: Config, table: pd.DataFrame, path: Path) -> None:
     best = {m: ranked[ranked["distill.mode"] == m].head(1) for m in ("soft", "hard")}
     if any(b.empty for b in best.values()):
         return
-    names = ["val_accuracy", "val_balanced_accuracy", *[c for c in table.columns if c.startswith("val_recall_")], "val_macro_f1"]
+    recalls = [c for c in table.columns if c.startswith("val_recall_")]
+    names = ["val_accuracy", "val_balanced_accuracy", *recalls, "val_macro_f1"]
     x = np.arange(len(names))
     fig, ax = plt.subplots(figsize=(1.4 * len(names) + 2, 3.8))
     for i, (mode, b) in enumerate(best.items()):
@@ -129,7 +132,8 @@ def importance(cfg: Config, run_dir: Path, path: Path) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if len(common) >= 1:
-                scores.update(get_param_importances(study, evaluator=FanovaImportanceEvaluator(seed=0), params=sorted(common)))
+                scores.update(get_param_importances(study, evaluator=FanovaImportanceEvaluator(seed=0),
+                                                    params=sorted(common)))
             for name in sorted(set().union(*(t.params for t in trials)) - common):
                 subset = [t for t in trials if name in t.params]
                 if len(subset) < 3:

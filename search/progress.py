@@ -90,7 +90,7 @@ class TrialLog(Callback):
         value, epochs = result.get(self.metric), result.get("epoch", 0)
         status = "completed" if epochs >= self.max_epochs else "stopped early"
         self._record({"trial": trial.trial_id, "status": status, "epochs": epochs})
-        if value is not None and (self.best is None or (value > self.best if self.mode == "max" else value < self.best)):
+        if value is not None and (self.best is None or (value > self.best) == (self.mode == "max")):
             self.best = value
         how = "completed" if status == "completed" else f"stopped early at epoch {epochs}"
         shown = f"{value:.4f}" if value is not None else "n/a"

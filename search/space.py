@@ -58,7 +58,8 @@ def parse_space(cfg: Config) -> list[Param]:
             raise ConfigError(f"{where} must be a mapping such as {{type: uniform, low: 0, high: 1}}, got {spec!r}")
         unknown = set(spec) - SPEC_KEYS
         if unknown:
-            raise ConfigError(f"{where}: unknown field {', '.join(sorted(unknown))}; valid: {', '.join(sorted(SPEC_KEYS))}")
+            raise ConfigError(f"{where}: unknown field {', '.join(sorted(unknown))}; "
+                              f"valid: {', '.join(sorted(SPEC_KEYS))}")
         kind = spec.get("type")
         if kind not in TYPES:
             raise ConfigError(f"{where}: type must be one of {', '.join(TYPES)}, got {kind!r}")

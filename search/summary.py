@@ -44,7 +44,8 @@ def _metric_rows(metrics: dict[str, Any], classes: list[str]) -> list[tuple[str,
 def summary_markdown(cfg: Config, run_dir: Path, table: pd.DataFrame) -> str:
     run, teacher = _read(run_dir / "run.json") or {}, _read(run_dir / "teacher.json")
     confirm, best = _read(run_dir / "confirm.json"), _read(run_dir / "best" / "metrics.json")
-    classes = run.get("classes") or [k.removeprefix("val_recall_") for k in table.columns if k.startswith("val_recall_")]
+    classes = run.get("classes") or [k.removeprefix("val_recall_") for k in table.columns
+                                     if k.startswith("val_recall_")]
     metric = cfg.search.metric
     counts = table["status"].value_counts().to_dict() if len(table) else {}
     status = ", ".join(f"{n} {s}" for s, n in counts.items()) or "no trials yet"

@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from kd.cache import atomic_write_json
+from kd.cache import atomic_write_json, shown
 from kd.config import Config, load_config, save_config
 from kd.errors import Interrupted, UserError
 from search.space import DefineByRun, check_points, parse_space
@@ -253,7 +253,7 @@ def run_search(cfg: Config, address: str | None = None, storage: str | None = No
             atomic_write_json(run_dir / "teacher.json", {"metrics": teacher.metrics, "info": teacher.info,
                                                           "seconds": time.perf_counter() - t0})
             echo(("resuming" if restore else "starting") + f" the search: {cfg.search.num_samples} trials of "
-                 f"{cfg.student.name}, optimising {cfg.search.metric} ({cfg.search.mode}); results in {run_dir}")
+                 f"{cfg.student.name}, optimising {cfg.search.metric} ({cfg.search.mode}); results in {shown(run_dir)}")
             tuner = build_tuner(cfg, data, teacher.logits, exp_path, restore, quiet)
             with sigterm_as_interrupt():
                 tuner.fit()

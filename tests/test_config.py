@@ -103,7 +103,8 @@ def test_seed_presets_match_the_seed_setups():
     assert (seed1.teacher.name, seed1.student.name) == ("deit_small_distilled_patch16_224", "resnet50")
     assert seed1.distill.temperature == 5 and seed1.train.schedule == "step" and seed1.train.epochs == 20
     seed2 = load_config(config_path("resnet50-to-deit-small"), ["data.train=/x.csv"])
-    assert (seed2.train.optimizer, seed2.train.lr, seed2.train.momentum, seed2.train.weight_decay) == ("sgd", 0.01, 0.9, 1e-4)
+    t = seed2.train
+    assert (t.optimizer, t.lr, t.momentum, t.weight_decay) == ("sgd", 0.01, 0.9, 1e-4)
     assert (seed2.train.schedule, seed2.train.epochs, seed2.train.batch_size) == ("cosine", 50, 32)
     modes = {p["distill.mode"] for p in seed2.search.points}
     assert modes == {"soft", "hard"}

@@ -51,10 +51,12 @@ def test_folder_source_splits_stratified_seeded_and_disjoint(tmp_path):
 
 def test_every_image_mode_becomes_rgb_at_the_right_size(tmp_path):
     root = tmp_path / "ds"
-    modes = [("L", "png"), ("RGBA", "png"), ("P", "png"), ("I;16", "png"), ("CMYK", "jpg"), ("1", "bmp"), ("RGB", "webp")]
+    modes = [("L", "png"), ("RGBA", "png"), ("P", "png"), ("I;16", "png"), ("CMYK", "jpg"), ("1", "bmp"),
+             ("RGB", "webp")]
     for i, (mode, ext) in enumerate(modes):
         for cls in ("a", "b"):
-            write_image(root / cls / f"{mode.replace(';', '')}_{i}.{ext}", mode, size=(40, 23), seed=i * 2 + (cls == "b"))
+            name = f"{mode.replace(';', '')}_{i}.{ext}"
+            write_image(root / cls / name, mode, size=(40, 23), seed=i * 2 + (cls == "b"))
     for cls in ("a", "b"):  # enough images per class to carve val and test
         for j in range(3):
             write_image(root / cls / f"extra{j}.png", seed=100 + j + 10 * (cls == "b"))
@@ -157,7 +159,8 @@ def test_csv_source_with_given_splits_and_integer_labels(tmp_path):
     cfg = csv_cfg(tmp_path, f"data.train={tr}", f"data.val={va}", f"data.test={te}", "data.classes=[benign, malignant]")
     data = load_dataset(cfg, progress=False)
     assert data.classes == ["benign", "malignant"]
-    assert data.class_counts("train") == [8, 4] and data.class_counts("val") == [2, 1] and data.class_counts("test") == [3, 1]
+    assert data.class_counts("train") == [8, 4] and data.class_counts("val") == [2, 1]
+    assert data.class_counts("test") == [3, 1]
     no_names = load_dataset(csv_cfg(tmp_path, f"data.train={tr}", f"data.val={va}", f"data.test={te}"), progress=False)
     assert no_names.classes == ["0", "1"]
 
@@ -205,7 +208,8 @@ def test_leakage_between_given_splits_is_reported_pair_by_pair(tmp_path, caplog)
     test = make_folder_dataset(tmp_path / "test", {"B": 3, "M": 2}, start_seed=1000)
     shutil.copy(train / "B" / "B_3.png", test / "B" / "copy.png")
     sets = [f"data.test={test}"]
-    with pytest.raises(DataError, match=r"data leakage: 1 identical images in two splits:\n.*B_3\.png  ==  test: .*copy\.png"):
+    leak = r"data leakage: 1 identical images in two splits:\n.*B_3\.png  ==  test: .*copy\.png"
+    with pytest.raises(DataError, match=leak):
         load_dataset(folder_cfg(tmp_path, train, *sets), progress=False)
     data = load_dataset(folder_cfg(tmp_path, train, *sets, "data.allow_leakage=true"), progress=False)
     assert "allowed by data.allow_leakage" in caplog.text and len(data.test) == 6
@@ -257,7 +261,8 @@ def test_csv_columns_are_found_when_the_defaults_are_absent(tmp_path, caplog):
     tr = _csv_split(tmp_path, "train", ["a"] * 8 + ["b"] * 4, header="filename,class")
     data = load_dataset(csv_cfg(tmp_path, f"data.train={tr}"), progress=False)
     assert data.classes == ["a", "b"]
-    assert "using 'filename', which holds image file names" in caplog.text and "using 'class' as the label" in caplog.text
+    assert "using 'filename', which holds image file names" in caplog.text
+    assert "using 'class' as the label" in caplog.text
 
 
 def test_split_folders_given_as_one_pool_are_explained(tmp_path):

@@ -144,7 +144,8 @@ def test_export_a_chosen_trial_and_reproduce_it_outside_ray(finished_search, tmp
         torch.set_num_threads(threads)
     assert rerun.history[-1]["val_balanced_accuracy"] == pytest.approx(row["val_balanced_accuracy"], abs=1e-6)
     images = data.val.images[:16]
-    assert torch.allclose(student.logits(images), rerun.model.cpu().eval()((images.float() / 255 - 0.5) / 0.5), atol=1e-5)
+    rerun_logits = rerun.model.cpu().eval()((images.float() / 255 - 0.5) / 0.5)
+    assert torch.allclose(student.logits(images), rerun_logits, atol=1e-5)
 
 
 def test_a_second_search_on_the_same_directory_refuses(finished_search, capsys):

@@ -67,7 +67,8 @@ def test_soak_many_trials(tmp_path, shared_cache):
     assert len(table) == TRIALS and (table["status"] == "completed").all()
 
     early = max(r for n, r in samples if n <= TRIALS // 4)  # driver RSS once the first quarter has finished
-    late = max(r for n, r in samples if TRIALS // 4 < n < TRIALS) if any(TRIALS // 4 < n < TRIALS for n, _ in samples) else early
+    later = [r for n, r in samples if TRIALS // 4 < n < TRIALS]
+    late = max(later) if later else early
     per_trial = folder_mb(exp) / TRIALS
     checkpoints = [len(list(d.glob("checkpoint_*"))) for d in exp.iterdir() if d.is_dir()]
     print(f"\nsoak: {TRIALS} trials; driver RSS {early:.0f} MB after the first quarter, at most {late:.0f} MB later "
