@@ -85,7 +85,6 @@ def config(p: dict, work: Path, **sets):
 def seed_style(p: dict, work: Path, epochs: int) -> dict:
     """The seeds' loop: PIL decoding and transforms in DataLoader workers every epoch, teacher forward on
     every batch, fp32, soft KD (T=5, alpha 0.5), SGD with StepLR. The teacher is the one kd-search cached."""
-    import numpy as np
     import torch
     import torch.nn.functional as F
     from PIL import Image

@@ -25,8 +25,8 @@ log = logging.getLogger("search")
 METRICS = ("val_balanced_accuracy", "val_accuracy", "val_macro_f1", "val_balanced_accuracy_tuned")
 
 
-def load_run(run_dir: str | Path) -> tuple[Config, str]:
-    """The search's config and the path of its Ray experiment."""
+def load_run(run_dir: str | Path, refresh: bool = True) -> tuple[Config, str]:
+    """The search's config and a local path of its Ray experiment (remote storage is mirrored first)."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"{run_dir} is not a search directory (it has no config.yaml)")
@@ -34,10 +34,28 @@ def load_run(run_dir: str | Path) -> tuple[Config, str]:
     exp = run_dir / "ray"
     if (run_dir / "run.json").is_file():
         recorded = json.loads((run_dir / "run.json").read_text()).get("experiment", "")
-        exp = Path(recorded) if recorded and os.path.isdir(recorded) else exp
+        if "://" in recorded:
+            exp = mirror(recorded, run_dir) if refresh else run_dir / "ray-mirror"
+        elif recorded and os.path.isdir(recorded):
+            exp = Path(recorded)
+    if not exp.is_dir() and (run_dir / "ray-mirror").is_dir():  # a copied run folder of a remote experiment
+        exp = run_dir / "ray-mirror"
     if not exp.is_dir():
         raise UserError(f"{run_dir} has no Ray experiment folder ({exp}); the search has not started trials yet")
     return cfg, str(exp)
+
+
+def mirror(uri: str, run_dir: Path) -> Path:
+    """Copy an experiment kept in remote storage (s3://, gs://, ...) to run_dir/ray-mirror for reading."""
+    import pyarrow.fs
+    target = run_dir / "ray-mirror"
+    try:
+        pyarrow.fs.copy_files(uri, str(target.absolute()))
+    except Exception as e:  # no credentials, no network, a typo: say which, keep any earlier mirror
+        if not target.is_dir():
+            raise UserError(f"cannot read the experiment at {uri}: {e}") from None
+        log.warning("could not refresh %s from %s (%s); using the copy from earlier", target, uri, e)
+    return target
 
 
 def _statuses(exp: str) -> dict[str, dict[str, Any]]:
@@ -170,13 +188,13 @@ def _plain(value: Any) -> Any:
     return value.item() if isinstance(value, np.generic) else value
 
 
-def write_report(run_dir: str | Path) -> pd.DataFrame:
+def write_report(run_dir: str | Path, refresh: bool = True) -> pd.DataFrame:
     """Rebuild trials.csv, configs/, summary.md and plots/ from the run directory."""
     from search import plots
     from search.summary import summary_markdown
 
     run_dir = Path(run_dir)
-    cfg, exp = load_run(run_dir)
+    cfg, exp = load_run(run_dir, refresh)
     table, histories = load_trials(cfg, exp, run_dir)
     columns = [c for c in table.columns if c != "path"]
     with atomic_path(run_dir / "trials.csv") as tmp:

@@ -8,7 +8,6 @@ import os
 import sys
 from importlib import resources
 from pathlib import Path
-from typing import Any
 
 from kd.cache import shown
 from kd.errors import Interrupted, KDError, UserError

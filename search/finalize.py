@@ -101,12 +101,12 @@ def _cached(path: Path, trial: str, **match: Any) -> dict[str, Any] | None:
 
 
 def finalize(cfg: Config, run_dir: Path, data: Dataset, teacher: Any, echo: Callable[[str], None] = print) -> None:
-    _, exp = load_run(run_dir)
+    _, exp = load_run(run_dir, refresh=False)  # mirrored (if remote) when the trials ended
     table, _ = load_trials(cfg, exp, run_dir)
     top = best_trials(cfg, table, 1)
     if top.empty:
         echo("no trial finished successfully: nothing to confirm or export (see trials.csv for the errors)")
-        write_report(run_dir)
+        write_report(run_dir, refresh=False)
         return
     row = top.iloc[0]
     params = ", ".join(f"{k}={_short(row[k])}" for k in cfg.search.space if k in row and not pd.isna(row[k]))
@@ -127,7 +127,7 @@ def finalize(cfg: Config, run_dir: Path, data: Dataset, teacher: Any, echo: Call
     echo(f"exported the best student to {shown(run_dir / 'best')}; held-out test (evaluated once): balanced accuracy "
          f"{t['balanced_accuracy']:.4f}, accuracy {t['accuracy']:.4f}, "
          + ", ".join(f"recall {c} {r:.3f}" for c, r in t["recall"].items()))
-    write_report(run_dir)
+    write_report(run_dir, refresh=False)
     echo(f"summary: {shown(run_dir / 'summary.md')}; table: {shown(run_dir / 'trials.csv')}; "
          f"plots: {shown(run_dir / 'plots')}")
 

@@ -218,8 +218,9 @@ def sigterm_as_interrupt() -> Iterator[None]:
 
 def _raise_if_interrupted(cfg: Config, run_dir: Path, exp_path: str) -> None:
     """Tune returns normally after Ctrl-C; an unfinished experiment must not be reported as a finished one."""
-    from search.analyze import load_trials
-    table, _ = load_trials(cfg, exp_path, run_dir)
+    from search.analyze import load_run, load_trials
+    _, local = load_run(run_dir)  # a local copy when the experiment lives in remote storage
+    table, _ = load_trials(cfg, local, run_dir)
     finished = int(table["status"].isin(["completed", "stopped early", "failed"]).sum()) if len(table) else 0
     if finished < cfg.search.num_samples:
         raise Interrupted(f"search interrupted: {finished} of {cfg.search.num_samples} trials finished and saved in "

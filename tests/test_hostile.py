@@ -1,5 +1,4 @@
 """Caches that rebuild themselves, outputs that are never half-written, and input that cannot hurt."""
-import json
 import os
 import pickle
 import signal

@@ -31,7 +31,9 @@ POINTS = [
 
 
 def search_config(tmp, cache, **extra):
-    cfg = load_config(None, tiny_overrides(cache, tmp / "results") + [
+    """A small search whose experiment lives in 'remote' storage (file://, read through the same pyarrow
+    filesystem layer as s3://); the reliability and soak tests cover the default local storage."""
+    cfg = load_config(None, tiny_overrides(cache, tmp / "results") + [f"search.storage=file://{tmp / 'remote'}",
         "name=tiny-search", "search.num_samples=5", "search.grace_period=1", "search.confirm_seeds=2",
         "search.max_failures=1", "search.cpus_per_trial=1"])
     return cfg.updated({"search.space": SPACE, "search.points": POINTS, **extra})
@@ -49,6 +51,7 @@ def finished_search(tmp_path_factory, shared_cache):
 
 def test_outputs_exist_and_agree(finished_search):
     cfg, run_dir, lines = finished_search
+    assert (run_dir.parent.parent / "remote" / "tiny-search" / "ray").is_dir()  # Ray wrote to the storage
     for name in ("trials.csv", "summary.md", "config.yaml", "teacher.json", "confirm.json", "optuna.journal",
                  "best/model.safetensors", "best/config.json", "best/metrics.json", "best/model.pt2",
                  "plots/trials.png", "plots/params.png", "plots/learning_curves.png", "plots/importance.png",
