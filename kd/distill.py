@@ -17,7 +17,7 @@ from kd.errors import Diverged
 from kd.export import export_student
 from kd.losses import DistillLoss
 from kd.metrics import compute_metrics, format_metrics
-from kd.models import create_model
+from kd.models import check_models, create_model
 from kd.teacher import prepare_teacher
 from kd.train import FitResult, ReportFn, fit, resolve_device, seed_everything, split_probs
 
@@ -81,8 +81,7 @@ def run_distill(cfg: Config, out_dir: str | Path | None = None, progress: bool =
     With `progress` off only the results are echoed (the final metrics and where the export is).
     """
     out = Path(out_dir) if out_dir else Path(cfg.output_dir) / cfg.name / "distill"
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    check_models(cfg)  # a bad model name or weights file fails here, not after the teacher's fine-tuning
     t0 = time.perf_counter()
     data = load_dataset(cfg.data, progress)
     teacher = prepare_teacher(cfg, data, progress=progress)
@@ -91,6 +90,8 @@ def run_distill(cfg: Config, out_dir: str | Path | None = None, progress: bool =
         state = "found in the cache" if teacher.info["cached"] else f"fine-tuned in {seconds:.1f} s"
         echo(f"teacher {cfg.teacher.name}: {state}; validation balanced accuracy "
              f"{teacher.metrics['balanced_accuracy']:.4f}")
+    out.mkdir(parents=True, exist_ok=True)  # only now: bad input leaves an earlier run's folder as it was
+    save_config(cfg, out / "config.yaml")
 
     def report(row: dict[str, Any], state_fn: Callable[[], dict[str, Any]]) -> None:
         history.append(row)

@@ -159,3 +159,13 @@ def check_points(points: list[dict[str, Any]], params: list[Param], base: Config
             if not p.active(point, base):
                 raise ConfigError(f"{where}: '{key}' only applies when {p.when}, which this point does not meet")
     return [dict(p) for p in points]
+
+
+def check_searched_models(base: Config, params: list[Param], weights: bool = True) -> None:
+    """The base config's teacher and student, and every model a searched choice can swap in, exist and load."""
+    from kd.models import check_models
+    check_models(base, weights)
+    for p in params:
+        if p.type == "choice" and p.key.startswith(("teacher.", "student.", "data.image_size")):
+            for value in p.values:
+                check_models(base.updated({p.key: value}, source=f"search.space['{p.key}']"), weights)

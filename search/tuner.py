@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator
 from kd.cache import atomic_write_json, shown
 from kd.config import Config, load_config, save_config
 from kd.errors import Interrupted, UserError
-from search.space import DefineByRun, check_points, parse_space
+from search.space import DefineByRun, check_points, check_searched_models, parse_space
 
 log = logging.getLogger("search")
 
@@ -235,8 +235,9 @@ def run_search(cfg: Config, address: str | None = None, storage: str | None = No
     from kd.data import load_dataset
     from search.finalize import finalize
 
-    parse_space(cfg)  # a bad space is reported before anything starts
-    check_points(cfg.search.points, parse_space(cfg), cfg)
+    params = parse_space(cfg)  # a bad space, point or model is reported before anything starts
+    check_points(cfg.search.points, params, cfg)
+    check_searched_models(cfg, params, weights=address is None)
     run_dir = run_dir_of(cfg)
     exp_path = experiment_path(cfg, run_dir, storage)
     with exclusive(run_dir):
