@@ -52,7 +52,7 @@ def trials_in_order(cfg: Config, table: pd.DataFrame, path: Path) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel="trial (in order of start)", ylabel=metric, title=f"{metric} per trial (last epoch run)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: no point hides behind it
     save_figure(fig, path)
 
 
