@@ -82,7 +82,8 @@ def confirm(cfg: Config, row: pd.Series, data: Dataset, logits: Any, seeds: list
     jobs = [retrain.options(num_gpus=gpus, num_cpus=cfg.search.cpus_per_trial)
             .remote(tcfg.updated({"train.seed": s}).to_dict(), data_ref, logits_ref, threads) for s in seeds]
     runs = ray.get(jobs)
-    names = [*CONFIRM_METRICS, *sorted(k for k in runs[0] if k.startswith("val_recall_"))] if runs else []
+    reported = {k for r in runs for k in r}  # no tuned threshold beyond two classes
+    names = [n for n in CONFIRM_METRICS if n in reported] + sorted(k for k in reported if k.startswith("val_recall_"))
     summary = {}
     for name in names:
         values = np.array([r.get(name, np.nan) for r in runs], dtype=float)
