@@ -168,6 +168,8 @@ def fit(model: nn.Module, cfg: TrainConfig, data: Dataset, loss_fn: DistillLoss,
     train, n = data.train, len(data.train)
     source, labels = BatchSource(data, "train", device), train.labels.to(device)
     logits_cache = teacher_logits.to(device) if teacher_logits is not None else None
+    if logits_cache is not None and len(logits_cache) < cfg.epochs:  # each epoch's views need their own logits
+        raise ValueError(f"teacher logits cover {len(logits_cache)} epochs of views; training runs {cfg.epochs}")
     augmenter = Augmenter(augment, n, device)
     drop_lone = n % cfg.batch_size == 1 and n > 1  # a lone last sample would upset BatchNorm
     steps = n // cfg.batch_size + (0 if n % cfg.batch_size in (0, 1) else 1)
@@ -204,7 +206,7 @@ def fit(model: nn.Module, cfg: TrainConfig, data: Dataset, loss_fn: DistillLoss,
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda and cfg.amp):
                 out = forward(x)
-            teacher = logits_cache[epoch % len(logits_cache)][idx] if logits_cache is not None else None
+            teacher = logits_cache[epoch][idx] if logits_cache is not None else None
             parts = loss_fn(out, labels[idx], teacher)
             optimizer.zero_grad(set_to_none=True)
             parts.loss.backward()

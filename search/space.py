@@ -20,6 +20,14 @@ from kd.errors import ConfigError
 
 TYPES = ("uniform", "loguniform", "int", "choice")
 SPEC_KEYS = {"type", "low", "high", "values", "log", "when"}
+SEARCHABLE = ("student.", "distill.", "imbalance.", "train.")
+FIXED_PER_SEARCH = {  # keys a trial cannot change: they shape what the search prepares once for every trial
+    "data": "the dataset is decoded and split once per search",
+    "augment": "the teacher's logits are cached for the views of one augmentation stream",
+    "teacher": "the teacher is fine-tuned and its logits computed once per search",
+    "train.epochs": "it is every trial's maximum, the budget ASHA divides (set it, and search the rest)",
+    "train.device": "Ray places trials on devices (search.gpus_per_trial)",
+}
 
 
 @dataclass
@@ -54,6 +62,10 @@ def parse_space(cfg: Config) -> list[Param]:
         if key not in valid:
             raise ConfigError(f"{where}: '{key}' is not a config key (e.g. distill.temperature, train.lr, "
                               "imbalance.method)")
+        why = FIXED_PER_SEARCH.get(key) or FIXED_PER_SEARCH.get(key.split(".")[0])
+        if why or not key.startswith(SEARCHABLE):
+            raise ConfigError(f"{where}: '{key}' cannot be searched: {why or 'it is not a training setting'}. "
+                              f"Searchable keys start with {', '.join(SEARCHABLE)}; run one search per value instead")
         if not isinstance(spec, dict):
             raise ConfigError(f"{where} must be a mapping such as {{type: uniform, low: 0, high: 1}}, got {spec!r}")
         unknown = set(spec) - SPEC_KEYS
@@ -162,10 +174,10 @@ def check_points(points: list[dict[str, Any]], params: list[Param], base: Config
 
 
 def check_searched_models(base: Config, params: list[Param], weights: bool = True) -> None:
-    """The base config's teacher and student, and every model a searched choice can swap in, exist and load."""
+    """The base config's teacher and student, and every student a searched choice can swap in, exist and load."""
     from kd.models import check_models
     check_models(base, weights)
     for p in params:
-        if p.type == "choice" and p.key.startswith(("teacher.", "student.", "data.image_size")):
+        if p.type == "choice" and p.key.startswith("student."):
             for value in p.values:
                 check_models(base.updated({p.key: value}, source=f"search.space['{p.key}']"), weights)

@@ -43,6 +43,12 @@ def test_logits_are_the_teachers_outputs_on_the_students_views(digits_setup):
     assert torch.allclose(direct, teacher.logits[1][idx], atol=1e-4)
 
 
+def test_training_longer_than_the_cached_views_is_refused(digits_setup):
+    cfg, data, teacher = digits_setup  # epoch 3's views have no logits: reusing epoch 0's would teach the wrong view
+    with pytest.raises(ValueError, match="teacher logits cover 2 epochs of views; training runs 3"):
+        train_student(cfg, data, teacher.logits[:2], progress=False)
+
+
 def test_tiny_distillation_learns_the_rare_class(digits_setup):
     cfg, data, teacher = digits_setup
     result = train_student(cfg, data, teacher.logits, progress=False)

@@ -59,7 +59,14 @@ def test_conditions_are_ordered_after_what_they_depend_on():
     ({"train.lr": {"type": "normal", "low": 0, "high": 1}}, "type must be one of"),
     ({"train.lr": {"type": "uniform", "low": 0.5, "high": 0.1}}, "must be below high"),
     ({"train.lr": {"type": "uniform", "low": 0.1, "hi": 0.5}}, "unknown field hi"),
-    ({"train.epochs": {"type": "int", "low": 2.5, "high": 4}}, "int bounds must be whole numbers"),
+    ({"train.batch_size": {"type": "int", "low": 2.5, "high": 4}}, "int bounds must be whole numbers"),
+    # what a search prepares once for every trial cannot vary between trials (the cached logits would be wrong)
+    ({"augment.rotation": {"type": "uniform", "low": 0, "high": 30}}, "'augment.rotation' cannot be searched: the "
+                                                                       "teacher's logits are cached"),
+    ({"teacher.name": {"type": "choice", "values": ["resnet18"]}}, "'teacher.name' cannot be searched"),
+    ({"data.image_size": {"type": "choice", "values": [32, 64]}}, "'data.image_size' cannot be searched"),
+    ({"train.epochs": {"type": "int", "low": 2, "high": 8}}, "the budget ASHA divides"),
+    ({"search.seed": {"type": "int", "low": 0, "high": 8}}, "'search.seed' cannot be searched: it is not a training"),
     ({"train.lr": 0.1}, "must be a mapping"),
     ({"distill.alpha": {"type": "uniform", "low": 0, "high": 1, "when": {"distill.alpha": 0.5}},
       "train.lr": {"type": "uniform", "low": 0.1, "high": 0.5}}, "circular"),
