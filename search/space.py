@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kd.config import Config, config_keys
-from kd.errors import ConfigError
+from kd.errors import ConfigError, UserError
 
 TYPES = ("uniform", "loguniform", "int", "choice")
 SPEC_KEYS = {"type", "low", "high", "values", "log", "when"}
@@ -180,4 +180,7 @@ def check_searched_models(base: Config, params: list[Param], weights: bool = Tru
     for p in params:
         if p.type == "choice" and p.key.startswith("student."):
             for value in p.values:
-                check_models(base.updated({p.key: value}, source=f"search.space['{p.key}']"), weights)
+                try:
+                    check_models(base.updated({p.key: value}, source=f"search.space['{p.key}']"), weights)
+                except UserError as e:
+                    raise UserError(f"search.space['{p.key}'] offers {value!r}, which cannot work: {e}") from None

@@ -41,6 +41,41 @@ def _metric_rows(metrics: dict[str, Any], classes: list[str]) -> list[tuple[str,
             *[(f"recall {c}", metrics["recall"][c]) for c in classes], ("macro F1", metrics["macro_f1"])]
 
 
+def _point_trial(table: pd.DataFrame, point: dict[str, Any]) -> pd.Series | None:
+    """The first trial that ran a `search.points` entry (every given key at its given value)."""
+    if not len(table) or any(k not in table.columns for k in point):
+        return None
+    same = np.ones(len(table), dtype=bool)
+    for key, value in point.items():
+        column = table[key]
+        same &= np.isclose(column.astype(float), float(value)) if isinstance(value, (int, float)) and \
+            not isinstance(value, bool) and pd.api.types.is_numeric_dtype(column) else (column == value).to_numpy()
+    found = table[same].sort_values("number")
+    return found.iloc[0] if len(found) else None
+
+
+def _points_against_best(cfg: Config, table: pd.DataFrame, top: pd.DataFrame, classes: list[str]) -> list[str]:
+    """The hand-picked settings (`search.points`, e.g. the seeds' own) beside what the search found."""
+    rows = []
+    for i, point in enumerate(cfg.search.points):
+        r = _point_trial(table, point)
+        if r is not None:
+            what = ", ".join(f"{SHORT.get(k, k)} {_fmt(v)}" for k, v in point.items())
+            rows.append([f"hand-picked {i + 1}: {what}", r])
+    if not rows or not len(top):
+        return []
+    rows.append(["best found by the search: " + ", ".join(f"{SHORT.get(k, k)} {_fmt(top.iloc[0][k])}"
+                                                          for k in searched_keys(cfg, table)
+                                                          if not pd.isna(top.iloc[0][k])), top.iloc[0]])
+    recall = [c for c in classes if f"val_recall_{c}" in table.columns]
+    header = ["setting", "trial", "bal. acc", "acc", *[f"recall {c}" for c in recall], "epochs", "status"]
+    body = [[what, r["trial"], r["val_balanced_accuracy"], r["val_accuracy"],
+             *[r[f"val_recall_{c}"] for c in recall], r["epochs"], r["status"]] for what, r in rows]
+    return ["## Hand-picked settings against the search (validation)", "",
+            "The settings in `search.points` ran first, as ordinary trials (ASHA may stop them too):", "",
+            _table(header, body), ""]
+
+
 def summary_markdown(cfg: Config, run_dir: Path, table: pd.DataFrame) -> str:
     run, teacher = _read(run_dir / "run.json") or {}, _read(run_dir / "teacher.json")
     confirm, best = _read(run_dir / "confirm.json"), _read(run_dir / "best" / "metrics.json")
@@ -84,6 +119,8 @@ def summary_markdown(cfg: Config, run_dir: Path, table: pd.DataFrame) -> str:
     failed = table[table["status"] == "failed"] if len(table) else table
     if len(failed):
         out += ["Failed trials: " + "; ".join(f"`{r['trial']}`: {r['error']}" for _, r in failed.iterrows()), ""]
+
+    out += _points_against_best(cfg, table, top, classes)
 
     if "distill.mode" in table.columns and len(top):
         ranked = best_trials(cfg, table, len(table))

@@ -100,3 +100,14 @@ def test_enqueued_points_are_evaluated_first():
     trial = study.ask()
     DefineByRun(parse_space(cfg), cfg)(trial)
     assert trial.params == point
+
+
+def test_a_searched_model_that_cannot_exist_is_refused_before_the_search_starts():
+    from kd.errors import UserError
+    from search.space import check_searched_models
+    cfg = load_config(None).updated({"search.space": {
+        "student.name": {"type": "choice", "values": ["test_resnet", "resnet_51"]},
+        "distill.alpha": {"type": "uniform", "low": 0, "high": 1}}})
+    with pytest.raises(UserError, match=re.escape("search.space['student.name'] offers 'resnet_51', which cannot "
+                                                  "work: student.name: 'resnet_51' is not a timm model name")):
+        check_searched_models(cfg, parse_space(cfg), weights=False)
