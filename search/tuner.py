@@ -37,7 +37,9 @@ def experiment_path(cfg: Config, run_dir: Path, storage: str | None = None) -> s
 
 @contextlib.contextmanager
 def exclusive(run_dir: Path) -> Iterator[None]:
-    """Only one search per run directory: a second one refuses with a clear message."""
+    """Only one search per run directory: a second one refuses with a clear message. A directory made here and
+    left holding nothing but the lock (the search could not start) is removed again."""
+    created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / ".search.lock"
     with open(path, "a+") as f:
@@ -57,6 +59,9 @@ def exclusive(run_dir: Path) -> Iterator[None]:
         finally:
             f.seek(0)
             f.truncate()
+            if created and [p.name for p in run_dir.iterdir()] == [path.name]:
+                path.unlink()
+                run_dir.rmdir()
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
@@ -107,7 +112,10 @@ def start_ray(address: str | None, quiet: bool) -> bool:
         try:
             ray.init(address=address, **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as e:
-            raise UserError(f"could not join the Ray cluster at {address}: {e}") from None
+            raise UserError(f"could not join the Ray cluster at {address}: {e}. Is its head running (`ray status` "
+                            "there)? Heads use token authentication by default since Ray 2.59, and Ray sends the "
+                            "token to an explicit address only with RAY_AUTH_MODE=token set here (the token from "
+                            "RAY_AUTH_TOKEN or ~/.ray/auth_token, copied from the head)") from None
     else:
         ray.init(num_cpus=os.cpu_count(), **kwargs)
     return True
@@ -242,13 +250,13 @@ def run_search(cfg: Config, address: str | None = None, storage: str | None = No
     exp_path = experiment_path(cfg, run_dir, storage)
     with exclusive(run_dir):
         restore = _should_resume(cfg, run_dir, exp_path, resume)
-        save_config(cfg, run_dir / "config.yaml")
         t0 = time.perf_counter()
         data = load_dataset(cfg.data, progress=not quiet)
-        run_info = {"experiment": exp_path, "resumed": restore, "classes": data.classes, "data": data.describe()}
-        atomic_write_json(run_dir / "run.json", run_info)
         started = start_ray(address, quiet)
-        try:
+        try:  # written once the data is good and Ray is up: a search that cannot start leaves nothing behind
+            save_config(cfg, run_dir / "config.yaml")
+            run_info = {"experiment": exp_path, "resumed": restore, "classes": data.classes, "data": data.describe()}
+            atomic_write_json(run_dir / "run.json", run_info)
             echo(f"preparing the teacher ({cfg.teacher.name}) once for all trials ...")
             teacher = prepare_teacher_once(cfg, data, cfg.train.epochs)
             echo(describe_teacher(teacher))

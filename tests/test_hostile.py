@@ -211,18 +211,20 @@ def _binary_csv(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.mark.parametrize("command", ["distill", "search"])
 @pytest.mark.parametrize("case", sorted(HOSTILE))
-def test_hostile_input_ends_in_one_clear_message(case, tmp_path, capsys):
+def test_hostile_input_ends_in_one_clear_message_and_writes_nothing(case, command, tmp_path, capsys):
     make, sets, message = HOSTILE[case]
     path = make(tmp_path)
-    args = ["distill", "digits", "--quiet", "--set", f"data.train={path}", "--set", f"data.cache_dir={tmp_path / 'c'}",
+    args = [command, "digits", "--quiet", "--set", f"data.train={path}", "--set", f"data.cache_dir={tmp_path / 'c'}",
             "--set", f"output_dir={tmp_path / 'out'}"]
     for s in sets:
         args += ["--set", s]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and "Traceback" not in err, err
-    assert not (tmp_path / "out" / "kd" / "distill" / "model").exists()
+    written = [p for p in (tmp_path / "out").rglob("*")] if (tmp_path / "out").exists() else []
+    assert not written, written
 
 
 def test_an_empty_search_space_is_refused_before_anything_runs(tmp_path, capsys):
