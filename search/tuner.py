@@ -117,7 +117,7 @@ def start_ray(address: str | None, quiet: bool) -> bool:
                             "token to an explicit address only with RAY_AUTH_MODE=token set here (the token from "
                             "RAY_AUTH_TOKEN or ~/.ray/auth_token, copied from the head)") from None
     else:
-        ray.init(num_cpus=os.cpu_count(), **kwargs)
+        ray.init(address="local", num_cpus=os.cpu_count(), **kwargs)  # its own Ray, even beside a running head
     return True
 
 
