@@ -3,7 +3,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test test-all bench clean
+.PHONY: install demo test clean
 
 install: $(VENV)/.installed
 
