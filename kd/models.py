@@ -36,13 +36,14 @@ def create_model(cfg: ModelConfig, num_classes: int, image_size: int) -> nn.Modu
     return model
 
 
-def check_models(cfg: Config, weights: bool = True) -> None:
-    """Fail fast on the teacher and the student of `cfg`, before any data is decoded or output written.
+def check_models(cfg: Config, weights: bool = True, roles: tuple[str, ...] = ("teacher", "student")) -> None:
+    """Fail fast on the teacher and the student of `cfg` (or those in `roles`), before any data is decoded or
+    output written.
 
     `weights=False` skips the pretrained weights (on a Ray cluster the workers, not the driver, load them).
     """
     classes = len(cfg.data.classes) if cfg.data.classes else 2  # the classifier's size does not matter here
-    for role in ("teacher", "student"):
+    for role in roles:
         check_model(getattr(cfg, role), classes, cfg.data.image_size, role, weights)
 
 

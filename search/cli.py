@@ -62,10 +62,10 @@ def cmd_distill(args: argparse.Namespace) -> int:
 def cmd_teacher(args: argparse.Namespace) -> int:
     from kd.data import load_dataset
     from kd.metrics import format_metrics
-    from kd.models import check_model
+    from kd.models import check_models
     from kd.teacher import prepare_teacher
     cfg = load(args)
-    check_model(cfg.teacher, len(cfg.data.classes or [0, 1]), cfg.data.image_size, "teacher")
+    check_models(cfg, roles=("teacher",))
     data = load_dataset(cfg.data, not args.quiet)
     teacher = prepare_teacher(cfg, data, progress=not args.quiet)
     print(format_metrics(teacher.metrics, data.classes, f"teacher {cfg.teacher.name} on validation:"))

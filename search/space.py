@@ -181,6 +181,7 @@ def check_searched_models(base: Config, params: list[Param], weights: bool = Tru
         if p.type == "choice" and p.key.startswith("student."):
             for value in p.values:
                 try:
-                    check_models(base.updated({p.key: value}, source=f"search.space['{p.key}']"), weights)
+                    check_models(base.updated({p.key: value}, source=f"search.space['{p.key}']"), weights,
+                                 roles=("student",))  # the teacher was checked above
                 except UserError as e:
                     raise UserError(f"search.space['{p.key}'] offers {value!r}, which cannot work: {e}") from None
