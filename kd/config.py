@@ -321,7 +321,7 @@ def from_dict(raw: dict[str, Any], source: str = "config") -> Config:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    from kd.cache import atomic_write_text
+    from kd.files import atomic_write_text
     atomic_write_text(Path(path), cfg.to_yaml())
 
 

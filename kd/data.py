@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from kd.cache import CacheError, file_lock, load_tensors, save_tensors
+from kd.files import CacheError, file_lock, load_tensors, save_tensors
 from kd.config import DataConfig, SplitSource
 from kd.errors import DataError
 from kd.images import IMAGE_EXTENSIONS, decode_files, is_inside, list_images

@@ -10,7 +10,7 @@ import pandas as pd
 import torch
 
 from kd import plots
-from kd.cache import atomic_path, atomic_write_json
+from kd.files import atomic_path, atomic_write_json
 from kd.config import Config, save_config
 from kd.data import Dataset, load_dataset
 from kd.errors import Diverged

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from kd.cache import atomic_dir, atomic_write_json
+from kd.files import atomic_dir, atomic_write_json
 from kd.config import Config, ModelConfig
 from kd.errors import UserError
 from kd.images import IMAGE_EXTENSIONS, decode_files

@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from kd.cache import atomic_path  # noqa: E402
+from kd.files import atomic_path  # noqa: E402
 
 
 def save_figure(fig: plt.Figure, path: str | Path) -> None:

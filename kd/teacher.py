@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from kd.augment import Augmenter, Normalize
-from kd.cache import CacheError, atomic_write_json, file_lock, load_tensors, save_tensors
+from kd.files import CacheError, atomic_write_json, file_lock, load_tensors, save_tensors
 from kd.config import Config
 from kd.data import Dataset
 from kd.losses import DistillLoss, class_weights

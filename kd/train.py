@@ -56,7 +56,7 @@ def seed_everything(seed: int) -> None:
 
 def save_state(state: dict[str, Any], path: str) -> None:
     """A resumable checkpoint (tensors and plain values only: it loads with weights_only=True)."""
-    from kd.cache import atomic_path
+    from kd.files import atomic_path
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from kd.cache import atomic_path, atomic_write_text, read_jsonl
+from kd.files import atomic_path, atomic_write_text, read_jsonl
 from kd.config import Config, load_config, save_config
 from kd.errors import UserError
 

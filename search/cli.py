@@ -9,7 +9,7 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-from kd.cache import shown
+from search.format import shown
 from kd.errors import Interrupted, KDError, UserError
 
 PRESETS = resources.files("search") / "presets"
@@ -76,7 +76,7 @@ def cmd_teacher(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from kd import plots
-    from kd.cache import atomic_write_json
+    from kd.files import atomic_write_json
     from kd.export import load_student
     from kd.metrics import compute_metrics, format_metrics, report_text
     student = load_student(args.model)
@@ -120,7 +120,7 @@ def _evaluation_split(args: argparse.Namespace, student):
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from kd.cache import atomic_path
+    from kd.files import atomic_path
     from kd.export import collect_images, load_student, predict_files
     student = load_student(args.model)
     files = collect_images(args.images)

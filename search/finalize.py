@@ -17,7 +17,8 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from kd.cache import atomic_write_json, shown
+from kd.files import atomic_write_json
+from search.format import shown
 from kd.config import Config
 from kd.data import Dataset
 from kd.errors import UserError

@@ -17,7 +17,7 @@ from typing import Any
 
 from ray.tune import Callback
 
-from kd.cache import read_jsonl
+from kd.files import read_jsonl
 
 EVENTS = "trial_events.jsonl"
 SHORT = {"distill.mode": "", "distill.temperature": "T=", "distill.alpha": "alpha=", "train.lr": "lr=",

@@ -16,7 +16,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from kd.cache import atomic_write_json, shown
+from kd.files import atomic_write_json
+from search.format import shown
 from kd.config import Config, load_config, save_config
 from kd.errors import Interrupted, UserError
 from search.space import DefineByRun, check_points, check_searched_models, parse_space

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kd.cache import atomic_dir, atomic_path, load_tensors, save_tensors
+from kd.files import atomic_dir, atomic_path, load_tensors, save_tensors
 from kd.config import load_config
 from kd.data import load_dataset
 from kd.errors import UserError
@@ -101,7 +101,7 @@ def test_a_cache_of_another_version_is_rebuilt(tmp_path):
     save_tensors(path, {"a": torch.ones(3)}, {"k": 1})
     from safetensors.torch import save_file
     save_file({"a": torch.ones(3)}, str(path), metadata={"format": "kd-search-0"})
-    from kd.cache import CacheError
+    from kd.files import CacheError
     with pytest.raises(CacheError, match="has format 'kd-search-0'"):
         load_tensors(path)
 

@@ -1,4 +1,4 @@
-"""Crash-safe files: write-then-rename, inter-process locks, and tensor files that verify themselves.
+"""Crash-safe files for every output and cache entry: write-then-rename, locks, tensor files that verify themselves.
 
 Every output and cache entry goes through here, so a kill at any moment leaves either the old file or
 the new one where a good one is expected, never half of one; a corrupted cache entry is detected by
@@ -137,10 +137,13 @@ def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     return tensors, meta
 
 
-def shown(path: str | Path) -> str:
-    """A path as a person would type it: relative to the working directory when it lies below it."""
-    rel = os.path.relpath(path)
-    return str(path) if rel.startswith("..") else rel
+def read_json(path: str | Path) -> dict[str, Any] | None:
+    """A JSON object written by `atomic_write_json`, or None where it is missing or unreadable."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
