@@ -14,6 +14,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from kd.errors import ConfigError
+from kd.images import MAX_IMAGE_PIXELS
 from kd.typed import build, scalar_keys, set_dotted
 
 IMBALANCE_METHODS = ("none", "inverse", "effective", "balanced_sampling", "logit_adjust")
@@ -48,7 +49,7 @@ class DataConfig:
     on_bad_image: Literal["warn", "error"] = "warn"
     allow_leakage: bool = False       # the same image (by content) in two splits is an error unless true
     allow_external_links: bool = False  # follow symlinks that point outside the dataset folder
-    max_image_pixels: int = 89_478_485  # Pillow's decompression-bomb limit
+    max_image_pixels: int = MAX_IMAGE_PIXELS  # Pillow's decompression-bomb limit
     cache_dir: str = "results/cache"
     pipeline: Literal["memory", "stream"] = "memory"
     workers: int = 0                  # decoding threads / stream workers; 0 = one per core

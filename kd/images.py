@@ -13,6 +13,8 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
+MAX_IMAGE_PIXELS = 89_478_485  # Pillow's decompression-bomb limit: the default of data.max_image_pixels
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")  # unsigned 16-bit greyscale: a fixed range 0..65535
 
 # Our own size check below replaces Pillow's warning; Pillow's hard error (2x the limit) stays as a backstop.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
@@ -60,13 +62,25 @@ def decode_bytes(data: bytes, size: int, max_pixels: int) -> np.ndarray:
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """RGB from any mode: 16-bit and 32-bit greyscale are scaled to 8 bits, palettes and alpha dropped."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+    """RGB from any mode: deeper greyscale is scaled to 8 bits, palettes and alpha dropped.
+
+    Greyscale deeper than 8 bits is scaled by the range its format fixes, never by what one image happens to
+    contain, so a pixel value decodes to the same 8-bit value in every image of a dataset:
+
+    - 16-bit modes (I;16, I;16B, I;16L, I;16N): 0..65535 maps to 0..255 (value / 257, rounded), whatever this
+      image's maximum: 51400 is 200, and 200 is 1 (a dim 16-bit image stays dim, not stretched to 8-bit values);
+    - 32-bit integer "I" whose values all lie in 0..65535 (how Pillow opens a 16-bit PGM): the same rule;
+    - "I" with values outside 0..65535, and float "F": their formats fix no range, so these alone are scaled
+      min-max per image, over a range that always includes 0: min(0, darkest pixel) becomes 0 and
+      max(0, brightest pixel) 255 (an all-zero image stays 0). There the same value can decode differently
+      in two images.
+    """
+    if img.mode in SIXTEEN_BIT_MODES or img.mode in ("I", "F"):
         arr = np.asarray(img, dtype=np.float64)
-        if img.mode == "F" or arr.max(initial=0) > 65535 or arr.min(initial=0) < 0:
-            lo, hi = float(arr.min(initial=0)), float(arr.max(initial=0))
+        lo, hi = float(arr.min(initial=0)), float(arr.max(initial=0))
+        if img.mode == "F" or lo < 0 or hi > 65535:
             arr = (arr - lo) / (hi - lo or 1.0) * 255.0
-        elif arr.max(initial=0) > 255:
+        else:
             arr = arr / 257.0
         img = Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8), "L")
     if img.mode == "P" and "transparency" in img.info:

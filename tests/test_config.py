@@ -108,3 +108,13 @@ def test_seed_presets_match_the_seed_setups():
     assert (seed2.train.schedule, seed2.train.epochs, seed2.train.batch_size) == ("cosine", 50, 32)
     modes = {p["distill.mode"] for p in seed2.search.points}
     assert modes == {"soft", "hard"}
+
+
+def test_the_decompression_bomb_limit_is_one_named_constant():
+    import inspect
+
+    import kd.config
+    from kd.images import MAX_IMAGE_PIXELS
+    assert MAX_IMAGE_PIXELS == 89_478_485  # Pillow's own default
+    assert load_config(None).data.max_image_pixels == MAX_IMAGE_PIXELS
+    assert "89_478_485" not in inspect.getsource(kd.config) and "89478485" not in inspect.getsource(kd.config)

@@ -75,6 +75,37 @@ def test_every_image_mode_becomes_rgb_at_the_right_size(tmp_path):
         assert 100 < images[i].float().mean() < 160
 
 
+
+def _encoded(array: np.ndarray, fmt: str = "PNG", mode: str | None = None) -> bytes:
+    import io
+    buf = io.BytesIO()
+    Image.fromarray(array, mode).save(buf, fmt)
+    return buf.getvalue()
+
+
+def test_a_16_bit_value_decodes_the_same_in_every_image_whatever_that_images_maximum(tmp_path):
+    from kd.images import SIXTEEN_BIT_MODES, decode_bytes
+    bright = np.zeros((8, 8), dtype=np.uint16)
+    bright[0, 0], bright[0, 1] = 51400, 200  # max 51400
+    dim = np.zeros((8, 8), dtype=np.uint16)
+    dim[0, 1] = 200                           # max 200: was read as 8-bit, so 200 stayed 200
+    for name, data in [("bright", _encoded(bright)), ("dim", _encoded(dim))]:
+        assert Image.open(__import__("io").BytesIO(data)).mode in SIXTEEN_BIT_MODES
+        out = decode_bytes(data, 8, 10_000)  # 8x8: no resizing, the pixels are the decoded values
+        assert out[0, 1].tolist() == [1, 1, 1], name  # round(200 / 257)
+        assert out[1, 1].tolist() == [0, 0, 0], name
+    assert decode_bytes(_encoded(bright), 8, 10_000)[0, 0].tolist() == [200, 200, 200]  # 51400 / 257
+
+    # 32-bit "I" images inside 0..65535 (a 16-bit PGM opens as "I") follow the same fixed rule
+    pgm = _encoded(dim, "PPM")
+    assert Image.open(__import__("io").BytesIO(pgm)).mode == "I"
+    assert decode_bytes(pgm, 8, 10_000)[0, 1].tolist() == [1, 1, 1]
+    # float images have no fixed range: scaled per image, 0 to the brightest pixel (documented in to_rgb)
+    flt = np.zeros((8, 8), dtype=np.float32)
+    flt[0, 1], flt[0, 2] = 2.0, 4.0
+    out = decode_bytes(_encoded(flt, "TIFF", "F"), 8, 10_000)
+    assert out[0, 1, 0] == 128 and out[0, 2, 0] == 255 and out[1, 1, 0] == 0
+
 def _bad_files(root):
     (root / "B" / "empty.png").write_bytes(b"")
     (root / "B" / "text.jpg").write_text("this is not a jpeg")
