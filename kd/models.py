@@ -15,7 +15,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from kd.config import Config, ModelConfig
+from kd.config import Config, DataConfig, ModelConfig, TeacherConfig
 from kd.errors import UserError
 
 log = logging.getLogger("kd")
@@ -27,37 +27,121 @@ def create_model(cfg: ModelConfig, num_classes: int, image_size: int) -> nn.Modu
 
     `cfg.pretrained`: false (random init), true (timm's own weights, from the local hub cache) or a local
     file (safetensors or a torch checkpoint, loaded with weights_only=True); a classifier whose shape does
-    not match is left freshly initialised.
+    not match is left freshly initialised. A teacher used without fine-tuning (`train.epochs: 0`) is refused
+    when its classifier would be one of those (see `check_teacher_head`).
     """
+    if cfg.pretrained is True:
+        check_teacher_head(cfg, num_classes)
     hub_file = cached_pretrained_file(cfg.name) if cfg.pretrained is True else None
     model = _build(cfg, num_classes, image_size, hub_file)
     if isinstance(cfg.pretrained, str) and cfg.pretrained:
-        load_weights(model, cfg.pretrained, cfg.name)
+        state = read_weights(cfg.pretrained, cfg.name)
+        check_teacher_head(cfg, num_classes, model, state)
+        load_weights(model, cfg.pretrained, cfg.name, state)
     return model
 
 
-def check_models(cfg: Config, weights: bool = True, roles: tuple[str, ...] = ("teacher", "student")) -> None:
+def check_models(cfg: Config, weights: bool = True, roles: tuple[str, ...] = ("teacher", "student"),
+                 num_classes: int | None = None) -> None:
     """Fail fast on the teacher and the student of `cfg` (or those in `roles`), before any data is decoded or
     output written.
 
     `weights=False` skips the pretrained weights (on a Ray cluster the workers, not the driver, load them).
+    `num_classes`: the data's class count where the caller knows it (a loaded dataset); otherwise it is taken
+    from the config where that fixes it (`known_class_count`).
     """
-    classes = len(cfg.data.classes) if cfg.data.classes else 2  # the classifier's size does not matter here
+    classes = num_classes or known_class_count(cfg.data)
     for role in roles:
         check_model(getattr(cfg, role), classes, cfg.data.image_size, role, weights)
 
 
-def check_model(cfg: ModelConfig, num_classes: int, image_size: int, role: str, weights: bool = True) -> None:
+def known_class_count(data: DataConfig) -> int | None:
+    """The number of classes the data will have, where that is known before any file is decoded: digits (2),
+    `data.classes`, or the class folders of a folder source's train split. None for a CSV without
+    `data.classes` (its labels are known once the CSV is read), or a folder the data loader will refuse."""
+    if data.source == "digits":
+        return 2
+    if data.classes:
+        return len(data.classes)
+    if data.source == "folder" and data.train is not None and os.path.isdir(data.train.path):
+        root = data.train.path
+        try:
+            dirs = {d for d in os.listdir(root) if not d.startswith(".") and os.path.isdir(os.path.join(root, d))}
+        except OSError:
+            return None
+        if len(dirs) >= 2 and not dirs <= {"train", "val", "valid", "validation", "test"}:
+            return len(dirs)
+    return None
+
+
+def check_model(cfg: ModelConfig, num_classes: int | None, image_size: int, role: str, weights: bool = True) -> None:
     """Everything `create_model` would reject, found without building weights: the name, the input size
-    (patch sizes), and the pretrained weights (in the hub cache, or a local file that fits the architecture)."""
+    (patch sizes), and the pretrained weights (in the hub cache, or a local file that fits the architecture).
+
+    `num_classes` None: not known yet (any count builds the model; a teacher's head is checked by
+    `create_model` once the data is loaded)."""
+    classes = num_classes or 2  # the classifier's size matters only to `check_teacher_head`
+    if num_classes and cfg.pretrained is True:
+        check_teacher_head(cfg, num_classes, role=role)
     with torch.device("meta"):
-        model = _build(cfg, num_classes, image_size, None, role)
+        model = _build(cfg, classes, image_size, None, role)
     if not weights:
         return
     if cfg.pretrained is True:
         cached_pretrained_file(cfg.name, role)
     elif isinstance(cfg.pretrained, str) and cfg.pretrained:
-        _matching(read_weights(cfg.pretrained, cfg.name), model, cfg.pretrained, cfg.name)
+        state = read_weights(cfg.pretrained, cfg.name)
+        _matching(state, model, cfg.pretrained, cfg.name)
+        if num_classes:
+            check_teacher_head(cfg, num_classes, model, state, role)
+
+
+def check_teacher_head(cfg: ModelConfig, num_classes: int, model: nn.Module | None = None,
+                       state: dict[str, torch.Tensor] | None = None, role: str = "teacher") -> None:
+    """Refuse a teacher used as given (`train.epochs: 0`) whose pretrained classifier would not load.
+
+    timm (for `pretrained: true`) and `load_weights` (for a file) keep a classifier only when it has exactly
+    `num_classes` outputs; any other head is left randomly initialised, and a teacher that is not fine-tuned
+    would then be a random classifier. For a file, `model` is the architecture (the meta device will do) and
+    `state` the file's tensors. Students, and teachers that are fine-tuned, pass unchecked.
+    """
+    if not (isinstance(cfg, TeacherConfig) and cfg.train.epochs == 0) or cfg.pretrained is False:
+        return
+    import timm
+
+    if cfg.pretrained is True:
+        pcfg = timm.models.get_pretrained_cfg(cfg.name)
+        outputs = getattr(pcfg, "num_classes", None)
+        if outputs is None or outputs == num_classes:
+            return  # no weights at all is cached_pretrained_file's error to give
+        whose = f"the pretrained classifier of '{cfg.name}' has {outputs} outputs"
+    else:
+        if model is None or state is None:
+            return
+        own = model.state_dict()
+        keys = [f"{c}.{p}" for c in _classifier_names(model) for p in ("weight", "bias") if f"{c}.{p}" in own]
+        if not keys or all(k in state and state[k].shape == own[k].shape for k in keys):
+            return
+        weight = state.get(keys[0])
+        if weight is None:
+            whose = f"{cfg.pretrained} has no classifier ({keys[0]}) for '{cfg.name}'"
+        elif weight.ndim >= 1 and weight.shape[0] != num_classes:
+            whose = f"the pretrained classifier of '{cfg.name}' in {cfg.pretrained} has {weight.shape[0]} outputs"
+        else:
+            whose = f"the classifier in {cfg.pretrained} does not fit '{cfg.name}'"
+    key = f"{role or 'teacher'}.train.epochs"
+    raise UserError(f"{key} is 0 (no fine-tuning) but {whose} and the data has {num_classes} classes: its head "
+                    f"would be random. Fine-tune it ({key} >= 1) or give weights whose classifier has "
+                    f"{num_classes} outputs")
+
+
+def _classifier_names(model: nn.Module) -> tuple[str, ...]:
+    """The module names of the model's classifier(s), as timm's pretrained config lists them (e.g. 'fc', or
+    'head' and 'head_dist' for a distilled DeiT)."""
+    names = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
+    if not names:
+        return ()
+    return (names,) if isinstance(names, str) else tuple(names)
 
 
 def _build(cfg: ModelConfig, num_classes: int, image_size: int, hub_file: str | None, role: str = "") -> nn.Module:
@@ -163,9 +247,10 @@ def _matching(state: dict[str, torch.Tensor], model: nn.Module, path: str, name:
     return usable
 
 
-def load_weights(model: nn.Module, path: str, name: str) -> None:
-    """Load a local checkpoint into `model`, keeping only tensors whose names and shapes match."""
-    usable = _matching(read_weights(path, name), model, path, name)
+def load_weights(model: nn.Module, path: str, name: str, state: dict[str, torch.Tensor] | None = None) -> None:
+    """Load a local checkpoint into `model` (`state`: its tensors, when already read), keeping only tensors
+    whose names and shapes match."""
+    usable = _matching(read_weights(path, name) if state is None else state, model, path, name)
     model.load_state_dict(usable, strict=False)
     fresh = sorted(set(model.state_dict()) - set(usable))
     if fresh:

@@ -94,3 +94,72 @@ def test_a_typo_in_the_student_fails_before_the_teacher_trains_or_anything_is_wr
 def test_a_vit_whose_patches_do_not_tile_the_image_is_refused():
     with pytest.raises(UserError, match="must be a multiple of 16"):
         check_model(ModelConfig("deit_tiny_distilled_patch16_224"), 2, 40, "student")
+
+
+def _test_resnet_file(path, num_classes: int) -> str:
+    import timm
+    torch.manual_seed(1)
+    model = timm.create_model("test_resnet", num_classes=num_classes)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return str(path)
+
+
+def _teacher_as_given(tmp_path, pretrained, *sets):
+    from tests.conftest import tiny_overrides
+    return load_config(None, tiny_overrides(tmp_path / "cache", tmp_path / "results") +
+                       ["teacher.train.epochs=0", f"teacher.pretrained={pretrained}", *sets])
+
+
+def test_a_teacher_used_as_given_needs_a_classifier_that_fits_the_data(tmp_path):
+    from kd.models import check_models
+    fits = _test_resnet_file(tmp_path / "two.safetensors", 2)
+    check_models(_teacher_as_given(tmp_path, fits))  # digits: 2 classes, the file's head loads
+    create_model(_teacher_as_given(tmp_path, fits).teacher, 2, 32)
+
+    five = _test_resnet_file(tmp_path / "five.safetensors", 5)
+    with pytest.raises(UserError) as err:
+        check_models(_teacher_as_given(tmp_path, five))
+    message = str(err.value)
+    assert message.startswith("teacher.train.epochs is 0 (no fine-tuning) but the pretrained classifier of "
+                              "'test_resnet'") and "has 5 outputs and the data has 2 classes: its head would be random" in message
+    assert "teacher.train.epochs >= 1" in message and "classifier has 2 outputs" in message and "\n" not in message
+    check_models(_teacher_as_given(tmp_path, five, "teacher.train.epochs=1"))  # fine-tuned: a new head is fine
+    check_models(_teacher_as_given(tmp_path, five, "data.classes=[a,b,c,d,e]", "data.source=csv",
+                                   f"data.train={tmp_path / 'labels.csv'}"))  # 5 classes: the head loads
+
+    # a CSV's classes are known only once it is read: the teacher is refused when it is built, before any training
+    csv = _teacher_as_given(tmp_path, five, "data.source=csv", f"data.train={tmp_path / 'labels.csv'}")
+    check_models(csv)
+    with pytest.raises(UserError, match="has 5 outputs and the data has 2 classes"):
+        create_model(csv.teacher, 2, 32)
+    # a folder's classes are its class folders: known before any image is decoded
+    for name in ("a", "b", "c"):
+        (tmp_path / "ds" / name).mkdir(parents=True)
+    with pytest.raises(UserError, match="has 5 outputs and the data has 3 classes"):
+        check_models(_teacher_as_given(tmp_path, five, "data.source=folder", f"data.train={tmp_path / 'ds'}"))
+
+
+def test_pretrained_true_as_given_is_refused_when_timms_head_has_other_classes(tmp_path):
+    from kd.models import check_models
+    cfg = _teacher_as_given(tmp_path, "true", "teacher.name=resnet18")
+    with pytest.raises(UserError) as err:
+        check_models(cfg, weights=False)  # known from timm's config, even where the weights are not loaded here
+    assert str(err.value) == (
+        "teacher.train.epochs is 0 (no fine-tuning) but the pretrained classifier of 'resnet18' has 1000 outputs "
+        "and the data has 2 classes: its head would be random. Fine-tune it (teacher.train.epochs >= 1) or give "
+        "weights whose classifier has 2 outputs")
+    with pytest.raises(UserError, match="has 1000 outputs"):
+        create_model(cfg.teacher, 2, 32)
+
+
+def test_the_cli_refuses_a_random_teacher_head_with_one_line(tmp_path, capsys):
+    from search.cli import main
+    from tests.conftest import tiny_overrides
+    five = _test_resnet_file(tmp_path / "five.safetensors", 5)
+    sets = [a for s in tiny_overrides(tmp_path / "cache", tmp_path / "results") +
+            ["teacher.train.epochs=0", f"teacher.pretrained={five}"] for a in ("--set", s)]
+    for command in ("distill", "teacher"):
+        assert main([command, "digits", *sets, "--quiet"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and "teacher.train.epochs is 0" in err[0], err
+    assert not (tmp_path / "results").exists() and not (tmp_path / "cache").exists()
