@@ -1,0 +1,219 @@
+"""What a model costs to keep and to run: the compression report of a distillation.
+
+`measure(model, image_size, device)` gives, for one model at its input size: parameters, FLOPs and MACs
+of one image (counted by torch's own `FlopCounterMode`, so every operator torch knows is counted the way
+torch counts it, with no table of layers kept here), the size of its weights as a safetensors file, and
+its measured inference latency and throughput on `device` at batch 1 and at a large batch. `compare`
+puts a teacher's and a student's reports side by side in one line.
+
+A measurement runs a few forward passes (a fixed number of warm-up runs, then repeats until a small time
+budget is spent, the median kept): a few hundred milliseconds for the tiny test models on a CPU. It is
+meant for after training, never inside the training loop.
+"""
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+WARMUP = 2          # untimed runs before timing each batch size (allocator, cuDNN autotuning, lazy init)
+MIN_REPEATS = 3     # timed runs at least ...
+MAX_REPEATS = 20    # ... and at most, for each batch size
+BUDGET_S = 0.25     # timed runs stop once this long was spent (after MIN_REPEATS)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_flops(model: nn.Module, image_size: int, batch: int = 1) -> int:
+    """Floating-point operations of one forward pass of `batch` images, as torch's FlopCounterMode counts them
+    (a multiply-add is 2 FLOPs; elementwise operations such as activations and normalisation are not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    device = _device_of(model)
+    x = torch.zeros(batch, 3, image_size, image_size, device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(x)
+    finally:
+        model.train(was_training)
+    return int(counter.get_total_flops())
+
+
+def weights_bytes(model: nn.Module) -> int:
+    """Size in bytes of the model's state dict as a safetensors file (what an export's model.safetensors holds)."""
+    from safetensors.torch import save
+
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    return len(save(state))
+
+
+def device_name(device: torch.device | str) -> str:
+    """The device in words: the GPU's name, or the CPU's model name from /proc/cpuinfo."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "mps":
+        return "Apple MPS"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "CPU"
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def time_forward(model: nn.Module, image_size: int, batch: int, device: torch.device, warmup: int = WARMUP,
+                 min_repeats: int = MIN_REPEATS, max_repeats: int = MAX_REPEATS, budget_s: float = BUDGET_S
+                 ) -> dict[str, Any]:
+    """Median seconds of one forward pass of `batch` float images at `image_size` (fp32), and images/s."""
+    x = torch.rand(batch, 3, image_size, image_size, device=device)
+    for _ in range(warmup):
+        model(x)
+    _sync(device)
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < max_repeats and (len(times) < min_repeats or time.perf_counter() - start < budget_s):
+        t0 = time.perf_counter()
+        model(x)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    median = statistics.median(times)
+    return {"batch": batch, "median_ms": median * 1000, "images_per_s": batch / median, "repeats": len(times),
+            "warmup": warmup}
+
+
+def measure(model: nn.Module, image_size: int, device: torch.device | str = "cpu", batch: int | None = None,
+            **timing: Any) -> dict[str, Any]:
+    """The cost report of `model` at `image_size` on `device`: size, FLOPs and measured speed.
+
+    `batch`: the large batch timed beside batch 1 (default 64 on a CPU, 256 on a GPU). `timing` goes to
+    `time_forward` (warmup, min_repeats, max_repeats, budget_s). The model is left on `device`, in the
+    mode it was in.
+    """
+    device = torch.device(device)
+    batch = batch or (256 if device.type == "cuda" else 64)
+    model = model.to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        flops = count_flops(model, image_size)
+        speed = [time_forward(model, image_size, b, device, **timing) for b in (1, batch)]
+    finally:
+        model.train(was_training)
+    return {
+        "parameters": count_parameters(model),
+        "flops": flops,
+        "macs": flops // 2,
+        "weights_bytes": weights_bytes(model),
+        "input_size": [3, image_size, image_size],
+        "latency_ms_batch1": speed[0]["median_ms"],
+        "images_per_s_batch1": speed[0]["images_per_s"],
+        "batch": batch,
+        "latency_ms_batch": speed[1]["median_ms"],
+        "images_per_s_batch": speed[1]["images_per_s"],
+        "timing": {"warmup": speed[0]["warmup"], "repeats": [s["repeats"] for s in speed], "statistic": "median",
+                   "dtype": "float32", "what": "model forward on normalised float input, no gradients"},
+        "device": device.type if device.index is None else f"{device.type}:{device.index}",
+        "device_name": device_name(device),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__.split("+")[0],
+    }
+
+
+def _params(n: int) -> str:
+    """0.4M, 25.6M, 1.2B, 9.3K."""
+    for unit, div, least in (("B", 1e9, 1e9), ("M", 1e6, 1e5), ("K", 1e3, 1e3)):
+        if n >= least:
+            return f"{n / div:.1f}{unit}"
+    return str(n)
+
+
+def _times(ratio: float, more: str, less: str, same: str) -> str:
+    """"12x smaller", "1.5x larger", or `same` within 5%."""
+    if 1 / 1.05 < ratio < 1.05:
+        return same
+    word, r = (more, ratio) if ratio > 1 else (less, 1 / ratio)
+    return f"{r:.1f}x {word}" if r < 10 else f"{r:.0f}x {word}"
+
+
+def compare(teacher: dict[str, Any], student: dict[str, Any], teacher_metric: float | None = None,
+            student_metric: float | None = None, metric_name: str = "balanced accuracy") -> dict[str, Any]:
+    """Ratios of a teacher's and a student's reports, and the line that says them, e.g. "student 0.4M params,
+    12x smaller, 7.0x faster than the teacher on this CPU (batch 64), balanced accuracy 0.95 against the
+    teacher's 0.96".
+
+    Speed is throughput at the large batch when both were measured at the same one, else at batch 1.
+    """
+    same_batch = teacher.get("batch") == student.get("batch")
+    key = "images_per_s_batch" if same_batch else "images_per_s_batch1"
+    out: dict[str, Any] = {
+        "smaller": teacher["parameters"] / max(student["parameters"], 1),
+        "fewer_flops": teacher["flops"] / max(student["flops"], 1),
+        "faster": student[key] / teacher[key],
+        "faster_batch1": student["images_per_s_batch1"] / teacher["images_per_s_batch1"],
+        "speed_compared_at_batch": student["batch"] if same_batch else 1,
+    }
+    if student.get("device_name") != teacher.get("device_name"):
+        where = "their own devices"
+    else:
+        where = "this GPU" if str(student.get("device", "")).startswith("cuda") else "this CPU"
+    size = _times(out["smaller"], "smaller", "larger", "the same size")
+    speed = _times(out["faster"], "faster than", "slower than", "as fast as")
+    line = (f"student {_params(student['parameters'])} params, {size}, {speed} the teacher on {where} "
+            f"(batch {out['speed_compared_at_batch']})")
+    if teacher_metric is not None and student_metric is not None:
+        line += f", {metric_name} {student_metric:.2f} against the teacher's {teacher_metric:.2f}"
+        out.update(student_metric=student_metric, teacher_metric=teacher_metric, metric=metric_name)
+    out["summary"] = line
+    return out
+
+
+def compression_report(teacher_model: nn.Module | None, student_model: nn.Module, image_size: int,
+                       device: torch.device | str = "cpu", teacher_metric: float | None = None,
+                       student_metric: float | None = None, metric_name: str = "validation balanced accuracy",
+                       teacher_image_size: int | None = None, **timing: Any) -> dict[str, Any]:
+    """`measure` for the student (and the teacher when given) and their comparison, as one JSON-ready dict."""
+    report: dict[str, Any] = {"student": measure(student_model, image_size, device, **timing)}
+    if teacher_model is not None:
+        report["teacher"] = measure(teacher_model, teacher_image_size or image_size, device, **timing)
+        report["comparison"] = compare(report["teacher"], report["student"], teacher_metric, student_metric,
+                                       metric_name)
+        report["summary"] = report["comparison"]["summary"]
+    else:
+        s = report["student"]
+        report["summary"] = (f"student {_params(s['parameters'])} params, {s['flops'] / 1e6:.1f} MFLOPs, "
+                             f"{s['images_per_s_batch']:.0f} images/s at batch {s['batch']} on {s['device_name']}")
+    return report
+
+
+def distill_report(cfg: Any, student_model: nn.Module, teacher_model: nn.Module | None,
+                   teacher_metrics: dict[str, Any] | None, student_metrics: dict[str, Any] | None) -> dict[str, Any]:
+    """The compression report of a finished distillation, on its training device (`cfg.train.device`),
+    comparing validation balanced accuracy. Run after training, never inside it."""
+    from kd.train import resolve_device
+
+    metric = "balanced_accuracy"
+    return compression_report(teacher_model, student_model, cfg.data.image_size, resolve_device(cfg.train.device),
+                              (teacher_metrics or {}).get(metric), (student_metrics or {}).get(metric),
+                              "validation balanced accuracy")
