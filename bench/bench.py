@@ -190,7 +190,7 @@ def kd_search(p: dict, work: Path, trials: int, **sets) -> dict:
 
     from kd.data import load_dataset
     from kd.teacher import _augment_key, teacher_key
-    from search.tuner import run_search
+    from search.driver import run_search
 
     name = f"search-{trials}-" + "-".join(f"{k}{v}" for k, v in sorted(sets.items())).replace(".", "")
     cfg = config(p, work, **{"name": name, "search.num_samples": trials, **sets})

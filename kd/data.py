@@ -21,11 +21,11 @@ import torch
 from kd.files import CacheError, file_lock, load_tensors, save_tensors
 from kd.config import DataConfig, SplitSource
 from kd.errors import DataError
-from kd.images import IMAGE_EXTENSIONS, decode_files, is_inside, list_images
+from kd.images import IMAGE_EXTENSIONS, MAX_IMAGE_PIXELS, decode_files, is_inside, list_images
 
 log = logging.getLogger("kd")
 SPLITS = ("train", "val", "test")
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: 16-bit images decode by one fixed rule
 MAX_LISTED = 20
 
 
@@ -56,7 +56,7 @@ class Dataset:
     fingerprint: str = ""
     skipped: list[tuple[str, str]] = field(default_factory=list)
     workers: int = 0                  # streaming pipeline: DataLoader workers decoding each batch
-    max_pixels: int = 89_478_485
+    max_pixels: int = MAX_IMAGE_PIXELS
 
     def split(self, name: str) -> Split:
         return getattr(self, name)

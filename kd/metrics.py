@@ -42,6 +42,11 @@ def flatten(metrics: dict[str, Any], prefix: str) -> dict[str, float]:
     return out
 
 
+def scalars(row: dict[str, Any]) -> dict[str, Any]:
+    """The numbers of a history row (what a search records of an epoch), plus its status where it has one."""
+    return {k: v for k, v in row.items() if (isinstance(v, (int, float)) and not isinstance(v, bool)) or k == "status"}
+
+
 def tune_threshold(labels: np.ndarray, p_positive: np.ndarray) -> float:
     """The threshold on p(class 1) that maximises balanced accuracy; ties go to the one nearest 0.5.
 

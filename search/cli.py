@@ -4,35 +4,18 @@ from __future__ import annotations
 import argparse
 import csv
 import logging
-import os
 import sys
-from importlib import resources
-from pathlib import Path
 
-from search.format import shown
 from kd.errors import Interrupted, KDError, UserError
+from search import presets
+from search.format import shown
 
-PRESETS = resources.files("search") / "presets"
 log = logging.getLogger("kd")
-
-
-def preset_names() -> list[str]:
-    return sorted(p.name.removesuffix(".yaml") for p in PRESETS.iterdir() if p.name.endswith(".yaml"))
-
-
-def config_path(name: str) -> str:
-    """A config file path, or the name of a preset shipped with the package."""
-    if os.path.exists(name):
-        return name
-    preset = PRESETS / f"{name}.yaml"
-    if preset.is_file():
-        return str(preset)
-    raise UserError(f"no config file or preset named '{name}' (presets: {', '.join(preset_names())})")
 
 
 def load(args: argparse.Namespace):
     from kd.config import load_config
-    return load_config(config_path(args.config), args.set)
+    return load_config(presets.config_path(args.config), args.set)
 
 
 def setup_logging(quiet: bool) -> None:
@@ -50,12 +33,21 @@ def setup_logging(quiet: bool) -> None:
         logger.propagate = False
 
 
+def resume_hint(args: argparse.Namespace) -> str | None:
+    """The command that continues an interrupted search (None for commands that are not searches)."""
+    sets = "".join(f" --set {s}" for s in args.set) if hasattr(args, "set") else ""
+    if args.command == "search":
+        return f"kdsearch search {args.config}{sets} --resume"
+    if args.command == "demo":
+        return f"kdsearch demo{sets}"
+    return None
+
+
 # -------------------------------------------------------------------------------------------- commands
 
 def cmd_distill(args: argparse.Namespace) -> int:
     from kd.distill import run_distill
-    cfg = load(args)
-    run_distill(cfg, args.out, progress=not args.quiet)
+    run_distill(load(args), args.out, progress=not args.quiet)
     return 0
 
 
@@ -75,53 +67,16 @@ def cmd_teacher(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from kd import plots
-    from kd.files import atomic_write_json
-    from kd.export import load_student
-    from kd.metrics import compute_metrics, format_metrics, report_text
-    student = load_student(args.model)
-    split, name = _evaluation_split(args, student)
-    probs = student.probs(split.images)
-    labels = split.labels.numpy()
-    metrics = compute_metrics(labels, probs, student.classes, student.threshold)
-    print(format_metrics(metrics, student.classes, f"{args.model} on {name} ({len(labels)} images):"))
-    print(report_text(labels, probs, student.classes, student.threshold))
-    out = Path(args.out)
-    plots.confusion_matrix(metrics["confusion_matrix"], student.classes, out / "confusion_matrix.png",
-                           f"{Path(args.model).name} on {name}")
-    atomic_write_json(out / "metrics.json", {"model": str(args.model), "data": name, **metrics})
-    print(f"confusion matrix: {out / 'confusion_matrix.png'}; metrics: {out / 'metrics.json'}")
+    from kd.evaluate import evaluate_export
+    data = presets.config_path(args.data) if presets.is_preset(args.data) else args.data
+    evaluate_export(args.model, data, args.out, args.file_column, args.label_column, args.images or "",
+                    progress=not args.quiet)
     return 0
 
 
-def _evaluation_split(args: argparse.Namespace, student):
-    """DATA: `digits` or a config (its test split), a folder of class folders, or a labelled CSV."""
-    from kd.config import DataConfig, SplitSource, from_dict, load_config
-    from kd.data import load_dataset, load_labelled
-    is_config = args.data.endswith((".yaml", ".yml")) or (not os.path.exists(args.data) and args.data in preset_names())
-    if args.data == "digits" or is_config:
-        if args.data == "digits":
-            cfg = from_dict(student.info["config"], f"{args.model}/config.json").updated({"data.source": "digits"})
-        else:
-            cfg = load_config(config_path(args.data))
-        cfg = cfg.updated({"data.image_size": student.image_size, "data.pipeline": "memory"})
-        data = load_dataset(cfg.data, progress=not args.quiet)
-        if data.classes != student.classes:
-            raise UserError(f"{args.data} has classes {', '.join(data.classes)}; "
-                            f"the model {', '.join(student.classes)}")
-        return data.test, f"the test split of {args.data}"
-    if not os.path.exists(args.data):
-        raise UserError(f"{args.data}: no such folder or CSV file (DATA may also be 'digits' or a config)")
-    data_cfg = DataConfig(source="csv" if os.path.isfile(args.data) else "folder", image_size=student.image_size,
-                          file_column=args.file_column, label_column=args.label_column,
-                          cache_dir=student.info["config"]["data"]["cache_dir"])
-    src = SplitSource(path=args.data, images=args.images or "")
-    return load_labelled(data_cfg, src, student.classes, progress=not args.quiet), args.data
-
-
 def cmd_predict(args: argparse.Namespace) -> int:
-    from kd.files import atomic_path
     from kd.export import collect_images, load_student, predict_files
+    from kd.files import atomic_path
     student = load_student(args.model)
     files = collect_images(args.images)
     rows = predict_files(student, files, progress=not args.quiet)
@@ -139,20 +94,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from search.tuner import run_search
-    args.resume_hint = "kdsearch search " + " ".join([args.config, *[f"--set {s}" for s in args.set], "--resume"])
+    from search.driver import run_search
     run_search(load(args), address=args.address, storage=args.storage, resume=args.resume, quiet=args.quiet)
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from kd.config import load_config
-    from search.tuner import run_search
-    cfg = load_config(config_path("digits"), args.set)
-    args.resume_hint = "kdsearch demo" + "".join(f" --set {s}" for s in args.set)
+    from search.driver import run_search
     print("kd-search demo: a search over distillation hyperparameters on scikit-learn's handwritten digits "
           "('8' vs the rest, ~10% minority)")
-    run_dir = run_search(cfg, quiet=args.quiet)
+    run_dir = run_search(load_config(presets.config_path("digits"), args.set), quiet=args.quiet)
     best = shown(run_dir / "best")
     print(f"\nDone. Read {shown(run_dir / 'summary.md')} (tables and plots), {shown(run_dir / 'trials.csv')} "
           f"(every trial), and use the best student in {best}:\n"
@@ -161,43 +113,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from search.analyze import write_report
-    table = write_report(args.run_dir)
-    counts = table["status"].value_counts().to_dict() if len(table) else {}
-    run_dir = Path(args.run_dir)
-    print(f"{len(table)} trials (" + ", ".join(f"{n} {s}" for s, n in counts.items()) + f"); wrote "
-          f"{run_dir / 'trials.csv'}, {run_dir / 'summary.md'} and {run_dir / 'plots'}")
+    from search.report import analyze
+    print(analyze(args.run_dir))
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    import json
-
-    from search.analyze import best_trials, load_run, load_trials
-    from search.finalize import export_trial
-    cfg, exp = load_run(args.run_dir)
-    table, _ = load_trials(cfg, exp, args.run_dir)
-    if args.trial:
-        match = table[table["trial"] == args.trial] if len(table) else table
-        if match.empty:
-            raise UserError(f"no trial '{args.trial}' in {args.run_dir} (trials: {', '.join(table.get('trial', []))})")
-        row = match.iloc[0]
-    else:
-        top = best_trials(cfg, table, 1)
-        if top.empty:
-            raise UserError(f"no finished trial in {args.run_dir} to export")
-        row = top.iloc[0]
-    run = json.loads((Path(args.run_dir) / "run.json").read_text())
-    metrics = export_trial(cfg, row, run["classes"], Path(args.out))
-    print(f"exported trial {row['trial']} (epoch {metrics['epoch']}, validation {cfg.search.metric} "
-          f"{row[cfg.search.metric]:.4f}) to {args.out}")
+    from search.finalize import export_command
+    print(export_command(args.run_dir, args.trial, args.out))
     return 0
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
-    for name in preset_names():
-        first = (PRESETS / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ")
-        print(f"{name:<26} {first}")
+    print(presets.listing())
     return 0
 
 
@@ -273,13 +201,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except Interrupted as e:
-        print(f"{e}\nresume with: {getattr(args, 'resume_hint', 'the same command')}", file=sys.stderr)
+        print(f"{e}\nresume with: {resume_hint(args) or 'the same command'}", file=sys.stderr)
         return 130
     except KDError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2 if isinstance(e, UserError) else 1
     except KeyboardInterrupt:
-        hint = getattr(args, "resume_hint", None)
+        hint = resume_hint(args)
         print("interrupted" + (f"; resume with: {hint}" if hint else ""), file=sys.stderr)
         return 130
 

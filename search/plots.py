@@ -1,51 +1,48 @@
 """The search's pictures: trials in order, parameter importance, parameters against the metric, curves."""
 from __future__ import annotations
 
-import json
 import logging
 import warnings
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 from matplotlib.ticker import MaxNLocator, NullFormatter
 
 from kd import plots as kplots
-from kd.config import Config
 from kd.plots import plt, save_figure
-from search.analyze import best_trials, searched_keys
+from search.run import COMPLETED, FAILED, JOURNAL, RANKED, STOPPED, UNFINISHED, Run
 
 log = logging.getLogger("search")
-COLOURS = {"completed": "tab:blue", "stopped early": "tab:orange", "failed": "tab:red", "unfinished": "tab:grey"}
+COLOURS = {COMPLETED: "tab:blue", STOPPED: "tab:orange", FAILED: "tab:red", UNFINISHED: "tab:grey"}
 
 
-def draw_all(cfg: Config, run_dir: Path, table: pd.DataFrame, histories: dict[str, list[dict[str, Any]]]) -> None:
-    out = run_dir / "plots"
-    if len(table):
-        trials_in_order(cfg, table, out / "trials.png")
-        params_vs_metric(cfg, table, out / "params.png")
-        top = best_trials(cfg, table, 5)
+def draw_all(run: Run) -> None:
+    out = run.directory / "plots"
+    if len(run.table):
+        trials_in_order(run, out / "trials.png")
+        params_vs_metric(run, out / "params.png")
+        top = run.best_trials(5)
         if len(top):
-            kplots.learning_curves({f"{r['trial']} ({r['status']})": histories[r["trial"]] for _, r in top.iterrows()},
-                                   out / "learning_curves.png", "top trials")
-        soft_vs_hard(cfg, table, out / "soft_vs_hard.png")
-        importance(cfg, run_dir, out / "importance.png")
-    best = run_dir / "best" / "metrics.json"
-    if best.is_file():
-        m = json.loads(best.read_text())
-        kplots.confusion_matrix(m["test"]["confusion_matrix"], m["classes"], out / "confusion_matrix_test.png",
-                                f"best student (trial {m['trial']}) on the held-out test split")
+            kplots.learning_curves({f"{r['trial']} ({r['status']})": run.histories[r["trial"]]
+                                    for _, r in top.iterrows()}, out / "learning_curves.png", "top trials")
+        soft_vs_hard(run, out / "soft_vs_hard.png")
+        importance(run, out / "importance.png")
+    best = run.best
+    if best is not None:
+        kplots.confusion_matrix(best.test["confusion_matrix"], best.classes, out / "confusion_matrix_test.png",
+                                f"best student (trial {best.trial}) on the held-out test split")
 
 
-def trials_in_order(cfg: Config, table: pd.DataFrame, path: Path) -> None:
+def trials_in_order(run: Run, path: Path) -> None:
+    cfg, table = run.config, run.table
     metric = cfg.search.metric
     fig, ax = plt.subplots(figsize=(9, 4))
     for status, group in table.groupby("status"):
-        y = group[metric].fillna(0.0) if status != "failed" else np.zeros(len(group))
+        y = group[metric].fillna(0.0) if status != FAILED else np.zeros(len(group))
         ax.scatter(group["number"], y, label=status, color=COLOURS.get(status, "black"),
-                   marker="x" if status == "failed" else "o", zorder=3)
-    done = table[table["status"].isin(["completed", "stopped early"])].sort_values("number")
+                   marker="x" if status == FAILED else "o", zorder=3)
+    done = table[table["status"].isin(RANKED)].sort_values("number")
     if len(done):
         running = done[metric].cummax() if cfg.search.mode == "max" else done[metric].cummin()
         ax.step(done["number"], running, where="post", color="black", linewidth=1.2, label="best so far")
@@ -56,12 +53,13 @@ def trials_in_order(cfg: Config, table: pd.DataFrame, path: Path) -> None:
     save_figure(fig, path)
 
 
-def params_vs_metric(cfg: Config, table: pd.DataFrame, path: Path) -> None:
-    keys = searched_keys(cfg, table)
+def params_vs_metric(run: Run, path: Path) -> None:
+    cfg, table = run.config, run.table
+    keys = run.searched_keys()
     if not keys:
         return
     metric = cfg.search.metric
-    done = table[table["status"].isin(["completed", "stopped early"])]
+    done = table[table["status"].isin(RANKED)]
     cols = min(3, len(keys))
     rows = -(-len(keys) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
@@ -91,10 +89,11 @@ def params_vs_metric(cfg: Config, table: pd.DataFrame, path: Path) -> None:
     save_figure(fig, path)
 
 
-def soft_vs_hard(cfg: Config, table: pd.DataFrame, path: Path) -> None:
+def soft_vs_hard(run: Run, path: Path) -> None:
+    table = run.table
     if "distill.mode" not in table.columns:
         return
-    ranked = best_trials(cfg, table, len(table))
+    ranked = run.best_trials(len(table))
     best = {m: ranked[ranked["distill.mode"] == m].head(1) for m in ("soft", "hard")}
     if any(b.empty for b in best.values()):
         return
@@ -112,12 +111,13 @@ def soft_vs_hard(cfg: Config, table: pd.DataFrame, path: Path) -> None:
     save_figure(fig, path)
 
 
-def importance(cfg: Config, run_dir: Path, path: Path) -> None:
+def importance(run: Run, path: Path) -> None:
     """Optuna's fANOVA importances from the saved study; a conditional parameter among the trials it applies to."""
     import optuna
     from optuna.importance import FanovaImportanceEvaluator, get_param_importances
 
-    journal = run_dir / "optuna.journal"
+    cfg = run.config
+    journal = run.directory / JOURNAL
     if not journal.is_file():
         return
     optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -16,44 +16,19 @@ from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback
+from ray.tune.experiment import Trial
 
-from kd.files import read_jsonl
-
-EVENTS = "trial_events.jsonl"
-SHORT = {"distill.mode": "", "distill.temperature": "T=", "distill.alpha": "alpha=", "train.lr": "lr=",
-         "imbalance.method": "", "imbalance.beta": "beta=", "imbalance.tau": "tau="}
+from search.format import params_text
+from search.run import COMPLETED, EVENTS, FAILED, RETRY, STOPPED, error_line, trial_error
 
 
-def describe(config: dict[str, Any]) -> str:
-    parts = []
-    for key, value in config.items():
-        text = f"{value:.3g}" if isinstance(value, float) else str(value)
-        parts.append(SHORT.get(key, f"{key}=") + text)
-    return " ".join(parts)
-
-
-def read_events(run_dir: str | Path) -> list[dict[str, Any]]:
-    return [e for e in read_jsonl(Path(run_dir) / EVENTS) if "trial" in e and "status" in e]
-
-
-def _error(trial: Any) -> str:
-    """The last line naming the exception, from the error Ray holds or the trial's error.txt ("" if neither)."""
-    texts = []
+def _error(trial: Trial) -> str:
+    """The line naming the exception, from the error Ray holds, else the trial's error.txt ("" if neither)."""
     try:
-        texts.append(str(trial.get_error() or ""))
-    except Exception:
-        pass
-    for path in (getattr(trial, "path", None), getattr(trial, "local_path", None)):
-        try:
-            texts.append(Path(path, "error.txt").read_text(errors="replace"))
-        except (OSError, TypeError):
-            pass
-    for text in texts:
-        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-        causes = [ln for ln in lines if "Error" in ln.split(":")[0] or "Exception" in ln.split(":")[0]]
-        if causes or lines:
-            return (causes[-1] if causes else lines[-1])[:300]
-    return ""
+        held = error_line(str(trial.get_error() or ""))
+    except Exception:  # Ray's own lookup of the error can fail on a trial whose node is gone
+        held = ""
+    return held or next(filter(None, (trial_error(p) for p in (trial.path, trial.local_path) if p)), "")
 
 
 class TrialLog(Callback):
@@ -88,21 +63,21 @@ class TrialLog(Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         result = self.last.get(trial.trial_id) or trial.last_result or {}
         value, epochs = result.get(self.metric), result.get("epoch", 0)
-        status = "completed" if epochs >= self.max_epochs else "stopped early"
+        status = COMPLETED if epochs >= self.max_epochs else STOPPED
         self._record({"trial": trial.trial_id, "status": status, "epochs": epochs})
         if value is not None and (self.best is None or (value > self.best) == (self.mode == "max")):
             self.best = value
-        how = "completed" if status == "completed" else f"stopped early at epoch {epochs}"
+        how = COMPLETED if status == COMPLETED else f"{STOPPED} at epoch {epochs}"
         shown = f"{value:.4f}" if value is not None else "n/a"
         best = f"{self.best:.4f}" if self.best is not None else "n/a"
-        self._print(f"trial {trial.trial_id} {how}: {self.metric} {shown} (best {best}) | {describe(trial.config)}")
+        self._print(f"trial {trial.trial_id} {how}: {self.metric} {shown} (best {best}) | {params_text(trial.config)}")
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         error = _error(trial)
-        self._record({"trial": trial.trial_id, "status": "retry", "error": error})
+        self._record({"trial": trial.trial_id, "status": RETRY, "error": error})
         self._print(f"trial {trial.trial_id} will be retried after: {error or 'its process died'}")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         error = _error(trial)
-        self._record({"trial": trial.trial_id, "status": "failed", "error": error})
-        self._print(f"trial {trial.trial_id} failed: {error or 'its process died'} | {describe(trial.config)}")
+        self._record({"trial": trial.trial_id, "status": FAILED, "error": error})
+        self._print(f"trial {trial.trial_id} failed: {error or 'its process died'} | {params_text(trial.config)}")

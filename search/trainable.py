@@ -19,18 +19,13 @@ from kd.config import from_dict
 from kd.data import Dataset
 from kd.distill import train_student
 from kd.errors import Diverged
+from kd.metrics import scalars
 from kd.train import load_state, save_state
-
-STATE_FILE = "state.pt"
+from search.run import STATE_FILE
 
 
 class TrialDiverged(RuntimeError):
     """Raised inside a trial so Ray records it as failed, with this message as its error."""
-
-
-def numeric(row: dict[str, Any]) -> dict[str, Any]:
-    """What Ray should record of an epoch: numbers, plus the status string."""
-    return {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool) or k == "status"}
 
 
 def distill_trainable(config: dict[str, Any], base: dict[str, Any], data: Dataset, teacher_logits: torch.Tensor,
@@ -47,7 +42,7 @@ def distill_trainable(config: dict[str, Any], base: dict[str, Any], data: Datase
     def report(row: dict[str, Any], state_fn) -> None:
         if row.get("status") == "diverged":  # no report: it would lack the metric Tune optimises
             raise TrialDiverged(f"non-finite loss at epoch {row['epoch']}: the trial diverged")
-        metrics = numeric(row)
+        metrics = scalars(row)
         last = row["epoch"] == cfg.train.epochs
         if row["epoch"] % checkpoint_every and not last:
             tune.report(metrics)

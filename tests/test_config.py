@@ -3,7 +3,7 @@ import yaml
 
 from kd.config import Config, config_keys, from_dict, load_config
 from kd.errors import ConfigError
-from search.cli import config_path, preset_names
+from search.presets import config_path, preset_names
 
 
 def write(tmp_path, text: str):
@@ -36,7 +36,7 @@ def test_unknown_top_level_section(tmp_path):
     ("train: {epochs: -3}", "'train.epochs' must be >= 1"),
     ("distill: {alpha: 1.5}", "'distill.alpha' must be in [0, 1]"),
     ("distill: {mode: medium}", "'distill.mode' must be one of soft, hard"),
-    ("train: {amp: maybe}", "'train.amp' must be true or false"),
+    ("train: {amp: maybe}", "'train.amp' must be one of auto, bf16, off; got 'maybe'"),
     ("search: {space: {}}", "'search.space' is empty"),
     ("data: {source: folder}", "'data.train' is required for source 'folder'"),
     ("data: 5", "'data' must be a mapping"),
@@ -65,7 +65,7 @@ def test_overrides_parse_types_and_reject_unknown_keys():
     cfg = load_config(None, ["distill.temperature=7", "train.lr=1e-4", "distill.mode=hard", "train.amp=false",
                              "data.train=/some/folder", "data.source=folder"])
     assert cfg.distill.temperature == 7.0 and cfg.train.lr == 1e-4 and cfg.distill.mode == "hard"
-    assert cfg.train.amp is False and cfg.data.train.path == "/some/folder"
+    assert cfg.train.amp == "off" and cfg.data.train.path == "/some/folder"  # an older config's false
     with pytest.raises(ConfigError, match="unknown key 'train.lrate'"):
         load_config(None, ["train.lrate=0.1"])
     with pytest.raises(ConfigError, match="expects KEY=VALUE"):

@@ -11,7 +11,7 @@ import kd.data
 from kd.config import load_config
 from kd.data import load_dataset
 from kd.errors import DataError
-from tests.conftest import make_folder_dataset, write_image
+from tests.helpers import make_folder_dataset, write_image
 
 
 def folder_cfg(tmp_path, root, *sets):

@@ -17,7 +17,7 @@ from kd.data import load_dataset
 from kd.errors import UserError
 from kd.teacher import prepare_teacher
 from search.cli import main
-from tests.conftest import digits_folder, make_folder_dataset, tiny_overrides, write_image
+from tests.helpers import digits_folder, make_folder_dataset, tiny_overrides, write_image
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -113,7 +113,7 @@ def _fill_caches(cache: str, root: str, out: str) -> None:
     from kd.config import load_config
     from kd.data import load_dataset
     from kd.teacher import prepare_teacher
-    from tests.conftest import tiny_overrides
+    from tests.helpers import tiny_overrides
     cfg = load_config(None, tiny_overrides(cache) + ["data.source=folder", f"data.train={root}",
                                                      "teacher.train.epochs=1", "train.epochs=1"])
     data = load_dataset(cfg.data, progress=False)
@@ -236,7 +236,7 @@ def test_an_empty_search_space_is_refused_before_anything_runs(tmp_path, capsys)
 
 def test_sigterm_stops_a_search_the_way_ctrl_c_does():
     """A cluster scheduler's SIGTERM reaches Tune's SIGINT handler (here Python's default: KeyboardInterrupt)."""
-    from search.tuner import sigterm_as_interrupt
+    from search.session import sigterm_as_interrupt
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(KeyboardInterrupt):
         with sigterm_as_interrupt():

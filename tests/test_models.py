@@ -84,7 +84,7 @@ def test_local_weights_file_round_trips_and_a_wrong_one_is_named(tmp_path):
 
 def test_a_typo_in_the_student_fails_before_the_teacher_trains_or_anything_is_written(tmp_path):
     from kd.distill import run_distill
-    from tests.conftest import tiny_overrides
+    from tests.helpers import tiny_overrides
     cfg = load_config(None, tiny_overrides(tmp_path / "cache", tmp_path / "results") + ["student.name=resnet_51"])
     with pytest.raises(UserError, match="student.name: 'resnet_51' is not a timm model name. Did you mean"):
         run_distill(cfg, progress=False)
@@ -105,7 +105,7 @@ def _test_resnet_file(path, num_classes: int) -> str:
 
 
 def _teacher_as_given(tmp_path, pretrained, *sets):
-    from tests.conftest import tiny_overrides
+    from tests.helpers import tiny_overrides
     return load_config(None, tiny_overrides(tmp_path / "cache", tmp_path / "results") +
                        ["teacher.train.epochs=0", f"teacher.pretrained={pretrained}", *sets])
 
@@ -154,7 +154,7 @@ def test_pretrained_true_as_given_is_refused_when_timms_head_has_other_classes(t
 
 def test_the_cli_refuses_a_random_teacher_head_with_one_line(tmp_path, capsys):
     from search.cli import main
-    from tests.conftest import tiny_overrides
+    from tests.helpers import tiny_overrides
     five = _test_resnet_file(tmp_path / "five.safetensors", 5)
     sets = [a for s in tiny_overrides(tmp_path / "cache", tmp_path / "results") +
             ["teacher.train.epochs=0", f"teacher.pretrained={five}"] for a in ("--set", s)]

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 
 from kd.config import load_config
-from tests.conftest import tiny_overrides
+from tests.helpers import tiny_overrides
 
 pytestmark = pytest.mark.slow
 EPOCHS = 4
@@ -124,7 +124,7 @@ def test_killed_then_interrupted_search_finishes_with_every_trial_once(tmp_path,
 def test_killed_trial_processes_are_retried_then_recorded_as_failed(tmp_path, shared_cache):
     """Trial 1's worker is killed once (retried, resumes, completes); trial 2's twice (max_failures=1: failed).
     A process killed by the OOM killer dies the same way."""
-    from search.tuner import run_search
+    from search.driver import run_search
     cfg = load_config(write_config(tmp_path, shared_cache, "crash", "search.num_samples=2", "search.max_failures=1",
                                    "train.epochs=5"))
     exp = tmp_path / "results" / "crash" / "ray"

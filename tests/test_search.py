@@ -10,8 +10,8 @@ import torch
 from kd.config import load_config
 from kd.export import load_student
 from search.cli import main
-from search.tuner import run_search
-from tests.conftest import tiny_overrides
+from search.driver import run_search
+from tests.helpers import tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -50,7 +50,7 @@ def finished_search(tmp_path_factory, shared_cache):
     return cfg, run_dir, lines
 
 
-def test_outputs_exist_and_agree(finished_search):
+def test_every_output_is_written(finished_search):
     cfg, run_dir, lines = finished_search
     assert (run_dir.parent.parent / "remote" / "tiny-search" / "ray").is_dir()  # Ray wrote to the storage
     for name in ("trials.csv", "summary.md", "config.yaml", "teacher.json", "confirm.json", "optuna.journal",
@@ -58,6 +58,11 @@ def test_outputs_exist_and_agree(finished_search):
                  "plots/trials.png", "plots/params.png", "plots/learning_curves.png", "plots/importance.png",
                  "plots/confusion_matrix_test.png"):
         assert (run_dir / name).is_file(), name
+    assert any("held-out test (evaluated once)" in line for line in lines)
+
+
+def test_trials_table_has_a_row_per_trial_with_its_parameters_and_metrics(finished_search):
+    cfg, run_dir, _ = finished_search
     table = pd.read_csv(run_dir / "trials.csv")
     assert len(table) == cfg.search.num_samples and table["trial"].is_unique
     for column in ("distill.mode", "distill.temperature", "train.lr", "val_balanced_accuracy", "val_accuracy",
@@ -68,31 +73,39 @@ def test_outputs_exist_and_agree(finished_search):
     assert (ran["best_val_balanced_accuracy"] >= ran["val_balanced_accuracy"] - 1e-12).all()
     assert (ran["best_epoch"] <= ran["epochs"]).all() and (ran["best_epoch"] >= 1).all()
 
+
+def test_the_best_trial_on_validation_is_exported_with_its_threshold(finished_search):
+    cfg, run_dir, _ = finished_search
+    table = pd.read_csv(run_dir / "trials.csv")
     best = json.loads((run_dir / "best" / "metrics.json").read_text())
-    ok = table[table["status"] == "completed"]
-    top = ok.sort_values("val_balanced_accuracy", ascending=False).iloc[0]
+    top = table[table["status"] == "completed"].sort_values("val_balanced_accuracy", ascending=False).iloc[0]
     assert best["trial"] == top["trial"]
     assert best["val_last_epoch"]["val_balanced_accuracy"] == pytest.approx(top["val_balanced_accuracy"], abs=1e-9)
     # the exported model predicts with the threshold chosen on validation: its validation score is the tuned one
     assert best["val"]["balanced_accuracy"] == pytest.approx(top["val_balanced_accuracy_tuned"], abs=1e-6)
     assert best["threshold"] == pytest.approx(top["threshold"])
-    summary = (run_dir / "summary.md").read_text()
-    assert f"Trial `{best['trial']}`, exported to `best/`" in summary
-    assert f"{best['test']['balanced_accuracy']:.4f}".rstrip("0") in summary
-    assert "## Best soft vs best hard distillation (validation)" in summary
-    first = table.sort_values("number").iloc[0]  # search.points run first; the summary sets them beside the best
-    assert f"| hand-picked 1: student.name test_resnet, mode soft, T 4, lr 0.003 | {first['trial']} |" in summary
-    assert f"| best found by the search: " in summary and f"| {best['trial']} |" in summary
-    confirm = json.loads((run_dir / "confirm.json").read_text())
-    assert confirm["trial"] == best["trial"] and confirm["seeds"] == [1, 2]
-    assert len(confirm["summary"]["val_balanced_accuracy"]["values"]) == 2
     student = load_student(run_dir / "best")
     exported = json.loads((run_dir / "best" / "config.json").read_text())
     assert exported["config"]["distill"]["mode"] == top["distill.mode"]
     assert exported["config"]["train"]["lr"] == pytest.approx(top["train.lr"])
     assert student.classes == ["other", "digit_8"]
     assert best["test"]["balanced_accuracy"] > 0.6  # a real student, on data the search never saw
-    assert any("held-out test (evaluated once)" in line for line in lines)
+
+
+def test_summary_sets_the_hand_picked_points_beside_the_best_and_its_confirmation(finished_search):
+    cfg, run_dir, _ = finished_search
+    table = pd.read_csv(run_dir / "trials.csv")
+    best = json.loads((run_dir / "best" / "metrics.json").read_text())
+    summary = (run_dir / "summary.md").read_text()
+    assert f"Trial `{best['trial']}`, exported to `best/`" in summary
+    assert f"{best['test']['balanced_accuracy']:.4f}".rstrip("0") in summary
+    assert "## Best soft vs best hard distillation (validation)" in summary
+    first = table.sort_values("number").iloc[0]  # search.points run first; the summary sets them beside the best
+    assert f"| hand-picked 1: student.name test_resnet, mode soft, T 4, lr 0.003 | {first['trial']} |" in summary
+    assert "| best found by the search: " in summary and f"| {best['trial']} |" in summary
+    confirm = json.loads((run_dir / "confirm.json").read_text())
+    assert confirm["trial"] == best["trial"] and confirm["seeds"] == [1, 2]
+    assert len(confirm["summary"]["val_balanced_accuracy"]["values"]) == 2
 
 
 def test_teacher_ran_once_before_the_trials(finished_search):
@@ -157,7 +170,7 @@ def test_export_a_chosen_trial_and_reproduce_it_outside_ray(finished_search, tmp
 
 def test_a_second_search_on_the_same_directory_refuses(finished_search, capsys):
     cfg, run_dir, _ = finished_search
-    from search.tuner import exclusive
+    from search.session import exclusive
     with exclusive(run_dir):
         changed = cfg.to_yaml()
         path = run_dir.parent / "same.yaml"

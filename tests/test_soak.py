@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from kd.config import load_config
-from tests.conftest import tiny_overrides
+from tests.helpers import tiny_overrides
 
 pytestmark = pytest.mark.slow
 TRIALS = int(os.environ.get("KDSEARCH_SOAK_TRIALS", "8"))

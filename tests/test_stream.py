@@ -5,7 +5,7 @@ from kd.config import load_config
 from kd.data import load_dataset
 from kd.distill import train_student
 from kd.teacher import prepare_teacher
-from tests.conftest import digits_folder, tiny_overrides
+from tests.helpers import digits_folder, tiny_overrides
 
 
 def test_stream_and_memory_pipelines_give_the_same_training(tmp_path):

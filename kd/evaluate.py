@@ -1,0 +1,58 @@
+"""`kdsearch evaluate`: an exported student on labelled images, with its metrics and a confusion matrix.
+
+DATA is one of: `digits` (the built-in digits' test split, made as the student's config made it), a config
+file (its test split), a folder of class folders, or a CSV of file names and labels.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+from kd import plots
+from kd.config import DataConfig, SplitSource, from_dict, load_config
+from kd.data import Split, load_dataset, load_labelled
+from kd.errors import UserError
+from kd.export import Student, load_student
+from kd.files import atomic_write_json
+from kd.metrics import compute_metrics, format_metrics, report_text
+
+
+def labelled_split(data: str, student: Student, file_column: str = "file", label_column: str = "label",
+                   images: str = "", progress: bool = True) -> tuple[Split, str]:
+    """The labelled images DATA names, at the student's input size, and how to call them."""
+    if data == "digits" or data.endswith((".yaml", ".yml")):
+        if data == "digits":
+            cfg = from_dict(student.info["config"], "the model's config").updated({"data.source": "digits"})
+        else:
+            cfg = load_config(data)
+        cfg = cfg.updated({"data.image_size": student.image_size, "data.pipeline": "memory"})
+        dataset = load_dataset(cfg.data, progress=progress)
+        if dataset.classes != student.classes:
+            raise UserError(f"{data} has classes {', '.join(dataset.classes)}; the model {', '.join(student.classes)}")
+        return dataset.test, f"the test split of {data}"
+    if not os.path.exists(data):
+        raise UserError(f"{data}: no such folder or CSV file (DATA may also be 'digits' or a config)")
+    data_cfg = DataConfig(source="csv" if os.path.isfile(data) else "folder", image_size=student.image_size,
+                          file_column=file_column, label_column=label_column,
+                          cache_dir=student.info["config"]["data"]["cache_dir"])
+    return load_labelled(data_cfg, SplitSource(path=data, images=images), student.classes, progress), data
+
+
+def evaluate_export(model: str | Path, data: str, out: str | Path, file_column: str = "file",
+                    label_column: str = "label", images: str = "", progress: bool = True,
+                    echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Metrics of the export at `model` on DATA, printed, with confusion_matrix.png and metrics.json in `out`."""
+    student = load_student(model)
+    split, name = labelled_split(data, student, file_column, label_column, images, progress)
+    probs = student.probs(split.images)
+    labels = split.labels.numpy()
+    metrics = compute_metrics(labels, probs, student.classes, student.threshold)
+    echo(format_metrics(metrics, student.classes, f"{model} on {name} ({len(labels)} images):"))
+    echo(report_text(labels, probs, student.classes, student.threshold))
+    out = Path(out)
+    plots.confusion_matrix(metrics["confusion_matrix"], student.classes, out / "confusion_matrix.png",
+                           f"{Path(model).name} on {name}")
+    atomic_write_json(out / "metrics.json", {"model": str(model), "data": name, **metrics})
+    echo(f"confusion matrix: {out / 'confusion_matrix.png'}; metrics: {out / 'metrics.json'}")
+    return metrics

@@ -1,0 +1,101 @@
+"""Ray: starting or joining it, what a trial or task may use, and running kd work as Ray tasks.
+
+The one rule for resources lives here: a trial (and every task that trains like one: the confirmation
+runs) takes `search.cpus_per_trial` CPUs and, where the cluster has GPUs, `search.gpus_per_trial` of one;
+torch inside it uses as many threads as it has CPUs. The teacher runs once, on a GPU node when there is
+one and the driver has none.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import ray
+import torch
+
+from kd.config import Config
+from kd.data import Dataset
+from kd.errors import UserError
+from kd.teacher import Teacher, cached_teacher, prepare_teacher
+
+log = logging.getLogger("search")
+
+
+def start_ray(address: str | None) -> bool:
+    """Join `address` (auto, HOST:PORT or ray://HOST:10001) or start Ray on this machine. True if we started it."""
+    if ray.is_initialized():
+        return False
+    # Trial output stays in the trial folders; the console gets one line per trial (search.progress).
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # its "silent" mode still prints boxes and tracebacks
+    kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
+                                  configure_logging=True)
+    # Failed trials get one line from search.progress and their error in trials.csv; not a traceback here.
+    for name in ("ray.tune.execution.tune_controller", "ray.tune.tune"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    if address:
+        import kd
+        import search
+        kwargs["runtime_env"] = {"py_modules": [os.path.dirname(kd.__file__), os.path.dirname(search.__file__)]}
+        try:
+            ray.init(address=address, **kwargs)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise UserError(f"could not join the Ray cluster at {address}: {e}. Is its head running (`ray status` "
+                            "there)? Heads use token authentication by default since Ray 2.59, and Ray sends the "
+                            "token to an explicit address only with RAY_AUTH_MODE=token set here (the token from "
+                            "RAY_AUTH_TOKEN or ~/.ray/auth_token, copied from the head)") from None
+    else:
+        ray.init(address="local", num_cpus=os.cpu_count(), **kwargs)  # its own Ray, even beside a running head
+    return True
+
+
+@dataclass(frozen=True)
+class Resources:
+    cpus: float
+    gpus: float
+
+    @property
+    def threads(self) -> int:
+        return max(1, int(self.cpus))
+
+    def as_tune(self) -> dict[str, float]:
+        return {"cpu": self.cpus, "gpu": self.gpus}
+
+
+def trial_resources(cfg: Config) -> Resources:
+    """What one trial (or a task training like one) asks Ray for: GPUs only where the cluster has them."""
+    s = cfg.search
+    cluster_gpus = ray.cluster_resources().get("GPU", 0)
+    if cluster_gpus > 0 and s.gpus_per_trial == 0:
+        log.warning("GPUs are available but search.gpus_per_trial is 0: trials run on CPUs (try 0.25)")
+    return Resources(s.cpus_per_trial, s.gpus_per_trial if cluster_gpus > 0 else 0.0)
+
+
+@ray.remote
+def _task(fn: Callable[..., Any], threads: int, *args: Any, **kwargs: Any) -> Any:
+    torch.set_num_threads(threads)
+    return fn(*args, **kwargs)
+
+
+def remote(fn: Callable[..., Any], resources: Resources, *args: Any, **kwargs: Any) -> ray.ObjectRef:
+    """Run `fn(*args, **kwargs)` as a Ray task with `resources`, torch using as many threads as it has CPUs.
+    Object references among the arguments arrive as their values (Ray resolves top-level arguments)."""
+    return _task.options(num_cpus=resources.cpus, num_gpus=resources.gpus).remote(fn, resources.threads, *args,
+                                                                                  **kwargs)
+
+
+def prepare_teacher_once(cfg: Config, data: Dataset, epochs: int) -> Teacher:
+    """Fine-tune (or find) the teacher and its logits once: here when this machine has the best device for
+    it (a local GPU, or a cluster without GPUs), else in a Ray task on a GPU node."""
+    found = cached_teacher(cfg, data, epochs)  # no need to start anything for what is on disk
+    if found is not None:
+        return found
+    if torch.cuda.is_available() or ray.cluster_resources().get("GPU", 0) < 1:
+        teacher = prepare_teacher(cfg, data, epochs=epochs, progress=False)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the trials get the GPU memory back
+        return teacher
+    cpus = max(1, min(int(ray.cluster_resources().get("CPU", 1)), os.cpu_count() or 1))
+    return ray.get(remote(prepare_teacher, Resources(cpus, 1), cfg, data, epochs=epochs, progress=False))

@@ -1,0 +1,77 @@
+"""`kdsearch search`: one search from its config to results/<name>/ with the best student exported.
+
+The flow, each step in its own module: check the config and the models (space), take the run directory
+(session), decode the data (kd.data), start or join Ray (cluster), prepare the teacher once (cluster,
+kd.teacher), run the trials (tuner, trainable, progress), then confirm, export and report (finalize,
+report, on the run model in run.py).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+import ray
+
+from kd.config import Config, save_config
+from kd.data import load_dataset
+from kd.errors import Interrupted
+from kd.files import atomic_write_json
+from search.cluster import prepare_teacher_once, start_ray
+from search.finalize import finalize
+from search.format import shown
+from search.run import CONFIG, RUN, TEACHER, Run
+from search.session import exclusive, experiment_path, run_dir_of, should_resume, sigterm_as_interrupt
+from search.space import check_points, check_searched_models, parse_space
+from search.tuner import build_tuner
+
+
+def run_search(cfg: Config, address: str | None = None, storage: str | None = None, resume: bool = False,
+               quiet: bool = False, echo: Callable[[str], None] = print) -> Path:
+    params = parse_space(cfg)  # a bad space, point or model is reported before anything starts
+    check_points(cfg.search.points, params, cfg)
+    check_searched_models(cfg, params, weights=address is None)
+    run_dir = run_dir_of(cfg)
+    exp_path = experiment_path(cfg, run_dir, storage)
+    with exclusive(run_dir):
+        restore = should_resume(cfg, run_dir, exp_path, resume)
+        t0 = time.perf_counter()
+        data = load_dataset(cfg.data, progress=not quiet)
+        started = start_ray(address)
+        try:  # written once the data is good and Ray is up: a search that cannot start leaves nothing behind
+            save_config(cfg, run_dir / CONFIG)
+            run_info = {"experiment": exp_path, "resumed": restore, "classes": data.classes, "data": data.describe()}
+            atomic_write_json(run_dir / RUN, run_info)
+            echo(f"preparing the teacher ({cfg.teacher.name}) once for all trials ...")
+            teacher = prepare_teacher_once(cfg, data, cfg.train.epochs)
+            echo(describe_teacher(teacher))
+            atomic_write_json(run_dir / TEACHER, {"metrics": teacher.metrics, "info": teacher.info,
+                                                  "seconds": time.perf_counter() - t0})
+            echo(("resuming" if restore else "starting") + f" the search: {cfg.search.num_samples} trials of "
+                 f"{cfg.student.name}, optimising {cfg.search.metric} ({cfg.search.mode}); results in {shown(run_dir)}")
+            tuner = build_tuner(cfg, data, teacher.logits, exp_path, restore, quiet)
+            with sigterm_as_interrupt():
+                tuner.fit()
+            _raise_if_interrupted(run_dir)
+            atomic_write_json(run_dir / RUN, {**run_info, "seconds": time.perf_counter() - t0})
+            finalize(run_dir, data, teacher, echo=echo)
+        finally:
+            if started:
+                ray.shutdown()
+    return run_dir
+
+
+def describe_teacher(teacher) -> str:
+    info = teacher.info
+    ran = "found in the cache" if info["cached"] else f"fine-tuned in {info['finetune_seconds']:.1f} s"
+    logits = (f"{info['forward_images']} forward passes cached its logits for {len(teacher.logits)} epochs of views"
+              if info["forward_images"] else "its logits were cached already")
+    return f"teacher {ran}, validation balanced accuracy {teacher.metrics['balanced_accuracy']:.4f}; {logits}"
+
+
+def _raise_if_interrupted(run_dir: Path) -> None:
+    """Tune returns normally after Ctrl-C; an unfinished experiment must not be reported as a finished one."""
+    run = Run(run_dir)  # a local copy when the experiment lives in remote storage
+    if run.finished() < run.config.search.num_samples:
+        raise Interrupted(f"search interrupted: {run.finished()} of {run.config.search.num_samples} trials finished "
+                          f"and saved in {run_dir}; unfinished trials resume from their last checkpoint")

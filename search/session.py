@@ -1,0 +1,95 @@
+"""One search session on its run directory: where it lives, one search at a time, start or resume, signals."""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import signal
+from pathlib import Path
+from typing import Any, Iterator
+
+from kd.config import Config, load_config
+from kd.errors import UserError
+from search.run import CONFIG, EXPERIMENT
+
+
+def run_dir_of(cfg: Config) -> Path:
+    return (Path(cfg.output_dir) / cfg.name).absolute()
+
+
+def experiment_path(cfg: Config, run_dir: Path, storage: str | None = None) -> str:
+    """Where Ray keeps the experiment: `ray/` in the run directory, or NAME/ray under `--storage`."""
+    root = storage or cfg.search.storage or str(run_dir)
+    if "://" in root:
+        return root.rstrip("/") + f"/{cfg.name}/{EXPERIMENT}"
+    absolute = Path(root).absolute()
+    return str(absolute / (EXPERIMENT if absolute == run_dir else f"{cfg.name}/{EXPERIMENT}"))
+
+
+@contextlib.contextmanager
+def exclusive(run_dir: Path) -> Iterator[None]:
+    """Only one search per run directory: a second one refuses with a clear message. A directory made here and
+    left holding nothing but the lock (the search could not start) is removed again."""
+    created = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / ".search.lock"
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise UserError(f"{run_dir} is in use by another search ({holder}); wait for it, or use another "
+                            "name (--set name=...)") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.seek(0)
+            f.truncate()
+            if created and [p.name for p in run_dir.iterdir()] == [path.name]:
+                path.unlink()
+                run_dir.rmdir()
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def should_resume(cfg: Config, run_dir: Path, exp_path: str, resume: bool) -> bool:
+    """True when `run_dir` holds an interrupted search of this very config; a different config refuses."""
+    from ray.tune import Tuner
+    saved_path = run_dir / CONFIG
+    restorable = saved_path.exists() and Tuner.can_restore(exp_path)
+    if not restorable:
+        if resume:
+            raise UserError(f"nothing to resume in {run_dir}: no interrupted search was found there")
+        return False
+    saved = load_config(saved_path)
+    if saved != cfg:
+        a, b = _flat(saved.to_dict()), _flat(cfg.to_dict())
+        changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        raise UserError(f"{run_dir} holds a search with a different config (changed: {', '.join(changed[:8])}). "
+                        "Run it with the same config to resume, or choose another name (--set name=...)")
+    return True
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "space":
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a cluster scheduler, `kill`) stops the search the way Ctrl-C does: cleanly, resumable."""
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, lambda signum, frame: signal.raise_signal(signal.SIGINT))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
