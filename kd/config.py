@@ -113,8 +113,12 @@ class TrainConfig:
     grad_clip: float = 0.0      # max gradient norm; 0 = off
     seed: int = 0
     device: str = "auto"        # auto | cpu | cuda | cuda:N
-    amp: bool = True            # bf16 autocast on CUDA
-    channels_last: bool = True  # CNNs on CUDA
+    # bf16 autocast: auto = on CUDA only; bf16 = on any device (the CPU too); off. An older config's true
+    # reads as auto, false as off. Parameters stay float32 either way.
+    amp: Literal["auto", "bf16", "off"] = "auto"
+    # channels_last memory format: auto = CNNs on CUDA only; always = any model, any device; off. true/false as
+    # amp ("always", not "on": YAML reads a bare on as true).
+    channels_last: Literal["auto", "always", "off"] = "auto"
     compile: bool = False       # torch.compile the model
     eval_batch_size: int = 512
     tune_threshold: bool = True  # two classes: pick the decision threshold on validation

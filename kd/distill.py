@@ -12,14 +12,16 @@ import torch
 from kd import plots
 from kd.files import atomic_path, atomic_write_json
 from kd.config import Config, save_config
+from kd.cost import distill_report
 from kd.data import Dataset, load_dataset
 from kd.errors import Diverged
 from kd.export import export_student
 from kd.losses import DistillLoss
 from kd.metrics import compute_metrics, format_metrics
 from kd.models import check_models, create_model
-from kd.teacher import prepare_teacher
-from kd.train import FitResult, ReportFn, fit, resolve_device, seed_everything, split_probs
+from kd.teacher import load_teacher_model, prepare_teacher
+from kd.infer import Runner
+from kd.train import COMPLETED, DIVERGED, FitResult, ReportFn, fit, resolve_device, seed_everything
 
 log = logging.getLogger("kd")
 
@@ -39,27 +41,29 @@ def evaluate_model(model: torch.nn.Module, data: Dataset, split: str, threshold:
                    cfg: Config) -> dict[str, Any]:
     """Metrics of an in-memory model on one split, at the given decision threshold."""
     device = resolve_device(cfg.train.device)
-    probs = split_probs(model.to(device), data, split, device, cfg.train.eval_batch_size, cfg.train.amp)
+    probs = Runner.for_config(model, cfg.train, device).split_probs(data, split, cfg.train.eval_batch_size)
     return compute_metrics(data.split(split).labels.numpy(), probs, data.classes, threshold)
 
 
 def epoch_line(row: dict[str, Any], epochs: int) -> str:
-    if row.get("status") == "diverged":
+    if row.get("status") == DIVERGED:
         return f"epoch {row['epoch']}/{epochs}: loss is not finite; training stopped"
     return (f"epoch {row['epoch']:>3}/{epochs}  loss {row['train_loss']:.4f}  val balanced acc "
             f"{row['val_balanced_accuracy']:.4f}  acc {row['val_accuracy']:.4f}  ({row['epoch_time']:.1f} s)")
 
 
 def finish_student(cfg: Config, data: Dataset, result: FitResult, out_dir: Path, teacher_metrics: dict[str, Any],
-                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Evaluate a trained student on validation and, once, on test; export it; draw its pictures."""
-    if result.status != "completed":
+                   extra: dict[str, Any] | None = None, teacher_model: torch.nn.Module | None = None) -> dict[str, Any]:
+    """Evaluate a trained student on validation and, once, on test; measure what it costs against the teacher
+    (`kd.cost`: in metrics["cost"] and the export's kdsearch.json); export it; draw its pictures."""
+    if result.status != COMPLETED:
         raise Diverged(f"training diverged at epoch {len(result.history)} (non-finite loss): "
                        "try a lower train.lr or a lower distill.temperature")
     val = evaluate_model(result.model, data, "val", result.threshold, cfg)
     test = evaluate_model(result.model, data, "test", result.threshold, cfg)
     metrics = {"val": val, "test": test, "threshold": result.threshold, "teacher_val": teacher_metrics,
                "epochs": len(result.history), **(extra or {})}
+    metrics["cost"] = distill_report(cfg, result.model, teacher_model, teacher_metrics, val)
     export_student(out_dir / "model", result.model, cfg, data.classes, result.threshold, metrics)
     plots.learning_curves({cfg.student.name: result.history}, out_dir / "plots" / "learning_curves.png",
                           f"{cfg.teacher.name} -> {cfg.student.name}, {cfg.distill.mode} KD")
@@ -86,10 +90,7 @@ def run_distill(cfg: Config, out_dir: str | Path | None = None, progress: bool =
     data = load_dataset(cfg.data, progress)
     teacher = prepare_teacher(cfg, data, progress=progress)
     if progress:
-        seconds = teacher.info["finetune_seconds"]
-        state = "found in the cache" if teacher.info["cached"] else f"fine-tuned in {seconds:.1f} s"
-        echo(f"teacher {cfg.teacher.name}: {state}; validation balanced accuracy "
-             f"{teacher.metrics['balanced_accuracy']:.4f}")
+        echo(f"{teacher.info.describe()}; validation balanced accuracy {teacher.metrics['balanced_accuracy']:.4f}")
     out.mkdir(parents=True, exist_ok=True)  # only now: bad input leaves an earlier run's folder as it was
     save_config(cfg, out / "config.yaml")
 
@@ -101,9 +102,11 @@ def run_distill(cfg: Config, out_dir: str | Path | None = None, progress: bool =
 
     history: list[dict[str, Any]] = []
     result = train_student(cfg, data, teacher.logits, report=report, progress=progress)
-    metrics = finish_student(cfg, data, result, out, teacher.metrics,
-                             {"seconds": time.perf_counter() - t0, "teacher": teacher.info})
+    teacher_model = load_teacher_model(cfg, data, teacher.directory)[0]  # for the compression report only
+    metrics = finish_student(cfg, data, result, out, teacher.metrics, teacher_model=teacher_model,
+                             extra={"seconds": time.perf_counter() - t0, "teacher": teacher.info.to_dict()})
     echo(format_metrics(metrics["val"], data.classes, "validation (threshold chosen here):"))
     echo(format_metrics(metrics["test"], data.classes, "held-out test (evaluated once):"))
+    echo(metrics["cost"]["summary"])
     echo(f"exported student: {out / 'model'}")
     return metrics

@@ -164,6 +164,8 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
+    if hasattr(obj, "to_dict"):  # a dataclass that says how it is written (kd.teacher.TeacherInfo)
+        return obj.to_dict()
     if hasattr(obj, "item"):
         return obj.item()
     if hasattr(obj, "tolist"):

@@ -13,26 +13,64 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from kd.augment import Augmenter, Normalize
+from kd.augment import Augmenter
 from kd.files import CacheError, atomic_write_json, file_lock, load_tensors, save_tensors
 from kd.config import Config
 from kd.data import Dataset
 from kd.losses import DistillLoss, class_weights
 from kd.metrics import compute_metrics
-from kd.models import create_model, is_cnn, mean_std
+from kd.infer import Runner
+from kd.models import create_model
 from kd.stream import BatchSource
-from kd.train import fit, resolve_device, seed_everything, split_probs
+from kd.train import COMPLETED, fit, resolve_device, seed_everything
 
 log = logging.getLogger("kd")
 TEACHER_VERSION = 1
 FORWARD_IMAGES = 0  # images this process has run through a teacher to make logits (benchmarks count it)
+
+
+@dataclass
+class TeacherInfo:
+    """How a teacher was prepared in this process: cache hits, timings, forward passes."""
+    key: str                        # the teacher's content address in the cache
+    name: str                       # timm model name
+    cached: bool = False            # weights found in the cache (not fine-tuned now)
+    finetune_seconds: float = 0.0   # the fine-tuning's time, whenever it ran
+    logits_cached: bool = False     # every epoch's logits found in the cache (no forward pass now)
+    logit_seconds: float = 0.0      # time spent computing logits now
+    forward_images: int = 0         # images run through the teacher now to make logits
+    logit_epochs: int = 0           # epochs of training views the logits cover
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "TeacherInfo":
+        """Read `to_dict()`'s JSON back; keys this version does not know are ignored, missing ones defaulted."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in names})
+
+    def describe(self) -> str:
+        """One line, e.g. 'teacher resnet18 fine-tuned in 12.3 s; 8616 forward passes made its logits for 8
+        epochs of views (2.1 s)' or 'teacher resnet18 found in the cache; its logits too'."""
+        how = "found in the cache" if self.cached else f"fine-tuned in {self.finetune_seconds:.1f} s"
+        if self.forward_images:
+            views = f" for {self.logit_epochs} epochs of views" if self.logit_epochs else ""
+            logits = f"{self.forward_images} forward passes made its logits{views} ({self.logit_seconds:.1f} s)"
+        else:
+            logits = "its logits too" if self.cached else "its logits found in the cache"
+        return f"teacher {self.name} {how}; {logits}"
+
+    def __getitem__(self, key: str) -> Any:
+        """Transitional: search/ still reads `teacher.info["cached"]`; use the attributes."""
+        return getattr(self, key)
 
 
 @dataclass
@@ -41,7 +79,7 @@ class Teacher:
     directory: Path
     logits: torch.Tensor                 # epochs x N_train x classes, float32
     metrics: dict[str, Any]              # validation metrics of the teacher
-    info: dict[str, Any] = field(default_factory=dict)  # timings, cache hits, forward passes
+    info: TeacherInfo
 
 
 def teacher_key(cfg: Config, data: Dataset) -> str:
@@ -81,8 +119,8 @@ def cached_teacher(cfg: Config, data: Dataset, epochs: int | None = None) -> Tea
     logits = tensors["logits"]
     if len(logits) < epochs or tuple(logits.shape[1:]) != (len(data.train), len(data.classes)):
         return None
-    info = {"key": key, "name": cfg.teacher.name, "cached": True, "finetune_seconds": meta.get("finetune_seconds", 0.0),
-            "logits_cached": True, "logit_seconds": 0.0, "forward_images": 0}
+    info = TeacherInfo(key, cfg.teacher.name, cached=True, finetune_seconds=meta.get("finetune_seconds", 0.0),
+                       logits_cached=True, logit_epochs=epochs)
     return Teacher(key, directory, logits[:epochs].float(), meta["val_metrics"], info)
 
 
@@ -95,12 +133,12 @@ def prepare_teacher(cfg: Config, data: Dataset, epochs: int | None = None, progr
     epochs = epochs or cfg.train.epochs
     key = teacher_key(cfg, data)
     directory = Path(cfg.data.cache_dir) / "teacher" / key
-    info: dict[str, Any] = {"key": key, "name": cfg.teacher.name}
+    info = TeacherInfo(key, cfg.teacher.name)
     device = resolve_device(cfg.teacher.train.device)
     with file_lock(directory / "model"):
         try:
             model, meta = load_teacher_model(cfg, data, directory)
-            info.update(cached=True, finetune_seconds=meta.get("finetune_seconds", 0.0))
+            info.cached, info.finetune_seconds = True, meta.get("finetune_seconds", 0.0)
             log.info("teacher %s found in the cache (%s)", cfg.teacher.name, directory)
         except CacheError as e:
             if (directory / "model.safetensors").exists():
@@ -108,9 +146,8 @@ def prepare_teacher(cfg: Config, data: Dataset, epochs: int | None = None, progr
             model, meta = _finetune(cfg, data, device, progress)
             save_tensors(directory / "model.safetensors", model.state_dict(), meta)
             atomic_write_json(directory / "teacher.json", meta)
-            info.update(cached=False, finetune_seconds=meta["finetune_seconds"])
-    logits, logit_info = _logits(cfg, data, model, directory, epochs, device, progress)
-    info.update(logit_info)
+            info.cached, info.finetune_seconds = False, meta["finetune_seconds"]
+    logits = _logits(cfg, data, model, directory, epochs, device, progress, info)
     return Teacher(key, directory, logits, meta["val_metrics"], info)
 
 
@@ -129,15 +166,15 @@ def _finetune(cfg: Config, data: Dataset, device: torch.device, progress: bool) 
         stream = dataclasses.replace(cfg.augment, seed=tcfg.train.seed + 104_729)
         result = fit(model, dataclasses.replace(tcfg.train, tune_threshold=False), data, loss, stream,
                      progress=progress, desc=f"teacher {tcfg.name}")
-        if result.status != "completed":
+        if result.status != COMPLETED:
             from kd.errors import UserError
             raise UserError(f"the teacher's fine-tuning diverged (non-finite loss at epoch {len(result.history)}); "
                             "lower teacher.train.lr")
         history = result.history
-    model.to(device).eval()
+    model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    probs = split_probs(model, data, "val", device, tcfg.train.eval_batch_size, tcfg.train.amp)
+    probs = Runner.for_config(model, tcfg.train, device).split_probs(data, "val", tcfg.train.eval_batch_size)
     metrics = compute_metrics(data.val.labels.numpy(), probs, data.classes)
     seconds = time.perf_counter() - t0
     log.info("teacher %s: validation balanced accuracy %.4f, accuracy %.4f (%.1f s)", tcfg.name,
@@ -149,8 +186,9 @@ def _finetune(cfg: Config, data: Dataset, device: torch.device, progress: bool) 
 
 @torch.no_grad()
 def _logits(cfg: Config, data: Dataset, model: torch.nn.Module, directory: Path, epochs: int,
-            device: torch.device, progress: bool) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Teacher logits for every view of epochs 0..epochs-1 (extending a shorter cached set)."""
+            device: torch.device, progress: bool, info: TeacherInfo) -> torch.Tensor:
+    """Teacher logits for every view of epochs 0..epochs-1 (extending a shorter cached set); `info` records
+    what it took."""
     global FORWARD_IMAGES
     path = directory / f"logits-{_augment_key(cfg)}.safetensors"
     n, k = len(data.train), len(data.classes)
@@ -165,31 +203,25 @@ def _logits(cfg: Config, data: Dataset, model: torch.nn.Module, directory: Path,
             if path.exists():
                 log.warning("teacher logits cache rebuilt: %s", e)
             have = torch.zeros((0, n, k))
+        info.logit_epochs = epochs
         if len(have) >= epochs:
-            return have[:epochs].float(), {"logits_cached": True, "logit_seconds": 0.0, "forward_images": 0}
+            info.logits_cached, info.logit_seconds, info.forward_images = True, 0.0, 0
+            return have[:epochs].float()
         t0 = time.perf_counter()
-        model.to(device).eval()
-        channels_last = device.type == "cuda" and is_cnn(model)
-        if channels_last:
-            model.to(memory_format=torch.channels_last)
-        norm = Normalize(*mean_std(model)).to(device)
+        run = Runner.for_config(model.eval(), cfg.teacher.train, device)  # the fine-tuning's amp and channels_last
         source = BatchSource(data, "train", device)
         augmenter = Augmenter(cfg.augment, n, device)
         batch = cfg.teacher.train.eval_batch_size
         new = torch.empty((epochs - len(have), n, k), device=device)
-        amp = device.type == "cuda" and cfg.teacher.train.amp
         for i, epoch in enumerate(tqdm(range(len(have), epochs), desc="teacher logits", unit="epoch",
                                        disable=None if progress else True, leave=False)):
             for idx, images in source.in_order(batch):
-                x = norm(augmenter(images, idx, epoch))
-                if channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    new[i, idx] = model(x).float()
+                new[i, idx] = run.logits(augmenter(images, idx, epoch))
         logits = torch.cat([have, new.cpu()])
         forward = (epochs - len(have)) * n
         FORWARD_IMAGES += forward
         save_tensors(path, {"logits": logits}, {"augment": dataclasses.asdict(cfg.augment)})
         seconds = time.perf_counter() - t0
         log.info("teacher logits for %d epochs x %d views computed in %.1f s", epochs - len(have), n, seconds)
-        return logits[:epochs], {"logits_cached": False, "logit_seconds": seconds, "forward_images": forward}
+        info.logits_cached, info.logit_seconds, info.forward_images = False, seconds, forward
+        return logits[:epochs]

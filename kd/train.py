@@ -2,9 +2,10 @@
 
 The training set lives on the device as uint8; each batch is augmented there (`kd.augment`), the
 teacher's logits for that exact view come from the cache, and nothing synchronises with the host until
-the epoch ends. Each epoch's metrics go to a `report(metrics, state_fn)` callback: the caller (the CLI,
-or the search's trainable) decides what to print or where to checkpoint; `state_fn()` builds the
-resumable state only when asked. kd/ never imports Ray.
+the epoch ends. The forward pass (normalisation, memory format, autocast) is `kd.infer.Runner`'s, the
+same one evaluation and the teacher's logits use. Each epoch's metrics go to a `report(metrics, state_fn)`
+callback: the caller (the CLI, or the search's trainable) decides what to print or where to checkpoint;
+`state_fn()` builds the resumable state only when asked. kd/ never imports Ray.
 """
 from __future__ import annotations
 
@@ -12,29 +13,35 @@ import copy
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from kd.augment import Augmenter, Normalize, to_float
+from kd.augment import Augmenter
 from kd.config import AugmentConfig, TrainConfig
 from kd.data import Dataset
+from kd.infer import Runner
+from kd.infer import predict_probs  # noqa: F401  kd.export still imports it from here; its home is kd.infer
 from kd.losses import DistillLoss
 from kd.metrics import compute_metrics, flatten, tune_threshold
-from kd.models import is_cnn, is_distilled, mean_std
+from kd.models import is_distilled
 from kd.stream import BatchSource
 
 ReportFn = Callable[[dict[str, Any], Callable[[], dict[str, Any]]], None]
+
+# FitResult.status; an epoch's history row carries a status only when that epoch diverged
+COMPLETED = "completed"
+DIVERGED = "diverged"
 
 
 @dataclass
 class FitResult:
     model: nn.Module
     history: list[dict[str, Any]] = field(default_factory=list)
-    status: str = "completed"        # completed | diverged
+    status: str = COMPLETED          # COMPLETED | DIVERGED
     threshold: float | None = None   # two classes: tuned on validation (None: argmax)
     val_metrics: dict[str, Any] = field(default_factory=dict)
 
@@ -65,39 +72,6 @@ def load_state(path: str) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def predict_probs(model: nn.Module, images: torch.Tensor, mean, std, device: torch.device,
-                  batch_size: int = 512, amp: bool = True) -> np.ndarray:
-    """Class probabilities for uint8 images, in large batches, with one transfer back at the end."""
-    batches = (images[i:i + batch_size] for i in range(0, len(images), batch_size))
-    return _probs(model, batches, mean, std, device, amp)
-
-
-def split_probs(model: nn.Module, data: Dataset, split: str, device: torch.device, batch_size: int = 512,
-                amp: bool = True) -> np.ndarray:
-    """Class probabilities for a whole split, resident or streamed."""
-    source = BatchSource(data, split, device)
-    return _probs(model, (x for _, x in source.in_order(batch_size)), *mean_std(model), device, amp)
-
-
-@torch.no_grad()
-def _probs(model: nn.Module, batches: Iterable[torch.Tensor], mean, std, device: torch.device,
-           amp: bool) -> np.ndarray:
-    was_training = model.training
-    model.eval()
-    norm = Normalize(mean, std).to(device)
-    channels_last = device.type == "cuda" and is_cnn(model)
-    out = []
-    for images in batches:
-        x = norm(to_float(images.to(device, non_blocking=True)))
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
-            logits = model(x)
-        out.append(torch.softmax(logits.float(), dim=1))
-    model.train(was_training)
-    return torch.cat(out).cpu().numpy() if out else np.zeros((0, 0))
-
-
 def _to_cpu(obj: Any) -> Any:
     if torch.is_tensor(obj):
         return obj.detach().to("cpu", copy=True)
@@ -111,7 +85,7 @@ def _to_cpu(obj: Any) -> Any:
 def _optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     from timm.optim import param_groups_weight_decay
     groups = param_groups_weight_decay(model, cfg.weight_decay)  # no decay on norms and biases
-    fused = {"fused": True} if device.type == "cuda" else {}
+    fused = {"fused": True} if device.type == "cuda" else {}  # CUDA only, whatever amp / channels_last say
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, **fused)
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0, **fused)
@@ -150,20 +124,13 @@ def fit(model: nn.Module, cfg: TrainConfig, data: Dataset, loss_fn: DistillLoss,
     given, the loss distils from them. `resume` is a state built by an earlier `report`'s `state_fn`.
     """
     device = resolve_device(cfg.device)
-    cuda = device.type == "cuda"
-    if cuda:
+    if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels once
-    model.to(device)
-    channels_last = cuda and cfg.channels_last and is_cnn(model)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
+    run = Runner.for_config(model, cfg, device, compile=cfg.compile)  # on the device, amp and channels_last as set
     distilled = teacher_logits is not None and is_distilled(model)
     if distilled:
         model.set_distilled_training(True)
-    mean, std = mean_std(model)
-    norm = Normalize(mean, std).to(device)
     loss_fn = loss_fn.to(device)
-    forward = torch.compile(model) if cfg.compile else model
 
     train, n = data.train, len(data.train)
     source, labels = BatchSource(data, "train", device), train.labels.to(device)
@@ -201,11 +168,7 @@ def fit(model: nn.Module, cfg: TrainConfig, data: Dataset, loss_fn: DistillLoss,
         sums = torch.zeros(4, device=device)  # loss, task, kd, correct
         seen = 0
         for idx, images in source(order, cfg.batch_size):
-            x = norm(augmenter(images, idx, epoch))
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda and cfg.amp):
-                out = forward(x)
+            out = run(augmenter(images, idx, epoch))
             teacher = logits_cache[epoch][idx] if logits_cache is not None else None
             parts = loss_fn(out, labels[idx], teacher)
             optimizer.zero_grad(set_to_none=True)
@@ -225,13 +188,13 @@ def fit(model: nn.Module, cfg: TrainConfig, data: Dataset, loss_fn: DistillLoss,
         row: dict[str, Any] = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_loss": loss,
                                "train_task_loss": task, "train_kd_loss": kd, "train_accuracy": correct}
         if not math.isfinite(loss):
-            result.status = "diverged"
-            row.update(status="diverged", epoch_time=train_time)
+            result.status = DIVERGED
+            row.update(status=DIVERGED, epoch_time=train_time)
             result.history.append(row)
             if report:
                 report(row, state_fn)
             break
-        probs = split_probs(model, data, "val", device, cfg.eval_batch_size, cfg.amp)
+        probs = run.split_probs(data, "val", cfg.eval_batch_size)
         val_labels = data.val.labels.numpy()
         metrics = compute_metrics(val_labels, probs, data.classes)
         row.update(flatten(metrics, "val"))
@@ -240,14 +203,14 @@ def fit(model: nn.Module, cfg: TrainConfig, data: Dataset, loss_fn: DistillLoss,
             tuned = compute_metrics(val_labels, probs, data.classes, result.threshold)
             row.update(val_balanced_accuracy_tuned=tuned["balanced_accuracy"], threshold=result.threshold)
         result.val_metrics = metrics
-        row.update(status="ok", epoch_time=time.perf_counter() - t0, train_images_per_s=seen / train_time)
+        row.update(epoch_time=time.perf_counter() - t0, train_images_per_s=seen / train_time)
         result.history.append(row)
         bar.set_postfix(loss=f"{loss:.3f}", val_bacc=f"{metrics['balanced_accuracy']:.3f}")
         if report:
             report(row, state_fn)
     bar.close()
-    if result.status == "completed" and not result.val_metrics:  # resumed after the last epoch
-        probs = split_probs(model, data, "val", device, cfg.eval_batch_size, cfg.amp)
+    if result.status == COMPLETED and not result.val_metrics:  # resumed after the last epoch
+        probs = run.split_probs(data, "val", cfg.eval_batch_size)
         result.val_metrics = compute_metrics(data.val.labels.numpy(), probs, data.classes)
         result.threshold = result.history[-1].get("threshold") if result.history else None
     if distilled:

@@ -2,6 +2,7 @@
 
 Generic over any tree of dataclasses; `kd.config` uses it for the one Config. An unknown key is an error
 naming the key, a close match if there is one, and the valid keys; a wrong type names the key and value.
+A boolean given for a choice that has "auto" and "off" (a former on/off switch) reads as "auto" / "off".
 """
 from __future__ import annotations
 
@@ -116,6 +117,8 @@ def coerce(hint: Any, value: Any, key: str, source: str) -> Any:
     origin = typing.get_origin(hint)
     if origin is Literal:
         options = typing.get_args(hint)
+        if value not in options and "auto" in options and "off" in options:
+            value = _legacy_switch(value)  # a switch that became auto/.../off: true is auto, false is off
         if value not in options:
             raise ConfigError(f"{source}: '{key}' must be one of {', '.join(map(str, options))}; got {value!r}")
         return value
@@ -162,4 +165,14 @@ def coerce(hint: Any, value: Any, key: str, source: str) -> Any:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         raise bad("a string")
+    return value
+
+
+def _legacy_switch(value: Any) -> Any:
+    """An older config's boolean for a setting that is now a choice with "auto" and "off": true -> "auto"
+    (what true used to mean: on where it helps), false -> "off"; any other value unchanged."""
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        value = value.lower() == "true"
+    if isinstance(value, bool):
+        return "auto" if value else "off"
     return value
