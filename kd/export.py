@@ -1,14 +1,25 @@
-"""Exported students: save, load back with one call, and predict.
+"""Exported students: save in a layout other tools load, load back with one call, and predict.
 
-An export is a folder: `model.safetensors` (weights), `config.json` (timm architecture, classes, input
-size, mean/std, decision threshold, hyperparameters, metrics, the full resolved config), `metrics.json`
-and `model.pt2`, a `torch.export` graph that runs without timm or this package.
+An export is a folder in timm's Hugging Face hub layout, plus kd-search's own metadata beside it:
+
+- `model.safetensors`: the weights (a native timm state dict).
+- `config.json`: timm's own model config, written by timm (`save_config_for_hf`, as `push_to_hf_hub` does):
+  `architecture`, `num_classes`, `num_features`, `label_names` and `pretrained_cfg` (mean, std, input size,
+  crop_pct 1.0, interpolation). `timm.create_model("local-dir:DIR", pretrained=True)` builds the model from it.
+- `kdsearch.json`: what only kd-search knows (timm ignores it): format version, classes, decision threshold and
+  positive class, distilled heads, hyperparameters, metrics, the full resolved config, the names of the
+  graph files with their checks against PyTorch, and the compression report.
+- `metrics.json`: the metrics alone.
+- `model.pt2` (`torch.export`) and `model.onnx` (when onnx and onnxruntime are installed: the `onnx` extra):
+  deployable graphs that run without timm or this package. Both take float32 RGB images in [0, 1]
+  (pixel / 255), N x 3 x H x W with H = W = the export's image size and any batch size, and return logits:
+  the normalisation (mean/std) is inside the graph. Each is compared with the PyTorch model's logits right
+  after it is written and dropped (with a warning) when they differ by more than `TOLERANCE`.
 """
 from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,71 +27,185 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
-from kd.files import atomic_dir, atomic_write_json
+from kd.augment import Normalize, to_float
 from kd.config import Config, ModelConfig
 from kd.errors import UserError
-from kd.images import IMAGE_EXTENSIONS, decode_files
+from kd.files import atomic_dir, atomic_write_json
 from kd.metrics import predict
 from kd.models import create_model, is_distilled, mean_std
-from kd.train import predict_probs
+
+try:
+    from kd.infer import predict_probs
+except ModuleNotFoundError as e:  # before kd/infer.py, predict_probs lived in kd/train.py
+    if e.name != "kd.infer":
+        raise
+    from kd.train import predict_probs  # type: ignore[no-redef]
 
 log = logging.getLogger("kd")
-EXPORT_FORMAT = "kd-search-student-1"
+EXPORT_FORMAT = "kd-search-student-2"
+OLD_FORMATS = ("kd-search-student-1",)  # everything in config.json, which timm cannot read
+METADATA_FILE = "kdsearch.json"
+TIMM_CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+GRAPH_FILE = "model.pt2"
+ONNX_FILE = "model.onnx"
+TOLERANCE = 1e-4  # largest |logit difference| accepted between a graph and the PyTorch model
+GRAPH_INPUT = ("float32 RGB images in [0, 1] (pixel / 255), N x 3 x H x W, H = W = image_size, any batch size; "
+               "the normalisation (mean, std) is inside the graph; output: logits, N x num_classes")
+INTERPOLATION = "bilinear"  # kd.images resizes (squashes, no crop) the whole image to size x size with it
+
+
+class Preprocessed(nn.Module):
+    """A model with its input normalisation inside: float images in [0, 1] -> logits (what the graphs hold)."""
+
+    def __init__(self, model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__()
+        self.normalize = Normalize(mean, std)
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(self.normalize(images))
 
 
 def export_student(out_dir: str | Path, model: torch.nn.Module, cfg: Config, classes: list[str],
-                   threshold: float | None, metrics: dict[str, Any], graph: bool = True) -> Path:
-    """Write an export folder atomically: a kill leaves the previous export (or none), never half of one."""
+                   threshold: float | None, metrics: dict[str, Any], graph: bool = True, onnx: bool = True,
+                   cost: dict[str, Any] | None = None) -> Path:
+    """Write an export folder atomically: a kill leaves the previous export (or none), never half of one.
+
+    `cost`: the compression report (`kd.cost.compression_report`), stored in kdsearch.json (default: the
+    one in `metrics["cost"]`, if any).
+    """
     out_dir = Path(out_dir)
     model = model.cpu().eval()
     mean, std = mean_std(model)
-    info = {
+    size = cfg.data.image_size
+    info: dict[str, Any] = {
         "format": EXPORT_FORMAT,
         "architecture": cfg.student.name,
-        "num_classes": len(classes),
         "classes": classes,
-        "image_size": cfg.data.image_size,
+        "image_size": size,
         "mean": list(mean), "std": list(std),
+        "interpolation": INTERPOLATION,
         "threshold": threshold,
         "positive_class": classes[1] if threshold is not None else None,
         "distilled_heads": is_distilled(model),
         "hyperparameters": {"distill": vars(cfg.distill), "imbalance": vars(cfg.imbalance),
                             "train": {k: v for k, v in vars(cfg.train).items() if k != "device"},
                             "student": vars(cfg.student), "teacher": cfg.teacher.name},
-        "metrics": metrics,
+        "metrics": {k: v for k, v in metrics.items() if k != "cost"},  # the cost is "compression", below
         "config": cfg.to_dict(),
+        "files": {"weights": WEIGHTS_FILE, "timm_config": TIMM_CONFIG_FILE, "metrics": "metrics.json"},
         "graph": None,
+        "onnx": None,
+        "graph_input": GRAPH_INPUT,
+        "checks": {},
+        "compression": cost if cost is not None else metrics.get("cost"),
     }
     with atomic_dir(out_dir) as tmp:
         state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": EXPORT_FORMAT})
-        if graph:
-            info["graph"] = _export_graph(model, cfg.data.image_size, tmp / "model.pt2")
-        atomic_write_json(tmp / "config.json", info)
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": EXPORT_FORMAT})
+        info["weights_bytes"] = (tmp / WEIGHTS_FILE).stat().st_size
+        write_timm_config(model, tmp / TIMM_CONFIG_FILE, classes, size)
+        if graph or onnx:
+            deploy = Preprocessed(model, mean, std).eval()
+            check = torch.rand(3, 3, size, size, generator=torch.Generator().manual_seed(0))  # not the export batch
+            with torch.no_grad():
+                expected = deploy(check)
+            if graph:
+                info["graph"], info["checks"]["graph_max_abs_diff"] = _export_graph(deploy, size, tmp / GRAPH_FILE,
+                                                                                    check, expected)
+            if onnx:
+                info["onnx"], info["checks"]["onnx_max_abs_diff"] = _export_onnx(deploy, size, tmp / ONNX_FILE,
+                                                                                 check, expected)
+        atomic_write_json(tmp / METADATA_FILE, info)
         atomic_write_json(tmp / "metrics.json", metrics)
     return out_dir
 
 
-def _export_graph(model: torch.nn.Module, size: int, path: Path) -> str | None:
-    """A deployable graph with a dynamic batch dimension; a model torch.export cannot trace is skipped."""
-    example = torch.zeros(2, 3, size, size)
+def write_timm_config(model: nn.Module, path: Path, classes: list[str], image_size: int) -> None:
+    """timm's config.json for the model, written by timm itself, with the classes and the input processing."""
+    from timm.models._hub import save_config_for_hf
+
+    mean, std = mean_std(model)
+    save_config_for_hf(model, str(path), model_config={"label_names": list(classes)},
+                       data_config={"input_size": (3, image_size, image_size), "crop_pct": 1.0,
+                                    "interpolation": INTERPOLATION, "mean": tuple(mean), "std": tuple(std)})
+
+
+def _max_diff(got: Any, expected: torch.Tensor) -> float:
+    got = torch.as_tensor(np.asarray(got) if not torch.is_tensor(got) else got).float()
+    if got.shape != expected.shape:
+        return float("inf")
+    return float((got - expected).abs().max())
+
+
+def _checked(path: Path, what: str, diff: float) -> tuple[str | None, float | None]:
+    if diff <= TOLERANCE:
+        return path.name, diff
+    path.unlink(missing_ok=True)
+    log.warning("the %s differs from the PyTorch model by up to %.3g in its logits (more than %g): not exported",
+                what, diff, TOLERANCE)
+    return None, diff if np.isfinite(diff) else None
+
+
+def _export_graph(deploy: nn.Module, size: int, path: Path, check: torch.Tensor,
+                  expected: torch.Tensor) -> tuple[str | None, float | None]:
+    """`torch.export` graph with a dynamic batch dimension, normalisation included; a model torch.export
+    cannot trace is skipped (the safetensors weights are the export)."""
+    example = torch.rand(2, 3, size, size)
     try:
         batch = torch.export.Dim("batch", min=1, max=65536)
-        program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+        program = torch.export.export(deploy, (example,), dynamic_shapes=({0: batch},))
         torch.export.save(program, str(path))
-        return path.name
-    except Exception as e:  # a graph is a convenience; the safetensors weights are the export
+        with torch.no_grad():
+            got = torch.export.load(str(path)).module()(check)
+    except Exception as e:
+        path.unlink(missing_ok=True)
         log.warning("could not export a torch.export graph (%s: %s); weights are exported", type(e).__name__, e)
-        return None
+        return None, None
+    return _checked(path, "torch.export graph", _max_diff(got, expected))
 
 
-@dataclass
-class Student:
-    """An exported student loaded back: model, classes, input size, normalisation and threshold."""
-    model: torch.nn.Module
+def onnx_available() -> bool:
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401  (torch.onnx.export's exporter)
+    except ImportError:
+        return False
+    return True
+
+
+def _export_onnx(deploy: nn.Module, size: int, path: Path, check: torch.Tensor,
+                 expected: torch.Tensor) -> tuple[str | None, float | None]:
+    """ONNX graph (input `images`, output `logits`, dynamic batch), checked with onnxruntime."""
+    if not onnx_available():
+        log.info("model.onnx not written: install the onnx extra (pip install 'kd-search[onnx]') for it")
+        return None, None
+    import onnxruntime as ort
+
+    example = torch.rand(2, 3, size, size)
+    try:
+        batch = torch.export.Dim("batch", min=1, max=65536)
+        torch.onnx.export(deploy, (example,), str(path), input_names=["images"], output_names=["logits"],
+                          dynamic_shapes=({0: batch},), dynamo=True, external_data=False, verbose=False)
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        got = session.run(["logits"], {"images": check.numpy()})[0]
+    except Exception as e:
+        path.unlink(missing_ok=True)
+        for extra in path.parent.glob(path.name + ".*"):  # external data, if the exporter wrote any
+            extra.unlink(missing_ok=True)
+        log.warning("could not export an ONNX graph (%s: %s); weights are exported", type(e).__name__,
+                    str(e).splitlines()[0] if str(e) else "")
+        return None, None
+    return _checked(path, "ONNX graph", _max_diff(got, expected))
+
+
+class ExportInfo:
+    """What every loaded form of an export shares, read from its kdsearch.json (`info`)."""
     info: dict[str, Any]
-    device: torch.device
 
     @property
     def classes(self) -> list[str]:
@@ -94,33 +219,88 @@ class Student:
     def image_size(self) -> int:
         return self.info["image_size"]
 
-    def probs(self, images: torch.Tensor, batch_size: int = 256) -> np.ndarray:
-        """Class probabilities for uint8 N x 3 x H x W images at the model's input size."""
-        return predict_probs(self.model, images, self.info["mean"], self.info["std"], self.device, batch_size)
+    @property
+    def max_image_pixels(self) -> int:
+        """The decompression-bomb limit the student was trained with (its config's data.max_image_pixels)."""
+        found = (self.info.get("config") or {}).get("data", {}).get("max_image_pixels")
+        if found:
+            return int(found)
+        from kd.config import DataConfig
+        return DataConfig.max_image_pixels
 
-    def logits(self, images: torch.Tensor) -> torch.Tensor:
-        from kd.augment import Normalize, to_float
-        norm = Normalize(self.info["mean"], self.info["std"]).to(self.device)
-        with torch.no_grad():
-            return self.model(norm(to_float(images.to(self.device))))
+    def probs(self, images: torch.Tensor, batch_size: int = 256) -> np.ndarray:
+        raise NotImplementedError
 
     def predict(self, images: torch.Tensor) -> np.ndarray:
         return predict(self.probs(images), self.threshold)
 
 
-def load_student(path: str | Path, device: str | torch.device = "cpu") -> Student:
-    """Load an export folder (or its config.json) written by `export_student`."""
+@dataclass
+class Student(ExportInfo):
+    """An exported student loaded back: model, classes, input size, normalisation and threshold."""
+    model: torch.nn.Module
+    info: dict[str, Any]
+    device: torch.device
+
+    def probs(self, images: torch.Tensor, batch_size: int = 256) -> np.ndarray:
+        """Class probabilities for uint8 N x 3 x H x W images at the model's input size."""
+        return predict_probs(self.model, images, self.info["mean"], self.info["std"], self.device, batch_size)
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        norm = Normalize(self.info["mean"], self.info["std"]).to(self.device)
+        with torch.no_grad():
+            return self.model(norm(to_float(images.to(self.device))))
+
+
+def export_folder(path: str | Path) -> Path:
+    """The export folder of `path`: the folder itself, or the folder of a file in it."""
     path = Path(path)
-    folder = path.parent if path.name == "config.json" else path
-    config_path, weights = folder / "config.json", folder / "model.safetensors"
-    if not config_path.is_file() or not weights.is_file():
-        raise UserError(f"{folder} is not an exported student (it needs config.json and model.safetensors)")
-    try:
-        info = json.loads(config_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{config_path} is unreadable: {e}") from None
+    return path.parent if path.is_file() or path.suffix in (".json", ".onnx", ".pt2", ".safetensors") else path
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """An export's kdsearch.json with timm's architecture and num_classes from config.json: the `info` of
+    a loaded export. A folder of the earlier format (everything in config.json) is refused, naming it."""
+    folder = export_folder(path)
+    meta_path, timm_path = folder / METADATA_FILE, folder / TIMM_CONFIG_FILE
+    if not meta_path.is_file():
+        old = _read_json(timm_path) if timm_path.is_file() else {}
+        if old.get("format") in OLD_FORMATS:
+            raise UserError(f"{folder} is an export of an earlier kd-search (format {old['format']!r}); this version "
+                            f"reads {EXPORT_FORMAT!r} (timm's config.json plus {METADATA_FILE}): export it again "
+                            "with `kdsearch export RUN_DIR --out DIR`, or re-run `kdsearch distill`")
+        raise UserError(f"{folder} is not an exported student (it needs {METADATA_FILE}, {TIMM_CONFIG_FILE} and "
+                        f"{WEIGHTS_FILE})")
+    info = _read_json(meta_path)
     if info.get("format") != EXPORT_FORMAT:
-        raise UserError(f"{config_path} has format {info.get('format')!r}, expected {EXPORT_FORMAT!r}")
+        raise UserError(f"{meta_path} has format {info.get('format')!r}, expected {EXPORT_FORMAT!r}")
+    if timm_path.is_file():
+        timm_cfg = _read_json(timm_path)
+        info["architecture"] = timm_cfg.get("architecture", info.get("architecture"))
+        info["num_classes"] = timm_cfg.get("num_classes", len(info["classes"]))
+        info["pretrained_cfg"] = timm_cfg.get("pretrained_cfg", {})
+    info.setdefault("num_classes", len(info["classes"]))
+    return info
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        found = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{path} is unreadable: {e}") from None
+    if not isinstance(found, dict):
+        raise UserError(f"{path} is not a JSON object")
+    return found
+
+
+def load_student(path: str | Path, device: str | torch.device = "cpu") -> Student:
+    """Load an export folder (or its config.json / kdsearch.json) written by `export_student`."""
+    folder = export_folder(path)
+    info = read_metadata(folder)
+    weights = folder / WEIGHTS_FILE
+    if not (folder / TIMM_CONFIG_FILE).is_file() or not weights.is_file():
+        raise UserError(f"{folder} is not an exported student (it needs {METADATA_FILE}, {TIMM_CONFIG_FILE} and "
+                        f"{WEIGHTS_FILE})")
     student_cfg = ModelConfig(name=info["architecture"], pretrained=False,
                               drop_rate=info["hyperparameters"]["student"].get("drop_rate", 0.0))
     model = create_model(student_cfg, info["num_classes"], info["image_size"])
@@ -133,39 +313,20 @@ def load_student(path: str | Path, device: str | torch.device = "cpu") -> Studen
 
 
 def load_graph(path: str | Path) -> torch.nn.Module:
-    """The exported `torch.export` graph as a module: takes normalised float images, returns logits."""
-    folder = Path(path)
-    return torch.export.load(str(folder / "model.pt2")).module()
+    """The exported `torch.export` graph as a module: float images in [0, 1] -> logits (normalisation inside)."""
+    folder = export_folder(path)
+    if not (folder / GRAPH_FILE).is_file():
+        raise UserError(f"{folder} has no {GRAPH_FILE} (the model could not be traced, or it was not exported)")
+    return torch.export.load(str(folder / GRAPH_FILE)).module()
 
 
 def collect_images(inputs: list[str]) -> list[str]:
-    """Files named directly, plus the image files inside named folders (recursively, sorted)."""
-    files = []
-    for item in inputs:
-        if os.path.isdir(item):
-            for dirpath, dirnames, names in os.walk(item):
-                dirnames.sort()
-                files.extend(os.path.join(dirpath, n) for n in sorted(names)
-                             if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS and not n.startswith("."))
-        elif os.path.isfile(item):
-            files.append(item)
-        else:
-            raise UserError(f"{item}: no such file or folder")
-    if not files:
-        raise UserError(f"no image files found in {', '.join(inputs)}")
-    return files
+    """Kept for callers of the earlier API: see `kd.predict.collect_images`."""
+    from kd.predict import collect_images as collect
+    return collect(inputs)
 
 
-def predict_files(student: Student, files: list[str], progress: bool = True) -> list[dict[str, Any]]:
-    """One row per file: predicted class and class probabilities, or the reason it could not be read."""
-    decoded = decode_files(files, student.image_size, 89_478_485, progress=progress, desc="reading images")
-    good = [i for i, e in enumerate(decoded.errors) if not e]
-    rows: list[dict[str, Any]] = [{"file": f, "predicted": "", "error": e} for f, e in zip(files, decoded.errors)]
-    if good:
-        images = torch.from_numpy(np.stack([decoded.arrays[i] for i in good])).permute(0, 3, 1, 2).contiguous()
-        probs = student.probs(images)
-        pred = predict(probs, student.threshold)
-        for j, i in enumerate(good):
-            rows[i]["predicted"] = student.classes[pred[j]]
-            rows[i].update({f"p_{c}": round(float(p), 6) for c, p in zip(student.classes, probs[j])})
-    return rows
+def predict_files(student: ExportInfo, files: list[str], progress: bool = True) -> list[dict[str, Any]]:
+    """Kept for callers of the earlier API: see `kd.predict.predict_files`."""
+    from kd.predict import predict_files as predict_all
+    return predict_all(student, files, progress=progress)

@@ -91,10 +91,11 @@ def test_export_round_trips_to_identical_logits(digits_setup, tmp_path):
     with torch.no_grad():
         direct = result.model.cpu().eval()(((images.float() / 255) - 0.5) / 0.5)  # test_resnet: mean = std = 0.5
     assert torch.allclose(loaded.logits(images), direct, atol=1e-6)
-    graph = load_graph(out)
-    assert torch.allclose(graph(((images.float() / 255) - 0.5) / 0.5), direct, atol=1e-5)
-    info = json.loads((out / "config.json").read_text())
+    graph = load_graph(out)  # the normalisation is inside the graph: it takes images in [0, 1]
+    assert torch.allclose(graph(images.float() / 255), direct, atol=1e-5)
+    info = json.loads((out / "kdsearch.json").read_text())
     assert info["architecture"] == "test_resnet" and info["classes"] == data.classes
+    assert json.loads((out / "config.json").read_text())["label_names"] == data.classes  # timm's own config
     assert info["threshold"] == pytest.approx(result.threshold) and info["config"]["distill"]["alpha"] == 0.5
     probs = loaded.probs(images)
     assert np.array_equal(loaded.predict(images), (probs[:, 1] >= result.threshold).astype(int))
@@ -117,7 +118,7 @@ def test_cli_distill_evaluate_predict(tmp_path, capsys):
     assert main(["distill", str(cfg_path), "--quiet"]) == 0
     run = tmp_path / "results" / "tiny" / "distill"
     for name in ("config.yaml", "history.csv", "metrics.json", "model/model.safetensors", "model/config.json",
-                 "model/model.pt2", "plots/learning_curves.png", "plots/confusion_matrix_test.png"):
+                 "model/kdsearch.json", "model/model.pt2", "plots/learning_curves.png", "plots/confusion_matrix_test.png"):
         assert (run / name).is_file(), name
     metrics = json.loads((run / "metrics.json").read_text())
     assert load_config(run / "config.yaml") == cfg
@@ -179,4 +180,4 @@ def test_run_distill_writes_everything_and_tests_once(tmp_path):
 
 
 def metrics_config(run):
-    return json.loads((run / "model" / "config.json").read_text())["config"]
+    return json.loads((run / "model" / "kdsearch.json").read_text())["config"]

@@ -1,0 +1,159 @@
+"""Exports in timm's hub layout: timm loads them, ONNX and torch.export graphs match, predict reads every form."""
+import json
+import logging
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+import kd.export
+from kd.config import load_config
+from kd.errors import UserError
+from kd.export import export_student, load_graph, load_student
+from kd.models import create_model
+from kd.predict import collect_images, load_predictor, predict_files, write_predictions
+from tests.helpers import tiny_overrides
+
+CLASSES = ["other", "digit_8"]
+
+
+def student_and_config(tmp_path, name="test_resnet", **sets):
+    cfg = load_config(None, tiny_overrides(tmp_path / "cache") + [f"student.name={name}"]
+                      + [f"{k}={v}" for k, v in sets.items()])
+    torch.manual_seed(0)
+    model = create_model(cfg.student, len(CLASSES), cfg.data.image_size)
+    with torch.no_grad():  # a model whose outputs vary with the input, like a trained one
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval(), cfg
+
+
+def digit_images(n=6, size=32):
+    from sklearn.datasets import load_digits
+    imgs = load_digits().images[:n] * (255 / 16)
+    return [np.asarray(Image.fromarray(im.astype(np.uint8)).resize((size, size), Image.BILINEAR).convert("RGB"))
+            for im in imgs]
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("export")
+    model, cfg = student_and_config(tmp, **{"data.max_image_pixels": 1000})
+    return export_student(tmp / "model", model, cfg, CLASSES, 0.4, {"val": {"balanced_accuracy": 0.9}})
+
+
+def test_layout_is_timms_and_timm_loads_it_with_identical_logits(export_dir):
+    import timm
+    hub = json.loads((export_dir / "config.json").read_text())
+    assert hub["architecture"] == "test_resnet" and hub["num_classes"] == 2 and hub["label_names"] == CLASSES
+    assert "num_features" in hub and "format" not in hub and "threshold" not in hub
+    pcfg = hub["pretrained_cfg"]
+    assert pcfg["input_size"] == [3, 32, 32] and pcfg["crop_pct"] == 1.0 and pcfg["interpolation"] == "bilinear"
+    assert pcfg["mean"] == [0.5, 0.5, 0.5] and pcfg["std"] == [0.5, 0.5, 0.5] and pcfg["num_classes"] == 2
+    meta = json.loads((export_dir / "kdsearch.json").read_text())
+    assert meta["format"] == kd.export.EXPORT_FORMAT and meta["classes"] == CLASSES and meta["threshold"] == 0.4
+    assert meta["positive_class"] == "digit_8" and meta["graph"] == "model.pt2" and meta["onnx"] == "model.onnx"
+    assert 0 <= meta["checks"]["graph_max_abs_diff"] <= 1e-4 and 0 <= meta["checks"]["onnx_max_abs_diff"] <= 1e-4
+    assert meta["weights_bytes"] == (export_dir / "model.safetensors").stat().st_size
+    assert json.loads((export_dir / "metrics.json").read_text()) == {"val": {"balanced_accuracy": 0.9}}
+
+    student = load_student(export_dir)
+    model = timm.create_model(f"local-dir:{export_dir}", pretrained=True).eval()
+    assert model.pretrained_cfg["label_names"] == CLASSES
+    data_cfg = timm.data.resolve_data_config({}, model=model)
+    assert data_cfg["input_size"] == (3, 32, 32) and data_cfg["crop_pct"] == 1.0
+    images = torch.from_numpy(np.stack(digit_images())).permute(0, 3, 1, 2).contiguous()
+    x = (images.float() / 255 - torch.tensor(data_cfg["mean"]).view(1, 3, 1, 1)) / torch.tensor(data_cfg["std"]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        assert torch.equal(model(x), student.logits(images))
+    # what callers read from `info`
+    assert student.info["architecture"] == "test_resnet" and student.info["num_classes"] == 2
+    assert student.info["config"]["data"]["max_image_pixels"] == 1000 and student.max_image_pixels == 1000
+    assert student.info["metrics"]["val"]["balanced_accuracy"] == 0.9 and student.image_size == 32
+    # the graph takes images in [0, 1]: the normalisation is inside
+    assert torch.allclose(load_graph(export_dir)(images.float() / 255), student.logits(images), atol=1e-5)
+
+
+def test_a_vit_student_round_trips_through_timm(tmp_path):
+    import timm
+    model, cfg = student_and_config(tmp_path, "deit_tiny_distilled_patch16_224")
+    out = export_student(tmp_path / "vit", model, cfg, CLASSES, None, {}, graph=False, onnx=False)
+    meta = json.loads((out / "kdsearch.json").read_text())
+    assert meta["distilled_heads"] and meta["graph"] is None and meta["onnx"] is None and meta["threshold"] is None
+    loaded = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x)) and torch.equal(load_student(out).model(x), model(x))
+
+
+def test_an_earlier_export_is_refused_clearly(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"format": "kd-search-student-1", "architecture": "test_resnet"}))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(UserError, match="earlier kd-search .format 'kd-search-student-1'.*export it again"):
+        load_student(tmp_path)
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(UserError, match="is not an exported student"):
+        load_student(tmp_path)
+
+
+def test_predictions_agree_across_folder_onnx_and_graph(export_dir, tmp_path):
+    folder = tmp_path / "imgs"
+    (folder / "sub").mkdir(parents=True)
+    for i, arr in enumerate(digit_images(5, size=30)):  # 900 pixels: under the export's limit of 1000
+        Image.fromarray(arr).save(folder / ("sub" if i % 2 else ".") / f"{i}.png")
+    Image.fromarray(digit_images(1, size=40)[0]).save(folder / "big.png")  # 1600 pixels: refused
+    (folder / "broken.jpg").write_text("nope")
+    files = collect_images([str(folder)])
+    assert files == [str(folder / n) for n in ("0.png", "2.png", "4.png", "big.png", "broken.jpg", "sub/1.png", "sub/3.png")]
+    tables = {}
+    for form in (export_dir, export_dir / "model.onnx", export_dir / "model.pt2"):
+        student = load_predictor(form)
+        assert student.classes == CLASSES and student.threshold == 0.4 and student.max_image_pixels == 1000
+        rows = predict_files(student, files, progress=False)
+        write_predictions(rows, student.classes, tmp_path / f"{form.name}.csv")
+        tables[form.name] = pd.read_csv(tmp_path / f"{form.name}.csv")
+    base = tables["model"]
+    assert list(base.columns) == ["file", "predicted", "p_other", "p_digit_8", "error"]
+    assert base["error"].notna().sum() == 2
+    assert "decompression-bomb limit of 1000" in base.loc[base["file"].str.endswith("big.png"), "error"].item()
+    good = base["error"].isna()
+    assert good.sum() == 5 and np.allclose(base.loc[good, "p_other"] + base.loc[good, "p_digit_8"], 1, atol=1e-5)
+    assert base.loc[good, "predicted"].nunique() >= 1
+    for name in ("model.onnx", "model.pt2"):
+        other = tables[name]
+        assert other["predicted"].fillna("").tolist() == base["predicted"].fillna("").tolist(), name
+        assert np.allclose(other.loc[good, ["p_other", "p_digit_8"]], base.loc[good, ["p_other", "p_digit_8"]],
+                           atol=1e-4), name
+
+
+def test_collect_images_refuses_links_out_of_the_folder(tmp_path, caplog):
+    outside = tmp_path / "outside.png"
+    Image.fromarray(digit_images(1)[0]).save(outside)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.fromarray(digit_images(1)[0]).save(folder / "a.png")
+    (folder / "link.png").symlink_to(outside)
+    assert collect_images([str(folder)]) == [str(folder / "a.png")]
+    assert "link.png" in caplog.text and "outside" in caplog.text
+    assert collect_images([str(outside)]) == [str(outside)]  # a file named directly is taken as named
+    with pytest.raises(UserError, match="no such file or folder"):
+        collect_images([str(tmp_path / "missing")])
+
+
+def test_graphs_that_do_not_match_or_cannot_be_made_are_left_out(tmp_path, monkeypatch, caplog):
+    model, cfg = student_and_config(tmp_path)
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if the onnx extra were not installed
+    monkeypatch.setattr(kd.export, "TOLERANCE", -1.0)  # every graph "differs"
+    with caplog.at_level(logging.INFO, logger="kd"):
+        out = export_student(tmp_path / "m", model, cfg, CLASSES, None, {})
+    assert not (out / "model.onnx").exists() and not (out / "model.pt2").exists()
+    assert "model.onnx not written: install the onnx extra" in caplog.text
+    assert "torch.export graph differs from the PyTorch model" in caplog.text
+    meta = json.loads((out / "kdsearch.json").read_text())
+    assert meta["onnx"] is None and meta["graph"] is None and meta["checks"]["graph_max_abs_diff"] >= 0
+    with pytest.raises(UserError, match="has no model.pt2"):
+        load_graph(out)
+    assert load_student(out).classes == CLASSES  # the weights are the export
