@@ -33,15 +33,9 @@ from kd.augment import Normalize, to_float
 from kd.config import Config, ModelConfig
 from kd.errors import UserError
 from kd.files import atomic_dir, atomic_write_json
+from kd.infer import predict_probs
 from kd.metrics import predict
 from kd.models import create_model, is_distilled, mean_std
-
-try:
-    from kd.infer import predict_probs
-except ModuleNotFoundError as e:  # before kd/infer.py, predict_probs lived in kd/train.py
-    if e.name != "kd.infer":
-        raise
-    from kd.train import predict_probs  # type: ignore[no-redef]
 
 log = logging.getLogger("kd")
 EXPORT_FORMAT = "kd-search-student-2"

@@ -177,6 +177,14 @@ def test_run_distill_writes_everything_and_tests_once(tmp_path):
     assert any(line.startswith("epoch   3/3") for line in lines)
     assert any("held-out test (evaluated once)" in line for line in lines)
     assert dataclasses.asdict(cfg) == metrics_config(tmp_path / "results" / "kd" / "distill")
+    cost = metrics["cost"]  # the compression report, measured after training
+    for role in ("student", "teacher"):
+        assert {"parameters", "flops", "macs", "weights_bytes", "latency_ms_batch1", "images_per_s_batch1",
+                "latency_ms_batch", "images_per_s_batch", "batch", "device_name", "threads"} <= set(cost[role])
+    assert cost["summary"] in lines and cost["summary"].startswith("student 0.4M params, ")
+    run = tmp_path / "results" / "kd" / "distill"
+    assert json.loads((run / "metrics.json").read_text())["cost"]["student"]["flops"] == cost["student"]["flops"]
+    assert json.loads((run / "model" / "kdsearch.json").read_text())["compression"]["summary"] == cost["summary"]
 
 
 def metrics_config(run):
