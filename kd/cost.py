@@ -22,8 +22,8 @@ from torch import nn
 
 WARMUP = 2          # untimed runs before timing each batch size (allocator, cuDNN autotuning, lazy init)
 MIN_REPEATS = 3     # timed runs at least ...
-MAX_REPEATS = 20    # ... and at most, for each batch size
-BUDGET_S = 0.25     # timed runs stop once this long was spent (after MIN_REPEATS)
+MAX_REPEATS = 50    # ... and at most, for each batch size
+BUDGET_S = 0.15    # seconds per model: timed runs stop once this long was spent (after MIN_REPEATS)
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -83,24 +83,41 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.inference_mode()
-def time_forward(model: nn.Module, image_size: int, batch: int, device: torch.device, warmup: int = WARMUP,
-                 min_repeats: int = MIN_REPEATS, max_repeats: int = MAX_REPEATS, budget_s: float = BUDGET_S
-                 ) -> dict[str, Any]:
-    """Median seconds of one forward pass of `batch` float images at `image_size` (fp32), and images/s."""
-    x = torch.rand(batch, 3, image_size, image_size, device=device)
-    for _ in range(warmup):
-        model(x)
+def time_forward_many(models: list[tuple[nn.Module, int]], batch: int, device: torch.device, warmup: int = WARMUP,
+                      min_repeats: int = MIN_REPEATS, max_repeats: int = MAX_REPEATS, budget_s: float = BUDGET_S
+                      ) -> list[dict[str, Any]]:
+    """Median seconds of one forward pass of `batch` float images (fp32) for each (model, image size), and images/s.
+
+    The models take turns, one timed run each, so a machine that is busier for a moment (a shared CPU) slows
+    them alike and their ratio holds. Timing stops once every model has `min_repeats` runs and `budget_s` per
+    model has passed, or at `max_repeats`.
+    """
+    inputs = [torch.rand(batch, 3, size, size, device=device) for _, size in models]
+    for (model, _), x in zip(models, inputs):
+        for _ in range(warmup):
+            model(x)
     _sync(device)
-    times: list[float] = []
+    times: list[list[float]] = [[] for _ in models]
     start = time.perf_counter()
-    while len(times) < max_repeats and (len(times) < min_repeats or time.perf_counter() - start < budget_s):
-        t0 = time.perf_counter()
-        model(x)
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    median = statistics.median(times)
-    return {"batch": batch, "median_ms": median * 1000, "images_per_s": batch / median, "repeats": len(times),
-            "warmup": warmup}
+    while len(times[0]) < max_repeats and (len(times[0]) < min_repeats
+                                           or time.perf_counter() - start < budget_s * len(models)):
+        turn = list(zip(models, inputs, times))
+        for (model, _), x, runs in (turn if len(times[0]) % 2 == 0 else turn[::-1]):  # ABBA: order favours neither
+            t0 = time.perf_counter()
+            model(x)
+            _sync(device)
+            runs.append(time.perf_counter() - t0)
+    out = []
+    for runs in times:
+        median = statistics.median(runs)
+        out.append({"batch": batch, "median_ms": median * 1000, "images_per_s": batch / median,
+                    "repeats": len(runs), "warmup": warmup})
+    return out
+
+
+def time_forward(model: nn.Module, image_size: int, batch: int, device: torch.device, **timing: Any) -> dict[str, Any]:
+    """`time_forward_many` for one model."""
+    return time_forward_many([(model, image_size)], batch, device, **timing)[0]
 
 
 def measure(model: nn.Module, image_size: int, device: torch.device | str = "cpu", batch: int | None = None,
@@ -108,37 +125,50 @@ def measure(model: nn.Module, image_size: int, device: torch.device | str = "cpu
     """The cost report of `model` at `image_size` on `device`: size, FLOPs and measured speed.
 
     `batch`: the large batch timed beside batch 1 (default 64 on a CPU, 256 on a GPU). `timing` goes to
-    `time_forward` (warmup, min_repeats, max_repeats, budget_s). The model is left on `device`, in the
+    `time_forward_many` (warmup, min_repeats, max_repeats, budget_s). The model is left on `device`, in the
     mode it was in.
     """
+    return measure_many([(model, image_size)], device, batch, **timing)[0]
+
+
+def measure_many(models: list[tuple[nn.Module, int]], device: torch.device | str = "cpu", batch: int | None = None,
+                 **timing: Any) -> list[dict[str, Any]]:
+    """`measure` for several (model, image size) pairs, timed in turns (see `time_forward_many`)."""
     device = torch.device(device)
     batch = batch or (256 if device.type == "cuda" else 64)
-    model = model.to(device)
-    was_training = model.training
-    model.eval()
+    models = [(model.to(device), size) for model, size in models]
+    modes = [model.training for model, _ in models]
+    for model, _ in models:
+        model.eval()
     try:
-        flops = count_flops(model, image_size)
-        speed = [time_forward(model, image_size, b, device, **timing) for b in (1, batch)]
+        flops = [count_flops(model, size) for model, size in models]
+        speed = [time_forward_many(models, b, device, **timing) for b in (1, batch)]
     finally:
-        model.train(was_training)
-    return {
-        "parameters": count_parameters(model),
-        "flops": flops,
-        "macs": flops // 2,
-        "weights_bytes": weights_bytes(model),
-        "input_size": [3, image_size, image_size],
-        "latency_ms_batch1": speed[0]["median_ms"],
-        "images_per_s_batch1": speed[0]["images_per_s"],
-        "batch": batch,
-        "latency_ms_batch": speed[1]["median_ms"],
-        "images_per_s_batch": speed[1]["images_per_s"],
-        "timing": {"warmup": speed[0]["warmup"], "repeats": [s["repeats"] for s in speed], "statistic": "median",
-                   "dtype": "float32", "what": "model forward on normalised float input, no gradients"},
-        "device": device.type if device.index is None else f"{device.type}:{device.index}",
-        "device_name": device_name(device),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__.split("+")[0],
-    }
+        for (model, _), mode in zip(models, modes):
+            model.train(mode)
+    reports = []
+    for i, (model, size) in enumerate(models):
+        one, many = speed[0][i], speed[1][i]
+        reports.append({
+            "parameters": count_parameters(model),
+            "flops": flops[i],
+            "macs": flops[i] // 2,
+            "weights_bytes": weights_bytes(model),
+            "input_size": [3, size, size],
+            "latency_ms_batch1": one["median_ms"],
+            "images_per_s_batch1": one["images_per_s"],
+            "batch": batch,
+            "latency_ms_batch": many["median_ms"],
+            "images_per_s_batch": many["images_per_s"],
+            "timing": {"warmup": one["warmup"], "repeats": [one["repeats"], many["repeats"]], "statistic": "median",
+                       "dtype": "float32", "what": "model forward on normalised float input, no gradients",
+                       "alongside": len(models)},
+            "device": device.type if device.index is None else f"{device.type}:{device.index}",
+            "device_name": device_name(device),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__.split("+")[0],
+        })
+    return reports
 
 
 def _params(n: int) -> str:
@@ -194,17 +224,17 @@ def compression_report(teacher_model: nn.Module | None, student_model: nn.Module
                        student_metric: float | None = None, metric_name: str = "validation balanced accuracy",
                        teacher_image_size: int | None = None, **timing: Any) -> dict[str, Any]:
     """`measure` for the student (and the teacher when given) and their comparison, as one JSON-ready dict."""
-    report: dict[str, Any] = {"student": measure(student_model, image_size, device, **timing)}
-    if teacher_model is not None:
-        report["teacher"] = measure(teacher_model, teacher_image_size or image_size, device, **timing)
-        report["comparison"] = compare(report["teacher"], report["student"], teacher_metric, student_metric,
-                                       metric_name)
-        report["summary"] = report["comparison"]["summary"]
-    else:
-        s = report["student"]
-        report["summary"] = (f"student {_params(s['parameters'])} params, {s['flops'] / 1e6:.1f} MFLOPs, "
-                             f"{s['images_per_s_batch']:.0f} images/s at batch {s['batch']} on {s['device_name']}")
-    return report
+    if teacher_model is None:
+        student = measure(student_model, image_size, device, **timing)
+        return {"student": student,
+                "summary": (f"student {_params(student['parameters'])} params, {student['flops'] / 1e6:.1f} MFLOPs, "
+                            f"{student['images_per_s_batch']:.0f} images/s at batch {student['batch']} on "
+                            f"{student['device_name']}")}
+    # timed in turns, so that a busy moment on a shared machine favours neither
+    student, teacher = measure_many([(student_model, image_size), (teacher_model, teacher_image_size or image_size)],
+                                    device, **timing)
+    comparison = compare(teacher, student, teacher_metric, student_metric, metric_name)
+    return {"student": student, "teacher": teacher, "comparison": comparison, "summary": comparison["summary"]}
 
 
 def distill_report(cfg: Any, student_model: nn.Module, teacher_model: nn.Module | None,
