@@ -85,7 +85,7 @@ def test_the_best_trial_on_validation_is_exported_with_its_threshold(finished_se
     assert best["val"]["balanced_accuracy"] == pytest.approx(top["val_balanced_accuracy_tuned"], abs=1e-6)
     assert best["threshold"] == pytest.approx(top["threshold"])
     student = load_student(run_dir / "best")
-    exported = json.loads((run_dir / "best" / "config.json").read_text())
+    exported = json.loads((run_dir / "best" / "kdsearch.json").read_text())  # config.json is timm's
     assert exported["config"]["distill"]["mode"] == top["distill.mode"]
     assert exported["config"]["train"]["lr"] == pytest.approx(top["train.lr"])
     assert student.classes == ["other", "digit_8"]
