@@ -18,19 +18,26 @@ from kd.errors import Diverged
 from kd.export import export_student
 from kd.losses import DistillLoss
 from kd.metrics import compute_metrics, format_metrics
-from kd.models import check_models, create_model
-from kd.teacher import load_teacher_model, prepare_teacher
+from kd.models import check_models, create_model, known_class_count
+from kd.teacher import load_teacher_model, new_teacher, prepare_teacher
 from kd.infer import Runner
 from kd.train import COMPLETED, DIVERGED, FitResult, ReportFn, fit, resolve_device, seed_everything
 
 log = logging.getLogger("kd")
 
 
-def train_student(cfg: Config, data: Dataset, teacher_logits: torch.Tensor | None, report: ReportFn | None = None,
-                  resume: dict[str, Any] | None = None, progress: bool = True) -> FitResult:
-    """Create the student from `cfg` (seeded) and distil it from the cached teacher logits."""
+def new_student(cfg: Config, num_classes: int) -> torch.nn.Module:
+    """The untrained student of `cfg`, seeded with train.seed: a config always starts from the same weights."""
     seed_everything(cfg.train.seed)
-    model = create_model(cfg.student, len(data.classes), data.image_size)
+    return create_model(cfg.student, num_classes, cfg.data.image_size, role="student")
+
+
+def train_student(cfg: Config, data: Dataset, teacher_logits: torch.Tensor | None, report: ReportFn | None = None,
+                  resume: dict[str, Any] | None = None, progress: bool = True,
+                  model: torch.nn.Module | None = None) -> FitResult:
+    """Distil the student from the cached teacher logits: `model` when given (made by `new_student(cfg, ...)`
+    for this data's classes), else a new one. Training reseeds itself each epoch, so both start alike."""
+    model = model if model is not None else new_student(cfg, len(data.classes))
     loss = DistillLoss.build(cfg.distill, cfg.imbalance, data.class_counts())
     return fit(model, cfg.train, data, loss, cfg.augment, teacher_logits=teacher_logits,
                balanced_sampling=cfg.imbalance.method == "balanced_sampling", report=report, resume=resume,
@@ -85,10 +92,21 @@ def run_distill(cfg: Config, out_dir: str | Path | None = None, progress: bool =
     With `progress` off only the results are echoed (the final metrics and where the export is).
     """
     out = Path(out_dir) if out_dir else Path(cfg.output_dir) / cfg.name / "distill"
-    check_models(cfg)  # a bad model name or weights file fails here, not after the teacher's fine-tuning
+    # A bad model name or weights file fails here, before any data is decoded or output written, and no model is
+    # built twice: where the config fixes the class count, both models are built for real now (that is their
+    # check) and used as built: the teacher fine-tuned or given its cached weights, the student trained.
+    # Otherwise they are checked on the meta device and built once the data says how many classes there are.
+    classes = known_class_count(cfg.data)
+    teacher_model = student = None
+    if classes:
+        teacher_model, student = new_teacher(cfg, classes), new_student(cfg, classes)
+    else:
+        check_models(cfg)
     t0 = time.perf_counter()
     data = load_dataset(cfg.data, progress)
-    teacher = prepare_teacher(cfg, data, progress=progress)
+    if len(data.classes) != classes:  # not known up front (a CSV's labels), or not what the folders promised
+        teacher_model = student = None
+    teacher = prepare_teacher(cfg, data, progress=progress, model=teacher_model)
     if progress:
         echo(f"{teacher.info.describe()}; validation balanced accuracy {teacher.metrics['balanced_accuracy']:.4f}")
     out.mkdir(parents=True, exist_ok=True)  # only now: bad input leaves an earlier run's folder as it was
@@ -101,8 +119,9 @@ def run_distill(cfg: Config, out_dir: str | Path | None = None, progress: bool =
             echo(epoch_line(row, cfg.train.epochs))
 
     history: list[dict[str, Any]] = []
-    result = train_student(cfg, data, teacher.logits, report=report, progress=progress)
-    teacher_model = load_teacher_model(cfg, data, teacher.directory)[0]  # for the compression report only
+    result = train_student(cfg, data, teacher.logits, report=report, progress=progress, model=student)
+    if teacher_model is None:  # for the compression report
+        teacher_model = load_teacher_model(cfg, data, teacher.directory)[0]
     metrics = finish_student(cfg, data, result, out, teacher.metrics, teacher_model=teacher_model,
                              extra={"seconds": time.perf_counter() - t0, "teacher": teacher.info.to_dict()})
     echo(format_metrics(metrics["val"], data.classes, "validation (threshold chosen here):"))

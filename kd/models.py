@@ -22,18 +22,19 @@ log = logging.getLogger("kd")
 HUB_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm publishes on the hub, preferred first
 
 
-def create_model(cfg: ModelConfig, num_classes: int, image_size: int) -> nn.Module:
+def create_model(cfg: ModelConfig, num_classes: int, image_size: int, role: str = "") -> nn.Module:
     """A timm model with `num_classes` outputs; ViT-style models are built for `image_size`.
 
     `cfg.pretrained`: false (random init), true (timm's own weights, from the local hub cache) or a local
     file (safetensors or a torch checkpoint, loaded with weights_only=True); a classifier whose shape does
     not match is left freshly initialised. A teacher used without fine-tuning (`train.epochs: 0`) is refused
-    when its classifier would be one of those (see `check_teacher_head`).
+    when its classifier would be one of those (see `check_teacher_head`). `role` ("teacher", "student")
+    names the config key in errors, as `check_model` does, for a caller whose real build is its check.
     """
     if cfg.pretrained is True:
         check_teacher_head(cfg, num_classes)
-    hub_file = cached_pretrained_file(cfg.name) if cfg.pretrained is True else None
-    model = _build(cfg, num_classes, image_size, hub_file)
+    hub_file = cached_pretrained_file(cfg.name, role) if cfg.pretrained is True else None
+    model = _build(cfg, num_classes, image_size, hub_file, role)
     if isinstance(cfg.pretrained, str) and cfg.pretrained:
         state = read_weights(cfg.pretrained, cfg.name)
         check_teacher_head(cfg, num_classes, model, state)

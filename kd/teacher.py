@@ -95,15 +95,26 @@ def teacher_key(cfg: Config, data: Dataset) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def load_teacher_model(cfg: Config, data: Dataset, directory: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+def new_teacher(cfg: Config, num_classes: int) -> torch.nn.Module:
+    """The teacher of `cfg` before fine-tuning, seeded with teacher.train.seed (as the fine-tuning makes it)."""
+    seed_everything(cfg.teacher.train.seed)
+    return create_model(cfg.teacher, num_classes, cfg.data.image_size, role="teacher")
+
+
+def load_teacher_model(cfg: Config, data: Dataset, directory: Path,
+                       model: torch.nn.Module | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The cached teacher's weights, in `model` when given (one of `new_teacher`'s), else in a new model."""
     tensors, meta = load_tensors(directory / "model.safetensors")
-    model = create_model(dataclasses.replace(cfg.teacher, pretrained=False), len(data.classes), data.image_size)
+    if model is None:
+        model = create_model(dataclasses.replace(cfg.teacher, pretrained=False), len(data.classes), data.image_size)
     model.load_state_dict(tensors)
     return model.eval(), meta
 
 
-def cached_teacher(cfg: Config, data: Dataset, epochs: int | None = None) -> Teacher | None:
-    """The teacher and its logits when both are already in the cache (no training, no forward pass), else None."""
+def cached_teacher(cfg: Config, data: Dataset, epochs: int | None = None,
+                   model: torch.nn.Module | None = None) -> Teacher | None:
+    """The teacher and its logits when both are already in the cache (no training, no forward pass), else None.
+    `model` (one of `new_teacher`'s), when given, receives the cached weights."""
     epochs = epochs or cfg.train.epochs
     key = teacher_key(cfg, data)
     directory = Path(cfg.data.cache_dir) / "teacher" / key
@@ -111,7 +122,7 @@ def cached_teacher(cfg: Config, data: Dataset, epochs: int | None = None) -> Tea
     try:
         with file_lock(directory / "model"):
             meta = json.loads((directory / "teacher.json").read_text())
-            load_tensors(directory / "model.safetensors")  # verifies the weights' checksums
+            weights, _ = load_tensors(directory / "model.safetensors")  # verifies the weights' checksums
         with file_lock(directory / f"logits-{akey}.safetensors"):
             tensors, _ = load_tensors(directory / f"logits-{akey}.safetensors")
     except (CacheError, OSError, ValueError):
@@ -119,6 +130,9 @@ def cached_teacher(cfg: Config, data: Dataset, epochs: int | None = None) -> Tea
     logits = tensors["logits"]
     if len(logits) < epochs or tuple(logits.shape[1:]) != (len(data.train), len(data.classes)):
         return None
+    if model is not None:
+        model.load_state_dict(weights)
+        model.eval()
     info = TeacherInfo(key, cfg.teacher.name, cached=True, finetune_seconds=meta.get("finetune_seconds", 0.0),
                        logits_cached=True, logit_epochs=epochs)
     return Teacher(key, directory, logits[:epochs].float(), meta["val_metrics"], info)
@@ -128,34 +142,46 @@ def _augment_key(cfg: Config) -> str:
     return hashlib.sha256(json.dumps(dataclasses.asdict(cfg.augment), sort_keys=True).encode()).hexdigest()[:12]
 
 
-def prepare_teacher(cfg: Config, data: Dataset, epochs: int | None = None, progress: bool = True) -> Teacher:
-    """Fine-tune the teacher (or find it in the cache) and make sure logits exist for `epochs` epochs."""
+def prepare_teacher(cfg: Config, data: Dataset, epochs: int | None = None, progress: bool = True,
+                    model: torch.nn.Module | None = None) -> Teacher:
+    """Fine-tune the teacher (or find it in the cache) and make sure logits exist for `epochs` epochs.
+
+    `model`: the untrained teacher from `new_teacher(cfg, len(data.classes))`, built by a caller that wants the
+    teacher afterwards; it is fine-tuned, or the cached weights are loaded into it, so no teacher is built twice.
+    It is left on the CPU in eval mode. Without it, a teacher is built only if its weights or logits are needed.
+    """
     epochs = epochs or cfg.train.epochs
+    found = cached_teacher(cfg, data, epochs, model)
+    if found is not None:  # weights and every epoch's logits on disk: no model to build at all
+        log.info("teacher %s and its logits found in the cache (%s)", cfg.teacher.name, found.directory)
+        return found
     key = teacher_key(cfg, data)
     directory = Path(cfg.data.cache_dir) / "teacher" / key
     info = TeacherInfo(key, cfg.teacher.name)
     device = resolve_device(cfg.teacher.train.device)
     with file_lock(directory / "model"):
         try:
-            model, meta = load_teacher_model(cfg, data, directory)
+            model, meta = load_teacher_model(cfg, data, directory, model)
             info.cached, info.finetune_seconds = True, meta.get("finetune_seconds", 0.0)
             log.info("teacher %s found in the cache (%s)", cfg.teacher.name, directory)
         except CacheError as e:
             if (directory / "model.safetensors").exists():
                 log.warning("teacher cache rebuilt: %s", e)
-            model, meta = _finetune(cfg, data, device, progress)
+            model, meta = _finetune(cfg, data, device, progress, model)
             save_tensors(directory / "model.safetensors", model.state_dict(), meta)
             atomic_write_json(directory / "teacher.json", meta)
             info.cached, info.finetune_seconds = False, meta["finetune_seconds"]
     logits = _logits(cfg, data, model, directory, epochs, device, progress, info)
+    model.cpu()
     return Teacher(key, directory, logits, meta["val_metrics"], info)
 
 
-def _finetune(cfg: Config, data: Dataset, device: torch.device, progress: bool) -> tuple[torch.nn.Module, dict]:
+def _finetune(cfg: Config, data: Dataset, device: torch.device, progress: bool,
+              model: torch.nn.Module | None) -> tuple[torch.nn.Module, dict]:
     t0 = time.perf_counter()
     tcfg = cfg.teacher
+    model = model if model is not None else new_teacher(cfg, len(data.classes))
     seed_everything(tcfg.train.seed)
-    model = create_model(tcfg, len(data.classes), data.image_size)
     history: list[dict[str, Any]] = []
     if tcfg.train.epochs > 0:
         log.info("fine-tuning teacher %s for %d epochs on %s", tcfg.name, tcfg.train.epochs, device)
