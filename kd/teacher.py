@@ -86,6 +86,9 @@ def teacher_key(cfg: Config, data: Dataset) -> str:
     """Content address of a fine-tuned teacher: data fingerprint + everything that shapes its weights."""
     teacher = dataclasses.asdict(cfg.teacher)
     teacher["train"].pop("device")
+    for key, was in (("amp", {"auto": True, "off": False}), ("channels_last", {"auto": True, "off": False})):
+        value = teacher["train"][key]  # these were booleans once: the same setting keeps its old key (and cache)
+        teacher["train"][key] = was.get(value, value)
     if isinstance(cfg.teacher.pretrained, str):
         st = os.stat(cfg.teacher.pretrained) if os.path.exists(cfg.teacher.pretrained) else None
         teacher["pretrained"] = [os.path.abspath(cfg.teacher.pretrained), st and st.st_size, st and st.st_mtime_ns]
