@@ -182,7 +182,7 @@ def kd_trial(p: dict, work: Path, epochs: int, **sets) -> dict:
     images = sum(len(data.train) - (len(data.train) % cfg.train.batch_size == 1) for _ in result.history)
     return {"seconds": seconds, "images": images, "teacher_forwards": kteacher.FORWARD_IMAGES - before,
             "val_balanced_accuracy": result.history[-1]["val_balanced_accuracy"], "gpu_peak_gb": _gpu_peak(),
-            "setup_seconds": setup, "teacher_finetune_seconds": teacher.info["finetune_seconds"]}
+            "setup_seconds": setup, "teacher_finetune_seconds": teacher.info.finetune_seconds}
 
 
 def kd_search(p: dict, work: Path, trials: int, **sets) -> dict:
