@@ -216,7 +216,9 @@ class SearchConfig:
     seed: int = 0
     space: dict[str, Any] = field(default_factory=default_space)
     points: list[dict[str, Any]] = field(default_factory=list)  # known configs to try first
-    confirm_seeds: int = 3         # retrain the best config with this many further seeds
+    folds: int = 5                 # cross-validated trials over train + val pooled (1: the holdout split)
+    rerank: int = 3                # the top trials (and the hand-picked points) retrained with further seeds
+    confirm_seeds: int = 3         # how many further seeds each of them is retrained with
     max_failures: int = 1          # retries of a failed trial
     checkpoint_every: int = 1      # epochs between trial checkpoints (the last epoch always is one)
     storage: str = ""              # shared path or s3:// for clusters; default: the run directory
@@ -229,6 +231,8 @@ class SearchConfig:
         _require(self.gpus_per_trial >= 0, "search.gpus_per_trial", "must be >= 0")
         _require(self.cpus_per_trial > 0, "search.cpus_per_trial", "must be > 0")
         _require(self.confirm_seeds >= 0, "search.confirm_seeds", "must be >= 0")
+        _require(self.folds >= 1, "search.folds", "must be >= 1 (1: the holdout validation split)")
+        _require(self.rerank >= 1, "search.rerank", "must be >= 1")
         _require(self.max_failures >= 0, "search.max_failures", "must be >= 0")
         _require(self.checkpoint_every >= 1, "search.checkpoint_every", "must be >= 1")
         _require(len(self.space) > 0, "search.space", "is empty: name at least one key to search")

@@ -7,10 +7,10 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from kd.files import atomic_path  # noqa: E402
+from kd.files import atomic_path
 
 
 def save_figure(fig: plt.Figure, path: str | Path) -> None:
@@ -19,7 +19,8 @@ def save_figure(fig: plt.Figure, path: str | Path) -> None:
     plt.close(fig)
 
 
-def learning_curves(histories: dict[str, list[dict[str, Any]]], path: str | Path, title: str = "") -> None:
+def learning_curves(histories: dict[str, list[dict[str, Any]]], path: str | Path, title: str = "",
+                    rule: str = "") -> None:
     """Training loss and validation balanced accuracy per epoch, one line per run."""
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
     for label, history in histories.items():
@@ -27,7 +28,8 @@ def learning_curves(histories: dict[str, list[dict[str, Any]]], path: str | Path
         ax_loss.plot(epochs, [h.get("train_loss", np.nan) for h in history], marker=".", label=label)
         ax_acc.plot(epochs, [h.get("val_balanced_accuracy", np.nan) for h in history], marker=".", label=label)
     ax_loss.set(xlabel="epoch", ylabel="training loss", title="training loss")
-    ax_acc.set(xlabel="epoch", ylabel="balanced accuracy", title="validation balanced accuracy", ylim=(0.0, 1.02))
+    ax_acc.set(xlabel="epoch", ylabel="balanced accuracy", ylim=(0.0, 1.02),
+               title="validation balanced accuracy" + (f"\n({rule})" if rule else ""))
     ax_acc.axhline(0.5, color="grey", linestyle=":", linewidth=1)
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)

@@ -21,12 +21,12 @@ import torch
 from tqdm import tqdm
 
 from kd.augment import Augmenter
-from kd.files import CacheError, atomic_write_json, file_lock, load_tensors, save_tensors
 from kd.config import Config
 from kd.data import Dataset
+from kd.files import CacheError, atomic_write_json, file_lock, load_tensors, save_tensors
+from kd.infer import Runner
 from kd.losses import DistillLoss, class_weights
 from kd.metrics import compute_metrics
-from kd.infer import Runner
 from kd.models import create_model
 from kd.stream import BatchSource
 from kd.train import COMPLETED, fit, resolve_device, seed_everything
@@ -52,7 +52,7 @@ class TeacherInfo:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "TeacherInfo":
+    def from_dict(cls, raw: dict[str, Any]) -> TeacherInfo:
         """Read `to_dict()`'s JSON back; keys this version does not know are ignored, missing ones defaulted."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in raw.items() if k in names})
@@ -203,11 +203,13 @@ def _finetune(cfg: Config, data: Dataset, device: torch.device, progress: bool,
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    probs = Runner.for_config(model, tcfg.train, device).split_probs(data, "val", tcfg.train.eval_batch_size)
-    metrics = compute_metrics(data.val.labels.numpy(), probs, data.classes)
     seconds = time.perf_counter() - t0
-    log.info("teacher %s: validation balanced accuracy %.4f, accuracy %.4f (%.1f s)", tcfg.name,
-             metrics["balanced_accuracy"], metrics["accuracy"], seconds)
+    metrics: dict[str, Any] = {}  # a teacher for a final refit trains on every labelled image: nothing to validate on
+    if len(data.val):
+        probs = Runner.for_config(model, tcfg.train, device).split_probs(data, "val", tcfg.train.eval_batch_size)
+        metrics = compute_metrics(data.val.labels.numpy(), probs, data.classes)
+        log.info("teacher %s: validation balanced accuracy %.4f, accuracy %.4f (%.1f s)", tcfg.name,
+                 metrics["balanced_accuracy"], metrics["accuracy"], seconds)
     meta = {"name": tcfg.name, "config": dataclasses.asdict(tcfg), "classes": data.classes,
             "val_metrics": metrics, "finetune_seconds": seconds, "history": history, "fingerprint": data.fingerprint}
     return model.cpu(), meta

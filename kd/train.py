@@ -26,7 +26,7 @@ from kd.data import Dataset
 from kd.infer import Runner
 from kd.infer import predict_probs  # noqa: F401  kd.export still imports it from here; its home is kd.infer
 from kd.losses import DistillLoss
-from kd.metrics import compute_metrics, flatten, tune_threshold
+from kd.selection import decision_rule, held_out_metrics, validation_parts
 from kd.models import is_distilled
 from kd.stream import BatchSource
 
@@ -42,8 +42,8 @@ class FitResult:
     model: nn.Module
     history: list[dict[str, Any]] = field(default_factory=list)
     status: str = COMPLETED          # COMPLETED | DIVERGED
-    threshold: float | None = None   # two classes: tuned on validation (None: argmax)
-    val_metrics: dict[str, Any] = field(default_factory=dict)
+    threshold: float | None = None   # two classes: tuned on all of validation, shipped with the model (None: argmax)
+    val_probs: np.ndarray | None = None  # the last epoch's validation probabilities
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -114,106 +114,139 @@ def epoch_order(n: int, labels: torch.Tensor, seed: int, epoch: int, balanced: b
     return torch.multinomial(weights, n, replacement=True, generator=g)
 
 
+class Training:
+    """One model trained on `data.train` epoch by epoch: what `fit` runs, and what cross-validation runs K of in
+    lockstep (`kd.crossval`). `train_epoch` trains the next epoch; `val_probs` evaluates on `data.val`.
+
+    `teacher_logits` (epochs x N x classes) are the teacher's outputs for the views of each epoch; when given, the
+    loss distils from them. `resume` is a state built by an earlier `state()`.
+    """
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, data: Dataset, loss_fn: DistillLoss,
+                 augment: AugmentConfig, *, teacher_logits: torch.Tensor | None = None, balanced_sampling: bool = False,
+                 resume: dict[str, Any] | None = None, progress: bool = True, desc: str = "train"):
+        self.model, self.cfg, self.data, self.balanced_sampling = model, cfg, data, balanced_sampling
+        self.device = device = resolve_device(cfg.device)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels once
+        self.run = Runner.for_config(model, cfg, device, compile=cfg.compile)  # amp and channels_last as set
+        self.distilled = teacher_logits is not None and is_distilled(model)
+        if self.distilled:
+            model.set_distilled_training(True)
+        self.loss_fn = loss_fn.to(device)
+        n = len(data.train)
+        self.source, self.labels = BatchSource(data, "train", device), data.train.labels.to(device)
+        self.logits = teacher_logits.to(device) if teacher_logits is not None else None
+        if self.logits is not None and len(self.logits) < cfg.epochs:  # each epoch's views need their own logits
+            raise ValueError(f"teacher logits cover {len(self.logits)} epochs of views; training runs {cfg.epochs}")
+        self.augmenter = Augmenter(augment, n, device)
+        self.drop_lone = n % cfg.batch_size == 1 and n > 1  # a lone last sample would upset BatchNorm
+        self.steps = n // cfg.batch_size + (0 if n % cfg.batch_size in (0, 1) else 1)
+        self.optimizer = _optimizer(model, cfg, device)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(cfg, s, self.steps))
+        self.history: list[dict[str, Any]] = []
+        self.status = COMPLETED
+        if resume:
+            model.load_state_dict(resume["model"])
+            self.optimizer.load_state_dict(resume["optimizer"])
+            self.scheduler.load_state_dict(resume["scheduler"])
+            self.history = list(resume["history"])
+        self.bar = tqdm(total=(cfg.epochs - len(self.history)) * self.steps, desc=desc, unit="batch", leave=False,
+                        disable=None if progress else True)  # None: shown on a terminal only
+
+    @property
+    def done(self) -> bool:
+        return self.status == DIVERGED or len(self.history) >= self.cfg.epochs
+
+    def state(self) -> dict[str, Any]:
+        """A resumable snapshot (copied to the CPU), so later epochs cannot change it."""
+        return {"model": {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()},
+                "optimizer": _to_cpu(self.optimizer.state_dict()),
+                "scheduler": copy.deepcopy(self.scheduler.state_dict()),
+                "epoch": len(self.history), "history": copy.deepcopy(self.history)}
+
+    def train_epoch(self) -> dict[str, Any]:
+        """Train the next epoch; its row of training metrics (status "diverged" if the loss is not finite)."""
+        cfg, model, epoch = self.cfg, self.model, len(self.history)
+        torch.manual_seed(cfg.seed * 1_000 + epoch)  # dropout / drop-path: reproducible on resume
+        t0 = time.perf_counter()
+        model.train()
+        order = epoch_order(len(self.data.train), self.data.train.labels, cfg.seed, epoch, self.balanced_sampling)
+        order = order[:-1] if self.drop_lone else order
+        sums = torch.zeros(4, device=self.device)  # loss, task, kd, correct
+        seen = 0
+        for idx, images in self.source(order, cfg.batch_size):
+            out = self.run(self.augmenter(images, idx, epoch))
+            teacher = self.logits[epoch][idx] if self.logits is not None else None
+            parts = self.loss_fn(out, self.labels[idx], teacher)
+            self.optimizer.zero_grad(set_to_none=True)
+            parts.loss.backward()
+            if cfg.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            cls_out = out[0] if isinstance(out, tuple) else out
+            k = len(idx)
+            sums += torch.stack([parts.loss.detach().float() * k, parts.task_loss.detach().float() * k,
+                                 parts.kd_loss.detach().float() * k,
+                                 (cls_out.argmax(1) == self.labels[idx]).sum().float()])
+            seen += k
+            self.bar.update(1)
+        loss, task, kd, correct = (sums / seen).tolist()  # the one host sync of the epoch
+        seconds = time.perf_counter() - t0
+        row: dict[str, Any] = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"], "train_loss": loss,
+                               "train_task_loss": task, "train_kd_loss": kd, "train_accuracy": correct,
+                               "epoch_time": seconds, "train_images_per_s": seen / seconds}
+        if not math.isfinite(loss):
+            self.status = DIVERGED
+            row["status"] = DIVERGED
+        return row
+
+    def val_probs(self) -> np.ndarray | None:
+        """Class probabilities of the validation split (None where the data has none: a final refit)."""
+        if not len(self.data.val):
+            return None
+        return self.run.split_probs(self.data, "val", self.cfg.eval_batch_size)
+
+    def record(self, row: dict[str, Any]) -> None:
+        self.history.append(row)
+        if "val_balanced_accuracy" in row:
+            self.bar.set_postfix(loss=f"{row['train_loss']:.3f}", val_bacc=f"{row['val_balanced_accuracy']:.3f}")
+
+    def close(self) -> nn.Module:
+        self.bar.close()
+        if self.distilled:
+            self.model.set_distilled_training(False)
+        return self.model.eval()
+
+
 def fit(model: nn.Module, cfg: TrainConfig, data: Dataset, loss_fn: DistillLoss, augment: AugmentConfig, *,
         teacher_logits: torch.Tensor | None = None, balanced_sampling: bool = False,
         report: ReportFn | None = None, resume: dict[str, Any] | None = None,
         progress: bool = True, desc: str = "train") -> FitResult:
-    """Train `model` on `data.train`, evaluating on `data.val` after every epoch.
+    """Train `model` on `data.train`, judging it on `data.val` after every epoch by the one decision rule
+    (`kd.selection`: for two classes a threshold cross-fitted over two halves of validation, else argmax).
 
-    `teacher_logits` (epochs x N x classes) are the teacher's outputs for the views of each epoch; when
-    given, the loss distils from them. `resume` is a state built by an earlier `report`'s `state_fn`.
+    Each epoch's row goes to `report(row, state_fn)`; `state_fn()` builds the resumable state only when asked.
     """
-    device = resolve_device(cfg.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels once
-    run = Runner.for_config(model, cfg, device, compile=cfg.compile)  # on the device, amp and channels_last as set
-    distilled = teacher_logits is not None and is_distilled(model)
-    if distilled:
-        model.set_distilled_training(True)
-    loss_fn = loss_fn.to(device)
-
-    train, n = data.train, len(data.train)
-    source, labels = BatchSource(data, "train", device), train.labels.to(device)
-    logits_cache = teacher_logits.to(device) if teacher_logits is not None else None
-    if logits_cache is not None and len(logits_cache) < cfg.epochs:  # each epoch's views need their own logits
-        raise ValueError(f"teacher logits cover {len(logits_cache)} epochs of views; training runs {cfg.epochs}")
-    augmenter = Augmenter(augment, n, device)
-    drop_lone = n % cfg.batch_size == 1 and n > 1  # a lone last sample would upset BatchNorm
-    steps = n // cfg.batch_size + (0 if n % cfg.batch_size in (0, 1) else 1)
-
-    optimizer = _optimizer(model, cfg, device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(cfg, s, steps))
-    result = FitResult(model)
-    start = 0
-    if resume:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        start, result.history = int(resume["epoch"]), list(resume["history"])
-
-    def state_fn() -> dict[str, Any]:
-        """A snapshot (copied to the CPU), so later epochs cannot change it."""
-        return {"model": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()},
-                "optimizer": _to_cpu(optimizer.state_dict()), "scheduler": copy.deepcopy(scheduler.state_dict()),
-                "epoch": len(result.history), "history": copy.deepcopy(result.history)}
-
-    bar = tqdm(total=(cfg.epochs - start) * steps, desc=desc, unit="batch", leave=False,
-               disable=None if progress else True)  # None: shown on a terminal only
-    for epoch in range(start, cfg.epochs):
-        torch.manual_seed(cfg.seed * 1_000 + epoch)  # dropout / drop-path: reproducible on resume
-        t0 = time.perf_counter()
-        model.train()
-        order = epoch_order(n, train.labels, cfg.seed, epoch, balanced_sampling)
-        order = order[:-1] if drop_lone else order
-        sums = torch.zeros(4, device=device)  # loss, task, kd, correct
-        seen = 0
-        for idx, images in source(order, cfg.batch_size):
-            out = run(augmenter(images, idx, epoch))
-            teacher = logits_cache[epoch][idx] if logits_cache is not None else None
-            parts = loss_fn(out, labels[idx], teacher)
-            optimizer.zero_grad(set_to_none=True)
-            parts.loss.backward()
-            if cfg.grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            cls_out = out[0] if isinstance(out, tuple) else out
-            k = len(idx)
-            sums += torch.stack([parts.loss.detach().float() * k, parts.task_loss.detach().float() * k,
-                                 parts.kd_loss.detach().float() * k, (cls_out.argmax(1) == labels[idx]).sum().float()])
-            seen += k
-            bar.update(1)
-        loss, task, kd, correct = (sums / seen).tolist()  # the one host sync of the epoch
-        train_time = time.perf_counter() - t0
-        row: dict[str, Any] = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_loss": loss,
-                               "train_task_loss": task, "train_kd_loss": kd, "train_accuracy": correct}
-        if not math.isfinite(loss):
-            result.status = DIVERGED
-            row.update(status=DIVERGED, epoch_time=train_time)
-            result.history.append(row)
-            if report:
-                report(row, state_fn)
-            break
-        probs = run.split_probs(data, "val", cfg.eval_batch_size)
-        val_labels = data.val.labels.numpy()
-        metrics = compute_metrics(val_labels, probs, data.classes)
-        row.update(flatten(metrics, "val"))
-        if cfg.tune_threshold and len(data.classes) == 2:
-            result.threshold = tune_threshold(val_labels, probs[:, 1])
-            tuned = compute_metrics(val_labels, probs, data.classes, result.threshold)
-            row.update(val_balanced_accuracy_tuned=tuned["balanced_accuracy"], threshold=result.threshold)
-        result.val_metrics = metrics
-        row.update(epoch_time=time.perf_counter() - t0, train_images_per_s=seen / train_time)
-        result.history.append(row)
-        bar.set_postfix(loss=f"{loss:.3f}", val_bacc=f"{metrics['balanced_accuracy']:.3f}")
+    training = Training(model, cfg, data, loss_fn, augment, teacher_logits=teacher_logits,
+                        balanced_sampling=balanced_sampling, resume=resume, progress=progress, desc=desc)
+    result = FitResult(model, training.history)
+    labels = data.val.labels.numpy()
+    rule = decision_rule(len(data.classes), cfg.tune_threshold)
+    parts = validation_parts(labels, seed=0)  # the same halves for every trial: comparisons share their noise
+    while not training.done:
+        row = training.train_epoch()
+        probs = training.val_probs() if row.get("status") != DIVERGED else None
+        if probs is not None:
+            row.update(held_out_metrics(labels, probs, data.classes, parts, rule))
+            result.val_probs = probs
+        training.record(row)
         if report:
-            report(row, state_fn)
-    bar.close()
-    if result.status == COMPLETED and not result.val_metrics:  # resumed after the last epoch
-        probs = run.split_probs(data, "val", cfg.eval_batch_size)
-        result.val_metrics = compute_metrics(data.val.labels.numpy(), probs, data.classes)
-        result.threshold = result.history[-1].get("threshold") if result.history else None
-    if distilled:
-        model.set_distilled_training(False)
-    model.eval()
+            report(row, training.state)
+    result.status = training.status
+    if result.status == COMPLETED and result.val_probs is None and len(data.val):  # resumed after the last epoch
+        result.val_probs = training.val_probs()
+    result.threshold = result.history[-1].get("threshold") if result.history else None
+    training.close()
     return result

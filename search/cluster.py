@@ -15,7 +15,10 @@ from typing import Any, Callable
 import ray
 import torch
 
+import numpy as np
+
 from kd.config import Config
+from kd.crossval import Folds, make_folds
 from kd.data import Dataset
 from kd.errors import UserError
 from kd.teacher import Teacher, cached_teacher, prepare_teacher
@@ -99,3 +102,52 @@ def prepare_teacher_once(cfg: Config, data: Dataset, epochs: int) -> Teacher:
         return teacher
     cpus = max(1, min(int(ray.cluster_resources().get("CPU", 1)), os.cpu_count() or 1))
     return ray.get(remote(prepare_teacher, Resources(cpus, 1), cfg, data, epochs=epochs, progress=False))
+
+
+@dataclass
+class Prepared:
+    """What the trials train on: the holdout split and its teacher's logits, or the folds and one teacher per fold
+    (each fine-tuned on the other folds only, so no student learns its own fold's labels through the logits)."""
+    data: Dataset | Folds
+    teachers: list[Teacher]
+
+    @property
+    def logits(self) -> torch.Tensor | list[torch.Tensor]:
+        return [t.logits for t in self.teachers] if isinstance(self.data, Folds) else self.teachers[0].logits
+
+    def record(self) -> dict[str, Any]:
+        """teacher.json: the teachers' validation metrics (the mean over folds) and how they were prepared."""
+        infos = [t.info for t in self.teachers]
+        info = {**infos[0].to_dict(), "cached": all(i.cached for i in infos), "logits_cached": all(
+            i.logits_cached for i in infos), **{k: sum(getattr(i, k) for i in infos) for k in (
+                "finetune_seconds", "logit_seconds", "forward_images")}}
+        return {"metrics": mean_metrics([t.metrics for t in self.teachers]), "info": info, "teachers": len(infos)}
+
+
+def mean_metrics(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The mean of each figure over several evaluations (per-class recall included, counts summed)."""
+    if len(runs) == 1:
+        return runs[0]
+    out: dict[str, Any] = {k: float(np.mean([r[k] for r in runs])) for k in ("accuracy", "balanced_accuracy",
+                                                                             "macro_f1")}
+    out["recall"] = {c: float(np.mean([r["recall"][c] for r in runs])) for c in runs[0]["recall"]}
+    out["confusion_matrix"] = np.sum([r["confusion_matrix"] for r in runs], axis=0).tolist()
+    out["n"] = int(sum(r["n"] for r in runs))
+    return out
+
+
+def prepare_teachers(cfg: Config, data: Dataset, echo: Callable[[str], None] = print) -> Prepared:
+    """The teachers a search needs before its trials, each prepared once (found in the cache when it can be)."""
+    if cfg.search.folds < 2:
+        echo(f"preparing the teacher ({cfg.teacher.name}) once for all trials ...")
+        teacher = prepare_teacher_once(cfg, data, cfg.train.epochs)
+        echo(f"{teacher.info.describe()}; validation balanced accuracy {teacher.metrics['balanced_accuracy']:.4f}")
+        return Prepared(data, [teacher])
+    folds = make_folds(data, cfg.search.folds, cfg.data.split_seed)
+    echo(f"preparing {folds.k} teachers ({cfg.teacher.name}), one per fold, each fine-tuned on the other folds ...")
+    teachers = []
+    for f, fold in enumerate(folds.datasets):
+        teachers.append(prepare_teacher_once(cfg, fold, cfg.train.epochs))
+        echo(f"  fold {f + 1}/{folds.k}: {teachers[-1].info.describe()}; its fold's balanced accuracy "
+             f"{teachers[-1].metrics['balanced_accuracy']:.4f}")
+    return Prepared(folds, teachers)

@@ -1,9 +1,10 @@
 """`kdsearch search`: one search from its config to results/<name>/ with the best student exported.
 
 The flow, each step in its own module: check the config and the models (space), take the run directory
-(session), decode the data (kd.data), start or join Ray (cluster), prepare the teacher once (cluster,
-kd.teacher), run the trials (tuner, trainable, progress), then confirm, export and report (finalize,
-report, on the run model in run.py).
+(session), decode the data (kd.data) and check the metric against what the task reports (kd.selection),
+start or join Ray (cluster), prepare the teachers once (one per fold: cluster, kd.crossval, kd.teacher),
+run the trials (tuner, trainable, progress), then re-rank the top trials with further seeds, refit, export,
+test once and report (rerank, finalize, report, all reading the run through run.py).
 """
 from __future__ import annotations
 
@@ -17,11 +18,13 @@ from kd.config import Config, save_config
 from kd.data import load_dataset
 from kd.errors import Interrupted
 from kd.files import atomic_write_json
-from search.cluster import prepare_teacher_once, start_ray
+from kd.selection import check_metric, decision_rule
+from search.cluster import prepare_teachers, start_ray
 from search.finalize import finalize
 from search.format import shown
 from search.run import CONFIG, RUN, TEACHER, Run
-from search.session import exclusive, experiment_path, run_dir_of, should_resume, sigterm_as_interrupt
+from search.session import (exclusive, experiment_path, run_dir_of, set_aside_stale, should_resume,
+                            sigterm_as_interrupt)
 from search.space import check_points, check_searched_models, parse_space
 from search.tuner import build_tuner
 
@@ -35,38 +38,32 @@ def run_search(cfg: Config, address: str | None = None, storage: str | None = No
     exp_path = experiment_path(cfg, run_dir, storage)
     with exclusive(run_dir):
         restore = should_resume(cfg, run_dir, exp_path, resume)
+        if not restore:
+            set_aside_stale(run_dir)
         t0 = time.perf_counter()
         data = load_dataset(cfg.data, progress=not quiet)
+        check_metric(cfg.search.metric, data.classes, decision_rule(len(data.classes), cfg.train.tune_threshold),
+                     cfg.search.folds)
         started = start_ray(address)
         try:  # written once the data is good and Ray is up: a search that cannot start leaves nothing behind
             save_config(cfg, run_dir / CONFIG)
             run_info = {"experiment": exp_path, "resumed": restore, "classes": data.classes, "data": data.describe()}
             atomic_write_json(run_dir / RUN, run_info)
-            echo(f"preparing the teacher ({cfg.teacher.name}) once for all trials ...")
-            teacher = prepare_teacher_once(cfg, data, cfg.train.epochs)
-            echo(describe_teacher(teacher))
-            atomic_write_json(run_dir / TEACHER, {"metrics": teacher.metrics, "info": teacher.info,
-                                                  "seconds": time.perf_counter() - t0})
-            echo(("resuming" if restore else "starting") + f" the search: {cfg.search.num_samples} trials of "
+            prepared = prepare_teachers(cfg, data, echo)
+            atomic_write_json(run_dir / TEACHER, {**prepared.record(), "seconds": time.perf_counter() - t0})
+            how = f"{cfg.search.folds}-fold cross-validated" if cfg.search.folds >= 2 else "holdout"
+            echo(("resuming" if restore else "starting") + f" the search: {cfg.search.num_samples} {how} trials of "
                  f"{cfg.student.name}, optimising {cfg.search.metric} ({cfg.search.mode}); results in {shown(run_dir)}")
-            tuner = build_tuner(cfg, data, teacher.logits, exp_path, restore, quiet)
+            tuner = build_tuner(cfg, prepared.data, prepared.logits, exp_path, restore, quiet)
             with sigterm_as_interrupt():
                 tuner.fit()
             _raise_if_interrupted(run_dir)
             atomic_write_json(run_dir / RUN, {**run_info, "seconds": time.perf_counter() - t0})
-            finalize(run_dir, data, teacher, echo=echo)
+            finalize(run_dir, data, prepared, echo=echo)
         finally:
             if started:
                 ray.shutdown()
     return run_dir
-
-
-def describe_teacher(teacher) -> str:
-    info = teacher.info
-    ran = "found in the cache" if info["cached"] else f"fine-tuned in {info['finetune_seconds']:.1f} s"
-    logits = (f"{info['forward_images']} forward passes cached its logits for {len(teacher.logits)} epochs of views"
-              if info["forward_images"] else "its logits were cached already")
-    return f"teacher {ran}, validation balanced accuracy {teacher.metrics['balanced_accuracy']:.4f}; {logits}"
 
 
 def _raise_if_interrupted(run_dir: Path) -> None:

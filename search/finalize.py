@@ -1,8 +1,10 @@
-"""After the trials: confirm the best config over further seeds, export it, test it once, write the report.
+"""After the trials: re-rank the top trials over further seeds, export the winner, test it once, write the report.
 
-Selection uses validation only. The winner is retrained with `search.confirm_seeds` other seeds (as Ray
-tasks, with the trials' resources) and reported as mean +- std; the exported student is evaluated exactly
-once on the test split, which nothing in the search has seen.
+Selection uses validation only (pooled out-of-fold predictions when cross-validated). The winner of the
+re-ranking (search.rerank) is exported: with folds, a final student refitted on all of train + validation with
+the winner's config and epochs, its threshold tuned on the winner's out-of-fold predictions; with a holdout,
+the trial's own checkpoint of the epoch that ranked it. The export is evaluated exactly once on the test
+split, which nothing in the search has seen.
 """
 from __future__ import annotations
 
@@ -16,21 +18,21 @@ import ray
 import torch
 
 from kd.config import Config
+from kd.crossval import Folds, pooled, refit_data
 from kd.data import Dataset
 from kd.distill import evaluate_model, train_student
 from kd.errors import UserError
 from kd.export import export_student
-from kd.files import atomic_write_json, read_json
-from kd.metrics import scalars
+from kd.files import atomic_write_json, load_tensors, read_json, save_tensors
+from kd.metrics import scalars, tune_threshold
 from kd.models import create_model
-from kd.teacher import Teacher
-from kd.train import load_state
-from search.cluster import remote, trial_resources
+from kd.selection import THRESHOLD, decision_rule
+from kd.train import COMPLETED, load_state
+from search.cluster import Prepared, prepare_teacher_once, remote, trial_resources
 from search.format import params_text, shown
 from search.report import write_report
-from search.run import BEST, CONFIRM, Run, latest_checkpoint
-
-CONFIRM_METRICS = ("val_balanced_accuracy", "val_balanced_accuracy_tuned", "val_accuracy", "val_macro_f1")
+from search.rerank import candidates, rerank
+from search.run import BEST, RERANK, RERANK_PROBS, Run, latest_checkpoint
 
 
 def export_trial(run: Run, row: pd.Series, out_dir: Path, data: Dataset | None = None) -> dict[str, Any]:
@@ -69,36 +71,53 @@ def export_command(run_dir: str | Path, trial: str | None, out: str | Path) -> s
             f"{row[run.config.search.metric]:.4f}) to {out}")
 
 
-def _retrain(cfg: Config, data: Dataset, logits: torch.Tensor) -> dict[str, Any]:
-    result = train_student(cfg, data, logits, progress=False)
-    return scalars(result.history[-1]) if result.status == "completed" else {"status": "diverged"}
-
-
-def confirm(run: Run, row: pd.Series, data: Dataset, logits: torch.Tensor, seeds: list[int]) -> dict[str, Any]:
-    """Retrain the trial's config with each seed, in parallel Ray tasks; mean and std of the validation metrics."""
+def refit_and_export(run: Run, row: pd.Series, data: Dataset, probs: list[np.ndarray], out_dir: Path) -> dict[str, Any]:
+    """Cross-validated searches: the final student trained on all of train + validation with the winner's config and
+    epochs (its teacher fine-tuned on the same pool), its threshold tuned on the winner's out-of-fold predictions,
+    evaluated once on the test split."""
     tcfg = run.trial_config(row)
-    data_ref, logits_ref = ray.put(data), ray.put(logits)
-    resources = trial_resources(run.config)
-    runs = ray.get([remote(_retrain, resources, tcfg.updated({"train.seed": s}), data_ref, logits_ref)
-                    for s in seeds])
-    reported = {k for r in runs for k in r}  # no tuned threshold beyond two classes
-    names = [n for n in CONFIRM_METRICS if n in reported] + sorted(k for k in reported if k.startswith("val_recall_"))
-    summary = {}
-    for name in names:
-        values = np.array([r.get(name, np.nan) for r in runs], dtype=float)
-        summary[name] = {"mean": float(np.nanmean(values)), "std": float(np.nanstd(values, ddof=1)) if len(values) > 1
-                         else 0.0, "values": values.tolist()}
-    return {"trial": row["trial"], "seeds": seeds, "runs": runs, "summary": summary,
-            "search_value": {n: (None if pd.isna(row.get(n)) else float(row[n])) for n in names if n in row}}
+    pool = refit_data(data)
+    teacher = prepare_teacher_once(tcfg, pool, tcfg.train.epochs)
+    state = ray.get(remote(_refit, trial_resources(run.config), tcfg, pool, teacher.logits))
+    model = create_model(dataclasses.replace(tcfg.student, pretrained=False), len(data.classes), data.image_size)
+    model.load_state_dict(state)
+    if not probs:  # no further seeds: the trial's own out-of-fold predictions, saved with its last checkpoint
+        ckpt = latest_checkpoint(row["path"])
+        saved = load_state(ckpt)["oof_probs"] if ckpt else None
+        probs = [saved.numpy()] if saved is not None else []
+    threshold = None
+    if decision_rule(len(data.classes), tcfg.train.tune_threshold) == THRESHOLD and probs:
+        labels = np.tile(pooled(data).labels.numpy(), len(probs))
+        threshold = tune_threshold(labels, np.concatenate(probs)[:, 1])
+    metrics: dict[str, Any] = {"trial": row["trial"], "classes": data.classes, "threshold": threshold,
+                               "epoch": tcfg.train.epochs, "params": run.params(row), "refit": True,
+                               "train_images": len(pool.train), "teacher": teacher.info.to_dict(),
+                               "val_last_epoch": {k: row[k] for k in row.index if k.startswith("val_")
+                                                  and not pd.isna(row[k])},
+                               "test": evaluate_model(model, data, "test", threshold, tcfg)}
+    export_student(out_dir, model, tcfg, data.classes, threshold, metrics)
+    return metrics
 
 
-def _saved(path: Path, trial: str, **match: Any) -> dict[str, Any] | None:
-    """A record a resumed search already wrote for this trial (and these settings), else None."""
+def _refit(cfg: Config, data: Dataset, logits: torch.Tensor) -> dict[str, torch.Tensor]:
+    result = train_student(cfg, data, logits, progress=False)
+    if result.status != COMPLETED:
+        raise UserError(f"the final student diverged when refitted on train + validation (epoch "
+                        f"{len(result.history)}); its config: {cfg.distill}, lr {cfg.train.lr}")
+    return {k: v.detach().cpu() for k, v in result.model.state_dict().items()}
+
+
+def _saved(path: Path, trial: str | None = None, **match: Any) -> dict[str, Any] | None:
+    """A record a resumed search already wrote (for this trial and these settings), else None."""
     saved = read_json(path)
-    return saved if saved and saved.get("trial") == trial and all(saved.get(k) == v for k, v in match.items()) else None
+    if not saved or (trial is not None and saved.get("trial") != trial):
+        return None
+    return saved if all(saved.get(k) == v for k, v in match.items()) else None
 
 
-def finalize(run_dir: Path, data: Dataset, teacher: Teacher, echo: Callable[[str], None] = print) -> None:
+def finalize(run_dir: Path, data: Dataset, prepared: Prepared, echo: Callable[[str], None] = print) -> None:
+    """Re-rank the top trials with further seeds, export the winner (refitted when cross-validated), test it once,
+    write the report."""
     run = Run(run_dir, refresh=False)  # mirrored (if remote) when the trials ended
     cfg = run.config
     top = run.best_trials(1)
@@ -107,20 +126,38 @@ def finalize(run_dir: Path, data: Dataset, teacher: Teacher, echo: Callable[[str
         write_report(run)
         return
     row = top.iloc[0]
-    echo(f"best trial {row['trial']} ({row['status']}): {cfg.search.metric} {row[cfg.search.metric]:.4f} with "
-         f"{params_text(run.params(row))}")
+    metric = cfg.search.metric
+    echo(f"best trial {row['trial']} ({row['status']}): {metric} {row[metric]:.4f} with {params_text(run.params(row))}")
     seeds = [cfg.train.seed + i for i in range(1, cfg.search.confirm_seeds + 1)]
+    probs: list[np.ndarray] = []
     if seeds:
-        result = _saved(run_dir / CONFIRM, row["trial"], seeds=seeds)
-        if result is None:
-            echo(f"confirming it with {len(seeds)} further seeds ...")
-            result = confirm(run, row, data, teacher.logits, seeds)
-            atomic_write_json(run_dir / CONFIRM, result)
-        s = result["summary"]["val_balanced_accuracy"]
-        echo(f"confirmation: validation balanced accuracy {s['mean']:.4f} ± {s['std']:.4f} over seeds {seeds}")
+        record = _saved(run_dir / RERANK, seeds=seeds)
+        if record is None:
+            n = len(candidates(run))
+            echo(f"re-ranking {n} candidates (the top {cfg.search.rerank} and the hand-picked points) with "
+                 f"{len(seeds)} further seeds ...")
+            record, probs = rerank(run, prepared, seeds)
+            if probs:  # the winner's held-out probabilities: its threshold after a resume too
+                save_tensors(run_dir / RERANK_PROBS, {"probs": torch.from_numpy(np.stack(probs))}, {})
+            atomic_write_json(run_dir / RERANK, record)
+        elif (run_dir / RERANK_PROBS).is_file():
+            probs = list(load_tensors(run_dir / RERANK_PROBS)[0]["probs"].numpy())
+        for entry in record["candidates"]:
+            echo(f"  {entry['trial']}: {metric} {entry['mean']:.4f} ± {entry['std']:.4f} over seeds {seeds} "
+                 f"(in the search {entry['search_value']:.4f})" + (f", hand-picked {entry['hand_picked']}"
+                                                                    if entry["hand_picked"] else ""))
+        row = run.trial(record["winner"])
+        echo(f"winner: {row['trial']} (the best mean over the further seeds)")
+        for c in record["against_points"]:
+            echo(f"  against hand-picked {c['point']}: the winner {c['verdict']} "
+                 f"({c['difference']:+.4f} paired over {c['seeds']} seeds)")
     best = _saved(run_dir / BEST / "metrics.json", row["trial"])
     if best is None:
-        best = export_trial(run, row, run_dir / BEST, data)
+        if isinstance(prepared.data, Folds):
+            echo("refitting the winner on all of train + validation ...")
+            best = refit_and_export(run, row, data, probs, run_dir / BEST)
+        else:
+            best = export_trial(run, row, run_dir / BEST, data)
     t = best["test"]
     echo(f"exported the best student to {shown(run_dir / BEST)}; held-out test (evaluated once): balanced accuracy "
          f"{t['balanced_accuracy']:.4f}, accuracy {t['accuracy']:.4f}, "

@@ -25,7 +25,8 @@ def draw_all(run: Run) -> None:
         top = run.best_trials(5)
         if len(top):
             kplots.learning_curves({f"{r['trial']} ({r['status']})": run.histories[r["trial"]]
-                                    for _, r in top.iterrows()}, out / "learning_curves.png", "top trials")
+                                    for _, r in top.iterrows()}, out / "learning_curves.png", "top trials",
+                                   run.rule_label)
         soft_vs_hard(run, out / "soft_vs_hard.png")
         importance(run, out / "importance.png")
     best = run.best
@@ -47,7 +48,8 @@ def trials_in_order(run: Run, path: Path) -> None:
         running = done[metric].cummax() if cfg.search.mode == "max" else done[metric].cummin()
         ax.step(done["number"], running, where="post", color="black", linewidth=1.2, label="best so far")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set(xlabel="trial (in order of start)", ylabel=metric, title=f"{metric} per trial (last epoch run)")
+    ax.set(xlabel="trial (in order of start)", ylabel=f"{metric}\n({run.rule_label})",
+           title=f"{metric} per trial (last epoch run)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: no point hides behind it
     save_figure(fig, path)
@@ -80,7 +82,7 @@ def params_vs_metric(run: Run, path: Path) -> None:
                 ax.set_xscale("log")
                 ax.xaxis.set_minor_formatter(NullFormatter())
         ax.scatter(x, sub[metric], c=colours, s=24, alpha=0.8, edgecolors="none")
-        ax.set(title=key, ylabel=metric if ax in axes[:, 0] else "")
+        ax.set(title=key, ylabel=f"{metric}\n({run.rule_label})" if ax in axes[:, 0] else "")
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")

@@ -21,8 +21,13 @@ log = logging.getLogger("search")
 def write_report(run: Run) -> pd.DataFrame:
     """Rebuild trials.csv, configs/, plots/ and summary.md; returns the trials table."""
     table = run.table
+    if len(table):
+        out = table.drop(columns="path")
+        out.insert(3, "rule", run.rule_label)  # the decision rule every figure in the row was computed with
+    else:
+        out = table
     with atomic_path(run.directory / "trials.csv") as tmp:
-        table[[c for c in table.columns if c != "path"]].to_csv(tmp, index=False)
+        out.to_csv(tmp, index=False)
     for _, row in table.iterrows():
         try:
             save_config(run.trial_config(row), run.directory / "configs" / f"{row['trial']}.yaml")

@@ -9,7 +9,7 @@ and the files the search wrote itself are all plain JSON or YAML.
 Layout of `results/<name>/`:
 
     config.yaml          the resolved config           run.json        classes, data, experiment path, time
-    teacher.json         the teacher's record          confirm.json    the winner retrained with other seeds
+    teacher.json         the teachers' record          rerank.json     the top trials retrained with other seeds
     trial_events.jsonl   every trial end and retry     optuna.journal  the Optuna study
     best/                the exported best student     trials.csv, summary.md, plots/, configs/: the report
     ray/                 Ray Tune's experiment (or ray-mirror/, a local copy of one in remote storage)
@@ -32,10 +32,12 @@ import pandas as pd
 from kd.config import Config, load_config
 from kd.errors import UserError
 from kd.files import read_json, read_jsonl
+from kd.selection import decision_rule, rule_label, rule_text
 
 log = logging.getLogger("search")
 
-CONFIG, RUN, TEACHER, CONFIRM, BEST = "config.yaml", "run.json", "teacher.json", "confirm.json", "best"
+CONFIG, RUN, TEACHER, RERANK, BEST = "config.yaml", "run.json", "teacher.json", "rerank.json", "best"
+RERANK_PROBS = "rerank_probs.safetensors"  # the winner's held-out probabilities over the further seeds
 EVENTS, JOURNAL, EXPERIMENT, MIRROR = "trial_events.jsonl", "optuna.journal", "ray", "ray-mirror"
 STATE_FILE = "state.pt"  # the file inside a trial's checkpoint folder
 
@@ -44,7 +46,8 @@ COMPLETED, STOPPED, FAILED, UNFINISHED = "completed", "stopped early", "failed",
 RETRY = "retry"                              # an event only: the trial is run again
 RANKED = (COMPLETED, STOPPED)                # trials with a score to rank
 FINISHED = (COMPLETED, STOPPED, FAILED)      # trials that will not run again
-METRICS = ("val_balanced_accuracy", "val_accuracy", "val_macro_f1", "val_balanced_accuracy_tuned")
+METRICS = ("val_balanced_accuracy", "val_accuracy", "val_macro_f1", "val_balanced_accuracy_argmax",
+           "val_balanced_accuracy_fold_mean", "val_balanced_accuracy_fold_std")
 
 
 # ----------------------------------------------------------------------------------------------- records
@@ -61,10 +64,11 @@ class RunRecord:
 
 @dataclass(frozen=True)
 class TeacherRecord:
-    """teacher.json: the teacher's validation metrics and how it was prepared."""
+    """teacher.json: the teacher's validation metrics (the mean over folds) and how it was prepared."""
     metrics: dict[str, Any]
     info: dict[str, Any]
     seconds: float = 0.0
+    teachers: int = 1                            # one per fold in a cross-validated search
 
     def describe(self) -> str:
         info = self.info
@@ -75,13 +79,13 @@ class TeacherRecord:
 
 
 @dataclass(frozen=True)
-class Confirmation:
-    """confirm.json: the best trial's config retrained with further seeds."""
-    trial: str
+class Reranking:
+    """rerank.json: the top trials and the hand-picked points retrained with further seeds, and the winner."""
+    metric: str
     seeds: list[int]
-    runs: list[dict[str, Any]]
-    summary: dict[str, dict[str, Any]]           # metric -> {mean, std, values}
-    search_value: dict[str, float | None]        # metric -> the trial's own figure in the search
+    winner: str
+    candidates: list[dict[str, Any]]             # trial, params, hand_picked, search_value, values, mean, std, metrics
+    against_points: list[dict[str, Any]]         # the winner against each hand-picked point: paired difference
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,8 @@ class BestRecord:
     val_last_epoch: dict[str, Any]
     val: dict[str, Any] = field(default_factory=dict)
     test: dict[str, Any] = field(default_factory=dict)
+    refit: bool = False                          # refitted on train + validation (cross-validated searches)
+    train_images: int = 0
 
 
 def _record(cls: type, raw: dict[str, Any] | None) -> Any:
@@ -164,8 +170,8 @@ class Run:
         return _record(TeacherRecord, read_json(self.directory / TEACHER))
 
     @property
-    def confirmation(self) -> Confirmation | None:
-        return _record(Confirmation, read_json(self.directory / CONFIRM))
+    def reranking(self) -> Reranking | None:
+        return _record(Reranking, read_json(self.directory / RERANK))
 
     @property
     def best(self) -> BestRecord | None:
@@ -203,6 +209,15 @@ class Run:
         """Each trial's reported epochs, by trial id."""
         return self._trials[1]
 
+    @property
+    def rule(self) -> str:
+        """The decision rule every figure of this search uses (kd.selection), named in full."""
+        return rule_text(decision_rule(len(self.classes), self.config.train.tune_threshold), self.config.search.folds)
+
+    @property
+    def rule_label(self) -> str:
+        return rule_label(decision_rule(len(self.classes), self.config.train.tune_threshold), self.config.search.folds)
+
     def finished(self) -> int:
         return int(self.table["status"].isin(FINISHED).sum()) if len(self.table) else 0
 
@@ -223,6 +238,20 @@ class Run:
             known = ", ".join(self.table["trial"]) if len(self.table) else "none yet"
             raise UserError(f"no trial '{trial_id}' in {self.directory} (trials: {known})")
         return match.iloc[0]
+
+    def point_trial(self, point: dict[str, Any]) -> pd.Series | None:
+        """The first trial that ran a `search.points` entry (every given key at its given value)."""
+        table = self.table
+        if not len(table) or any(k not in table.columns for k in point):
+            return None
+        same = np.ones(len(table), dtype=bool)
+        for key, value in point.items():
+            column = table[key]
+            numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+            same &= np.isclose(column.astype(float), float(value)) if numeric and \
+                pd.api.types.is_numeric_dtype(column) else (column == value).to_numpy()
+        found = table[same].sort_values("number")
+        return found.iloc[0] if len(found) else None
 
     def trial_config(self, row: pd.Series) -> Config:
         """The trial's full config: base config + its sampled keys (reproduces it with kdsearch distill)."""

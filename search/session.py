@@ -3,14 +3,19 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
 from kd.config import Config, load_config
 from kd.errors import UserError
-from search.run import CONFIG, EXPERIMENT
+from search.run import BEST, CONFIG, EVENTS, EXPERIMENT, JOURNAL, RERANK, RERANK_PROBS, TEACHER
+
+STALE = (JOURNAL, EVENTS, RERANK, RERANK_PROBS, TEACHER, BEST, EXPERIMENT)
+log = logging.getLogger("search")
 
 
 def run_dir_of(cfg: Config) -> Path:
@@ -82,6 +87,22 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[prefix + k] = v
     return out
+
+
+def set_aside_stale(run_dir: Path) -> Path | None:
+    """A fresh search on a directory that holds an earlier, unresumable search's study, event log or results moves
+    them into `stale-<time>/`: an old Optuna journal would otherwise feed the new TPE old observations (and run the
+    hand-picked points twice), and an old record would be read as this search's."""
+    stale = [run_dir / name for name in STALE if (run_dir / name).exists()]
+    if not stale:
+        return None
+    target = run_dir / time.strftime("stale-%Y%m%d-%H%M%S")
+    target.mkdir()
+    for path in stale:
+        os.replace(path, target / path.name)
+    log.warning("%s held an earlier search that cannot be resumed (%s); moved to %s", run_dir,
+                ", ".join(p.name for p in stale), target)
+    return target
 
 
 @contextlib.contextmanager

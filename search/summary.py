@@ -21,19 +21,6 @@ def _metric_rows(metrics: dict[str, Any], classes: list[str]) -> list[tuple[str,
             *[(f"recall {c}", metrics["recall"][c]) for c in classes], ("macro F1", metrics["macro_f1"])]
 
 
-def _point_trial(table: pd.DataFrame, point: dict[str, Any]) -> pd.Series | None:
-    """The first trial that ran a `search.points` entry (every given key at its given value)."""
-    if not len(table) or any(k not in table.columns for k in point):
-        return None
-    same = np.ones(len(table), dtype=bool)
-    for key, value in point.items():
-        column = table[key]
-        same &= np.isclose(column.astype(float), float(value)) if isinstance(value, (int, float)) and \
-            not isinstance(value, bool) and pd.api.types.is_numeric_dtype(column) else (column == value).to_numpy()
-    found = table[same].sort_values("number")
-    return found.iloc[0] if len(found) else None
-
-
 def summary_markdown(run: Run) -> str:
     cfg, table = run.config, run.table
     top = run.best_trials(10)
@@ -42,7 +29,7 @@ def summary_markdown(run: Run) -> str:
     out += _top_trials(run, top)
     out += _points_against_best(run, top)
     out += _soft_vs_hard(run, top)
-    out += _confirmation(run)
+    out += _reranking(run)
     out += _best_student(run)
     out += ["## Plots", ""]
     for name, title in (("trials.png", "balanced accuracy per trial"), ("importance.png", "parameter importance"),
@@ -76,14 +63,16 @@ def _teacher(run: Run) -> list[str]:
     teacher = run.teacher
     if teacher is None:
         return ["## Teacher", "", "Not prepared yet.", ""]
-    return ["## Teacher", "",
-            f"`{run.config.teacher.name}`, prepared once before the trials ({teacher.describe()}; the trials ran no "
-            "teacher forward pass).", "",
+    what = (f"one per fold ({teacher.teachers}), each fine-tuned on the other folds only, prepared before the trials "
+            f"({teacher.describe()}; the trials ran no teacher forward pass). Validation figures: the mean over the "
+            "teachers' own folds." if teacher.teachers > 1 else
+            f"prepared once before the trials ({teacher.describe()}; the trials ran no teacher forward pass).")
+    return ["## Teacher", "", f"`{run.config.teacher.name}`, {what}", "",
             _table(["validation", "value"], _metric_rows(teacher.metrics, run.classes)), ""]
 
 
 def _top_trials(run: Run, top: pd.DataFrame) -> list[str]:
-    out = ["## Top trials (validation)", ""]
+    out = ["## Top trials (validation)", "", f"Figures: {_rule(run)}.", ""]
     table, classes = run.table, run.classes
     if len(top):
         keys = run.searched_keys()
@@ -106,7 +95,7 @@ def _points_against_best(run: Run, top: pd.DataFrame) -> list[str]:
     table, classes = run.table, run.classes
     rows = []
     for i, point in enumerate(run.config.search.points):
-        r = _point_trial(table, point)
+        r = run.point_trial(point)
         if r is not None:
             rows.append([f"hand-picked {i + 1}: {params_text(point)}", r])
     if not rows or not len(top):
@@ -137,16 +126,26 @@ def _soft_vs_hard(run: Run, top: pd.DataFrame) -> list[str]:
     return ["## Best soft vs best hard distillation (validation)", "", _table(["", "soft", "hard"], rows), ""]
 
 
-def _confirmation(run: Run) -> list[str]:
-    out = ["## Confirmation over further seeds (validation)", ""]
-    confirm = run.confirmation
-    if confirm is None:
-        return out + ["Not run yet (it follows the search).", ""]
-    rows = [[name, f"{v['mean']:.4f} ± {v['std']:.4f}", number(confirm.search_value.get(name))]
-            for name, v in confirm.summary.items()]
-    return out + [f"The best trial's config (`{confirm.trial}`) retrained with seeds {confirm.seeds} "
-                  "(student initialisation, sample order, dropout); mean ± std:", "",
-                  _table(["metric", "mean ± std", "in the search"], rows), ""]
+def _reranking(run: Run) -> list[str]:
+    out = ["## Re-ranking over further seeds", ""]
+    rr, metric = run.reranking, run.config.search.metric
+    if rr is None:
+        return out + ["Not run yet (it follows the search), or `search.confirm_seeds` is 0.", ""]
+    rows = [[e["trial"], params_text(e["params"]), f"hand-picked {e['hand_picked']}" if e["hand_picked"] else "top",
+             e["search_value"], f"{e['mean']:.4f} ± {e['std']:.4f}", " ".join(number(v) for v in e["values"]),
+             "winner" if e["trial"] == rr.winner else ""] for e in rr.candidates]
+    out += [f"The top {run.config.search.rerank} trials and the hand-picked points, each retrained with seeds "
+            f"{rr.seeds} ({_rule(run)}). The winner is the best mean over these seeds alone: the search's own "
+            "figure chose the candidates, so it flatters them (compare its column with the mean).", "",
+            _table(["trial", "parameters", "why", f"{metric} in the search", "mean ± std over the seeds",
+                    "per seed", ""], rows), ""]
+    for c in rr.against_points:
+        out += [f"**Against hand-picked {c['point']}** (`{c['trial']}`): the search's winner {c['verdict']}: "
+                f"paired difference {c['difference']:+.4f} over {c['seeds']} seeds (standard error "
+                f"{number(c['standard_error'])}; it must exceed twice that)." if c["verdict"] != "is the hand-picked "
+                "point itself" else f"**Against hand-picked {c['point']}**: the search's winner is that point itself.",
+                ""]
+    return out
 
 
 def _best_student(run: Run) -> list[str]:
@@ -154,8 +153,30 @@ def _best_student(run: Run) -> list[str]:
     best, classes = run.best, run.classes
     if best is None:
         return out + ["Not exported yet (it follows the search).", ""]
-    thr = f"; decision threshold {best.threshold:.4f} on p({classes[1]}), chosen on validation" \
-        if best.threshold is not None else ""
-    return out + [f"Trial `{best.trial}`, exported to `best/`{thr}.", "",
-                  _table(["test", "value"], _metric_rows(best.test, classes)), "",
+    where = "out-of-fold predictions" if best.refit else "validation"
+    thr = f"; decision threshold {best.threshold:.4f} on p({classes[1]}), chosen on {where}" \
+        if best.threshold is not None else "; argmax"
+    how = (f"refitted on all {best.train_images} train + validation images with its config and "
+           f"{best.epoch} epochs" if best.refit else f"its checkpoint of epoch {best.epoch}")
+    side = _side_by_side(run, best)
+    return out + [f"Trial `{best.trial}`, {how}, exported to `best/`{thr}.", "",
+                  _table(["test", "value"], _metric_rows(best.test, classes)), "", *side,
                   "![confusion matrix](plots/confusion_matrix_test.png)", ""]
+
+
+def _side_by_side(run: Run, best) -> list[str]:
+    """The winner's balanced accuracy as the search saw it, over the further seeds, and on the test split."""
+    metric = "val_balanced_accuracy"
+    rr = run.reranking
+    entry = next((e for e in rr.candidates if e["trial"] == best.trial), None) if rr else None
+    rows = [["in the search (one seed)", best.val_last_epoch.get(metric)]]
+    if entry and metric in entry["metrics"]:
+        m = entry["metrics"][metric]
+        rows.append([f"re-ranking, mean ± std over seeds {rr.seeds}", f"{m['mean']:.4f} ± {m['std']:.4f}"])
+    rows.append(["held-out test, the exported student", best.test["balanced_accuracy"]])
+    return [f"Balanced accuracy of the winner ({_rule(run)}), side by side:", "",
+            _table(["where", "balanced accuracy"], rows), ""]
+
+
+def _rule(run: Run) -> str:
+    return run.rule

@@ -17,10 +17,11 @@ from ray import tune
 
 from kd.config import from_dict
 from kd.data import Dataset
+from kd.crossval import Folds, cross_validate
 from kd.distill import train_student
 from kd.errors import Diverged
 from kd.metrics import scalars
-from kd.train import load_state, save_state
+from kd.train import DIVERGED, load_state, save_state
 from search.run import STATE_FILE
 
 
@@ -28,9 +29,16 @@ class TrialDiverged(RuntimeError):
     """Raised inside a trial so Ray records it as failed, with this message as its error."""
 
 
-def distill_trainable(config: dict[str, Any], base: dict[str, Any], data: Dataset, teacher_logits: torch.Tensor,
-                      checkpoint_every: int = 1, threads: int = 1) -> None:
-    """One trial: distil a student with the sampled hyperparameters `config` on top of `base`."""
+def distill_trainable(config: dict[str, Any], base: dict[str, Any], data: Dataset | Folds,
+                      teacher_logits: torch.Tensor | list[torch.Tensor], checkpoint_epochs: frozenset[int],
+                      threads: int = 1) -> None:
+    """One trial: distil a student with the sampled hyperparameters `config` on top of `base`: one student on the
+    holdout split, or with `Folds` one per fold, judged on their pooled out-of-fold predictions.
+
+    A checkpoint is saved at every epoch in `checkpoint_epochs` (every `search.checkpoint_every`-th, every epoch
+    at which ASHA may stop the trial, and the last), so the exported state is always that of the epoch that
+    ranked the trial.
+    """
     torch.set_num_threads(max(1, threads))
     cfg = from_dict(base, "search base config").updated(config, source="sampled trial config")
     resume = None
@@ -40,11 +48,10 @@ def distill_trainable(config: dict[str, Any], base: dict[str, Any], data: Datase
             resume = load_state(os.path.join(d, STATE_FILE))
 
     def report(row: dict[str, Any], state_fn) -> None:
-        if row.get("status") == "diverged":  # no report: it would lack the metric Tune optimises
+        if row.get("status") == DIVERGED:  # no report: it would lack the metric Tune optimises
             raise TrialDiverged(f"non-finite loss at epoch {row['epoch']}: the trial diverged")
         metrics = scalars(row)
-        last = row["epoch"] == cfg.train.epochs
-        if row["epoch"] % checkpoint_every and not last:
+        if row["epoch"] not in checkpoint_epochs:
             tune.report(metrics)
             return
         with tempfile.TemporaryDirectory() as d:
@@ -52,7 +59,10 @@ def distill_trainable(config: dict[str, Any], base: dict[str, Any], data: Datase
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
     try:
-        train_student(cfg, data, teacher_logits, report=report, resume=resume, progress=False)
+        if isinstance(data, Folds):
+            cross_validate(cfg, data, teacher_logits, report=report, resume=resume)
+        else:
+            train_student(cfg, data, teacher_logits, report=report, resume=resume, progress=False)
     except Diverged as e:
         raise TrialDiverged(str(e)) from None
     finally:  # release GPU memory when a trial ends or is stopped early

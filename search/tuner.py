@@ -6,6 +6,7 @@ config, the dataset and the teacher's logits reach the trainable through `tune.w
 """
 from __future__ import annotations
 
+import math
 import os
 import warnings
 
@@ -16,6 +17,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from kd.config import Config
+from kd.crossval import Folds
 from kd.data import Dataset
 from search.cluster import trial_resources
 from search.progress import TrialLog
@@ -25,12 +27,12 @@ from search.space import DefineByRun, check_points, parse_space
 from search.trainable import distill_trainable
 
 
-def build_tuner(cfg: Config, data: Dataset, teacher_logits: torch.Tensor, exp_path: str, restore: bool,
-                quiet: bool) -> tune.Tuner:
+def build_tuner(cfg: Config, data: Dataset | Folds, teacher_logits: torch.Tensor | list[torch.Tensor],
+                exp_path: str, restore: bool, quiet: bool) -> tune.Tuner:
     s = cfg.search
     trainable = tune.with_resources(
         tune.with_parameters(distill_trainable, base=cfg.to_dict(), data=data, teacher_logits=teacher_logits,
-                             checkpoint_every=s.checkpoint_every, threads=max(1, int(s.cpus_per_trial))),
+                             checkpoint_epochs=checkpoint_epochs(cfg), threads=max(1, int(s.cpus_per_trial))),
         trial_resources(cfg).as_tune())
     if restore:
         return tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=False)
@@ -61,6 +63,23 @@ def _searcher(cfg: Config) -> OptunaSearch:
     return OptunaSearch(space=DefineByRun(params, cfg), metric=s.metric, mode=s.mode,
                         points_to_evaluate=check_points(s.points, params, cfg) or None, sampler=sampler,
                         storage=storage, study_name=cfg.name)
+
+
+def asha_milestones(cfg: Config) -> list[int]:
+    """The epochs at which ASHA may stop a trial: grace_period * reduction_factor**k below train.epochs, as Ray's
+    ASHAScheduler places its rungs (one bracket)."""
+    if cfg.search.scheduler != "asha":
+        return []
+    grace, rf, top = min(cfg.search.grace_period, cfg.train.epochs), cfg.search.reduction_factor, cfg.train.epochs
+    rungs = int(math.log(top / grace) / math.log(rf) + 1)
+    return [grace * rf**k for k in range(rungs) if grace * rf**k < top]
+
+
+def checkpoint_epochs(cfg: Config) -> frozenset[int]:
+    """Every `search.checkpoint_every`-th epoch, every epoch where ASHA may stop the trial, and the last: the state
+    a trial's export comes from is always that of the epoch that ranked it."""
+    every = {e for e in range(1, cfg.train.epochs + 1) if e % cfg.search.checkpoint_every == 0}
+    return frozenset(every | set(asha_milestones(cfg)) | {cfg.train.epochs})
 
 
 def _scheduler(cfg: Config) -> TrialScheduler:

@@ -25,6 +25,7 @@ def tiny_overrides(cache_dir: Path | str, out_dir: Path | str | None = None) -> 
         "train.optimizer=adamw",
         "train.lr=0.003",
         "train.batch_size=64",
+        "search.folds=1",  # the holdout: searches that test folds set them
     ]
     if out_dir is not None:
         sets.append(f"output_dir={out_dir}")

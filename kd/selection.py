@@ -1,0 +1,129 @@
+"""Honest selection on small data: cross-validation folds and the one decision rule that is ranked and shipped.
+
+On the datasets this tool exists for, validation holds a handful of rare images: one image moves balanced
+accuracy by several points, and a threshold tuned on the images it is then scored on flatters every trial.
+So a trial is judged by the rule its exported model will use, on predictions of images that did not choose
+that rule:
+
+- more than two classes: argmax;
+- two classes: a threshold on p(class 1), cross-fitted. The held-out predictions are cut into parts (the
+  folds with `search.folds` >= 2; two stratified halves of the validation split with a holdout); each part
+  is judged with the threshold tuned on the other parts, so no image votes for the threshold that judges it.
+  The exported model ships the threshold tuned on all held-out predictions, whose quality this estimates.
+
+Metrics under the rule are reported as `val_*`; `val_balanced_accuracy_argmax` sits beside them for two
+classes. With folds, `val_balanced_accuracy_fold_mean` and `_fold_std` give the spread across folds.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+from kd.errors import ConfigError
+from kd.metrics import compute_metrics, flatten, tune_threshold
+
+THRESHOLD, ARGMAX = "threshold", "argmax"
+
+
+def decision_rule(num_classes: int, tune: bool = True) -> str:
+    """`threshold` (two classes, when thresholds are tuned) or `argmax`."""
+    return THRESHOLD if num_classes == 2 and tune else ARGMAX
+
+
+def rule_text(rule: str, folds: int) -> str:
+    """How a table or plot names the figure it shows."""
+    where = f"pooled out-of-fold predictions of {folds} folds" if folds >= 2 else "the validation split"
+    how = "threshold on p(class 1) cross-fitted (each part judged by a threshold tuned on the others)" \
+        if rule == THRESHOLD else "argmax"
+    return f"{how}, on {where}"
+
+
+def rule_label(rule: str, folds: int) -> str:
+    """The short form, for a table column or a plot's axis: `cross-fitted threshold, 5-fold out-of-fold`."""
+    how = "cross-fitted threshold" if rule == THRESHOLD else "argmax"
+    return f"{how}, {folds}-fold out-of-fold" if folds >= 2 else f"{how}, validation split"
+
+
+def fold_ids(labels: np.ndarray, groups: list[str] | None, k: int, seed: int) -> np.ndarray:
+    """A fold number 0..k-1 per sample: stratified by class, seeded, identical images (same group) together."""
+    labels = np.asarray(labels)
+    x = np.zeros(len(labels))
+    if groups is not None and len(set(groups)) < len(groups):
+        splitter: Any = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+        splits = splitter.split(x, labels, groups)
+    else:
+        splits = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(x, labels)
+    out = np.empty(len(labels), dtype=np.int64)
+    for fold, (_, held) in enumerate(splits):
+        out[held] = fold
+    return out
+
+
+def validation_parts(labels: np.ndarray, seed: int) -> np.ndarray:
+    """Two stratified halves of a validation split (0/1 per sample): the parts a holdout cross-fits over."""
+    labels = np.asarray(labels)
+    if np.bincount(labels).min(initial=0) < 2 or len(np.unique(labels)) < 2:
+        return np.arange(len(labels)) % 2  # a class with a single image: no stratified halves exist
+    return fold_ids(labels, None, 2, seed)
+
+
+def cross_fitted_predictions(labels: np.ndarray, probs: np.ndarray, parts: np.ndarray) -> np.ndarray:
+    """Class predictions where the samples of each part are thresholded by a threshold tuned on the other parts."""
+    labels, probs, parts = np.asarray(labels), np.asarray(probs), np.asarray(parts)
+    pred = np.empty(len(labels), dtype=np.int64)
+    for part in np.unique(parts):
+        mine = parts == part
+        threshold = tune_threshold(labels[~mine], probs[~mine, 1]) if (~mine).any() else 0.5
+        pred[mine] = (probs[mine, 1] >= threshold).astype(np.int64)
+    return pred
+
+
+def held_out_metrics(labels: np.ndarray, probs: np.ndarray, classes: list[str], parts: np.ndarray, rule: str,
+                     folds: np.ndarray | None = None) -> dict[str, Any]:
+    """Flat `val_*` metrics of held-out predictions under `rule`, plus the threshold the export would ship.
+
+    `parts` are what a threshold is cross-fitted over; `folds` (cross-validation only) give the spread of balanced
+    accuracy across folds.
+    """
+    labels, probs = np.asarray(labels, dtype=np.int64), np.asarray(probs)
+    out: dict[str, Any] = {}
+    if rule == THRESHOLD:
+        pred = cross_fitted_predictions(labels, probs, parts)
+        metrics = compute_metrics(labels, np.eye(2)[pred], classes)
+        argmax = compute_metrics(labels, probs, classes)
+        out["val_balanced_accuracy_argmax"] = argmax["balanced_accuracy"]
+        out["threshold"] = tune_threshold(labels, probs[:, 1])
+    else:
+        pred = probs.argmax(axis=1)
+        metrics = compute_metrics(labels, probs, classes)
+    out.update(flatten(metrics, "val"))
+    if folds is not None:
+        per_fold = [compute_metrics(labels[folds == f], np.eye(len(classes))[pred[folds == f]], classes)
+                    ["balanced_accuracy"] for f in np.unique(folds)]
+        out["val_balanced_accuracy_fold_mean"] = float(np.mean(per_fold))
+        out["val_balanced_accuracy_fold_std"] = float(np.std(per_fold, ddof=1)) if len(per_fold) > 1 else 0.0
+    return out
+
+
+def check_metric(metric: str, classes: list[str], rule: str, folds: int) -> None:
+    """`search.metric` must name a figure this task reports: refused before anything is trained."""
+    names = reported_metrics(classes, rule, folds)
+    if metric not in names:
+        import difflib
+        close = difflib.get_close_matches(metric, names, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"search.metric '{metric}' is not reported by this search{hint}; it reports: "
+                          f"{', '.join(names)}")
+
+
+def reported_metrics(classes: list[str], rule: str, folds: int) -> list[str]:
+    """Every metric a trial of this task reports: what `search.metric` may name."""
+    names = ["val_balanced_accuracy", "val_accuracy", "val_macro_f1", *[f"val_recall_{c}" for c in classes],
+             "train_loss", "train_task_loss", "train_kd_loss", "train_accuracy"]
+    if rule == THRESHOLD:
+        names.append("val_balanced_accuracy_argmax")
+    if folds >= 2:
+        names += ["val_balanced_accuracy_fold_mean", "val_balanced_accuracy_fold_std"]
+    return names
