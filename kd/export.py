@@ -33,6 +33,7 @@ from kd.augment import Normalize, to_float
 from kd.config import Config, ModelConfig
 from kd.errors import UserError
 from kd.files import atomic_dir, atomic_write_json
+from kd.images import MAX_IMAGE_PIXELS
 from kd.infer import predict_probs
 from kd.metrics import predict
 from kd.models import create_model, is_distilled, mean_std
@@ -217,10 +218,7 @@ class ExportInfo:
     def max_image_pixels(self) -> int:
         """The decompression-bomb limit the student was trained with (its config's data.max_image_pixels)."""
         found = (self.info.get("config") or {}).get("data", {}).get("max_image_pixels")
-        if found:
-            return int(found)
-        from kd.config import DataConfig
-        return DataConfig.max_image_pixels
+        return int(found) if found else MAX_IMAGE_PIXELS
 
     def probs(self, images: torch.Tensor, batch_size: int = 256) -> np.ndarray:
         raise NotImplementedError
