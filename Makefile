@@ -1,9 +1,10 @@
 # Two commands on a fresh machine: `make demo` (a whole search on the built-in data) and `make test`.
 # Both create the virtual environment first (torch with its CUDA build runs fine on a CPU).
+# `make lint`: ruff and mypy (settings in pyproject.toml); `make test-fast`: the suite without the slow searches.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test clean
+.PHONY: install demo lint test test-fast clean
 
 install: $(VENV)/.installed
 
@@ -16,8 +17,15 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(VENV)/bin/kdsearch demo
 
+lint: install
+	$(VENV)/bin/ruff check kd search tests bench
+	$(VENV)/bin/mypy
+
 test: install
 	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
 
 clean:
 	rm -rf results/cache results/digits results/evaluate .pytest_cache

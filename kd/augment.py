@@ -29,9 +29,9 @@ class Augmenter:
         self.n = num_samples
         self.device = torch.device(device)
         self._epoch: int | None = None
-        self._theta: torch.Tensor | None = None   # N x 2 x 3 affine matrices
-        self._colour: torch.Tensor | None = None  # N x 3 x 3 saturation + hue matrices
-        self._bc: torch.Tensor | None = None      # N x 2 brightness, contrast factors
+        # the epoch's tables on the device: N x 2 x 3 affine matrices, N x 3 x 3 saturation + hue matrices,
+        # N x 2 brightness, contrast factors
+        self._tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def params(self, epoch: int) -> dict[str, torch.Tensor]:
         """The parameter table of one epoch, on the CPU: a pure function of (seed, epoch)."""
@@ -54,9 +54,9 @@ class Augmenter:
             "hue": c.hue * (2 * u[:, 8] - 1),
         }
 
-    def _prepare(self, epoch: int) -> None:
-        if self._epoch == epoch:
-            return
+    def _prepare(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self._epoch == epoch and self._tables is not None:
+            return self._tables
         p = self.params(epoch)
         cos, sin = torch.cos(p["angle"]), torch.sin(p["angle"])
         # input coords = crop(rotate(flip(output coords))), in grid_sample's [-1, 1] convention
@@ -74,24 +74,24 @@ class Augmenter:
         rot = eye.repeat(self.n, 1, 1)
         rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = torch.cos(a), -torch.sin(a), torch.sin(a), torch.cos(a)
         hue = _YIQ2RGB.double() @ rot @ _RGB2YIQ.double()
-        self._theta = theta.float().to(self.device)
-        self._colour = (hue @ saturate).float().to(self.device)
-        self._bc = torch.stack([p["brightness"], p["contrast"]], 1).float().to(self.device)
+        self._tables = (theta.float().to(self.device), (hue @ saturate).float().to(self.device),
+                        torch.stack([p["brightness"], p["contrast"]], 1).float().to(self.device))
         self._epoch = epoch
+        return self._tables
 
     def __call__(self, images: torch.Tensor, idx: torch.Tensor, epoch: int) -> torch.Tensor:
         """uint8 B x 3 x H x W (the samples `idx` of the training set) -> float views in [0, 1]."""
-        self._prepare(epoch)
+        theta, colour, bc = self._prepare(epoch)
         idx = idx.to(self.device)
         x = images.float().div_(255)
-        grid = F.affine_grid(self._theta[idx], list(x.shape), align_corners=False)
+        grid = F.affine_grid(theta[idx], list(x.shape), align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        bc = self._bc[idx]
+        bc = bc[idx]
         x = (x * bc[:, 0].view(-1, 1, 1, 1)).clamp_(0, 1)
         grey = (x * _LUMA.to(x.device).view(1, 3, 1, 1)).sum(1, keepdim=True).mean((2, 3), keepdim=True)
         contrast = bc[:, 1].view(-1, 1, 1, 1)
         x = (contrast * x + (1 - contrast) * grey).clamp_(0, 1)
-        x = torch.einsum("bij,bjhw->bihw", self._colour[idx], x)
+        x = torch.einsum("bij,bjhw->bihw", colour[idx], x)
         return x.clamp_(0, 1)
 
 
@@ -102,6 +102,9 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
 
 class Normalize(torch.nn.Module):
     """(x - mean) / std with a model's own timm mean/std: teacher and student may differ."""
+
+    mean: torch.Tensor  # buffers, declared for the type checker
+    std: torch.Tensor
 
     def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]):
         super().__init__()

@@ -93,7 +93,7 @@ def time_forward_many(models: list[tuple[nn.Module, int]], batch: int, device: t
     model has passed, or at `max_repeats`.
     """
     inputs = [torch.rand(batch, 3, size, size, device=device) for _, size in models]
-    for (model, _), x in zip(models, inputs):
+    for (model, _), x in zip(models, inputs, strict=True):
         for _ in range(warmup):
             model(x)
     _sync(device)
@@ -101,7 +101,7 @@ def time_forward_many(models: list[tuple[nn.Module, int]], batch: int, device: t
     start = time.perf_counter()
     while len(times[0]) < max_repeats and (len(times[0]) < min_repeats
                                            or time.perf_counter() - start < budget_s * len(models)):
-        turn = list(zip(models, inputs, times))
+        turn = list(zip(models, inputs, times, strict=True))
         for (model, _), x, runs in (turn if len(times[0]) % 2 == 0 else turn[::-1]):  # ABBA: order favours neither
             t0 = time.perf_counter()
             model(x)
@@ -144,7 +144,7 @@ def measure_many(models: list[tuple[nn.Module, int]], device: torch.device | str
         flops = [count_flops(model, size) for model, size in models]
         speed = [time_forward_many(models, b, device, **timing) for b in (1, batch)]
     finally:
-        for (model, _), mode in zip(models, modes):
+        for (model, _), mode in zip(models, modes, strict=True):
             model.train(mode)
     reports = []
     for i, (model, size) in enumerate(models):

@@ -3,24 +3,25 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pandas as pd
 import torch
 
 from kd import plots
-from kd.files import atomic_path, atomic_write_json
 from kd.config import Config, save_config
 from kd.cost import distill_report
 from kd.data import Dataset, load_dataset
 from kd.errors import Diverged
 from kd.export import export_student
+from kd.files import atomic_path, atomic_write_json
+from kd.infer import Runner
 from kd.losses import DistillLoss
 from kd.metrics import compute_metrics, format_metrics
 from kd.models import check_models, create_model, known_class_count
 from kd.teacher import load_teacher_model, new_teacher, prepare_teacher
-from kd.infer import Runner
 from kd.train import COMPLETED, DIVERGED, FitResult, ReportFn, fit, resolve_device, seed_everything
 
 log = logging.getLogger("kd")

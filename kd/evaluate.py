@@ -6,8 +6,9 @@ file (its test split), a folder of class folders, or a CSV of file names and lab
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from kd import plots
 from kd.config import DataConfig, SplitSource, from_dict, load_config
@@ -45,6 +46,7 @@ def evaluate_export(model: str | Path, data: str, out: str | Path, file_column: 
     """Metrics of the export at `model` on DATA, printed, with confusion_matrix.png and metrics.json in `out`."""
     student = load_student(model)
     split, name = labelled_split(data, student, file_column, label_column, images, progress)
+    assert split.images is not None, "labelled_split decodes into memory"
     probs = student.probs(split.images)
     labels = split.labels.numpy()
     metrics = compute_metrics(labels, probs, student.classes, student.threshold)

@@ -13,8 +13,9 @@ import os
 import shutil
 import tempfile
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from safetensors.torch import load, save_file
@@ -90,7 +91,7 @@ def file_lock(path: str | Path) -> Iterator[None]:
 
 def _crc(t: torch.Tensor) -> int:
     flat = t.detach().cpu().contiguous().reshape(-1)
-    return zlib.crc32(flat.view(torch.uint8).numpy()) if flat.numel() else 0
+    return zlib.crc32(flat.view(torch.uint8).numpy().data) if flat.numel() else 0
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
@@ -148,7 +149,7 @@ def read_json(path: str | Path) -> dict[str, Any] | None:
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """The records of a JSON-lines file that may be in use or cut short by a kill: unreadable lines are skipped."""
-    records = []
+    records: list[dict[str, Any]] = []
     try:
         text = Path(path).read_text()
     except OSError:

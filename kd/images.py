@@ -41,7 +41,7 @@ def decode_bytes(data: bytes, size: int, max_pixels: int) -> np.ndarray:
     if not data:
         raise BadImage("empty file (0 bytes)")
     try:
-        img = Image.open(io.BytesIO(data))
+        img: Image.Image = Image.open(io.BytesIO(data))
         if img.width * img.height > max_pixels:
             raise BadImage(f"{img.width}x{img.height} pixels is over the decompression-bomb limit "
                            f"of {max_pixels} (data.max_image_pixels)")
@@ -49,7 +49,7 @@ def decode_bytes(data: bytes, size: int, max_pixels: int) -> np.ndarray:
         img.load()
         img = to_rgb(img)
         if img.size != (size, size):
-            img = img.resize((size, size), Image.BILINEAR)
+            img = img.resize((size, size), Image.Resampling.BILINEAR)
         return np.asarray(img, dtype=np.uint8)
     except BadImage:
         raise
@@ -78,10 +78,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if img.mode in SIXTEEN_BIT_MODES or img.mode in ("I", "F"):
         arr = np.asarray(img, dtype=np.float64)
         lo, hi = float(arr.min(initial=0)), float(arr.max(initial=0))
-        if img.mode == "F" or lo < 0 or hi > 65535:
-            arr = (arr - lo) / (hi - lo or 1.0) * 255.0
-        else:
-            arr = arr / 257.0
+        per_image = img.mode == "F" or lo < 0 or hi > 65535  # no range fixed by the format: min-max
+        arr = (arr - lo) / (hi - lo or 1.0) * 255.0 if per_image else arr / 257.0
         img = Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8), "L")
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")

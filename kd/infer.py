@@ -14,7 +14,8 @@ Autocast leaves the parameters in float32: only the operations inside the forwar
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Any, Iterable, Literal
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -64,7 +65,7 @@ class Runner:
         self.forward = torch.compile(self.model) if compile else self.model
 
     @classmethod
-    def for_config(cls, model: nn.Module, cfg: "TrainConfig", device: torch.device, **kwargs: Any) -> "Runner":
+    def for_config(cls, model: nn.Module, cfg: TrainConfig, device: torch.device, **kwargs: Any) -> Runner:
         """A runner with a training section's `amp` and `channels_last` (`compile` only where asked: training)."""
         return cls(model, device, cfg.amp, cfg.channels_last, **kwargs)
 
@@ -103,7 +104,7 @@ class Runner:
             self.model.train(was_training)
         return torch.cat(out).cpu().numpy() if out else np.zeros((0, 0))
 
-    def split_probs(self, data: "Dataset", split: str, batch_size: int = 512) -> np.ndarray:
+    def split_probs(self, data: Dataset, split: str, batch_size: int = 512) -> np.ndarray:
         """Class probabilities for a whole split, resident or streamed."""
         source = BatchSource(data, split, self.device)
         return self.probs(x for _, x in source.in_order(batch_size))
@@ -116,7 +117,7 @@ def predict_probs(model: nn.Module, images: torch.Tensor, mean, std, device: tor
     return runner.probs(images[i:i + batch_size] for i in range(0, len(images), batch_size))
 
 
-def split_probs(model: nn.Module, data: "Dataset", split: str, device: torch.device, batch_size: int = 512,
+def split_probs(model: nn.Module, data: Dataset, split: str, device: torch.device, batch_size: int = 512,
                 amp: Amp = "auto", channels_last: ChannelsLast = "auto") -> np.ndarray:
     """Class probabilities for a whole split, resident or streamed, with the model's own normalisation."""
     return Runner(model, device, amp, channels_last).split_probs(data, split, batch_size)

@@ -66,6 +66,9 @@ class DistillLoss(torch.nn.Module):
     in training: the label term goes to the class head and the distillation term to the other.
     """
 
+    weights: torch.Tensor | None  # buffers, declared for the type checker
+    adjustment: torch.Tensor | None
+
     def __init__(self, distill: DistillConfig, weights: torch.Tensor | None = None,
                  adjustment: torch.Tensor | None = None):
         super().__init__()
@@ -74,7 +77,7 @@ class DistillLoss(torch.nn.Module):
         self.register_buffer("adjustment", adjustment, persistent=False)
 
     @classmethod
-    def build(cls, distill: DistillConfig, imbalance: ImbalanceConfig, counts: list[int]) -> "DistillLoss":
+    def build(cls, distill: DistillConfig, imbalance: ImbalanceConfig, counts: list[int]) -> DistillLoss:
         weights = class_weights(counts, imbalance.method, imbalance.beta)
         adjustment = logit_adjustment(counts, imbalance.tau) if imbalance.method == "logit_adjust" else None
         return cls(distill, weights, adjustment)

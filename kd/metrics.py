@@ -28,9 +28,9 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray, classes: list[str],
         "accuracy": float((pred == labels).mean()) if len(labels) else 0.0,
         "balanced_accuracy": float(recall[support > 0].mean()) if support.any() else 0.0,
         "macro_f1": float(f1_score(labels, pred, labels=list(range(k)), average="macro", zero_division=0)),
-        "recall": {c: float(r) for c, r in zip(classes, recall)},
+        "recall": {c: float(r) for c, r in zip(classes, recall, strict=True)},
         "confusion_matrix": cm.tolist(),
-        "n": int(len(labels)),
+        "n": len(labels),
         "threshold": threshold,
     }
 
@@ -85,6 +85,6 @@ def format_metrics(metrics: dict[str, Any], classes: list[str], title: str = "")
     width = max(max(len(c) for c in classes), *(len(str(v)) for row in metrics["confusion_matrix"] for v in row)) + 2
     lines.append("  confusion matrix (rows: true, columns: predicted)")
     lines.append("  " + " " * width + "".join(f"{c:>{width}}" for c in classes))
-    for c, row in zip(classes, metrics["confusion_matrix"]):
+    for c, row in zip(classes, metrics["confusion_matrix"], strict=True):
         lines.append("  " + f"{c:>{width}}" + "".join(f"{v:>{width}}" for v in row))
     return "\n".join(lines)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+from typing import Any
 from urllib.parse import urlparse
 
 import torch
@@ -153,7 +154,7 @@ def _build(cfg: ModelConfig, num_classes: int, image_size: int, hub_file: str | 
         close = difflib.get_close_matches(cfg.name, timm.list_models(), n=5, cutoff=0.6)
         hint = f" Did you mean: {', '.join(close)}?" if close else " See timm.list_models()."
         raise UserError(f"{where}'{cfg.name}' is not a timm model name.{hint}")
-    kwargs = dict(num_classes=num_classes, drop_rate=cfg.drop_rate)
+    kwargs: dict[str, Any] = {"num_classes": num_classes, "drop_rate": cfg.drop_rate}
     if hub_file:  # timm's own loading (classifier reset, position-embedding resampling), from the cached file
         kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": hub_file})
     try:
@@ -167,8 +168,8 @@ def _build(cfg: ModelConfig, num_classes: int, image_size: int, hub_file: str | 
         if not hub_file:
             raise
         raise UserError(f"could not load timm's pretrained weights for '{cfg.name}' from the cached file {hub_file} "
-                        f"({type(e).__name__}: {e}); the file may be damaged: fetch it again where there is network, or set "
-                        "pretrained to a weights file") from None
+                        f"({type(e).__name__}: {e}); the file may be damaged: fetch it again where there is network, "
+                        "or set pretrained to a weights file") from None
     patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
     if patch is not None:
         patch = patch[0] if isinstance(patch, (tuple, list)) else patch
@@ -197,7 +198,10 @@ def cached_pretrained_file(name: str, role: str = "") -> str:
                 return found
         looked.append(f"the Hugging Face hub cache {constants.HF_HUB_CACHE} (repository {repo})")
     if pcfg is not None and pcfg.url:
-        path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(pcfg.url).path))
+        # timm's url is a URL, or a (URL, file name) pair that names the cached file itself
+        url = pcfg.url
+        filename = url[1] if isinstance(url, tuple) else os.path.basename(urlparse(url).path)
+        path = os.path.join(torch.hub.get_dir(), "checkpoints", filename)
         if os.path.isfile(path):
             return path
         looked.append(path)
@@ -215,6 +219,7 @@ def read_weights(path: str, name: str) -> dict[str, torch.Tensor]:
     """A state dict from a local file: safetensors, or a torch checkpoint read with weights_only=True."""
     if not os.path.isfile(path):
         raise UserError(f"pretrained weights file {path} (for '{name}') does not exist")
+    state: Any  # a state dict, or a checkpoint that holds one
     try:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file

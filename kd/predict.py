@@ -17,8 +17,7 @@ import numpy as np
 import torch
 
 from kd.errors import UserError
-from kd.export import (GRAPH_FILE, ONNX_FILE, ExportInfo, Student, export_folder, load_graph, load_student,
-                       read_metadata)
+from kd.export import GRAPH_FILE, ONNX_FILE, ExportInfo, Student, export_folder, load_graph, load_student, read_metadata
 from kd.files import atomic_path
 from kd.images import decode_files, list_images
 from kd.metrics import predict
@@ -104,26 +103,27 @@ def predict_files(student: ExportInfo, files: list[str], progress: bool = True,
     decompression-bomb limit (its config's data.max_image_pixels)."""
     decoded = decode_files(files, student.image_size, student.max_image_pixels, progress=progress,
                            desc="reading images")
-    good = [i for i, e in enumerate(decoded.errors) if not e]
-    rows: list[dict[str, Any]] = [{"file": f, "predicted": "", "error": e} for f, e in zip(files, decoded.errors)]
+    pixels = [a for a in decoded.arrays if a is not None]  # the files that decoded, in order
+    good = [i for i, a in enumerate(decoded.arrays) if a is not None]
+    rows: list[dict[str, Any]] = [{"file": f, "predicted": "", "error": e}
+                                  for f, e in zip(files, decoded.errors, strict=True)]
     if good:
-        images = torch.from_numpy(np.stack([decoded.arrays[i] for i in good])).permute(0, 3, 1, 2).contiguous()
+        images = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).contiguous()
         probs = student.probs(images, batch_size)
         pred = predict(probs, student.threshold)
         for j, i in enumerate(good):
             rows[i]["predicted"] = student.classes[pred[j]]
-            rows[i].update({f"p_{c}": round(float(p), 6) for c, p in zip(student.classes, probs[j])})
+            rows[i].update({f"p_{c}": round(float(p), 6) for c, p in zip(student.classes, probs[j], strict=True)})
     return rows
 
 
 def write_predictions(rows: list[dict[str, Any]], classes: list[str], path: str | Path) -> None:
     """The predictions CSV (file, predicted, p_<class>..., error), written atomically."""
     fields = ["file", "predicted", *[f"p_{c}" for c in classes], "error"]
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields, restval="")
-            writer.writeheader()
-            writer.writerows(rows)
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def prediction_summary(rows: list[dict[str, Any]], classes: list[str], path: str | Path) -> str:

@@ -7,7 +7,7 @@ cached logits hold for both. `data.pipeline: memory` (the default) keeps the who
 """
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -42,16 +42,17 @@ class BatchSource:
     def __init__(self, data: Dataset, split: str, device: torch.device):
         self.split: Split = data.split(split)
         self.device = device
-        self.streaming = self.split.images is None
+        images = self.split.images
+        self.streaming = images is None
         self.image_size, self.workers, self.max_pixels = data.image_size, data.workers, data.max_pixels
-        self.images = None if self.streaming else self.split.images.to(device, non_blocking=True)
+        self.images = None if images is None else images.to(device, non_blocking=True)
 
     def __len__(self) -> int:
         return len(self.split)
 
     def __call__(self, order: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-        if not self.streaming:
+        if self.images is not None:
             for idx in chunks:
                 idx = idx.to(self.device, non_blocking=True)
                 yield idx, self.images[idx]

@@ -83,11 +83,11 @@ def hints(cls: type) -> dict[str, Any]:
 
 def dataclass_in(hint: Any) -> type | None:
     """The dataclass inside a hint such as `X` or `X | None`, else None."""
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return hint
     if _is_union(hint):
         for arg in typing.get_args(hint):
-            if dataclasses.is_dataclass(arg):
+            if isinstance(arg, type) and dataclasses.is_dataclass(arg):
                 return arg
     return None
 
@@ -110,7 +110,7 @@ def coerce(hint: Any, value: Any, key: str, source: str) -> Any:
             raise bad("true, false or a file path")
         inner = [a for a in args if a is not type(None)]
         return coerce(inner[0], value, key, source)
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         if isinstance(value, str):  # shorthand: a bare string sets the first field
             value = {dataclasses.fields(hint)[0].name: value}
         return build(hint, value, key + ".", source)

@@ -21,7 +21,7 @@ def test_a_student_built_before_the_data_trains_exactly_like_one_built_by_train_
     given = train_student(cfg, data, None, progress=False, model=early)
     built = train_student(cfg, data, None, progress=False)
     assert given.history[0]["train_loss"] == built.history[0]["train_loss"]
-    for a, b in zip(given.model.state_dict().values(), built.model.state_dict().values()):
+    for a, b in zip(given.model.state_dict().values(), built.model.state_dict().values(), strict=True):
         assert torch.equal(a, b)
 
 

@@ -66,7 +66,7 @@ def test_overrides_parse_types_and_reject_unknown_keys():
                              "data.train=/some/folder", "data.source=folder"])
     assert cfg.distill.temperature == 7.0 and cfg.train.lr == 1e-4 and cfg.distill.mode == "hard"
     assert cfg.train.amp == "off" and cfg.data.train.path == "/some/folder"  # an older config's false
-    with pytest.raises(ConfigError, match="unknown key 'train.lrate'"):
+    with pytest.raises(ConfigError, match=r"unknown key 'train\.lrate'"):
         load_config(None, ["train.lrate=0.1"])
     with pytest.raises(ConfigError, match="expects KEY=VALUE"):
         load_config(None, ["train.lr"])
@@ -79,7 +79,7 @@ def test_split_shorthand_and_updated():
     assert cfg.data.train.path == "a/train.csv" and cfg.data.val.images == "imgs"
     changed = cfg.updated({"distill.alpha": 0.25, "imbalance.method": "effective"})
     assert changed.distill.alpha == 0.25 and changed.imbalance.method == "effective" and cfg.distill.alpha == 0.5
-    with pytest.raises(ConfigError, match="'distill.alpha' must be in"):
+    with pytest.raises(ConfigError, match=r"'distill\.alpha' must be in"):
         cfg.updated({"distill.alpha": -0.1})
 
 

@@ -225,7 +225,7 @@ def test_csv_errors_name_the_file_and_line(tmp_path, mutate, message):
 
 def test_csv_unknown_label_and_duplicate_rows(tmp_path, caplog):
     tr = _csv_split(tmp_path, "train", ["a"] * 8 + ["b"] * 4)
-    with pytest.raises(DataError, match="label 'b' of .* is not one of data.classes"):
+    with pytest.raises(DataError, match=r"label 'b' of .* is not one of data\.classes"):
         load_dataset(csv_cfg(tmp_path, f"data.train={tr}", "data.classes=[a, c]"), progress=False)
     lines = tr.read_text().splitlines()
     tr.write_text("\n".join(lines + [lines[1], lines[2]]) + "\n")

@@ -23,7 +23,7 @@ def test_soft_kd_single_sample_by_hand():
         e = [math.exp(v) for v in z]
         return [v / sum(e) for v in e]
     t_, s_ = softmax([2 / 2, 0 / 2, 1 / 2]), softmax([1 / 2, 2 / 2, 0 / 2])
-    expected = 4 * sum(a * math.log(a / b) for a, b in zip(t_, s_))
+    expected = 4 * sum(a * math.log(a / b) for a, b in zip(t_, s_, strict=True))
     assert soft_kd(S[:1], T[:1], 2.0).item() == pytest.approx(expected, rel=1e-6)
     assert expected == pytest.approx(0.8820576606449144)
 

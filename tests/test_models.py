@@ -86,7 +86,7 @@ def test_a_typo_in_the_student_fails_before_the_teacher_trains_or_anything_is_wr
     from kd.distill import run_distill
     from tests.helpers import tiny_overrides
     cfg = load_config(None, tiny_overrides(tmp_path / "cache", tmp_path / "results") + ["student.name=resnet_51"])
-    with pytest.raises(UserError, match="student.name: 'resnet_51' is not a timm model name. Did you mean"):
+    with pytest.raises(UserError, match=r"student\.name: 'resnet_51' is not a timm model name\. Did you mean"):
         run_distill(cfg, progress=False)
     assert not (tmp_path / "results").exists() and not (tmp_path / "cache").exists()
 
@@ -121,7 +121,8 @@ def test_a_teacher_used_as_given_needs_a_classifier_that_fits_the_data(tmp_path)
         check_models(_teacher_as_given(tmp_path, five))
     message = str(err.value)
     assert message.startswith("teacher.train.epochs is 0 (no fine-tuning) but the pretrained classifier of "
-                              "'test_resnet'") and "has 5 outputs and the data has 2 classes: its head would be random" in message
+                              "'test_resnet'")
+    assert "has 5 outputs and the data has 2 classes: its head would be random" in message
     assert "teacher.train.epochs >= 1" in message and "classifier has 2 outputs" in message and "\n" not in message
     check_models(_teacher_as_given(tmp_path, five, "teacher.train.epochs=1"))  # fine-tuned: a new head is fine
     check_models(_teacher_as_given(tmp_path, five, "data.classes=[a,b,c,d,e]", "data.source=csv",

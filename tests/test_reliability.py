@@ -3,6 +3,7 @@
 These start real searches in subprocesses (so they can be killed) on tiny models; Ray is stopped after
 each, and the killed sessions' leftover processes are killed with their process group.
 """
+import contextlib
 import json
 import os
 import signal
@@ -65,10 +66,8 @@ def wait_for(exp: Path, done: int, partial_epochs: int, since: dict[str, list[in
 
 
 def stop_group(proc: subprocess.Popen) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     proc.wait()
 
 
@@ -106,7 +105,7 @@ def test_killed_then_interrupted_search_finishes_with_every_trial_once(tmp_path,
     # 3. Resume as told: it completes.
     third = start(config, "--resume")
     try:
-        out, err = third.communicate(timeout=240)
+        _, err = third.communicate(timeout=240)
     finally:
         stop_group(third)
     assert third.returncode == 0, err
@@ -140,10 +139,8 @@ def test_killed_trial_processes_are_retried_then_recorded_as_failed(tmp_path, sh
                 pids = killed.setdefault(f.parent.name, [])
                 if rows and len(pids) < plan.get(number, 0) and rows[-1]["pid"] not in pids and rows[-1]["epoch"] >= 2:
                     pids.append(rows[-1]["pid"])
-                    try:
+                    with contextlib.suppress(ProcessLookupError):
                         os.kill(rows[-1]["pid"], signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
             time.sleep(0.05)
 
     thread = threading.Thread(target=killer, daemon=True)

@@ -3,6 +3,7 @@
 CI runs a reduced form (8 trials); `KDSEARCH_SOAK_TRIALS=40 pytest tests/test_soak.py -s` is the full one
 (its figures are in the README).
 """
+import contextlib
 import json
 import os
 import subprocess
@@ -58,10 +59,8 @@ def test_soak_many_trials(tmp_path, shared_cache):
             time.sleep(0.25)
         _, err = proc.communicate(timeout=600)
     finally:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, 9)
-        except ProcessLookupError:
-            pass
     assert proc.returncode == 0, err
     table = pd.read_csv(tmp_path / "results" / "soak" / "trials.csv")
     assert len(table) == TRIALS and (table["status"] == "completed").all()

@@ -30,6 +30,6 @@ def test_stream_and_memory_pipelines_give_the_same_training(tmp_path):
         run_s = train_student(stream, data_s, teacher_s.logits, progress=False)
     finally:
         torch.set_num_threads(threads)
-    for a, b in zip(run_m.history, run_s.history):
+    for a, b in zip(run_m.history, run_s.history, strict=True):
         assert a["train_loss"] == b["train_loss"] and a["val_balanced_accuracy"] == b["val_balanced_accuracy"]
 
