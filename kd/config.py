@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 
@@ -141,7 +141,7 @@ class TrainConfig:
 @dataclass
 class ModelConfig:
     name: str = "test_resnet"          # any timm model name
-    pretrained: Union[bool, str] = False  # false, true (timm's weights from the hub cache) or a local file
+    pretrained: bool | str = False  # false, true (timm's weights from the hub cache) or a local file
     drop_rate: float = 0.0             # dropout before the classifier
 
     def check(self, prefix: str) -> None:
@@ -251,7 +251,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
 
-    def check(self) -> "Config":
+    def check(self) -> Config:
         _require(bool(self.name) and "/" not in self.name and self.name not in (".", ".."), "name",
                  "must be a plain name (it becomes a folder under output_dir)")
         self.data.check()
@@ -276,7 +276,7 @@ class Config:
             node = getattr(node, part)
         return node
 
-    def updated(self, values: dict[str, Any], source: str = "override") -> "Config":
+    def updated(self, values: dict[str, Any], source: str = "override") -> Config:
         """A new, checked config with dotted keys replaced (used for --set and for searched values)."""
         raw = self.to_dict()
         for dotted, value in values.items():

@@ -20,10 +20,9 @@ from torch import nn
 
 from kd.config import Config
 from kd.data import Dataset, Split
-from kd.losses import DistillLoss
-from kd.models import create_model
+from kd.distill import new_student, student_loss
 from kd.selection import decision_rule, fold_ids, held_out_metrics
-from kd.train import COMPLETED, DIVERGED, ReportFn, Training, seed_everything
+from kd.train import COMPLETED, DIVERGED, ReportFn, Training
 
 TRAIN_KEYS = ("train_loss", "train_task_loss", "train_kd_loss", "train_accuracy", "lr")
 
@@ -74,12 +73,6 @@ def refit_data(data: Dataset) -> Dataset:
                    fingerprint=_derived(data.fingerprint, "refit"))
 
 
-def student_parts(cfg: Config, data: Dataset) -> tuple[nn.Module, DistillLoss]:
-    """The student of `cfg` for `data`, and its loss (class weights from the data's own counts)."""
-    model = create_model(cfg.student, len(data.classes), data.image_size)
-    return model, DistillLoss.build(cfg.distill, cfg.imbalance, data.class_counts())
-
-
 @dataclass
 class CrossValResult:
     models: list[nn.Module]
@@ -92,11 +85,11 @@ def cross_validate(cfg: Config, folds: Folds, logits: list[torch.Tensor], report
                    resume: dict[str, Any] | None = None) -> CrossValResult:
     """Train K students in lockstep; after each epoch, report the pooled out-of-fold metrics (and the spread across
     folds) with a state that resumes all K."""
-    seed_everything(cfg.train.seed)
     trainings = []
-    for f, data in enumerate(folds.datasets):
-        model, loss = student_parts(cfg, data)
-        trainings.append(Training(model, cfg.train, data, loss, cfg.augment, teacher_logits=logits[f],
+    for f, data in enumerate(folds.datasets):  # every fold's student starts from the same seeded weights
+        model = new_student(cfg, len(data.classes))
+        trainings.append(Training(model, cfg.train, data, student_loss(cfg, data), cfg.augment,
+                                  teacher_logits=logits[f],
                                   balanced_sampling=cfg.imbalance.method == "balanced_sampling",
                                   resume=resume["folds"][f] if resume else None, progress=False))
     result = CrossValResult([t.model for t in trainings], list(resume["history"]) if resume else [])
@@ -110,7 +103,8 @@ def cross_validate(cfg: Config, folds: Folds, logits: list[torch.Tensor], report
 
     while len(result.history) < cfg.train.epochs:
         rows = [t.train_epoch() for t in trainings]
-        row: dict[str, Any] = {"epoch": rows[0]["epoch"], **{k: float(np.mean([r[k] for r in rows])) for k in TRAIN_KEYS},
+        row: dict[str, Any] = {"epoch": rows[0]["epoch"],
+                               **{k: float(np.mean([r[k] for r in rows])) for k in TRAIN_KEYS},
                                "epoch_time": float(sum(r["epoch_time"] for r in rows))}
         if any(r.get("status") == DIVERGED for r in rows):
             result.status = row["status"] = DIVERGED
@@ -118,7 +112,7 @@ def cross_validate(cfg: Config, folds: Folds, logits: list[torch.Tensor], report
             oof = _pooled_probs(folds, trainings, len(classes))
             row.update(held_out_metrics(folds.labels, oof, classes, folds.ids, rule, folds=folds.ids))
             result.oof_probs = oof
-        for t, r in zip(trainings, rows):
+        for t, r in zip(trainings, rows, strict=False):
             t.record(r)
         result.history.append(row)
         if report:

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from kd.files import CacheError, file_lock, load_tensors, save_tensors
 from kd.config import DataConfig, SplitSource
 from kd.errors import DataError
+from kd.files import CacheError, file_lock, load_tensors, save_tensors
 from kd.images import IMAGE_EXTENSIONS, MAX_IMAGE_PIXELS, decode_files, is_inside, list_images
 
 log = logging.getLogger("kd")
@@ -39,7 +39,7 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def subset(self, idx: np.ndarray | list[int]) -> "Split":
+    def subset(self, idx: np.ndarray | list[int]) -> Split:
         idx = np.asarray(idx, dtype=np.int64)
         images = self.images[torch.from_numpy(idx)] if self.images is not None else None
         return Split(self.labels[torch.from_numpy(idx)], [self.paths[i] for i in idx],
@@ -67,7 +67,7 @@ class Dataset:
     def describe(self) -> str:
         parts = []
         for name in SPLITS:
-            counts = ", ".join(f"{c} {n}" for c, n in zip(self.classes, self.class_counts(name)))
+            counts = ", ".join(f"{c} {n}" for c, n in zip(self.classes, self.class_counts(name), strict=False))
             parts.append(f"{name} {len(self.split(name))} ({counts})")
         text = f"{len(self.classes)} classes at {self.image_size}px: " + "; ".join(parts)
         return text + (f"; {len(self.skipped)} files skipped" if self.skipped else "")
@@ -87,7 +87,7 @@ def load_dataset(cfg: DataConfig, progress: bool = True) -> Dataset:
     splits = _carve(given, classes, cfg)
     for name in SPLITS:
         counts = torch.bincount(splits[name].labels, minlength=len(classes)).tolist()
-        empty = [c for c, n in zip(classes, counts) if n == 0]
+        empty = [c for c, n in zip(classes, counts, strict=False) if n == 0]
         if empty:
             raise DataError(f"the {name} split has no images of class {', '.join(empty)}: "
                             "every class needs images in train, val and test")
@@ -155,7 +155,7 @@ def _folder_entries(cfg: DataConfig, split: str, root: str, skipped: list) -> li
         given = " ".join(f"data.{'val' if d.startswith('val') else d}={os.path.join(root, d)}" for d in class_dirs)
         raise DataError(f"data.{split}: {root} holds split folders ({', '.join(class_dirs)}), not class folders; "
                         f"give each split: {given}")
-    entries = []
+    entries: list[tuple[str, str]] = []
     for name in class_dirs:
         files, refused = list_images(os.path.join(root, name), cfg.allow_external_links)
         skipped.extend(refused)
@@ -183,7 +183,7 @@ def _csv_entries(cfg: DataConfig, split: str, src: SplitSource) -> list[tuple[st
         raise DataError(f"{path} is not a UTF-8 text CSV file") from None
     except csv.Error as e:
         raise DataError(f"{path}: malformed CSV ({e})") from None
-    file_col, label_col = _csv_columns(path, columns, records, file_col, label_col)
+    file_col, label_col = _csv_columns(path, list(columns), records, file_col, label_col)
     rows = [(i + 2, (r.get(file_col) or "").strip(), (r.get(label_col) or "").strip()) for i, r in enumerate(records)]
     if not rows:
         raise DataError(f"{path} has a header but no rows")
@@ -282,7 +282,7 @@ def _decode(cfg: DataConfig, split: str, entries: list[tuple[str, str]], classes
     paths = [p for p, _ in entries]
     keep_pixels = cfg.pipeline == "memory"
     ok, hashes, errors, images = _decode_cached(cfg, paths, keep_pixels, progress, f"decoding {split}")
-    skipped.extend((p, e) for p, e in zip(paths, errors) if e)
+    skipped.extend((p, e) for p, e in zip(paths, errors, strict=False) if e)
     good = [i for i in range(len(paths)) if ok[i]]
     if not good:
         raise DataError(f"data.{split}: none of the {len(paths)} images could be decoded "
@@ -356,7 +356,7 @@ def _carve(given: dict[str, Split], classes: list[str], cfg: DataConfig) -> dict
         keys = [h for h, members in groups.items() if int(pool.labels[members[0]]) == c]
         keys = [keys[i] for i in rng.permutation(len(keys))]
         n = len(keys)
-        counts = {s: max(1, int(round(n * f))) for s, f in fractions.items()}
+        counts = {s: max(1, round(n * f)) for s, f in fractions.items()}
         if n - sum(counts.values()) < 1:
             raise DataError(f"class '{name}' has only {n} distinct images: too few to split into "
                             f"train/{'/'.join(missing)} (each needs at least one)")
@@ -374,9 +374,9 @@ def _carve(given: dict[str, Split], classes: list[str], cfg: DataConfig) -> dict
 def _check_leakage(splits: dict[str, Split], allow: bool) -> None:
     where: dict[str, list[tuple[str, str]]] = defaultdict(list)
     for name in SPLITS:
-        for path, h in zip(splits[name].paths, splits[name].hashes):
+        for path, h in zip(splits[name].paths, splits[name].hashes, strict=False):
             where[h].append((name, path))
-    pairs = []
+    pairs: list[tuple[str, str, str, str]] = []
     for places in where.values():
         for i, (sa, pa) in enumerate(places):
             pairs.extend((pa, sa, pb, sb) for sb, pb in places[i + 1:] if sb != sa)

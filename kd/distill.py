@@ -33,14 +33,18 @@ def new_student(cfg: Config, num_classes: int) -> torch.nn.Module:
     return create_model(cfg.student, num_classes, cfg.data.image_size, role="student")
 
 
+def student_loss(cfg: Config, data: Dataset) -> DistillLoss:
+    """The distillation loss of `cfg`, with class weights (or logit adjustment) from `data`'s own counts."""
+    return DistillLoss.build(cfg.distill, cfg.imbalance, data.class_counts())
+
+
 def train_student(cfg: Config, data: Dataset, teacher_logits: torch.Tensor | None, report: ReportFn | None = None,
                   resume: dict[str, Any] | None = None, progress: bool = True,
                   model: torch.nn.Module | None = None) -> FitResult:
     """Distil the student from the cached teacher logits: `model` when given (made by `new_student(cfg, ...)`
     for this data's classes), else a new one. Training reseeds itself each epoch, so both start alike."""
     model = model if model is not None else new_student(cfg, len(data.classes))
-    loss = DistillLoss.build(cfg.distill, cfg.imbalance, data.class_counts())
-    return fit(model, cfg.train, data, loss, cfg.augment, teacher_logits=teacher_logits,
+    return fit(model, cfg.train, data, student_loss(cfg, data), cfg.augment, teacher_logits=teacher_logits,
                balanced_sampling=cfg.imbalance.method == "balanced_sampling", report=report, resume=resume,
                progress=progress, desc=f"student {cfg.student.name}")
 
@@ -130,3 +134,13 @@ def run_distill(cfg: Config, out_dir: str | Path | None = None, progress: bool =
     echo(metrics["cost"]["summary"])
     echo(f"exported student: {out / 'model'}")
     return metrics
+
+
+def run_teacher(cfg: Config, progress: bool = True, echo: Callable[[str], None] = print) -> None:
+    """`kdsearch teacher`: only the teacher and its cached logits, with its validation metrics."""
+    check_models(cfg, roles=("teacher",))
+    data = load_dataset(cfg.data, progress)
+    teacher = prepare_teacher(cfg, data, progress=progress)
+    echo(format_metrics(teacher.metrics, data.classes, f"teacher {cfg.teacher.name} on validation:"))
+    echo(f"teacher cache: {teacher.directory} ({'found' if teacher.info.cached else 'fine-tuned now'}); "
+         f"logits for {len(teacher.logits)} epochs x {teacher.logits.shape[1]} views")

@@ -68,10 +68,6 @@ class TeacherInfo:
             logits = "its logits too" if self.cached else "its logits found in the cache"
         return f"teacher {self.name} {how}; {logits}"
 
-    def __getitem__(self, key: str) -> Any:
-        """Transitional: search/ still reads `teacher.info["cached"]`; use the attributes."""
-        return getattr(self, key)
-
 
 @dataclass
 class Teacher:

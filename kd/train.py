@@ -12,8 +12,9 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -23,11 +24,13 @@ from tqdm import tqdm
 from kd.augment import Augmenter
 from kd.config import AugmentConfig, TrainConfig
 from kd.data import Dataset
-from kd.infer import Runner
-from kd.infer import predict_probs  # noqa: F401  kd.export still imports it from here; its home is kd.infer
+from kd.infer import (
+    Runner,
+    predict_probs,  # noqa: F401  kd.export still imports it from here; its home is kd.infer
+)
 from kd.losses import DistillLoss
-from kd.selection import decision_rule, held_out_metrics, validation_parts
 from kd.models import is_distilled
+from kd.selection import decision_rule, held_out_metrics, validation_parts
 from kd.stream import BatchSource
 
 ReportFn = Callable[[dict[str, Any], Callable[[], dict[str, Any]]], None]
@@ -85,7 +88,8 @@ def _to_cpu(obj: Any) -> Any:
 def _optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     from timm.optim import param_groups_weight_decay
     groups = param_groups_weight_decay(model, cfg.weight_decay)  # no decay on norms and biases
-    fused = {"fused": True} if device.type == "cuda" else {}  # CUDA only, whatever amp / channels_last say
+    # CUDA only, whatever amp / channels_last say
+    fused: dict[str, Any] = {"fused": True} if device.type == "cuda" else {}
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, **fused)
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0, **fused)
@@ -132,7 +136,7 @@ class Training:
         self.run = Runner.for_config(model, cfg, device, compile=cfg.compile)  # amp and channels_last as set
         self.distilled = teacher_logits is not None and is_distilled(model)
         if self.distilled:
-            model.set_distilled_training(True)
+            cast(Any, model).set_distilled_training(True)  # DeiT's distilled models (kd.models.is_distilled)
         self.loss_fn = loss_fn.to(device)
         n = len(data.train)
         self.source, self.labels = BatchSource(data, "train", device), data.train.labels.to(device)
@@ -216,7 +220,7 @@ class Training:
     def close(self) -> nn.Module:
         self.bar.close()
         if self.distilled:
-            self.model.set_distilled_training(False)
+            cast(Any, self.model).set_distilled_training(False)
         return self.model.eval()
 
 

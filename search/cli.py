@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 import sys
 
@@ -52,17 +51,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 
 def cmd_teacher(args: argparse.Namespace) -> int:
-    from kd.data import load_dataset
-    from kd.metrics import format_metrics
-    from kd.models import check_models
-    from kd.teacher import prepare_teacher
-    cfg = load(args)
-    check_models(cfg, roles=("teacher",))
-    data = load_dataset(cfg.data, not args.quiet)
-    teacher = prepare_teacher(cfg, data, progress=not args.quiet)
-    print(format_metrics(teacher.metrics, data.classes, f"teacher {cfg.teacher.name} on validation:"))
-    print(f"teacher cache: {teacher.directory} ({'found' if teacher.info['cached'] else 'fine-tuned now'}); "
-          f"logits for {len(teacher.logits)} epochs x {teacher.logits.shape[1]} views")
+    from kd.distill import run_teacher
+    run_teacher(load(args), progress=not args.quiet)
     return 0
 
 
@@ -75,21 +65,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from kd.export import collect_images, load_student, predict_files
-    from kd.files import atomic_path
-    student = load_student(args.model)
-    files = collect_images(args.images)
-    rows = predict_files(student, files, progress=not args.quiet)
-    fields = ["file", "predicted", *[f"p_{c}" for c in student.classes], "error"]
-    with atomic_path(args.out) as tmp:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields, restval="")
-            writer.writeheader()
-            writer.writerows(rows)
-    bad = sum(1 for r in rows if r["error"])
-    counts = {c: sum(1 for r in rows if r["predicted"] == c) for c in student.classes}
-    print(f"wrote {len(rows)} predictions to {args.out}: " + ", ".join(f"{c} {n}" for c, n in counts.items())
-          + (f"; {bad} files could not be read (see the error column)" if bad else ""))
+    from kd.predict import run_predict
+    print(run_predict(args.model, args.images, args.out, progress=not args.quiet))
     return 0
 
 
@@ -164,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = quiet(sub.add_parser("predict", help="predict classes of image files with an exported student"))
-    p.add_argument("model", metavar="MODEL", help="an exported student folder")
+    p.add_argument("model", metavar="MODEL", help="an exported student folder, or its model.onnx or model.pt2")
     p.add_argument("images", metavar="IMAGES", nargs="+", help="image files or folders")
     p.add_argument("--out", default="predictions.csv", help="the CSV to write (default: predictions.csv)")
     p.set_defaults(func=cmd_predict)

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
-
-import ray
-import torch
+from typing import Any
 
 import numpy as np
+import ray
+import torch
 
 from kd.config import Config
 from kd.crossval import Folds, make_folds
@@ -70,7 +70,7 @@ class Resources:
 def trial_resources(cfg: Config) -> Resources:
     """What one trial (or a task training like one) asks Ray for: GPUs only where the cluster has them."""
     s = cfg.search
-    cluster_gpus = ray.cluster_resources().get("GPU", 0)
+    cluster_gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
     if cluster_gpus > 0 and s.gpus_per_trial == 0:
         log.warning("GPUs are available but search.gpus_per_trial is 0: trials run on CPUs (try 0.25)")
     return Resources(s.cpus_per_trial, s.gpus_per_trial if cluster_gpus > 0 else 0.0)
@@ -89,13 +89,26 @@ def remote(fn: Callable[..., Any], resources: Resources, *args: Any, **kwargs: A
                                                                                   **kwargs)
 
 
+def call(fn: Callable[..., Any], resources: Resources, *args: Any, **kwargs: Any) -> Any:
+    """`fn(*args, **kwargs)` as a Ray task where Ray runs, else right here; with a trial's resources either way (the
+    same threads: the same float sums, so a refit here gives the very student a task would)."""
+    if ray.is_initialized():
+        return ray.get(remote(fn, resources, *args, **kwargs))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(resources.threads)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def prepare_teacher_once(cfg: Config, data: Dataset, epochs: int) -> Teacher:
     """Fine-tune (or find) the teacher and its logits once: here when this machine has the best device for
     it (a local GPU, or a cluster without GPUs), else in a Ray task on a GPU node."""
     found = cached_teacher(cfg, data, epochs)  # no need to start anything for what is on disk
     if found is not None:
         return found
-    if torch.cuda.is_available() or ray.cluster_resources().get("GPU", 0) < 1:
+    if not ray.is_initialized() or torch.cuda.is_available() or ray.cluster_resources().get("GPU", 0) < 1:
         teacher = prepare_teacher(cfg, data, epochs=epochs, progress=False)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # the trials get the GPU memory back

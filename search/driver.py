@@ -9,8 +9,8 @@ test once and report (rerank, finalize, report, all reading the run through run.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import ray
 
@@ -23,8 +23,7 @@ from search.cluster import prepare_teachers, start_ray
 from search.finalize import finalize
 from search.format import shown
 from search.run import CONFIG, RUN, TEACHER, Run
-from search.session import (exclusive, experiment_path, run_dir_of, set_aside_stale, should_resume,
-                            sigterm_as_interrupt)
+from search.session import exclusive, experiment_path, run_dir_of, set_aside_stale, should_resume, sigterm_as_interrupt
 from search.space import check_points, check_searched_models, parse_space
 from search.tuner import build_tuner
 

@@ -9,17 +9,17 @@ split, which nothing in the search has seen.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
-import ray
 import torch
 
 from kd.config import Config
 from kd.crossval import Folds, pooled, refit_data
-from kd.data import Dataset
+from kd.data import Dataset, load_dataset
 from kd.distill import evaluate_model, train_student
 from kd.errors import UserError
 from kd.export import export_student
@@ -28,7 +28,7 @@ from kd.metrics import scalars, tune_threshold
 from kd.models import create_model
 from kd.selection import THRESHOLD, decision_rule
 from kd.train import COMPLETED, load_state
-from search.cluster import Prepared, prepare_teacher_once, remote, trial_resources
+from search.cluster import Prepared, call, prepare_teacher_once, trial_resources
 from search.format import params_text, shown
 from search.report import write_report
 from search.rerank import candidates, rerank
@@ -66,9 +66,14 @@ def export_command(run_dir: str | Path, trial: str | None, out: str | Path) -> s
         if top.empty:
             raise UserError(f"no finished trial in {run_dir} to export")
         row = top.iloc[0]
-    metrics = export_trial(run, row, Path(out))
-    return (f"exported trial {row['trial']} (epoch {metrics['epoch']}, validation {run.config.search.metric} "
-            f"{row[run.config.search.metric]:.4f}) to {out}")
+    if run.config.search.folds >= 2:  # a cross-validated trial's student is its config refitted on train + val
+        metrics = refit_and_export(run, row, load_dataset(run.config.data, progress=False), [], Path(out))
+        how = f"refitted on train + validation for {metrics['epoch']} epochs"
+    else:
+        metrics = export_trial(run, row, Path(out))
+        how = f"epoch {metrics['epoch']}"
+    return (f"exported trial {row['trial']} ({how}; validation {run.config.search.metric} "
+            f"{row[run.config.search.metric]:.4f}, {run.rule_label}) to {out}")
 
 
 def refit_and_export(run: Run, row: pd.Series, data: Dataset, probs: list[np.ndarray], out_dir: Path) -> dict[str, Any]:
@@ -78,7 +83,7 @@ def refit_and_export(run: Run, row: pd.Series, data: Dataset, probs: list[np.nda
     tcfg = run.trial_config(row)
     pool = refit_data(data)
     teacher = prepare_teacher_once(tcfg, pool, tcfg.train.epochs)
-    state = ray.get(remote(_refit, trial_resources(run.config), tcfg, pool, teacher.logits))
+    state = call(_refit, trial_resources(run.config), tcfg, pool, teacher.logits)
     model = create_model(dataclasses.replace(tcfg.student, pretrained=False), len(data.classes), data.image_size)
     model.load_state_dict(state)
     if not probs:  # no further seeds: the trial's own out-of-fold predictions, saved with its last checkpoint

@@ -66,7 +66,7 @@ def params_vs_metric(run: Run, path: Path) -> None:
     rows = -(-len(keys) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
     mode_colour = {"soft": "tab:blue", "hard": "tab:green"}
-    for ax, key in zip(axes.flat, keys):
+    for ax, key in zip(axes.flat, keys, strict=False):
         sub = done[done[key].notna()] if key in done else done.iloc[:0]
         colours = [mode_colour.get(m, "tab:grey") for m in sub.get("distill.mode", pd.Series(["?"] * len(sub)))]
         spec = cfg.search.space[key]

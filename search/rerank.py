@@ -63,7 +63,7 @@ def rerank(run: Run, prepared: Prepared, seeds: list[int]) -> tuple[dict[str, An
              for s in seeds] for row, _ in chosen]
     results = [ray.get(j) for j in jobs]
     entries = []
-    for (row, point), runs in zip(chosen, results):
+    for (row, point), runs in zip(chosen, results, strict=False):
         values = [r["metrics"].get(metric, math.nan) if r["status"] == COMPLETED else math.nan for r in runs]
         entries.append({"trial": row["trial"], "params": run.params(row), "hand_picked": point,
                         "search_value": float(row[metric]), "status": row["status"], "values": values,

@@ -21,7 +21,7 @@ import json
 import logging
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from kd.config import Config, load_config
 from kd.errors import UserError
 from kd.files import read_json, read_jsonl
 from kd.selection import decision_rule, rule_label, rule_text
+from kd.teacher import TeacherInfo
 
 log = logging.getLogger("search")
 
@@ -71,11 +72,7 @@ class TeacherRecord:
     teachers: int = 1                            # one per fold in a cross-validated search
 
     def describe(self) -> str:
-        info = self.info
-        ran = "found in the cache" if info.get("cached") else f"fine-tuned in {info.get('finetune_seconds', 0):.1f} s"
-        logits = (f"{info['forward_images']} forward passes to cache its logits for every training view"
-                  if info.get("forward_images") else "its logits for every training view found in the cache")
-        return f"{ran}; {logits}"
+        return TeacherInfo.from_dict(self.info).describe()
 
 
 @dataclass(frozen=True)
@@ -103,11 +100,11 @@ class BestRecord:
     train_images: int = 0
 
 
-def _record(cls: type, raw: dict[str, Any] | None) -> Any:
+def _record(cls: Any, raw: dict[str, Any] | None) -> Any:
     """A record from its JSON, or None where the file is missing, unreadable or of another shape."""
     if raw is None:
         return None
-    names = cls.__dataclass_fields__
+    names = {f.name for f in fields(cls)}
     try:
         return cls(**{k: v for k, v in raw.items() if k in names})
     except TypeError as e:

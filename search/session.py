@@ -7,8 +7,9 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from kd.config import Config, load_config
 from kd.errors import UserError

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from search.format import number, param_name, params_text
@@ -22,7 +21,7 @@ def _metric_rows(metrics: dict[str, Any], classes: list[str]) -> list[tuple[str,
 
 
 def summary_markdown(run: Run) -> str:
-    cfg, table = run.config, run.table
+    _cfg, table = run.config, run.table
     top = run.best_trials(10)
     out = _heading(run)
     out += _teacher(run)

@@ -16,8 +16,8 @@ import torch
 from ray import tune
 
 from kd.config import from_dict
-from kd.data import Dataset
 from kd.crossval import Folds, cross_validate
+from kd.data import Dataset
 from kd.distill import train_student
 from kd.errors import Diverged
 from kd.metrics import scalars

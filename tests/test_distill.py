@@ -12,7 +12,7 @@ from kd.errors import Diverged
 from kd.export import export_student, load_graph, load_student
 from kd.teacher import prepare_teacher
 from search.cli import main
-from tests.conftest import tiny_overrides
+from tests.helpers import tiny_overrides
 
 
 def test_teacher_is_cached_by_content_and_logits_extend(digits_setup):
@@ -54,7 +54,7 @@ def test_tiny_distillation_learns_the_rare_class(digits_setup):
     result = train_student(cfg, data, teacher.logits, progress=False)
     assert result.status == "completed" and len(result.history) == cfg.train.epochs
     assert result.history[-1]["train_kd_loss"] < result.history[0]["train_kd_loss"]
-    val = result.history[-1]["val_balanced_accuracy_tuned"]
+    val = result.history[-1]["val_balanced_accuracy"]  # the shipped rule: a threshold cross-fitted over validation
     from kd.distill import evaluate_model
     test = evaluate_model(result.model, data, "test", result.threshold, cfg)
     assert val > 0.75 and test["balanced_accuracy"] > 0.75, (val, test)
@@ -67,7 +67,7 @@ def test_resume_from_a_checkpoint_matches_an_uninterrupted_run(digits_setup):
     full = train_student(cfg, data, teacher.logits, report=lambda row, state: states.append(state()), progress=False)
     resumed = train_student(cfg, data, teacher.logits, resume=states[0], progress=False)
     assert [h["train_loss"] for h in resumed.history] == pytest.approx([h["train_loss"] for h in full.history])
-    for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values()):
+    for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values(), strict=False):
         assert torch.allclose(a.float(), b.float(), atol=1e-5)
 
 
@@ -118,7 +118,8 @@ def test_cli_distill_evaluate_predict(tmp_path, capsys):
     assert main(["distill", str(cfg_path), "--quiet"]) == 0
     run = tmp_path / "results" / "tiny" / "distill"
     for name in ("config.yaml", "history.csv", "metrics.json", "model/model.safetensors", "model/config.json",
-                 "model/kdsearch.json", "model/model.pt2", "plots/learning_curves.png", "plots/confusion_matrix_test.png"):
+                 "model/kdsearch.json", "model/model.pt2", "plots/learning_curves.png",
+                 "plots/confusion_matrix_test.png"):
         assert (run / name).is_file(), name
     metrics = json.loads((run / "metrics.json").read_text())
     assert load_config(run / "config.yaml") == cfg

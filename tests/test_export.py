@@ -66,7 +66,8 @@ def test_layout_is_timms_and_timm_loads_it_with_identical_logits(export_dir):
     data_cfg = timm.data.resolve_data_config({}, model=model)
     assert data_cfg["input_size"] == (3, 32, 32) and data_cfg["crop_pct"] == 1.0
     images = torch.from_numpy(np.stack(digit_images())).permute(0, 3, 1, 2).contiguous()
-    x = (images.float() / 255 - torch.tensor(data_cfg["mean"]).view(1, 3, 1, 1)) / torch.tensor(data_cfg["std"]).view(1, 3, 1, 1)
+    mean, std = (torch.tensor(data_cfg[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
+    x = (images.float() / 255 - mean) / std
     with torch.no_grad():
         assert torch.equal(model(x), student.logits(images))
     # what callers read from `info`
@@ -92,7 +93,7 @@ def test_a_vit_student_round_trips_through_timm(tmp_path):
 def test_an_earlier_export_is_refused_clearly(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"format": "kd-search-student-1", "architecture": "test_resnet"}))
     (tmp_path / "model.safetensors").write_bytes(b"")
-    with pytest.raises(UserError, match="earlier kd-search .format 'kd-search-student-1'.*export it again"):
+    with pytest.raises(UserError, match=r"earlier kd-search .format 'kd-search-student-1'.*export it again"):
         load_student(tmp_path)
     (tmp_path / "config.json").unlink()
     with pytest.raises(UserError, match="is not an exported student"):
@@ -107,7 +108,8 @@ def test_predictions_agree_across_folder_onnx_and_graph(export_dir, tmp_path):
     Image.fromarray(digit_images(1, size=40)[0]).save(folder / "big.png")  # 1600 pixels: refused
     (folder / "broken.jpg").write_text("nope")
     files = collect_images([str(folder)])
-    assert files == [str(folder / n) for n in ("0.png", "2.png", "4.png", "big.png", "broken.jpg", "sub/1.png", "sub/3.png")]
+    names = ("0.png", "2.png", "4.png", "big.png", "broken.jpg", "sub/1.png", "sub/3.png")
+    assert files == [str(folder / n) for n in names]
     tables = {}
     for form in (export_dir, export_dir / "model.onnx", export_dir / "model.pt2"):
         student = load_predictor(form)
@@ -154,6 +156,6 @@ def test_graphs_that_do_not_match_or_cannot_be_made_are_left_out(tmp_path, monke
     assert "torch.export graph differs from the PyTorch model" in caplog.text
     meta = json.loads((out / "kdsearch.json").read_text())
     assert meta["onnx"] is None and meta["graph"] is None and meta["checks"]["graph_max_abs_diff"] >= 0
-    with pytest.raises(UserError, match="has no model.pt2"):
+    with pytest.raises(UserError, match=r"has no model\.pt2"):
         load_graph(out)
     assert load_student(out).classes == CLASSES  # the weights are the export

@@ -86,9 +86,9 @@ def test_every_compute_path_uses_the_chosen_precision_and_memory_format(tmp_path
 
 
 def test_auto_keeps_the_cpu_in_float32_and_channels_first():
+    from kd.config import ModelConfig
     from kd.infer import Runner
     from kd.models import create_model
-    from kd.config import ModelConfig
     run = Runner(create_model(ModelConfig("test_resnet"), 2, 32), torch.device("cpu"))  # amp, channels_last: auto
     assert not run.amp and not run.channels_last
     with stem_convs() as seen:

@@ -1,7 +1,10 @@
-"""End-to-end searches with Ray Tune + Optuna on the digits, tiny models, a few trials (Ray is stopped after each)."""
+"""End-to-end searches with Ray Tune + Optuna on the digits, tiny models, a few trials (Ray is stopped after each).
+
+The main search is cross-validated (3 folds), as searches are by default; the reliability tests cover the holdout."""
 import json
 import shutil
 
+import numpy as np
 import pandas as pd
 import pytest
 import ray
@@ -36,7 +39,7 @@ def search_config(tmp, cache, **extra):
     filesystem layer as s3://); the reliability and soak tests cover the default local storage."""
     cfg = load_config(None, tiny_overrides(cache, tmp / "results") + [f"search.storage=file://{tmp / 'remote'}",
         "name=tiny-search", "search.num_samples=5", "search.grace_period=1", "search.confirm_seeds=2",
-        "search.max_failures=1", "search.cpus_per_trial=1"])
+        "search.max_failures=1", "search.cpus_per_trial=1", "search.folds=3", "search.rerank=2"])
     return cfg.updated({"search.space": SPACE, "search.points": POINTS, **extra})
 
 
@@ -51,9 +54,9 @@ def finished_search(tmp_path_factory, shared_cache):
 
 
 def test_every_output_is_written(finished_search):
-    cfg, run_dir, lines = finished_search
+    _cfg, run_dir, lines = finished_search
     assert (run_dir.parent.parent / "remote" / "tiny-search" / "ray").is_dir()  # Ray wrote to the storage
-    for name in ("trials.csv", "summary.md", "config.yaml", "teacher.json", "confirm.json", "optuna.journal",
+    for name in ("trials.csv", "summary.md", "config.yaml", "teacher.json", "rerank.json", "optuna.journal",
                  "best/model.safetensors", "best/config.json", "best/metrics.json", "best/model.pt2",
                  "plots/trials.png", "plots/params.png", "plots/learning_curves.png", "plots/importance.png",
                  "plots/confusion_matrix_test.png"):
@@ -74,49 +77,58 @@ def test_trials_table_has_a_row_per_trial_with_its_parameters_and_metrics(finish
     assert (ran["best_epoch"] <= ran["epochs"]).all() and (ran["best_epoch"] >= 1).all()
 
 
-def test_the_best_trial_on_validation_is_exported_with_its_threshold(finished_search):
+def test_the_rerank_winner_is_refitted_and_ships_the_threshold_of_its_out_of_fold_predictions(finished_search):
     cfg, run_dir, _ = finished_search
+    from kd.files import load_tensors
+    from kd.metrics import tune_threshold
     table = pd.read_csv(run_dir / "trials.csv")
+    rerank = json.loads((run_dir / "rerank.json").read_text())
     best = json.loads((run_dir / "best" / "metrics.json").read_text())
-    top = table[table["status"] == "completed"].sort_values("val_balanced_accuracy", ascending=False).iloc[0]
-    assert best["trial"] == top["trial"]
-    assert best["val_last_epoch"]["val_balanced_accuracy"] == pytest.approx(top["val_balanced_accuracy"], abs=1e-9)
-    # the exported model predicts with the threshold chosen on validation: its validation score is the tuned one
-    assert best["val"]["balanced_accuracy"] == pytest.approx(top["val_balanced_accuracy_tuned"], abs=1e-6)
-    assert best["threshold"] == pytest.approx(top["threshold"])
+    top = table[table["status"] == "completed"].sort_values("val_balanced_accuracy", ascending=False)
+    chosen = [c["trial"] for c in rerank["candidates"]]
+    assert set(top["trial"].head(2)) <= set(chosen)  # the top trials are re-ranked, with the hand-picked points
+    assert best["trial"] == rerank["winner"] == max(rerank["candidates"], key=lambda c: c["mean"])["trial"]
+    assert all(len(c["values"]) == 2 for c in rerank["candidates"])
+    assert best["refit"] and best["train_images"] == 1077 + 360  # all of train + validation
+    probs = load_tensors(run_dir / "rerank_probs.safetensors")[0]["probs"].numpy()  # the winner's, per seed
+    from kd.crossval import pooled
+    from kd.data import load_dataset
+    labels = pooled(load_dataset(cfg.data, progress=False)).labels.numpy()
+    assert best["threshold"] == pytest.approx(tune_threshold(np.tile(labels, 2), probs.reshape(-1, 2)[:, 1]))
     student = load_student(run_dir / "best")
-    exported = json.loads((run_dir / "best" / "kdsearch.json").read_text())  # config.json is timm's
-    assert exported["config"]["distill"]["mode"] == top["distill.mode"]
-    assert exported["config"]["train"]["lr"] == pytest.approx(top["train.lr"])
-    assert student.classes == ["other", "digit_8"]
+    assert student.classes == ["other", "digit_8"] and student.threshold == pytest.approx(best["threshold"])
+    assert student.info["config"]["distill"]["mode"] == table.set_index("trial").loc[best["trial"], "distill.mode"]
     assert best["test"]["balanced_accuracy"] > 0.6  # a real student, on data the search never saw
+    assert set(table["rule"]) == {"cross-fitted threshold, 3-fold out-of-fold"}
 
 
-def test_summary_sets_the_hand_picked_points_beside_the_best_and_its_confirmation(finished_search):
-    cfg, run_dir, _ = finished_search
+def test_summary_names_the_rule_and_sets_the_search_beside_its_reranking_and_test(finished_search):
+    _cfg, run_dir, _ = finished_search
     table = pd.read_csv(run_dir / "trials.csv")
     best = json.loads((run_dir / "best" / "metrics.json").read_text())
     summary = (run_dir / "summary.md").read_text()
-    assert f"Trial `{best['trial']}`, exported to `best/`" in summary
+    assert "Figures: threshold on p(class 1) cross-fitted" in summary
+    assert "pooled out-of-fold predictions of 3 folds" in summary
+    assert f"Trial `{best['trial']}`, refitted on all 1437 train + validation images" in summary
     assert f"{best['test']['balanced_accuracy']:.4f}".rstrip("0") in summary
     assert "## Best soft vs best hard distillation (validation)" in summary
     first = table.sort_values("number").iloc[0]  # search.points run first; the summary sets them beside the best
     assert f"| hand-picked 1: student.name test_resnet, mode soft, T 4, lr 0.003 | {first['trial']} |" in summary
-    assert "| best found by the search: " in summary and f"| {best['trial']} |" in summary
-    confirm = json.loads((run_dir / "confirm.json").read_text())
-    assert confirm["trial"] == best["trial"] and confirm["seeds"] == [1, 2]
-    assert len(confirm["summary"]["val_balanced_accuracy"]["values"]) == 2
+    assert "| best found by the search: " in summary
+    assert "## Re-ranking over further seeds" in summary and "| re-ranking, mean ± std over seeds [1, 2] |" in summary
+    assert "**Against hand-picked 1**" in summary  # said plainly, beaten beyond the noise or not
 
 
 def test_teacher_ran_once_before_the_trials(finished_search):
     cfg, run_dir, _ = finished_search
     teacher = json.loads((run_dir / "teacher.json").read_text())
-    assert teacher["info"]["forward_images"] in (0, cfg.train.epochs * 1077)  # 0 when the cache already had it
+    assert teacher["teachers"] == 3  # one per fold, each trained on the other two folds (2/3 of 1437 images)
+    assert teacher["info"]["forward_images"] in (0, cfg.train.epochs * 3 * 958)  # 0 when the cache already had it
     assert "the trials ran no teacher forward pass" in (run_dir / "summary.md").read_text()
 
 
 def test_failing_and_diverging_trials_are_recorded_and_the_search_goes_on(finished_search):
-    cfg, run_dir, _ = finished_search
+    _cfg, run_dir, _ = finished_search
     table = pd.read_csv(run_dir / "trials.csv")
     failed = table[table["status"] == "failed"]
     assert set(failed["student.name"]) >= {"inception_v3"}
@@ -127,7 +139,7 @@ def test_failing_and_diverging_trials_are_recorded_and_the_search_goes_on(finish
 
 
 def test_analyze_on_a_copy_reproduces_the_tables(finished_search, tmp_path, capsys):
-    cfg, run_dir, _ = finished_search
+    _cfg, run_dir, _ = finished_search
     copy = tmp_path / "copy"
     shutil.copytree(run_dir, copy)
     (copy / "run.json").write_text(json.dumps({**json.loads((copy / "run.json").read_text()),
@@ -144,28 +156,33 @@ def test_analyze_on_a_copy_reproduces_the_tables(finished_search, tmp_path, caps
 
 
 def test_export_a_chosen_trial_and_reproduce_it_outside_ray(finished_search, tmp_path):
-    cfg, run_dir, _ = finished_search
+    _cfg, run_dir, _ = finished_search
     table = pd.read_csv(run_dir / "trials.csv")
     row = table[table["status"] == "completed"].iloc[-1]
     assert main(["export", str(run_dir), "--trial", row["trial"], "--out", str(tmp_path / "exp")]) == 0
     student = load_student(tmp_path / "exp")
-    assert student.info["metrics"]["trial"] == row["trial"]
+    assert student.info["metrics"]["trial"] == row["trial"] and student.info["metrics"]["refit"]
     trial_cfg = load_config(run_dir / "configs" / f"{row['trial']}.yaml")
     assert trial_cfg.distill.mode == row["distill.mode"] and trial_cfg.train.lr == pytest.approx(row["train.lr"])
+    from kd.crossval import cross_validate, make_folds, refit_data
     from kd.data import load_dataset
     from kd.distill import train_student
     from kd.teacher import prepare_teacher
     data = load_dataset(trial_cfg.data, progress=False)
+    folds = make_folds(data, 3, trial_cfg.data.split_seed)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the trial ran (search.cpus_per_trial=1): float sums in the same order
-    try:
-        rerun = train_student(trial_cfg, data, prepare_teacher(trial_cfg, data, progress=False).logits, progress=False)
+    try:  # the trial's figure, reproduced outside Ray from its saved config
+        cv = cross_validate(trial_cfg, folds, [prepare_teacher(trial_cfg, d, progress=False).logits
+                                               for d in folds.datasets])
+        pool = refit_data(data)
+        refit = train_student(trial_cfg, pool, prepare_teacher(trial_cfg, pool, progress=False).logits, progress=False)
     finally:
         torch.set_num_threads(threads)
-    assert rerun.history[-1]["val_balanced_accuracy"] == pytest.approx(row["val_balanced_accuracy"], abs=1e-6)
-    images = data.val.images[:16]
-    rerun_logits = rerun.model.cpu().eval()((images.float() / 255 - 0.5) / 0.5)
-    assert torch.allclose(student.logits(images), rerun_logits, atol=1e-5)
+    assert cv.history[-1]["val_balanced_accuracy"] == pytest.approx(row["val_balanced_accuracy"], abs=1e-6)
+    images = data.test.images[:16]
+    refit_logits = refit.model.cpu().eval()((images.float() / 255 - 0.5) / 0.5)
+    assert torch.allclose(student.logits(images), refit_logits, atol=1e-4)
 
 
 def test_a_second_search_on_the_same_directory_refuses(finished_search, capsys):
@@ -182,3 +199,38 @@ def test_a_second_search_on_the_same_directory_refuses(finished_search, capsys):
     assert main(["search", str(path), "--quiet"]) == 2
     assert "holds a search with a different config (changed: distill.alpha)" in capsys.readouterr().err
     assert not ray.is_initialized()
+
+
+def test_a_fresh_search_sets_an_old_study_aside_and_exports_the_epoch_that_ranked_a_trial(tmp_path, shared_cache):
+    import optuna
+    cfg = load_config(None, tiny_overrides(shared_cache, tmp_path / "results") + [
+        "name=fresh", "search.num_samples=3", "search.grace_period=1", "search.confirm_seeds=0", "train.epochs=4",
+        "search.checkpoint_every=3", "search.max_concurrent=1"])
+    cfg = cfg.updated({"search.space": {"distill.mode": {"type": "choice", "values": ["soft", "hard"]},
+                                        "train.lr": {"type": "loguniform", "low": 1e-7, "high": 0.01}},
+                       "search.points": [{"distill.mode": "soft", "train.lr": 0.003},   # learns
+                                         {"distill.mode": "hard", "train.lr": 1e-7}]})  # learns nothing: ASHA stops it
+    run_dir = tmp_path / "results" / "fresh"
+    run_dir.mkdir(parents=True)
+    journal = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(run_dir / "optuna.journal")))
+    old = optuna.create_study(study_name="fresh", storage=journal, direction="maximize")
+    for _ in range(4):  # an earlier search's observations, which a fresh TPE must not inherit
+        old.enqueue_trial({"distill.mode": "soft"})
+        trial = old.ask()
+        old.tell(trial, 0.99)
+    run_search(cfg, quiet=True, echo=lambda s: None)
+    study = optuna.load_study(study_name="fresh", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(run_dir / "optuna.journal"))))
+    assert len(study.trials) == 3  # this search's trials only: the hand-picked points ran once, the old ones are gone
+    assert sum(t.params["train.lr"] == 1e-7 for t in study.trials) == 1
+    assert len(list(run_dir.glob("stale-*/optuna.journal"))) == 1  # set aside, not deleted
+    table = pd.read_csv(run_dir / "trials.csv")
+    stopped = table[table["status"] == "stopped early"]
+    assert len(stopped), "the lr 1e-7 trial is stopped by ASHA at epoch 1, below the first trial"
+    for _, row in stopped.iterrows():  # checkpoint_every=3, yet the export is the epoch that ranked the trial
+        out = tmp_path / f"exp-{row['trial']}"
+        assert main(["export", str(run_dir), "--trial", row["trial"], "--out", str(out)]) == 0
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["epoch"] == row["epochs"] < 3
+        assert metrics["val_last_epoch"]["val_balanced_accuracy"] == pytest.approx(row["val_balanced_accuracy"])

@@ -1,0 +1,100 @@
+"""Honest selection: folds, the cross-fitted decision rule, cross-validated students (no Ray)."""
+import numpy as np
+import pytest
+import torch
+
+from kd.crossval import cross_validate, make_folds, refit_data
+from kd.errors import ConfigError
+from kd.metrics import compute_metrics, tune_threshold
+from kd.selection import (
+    ARGMAX,
+    THRESHOLD,
+    check_metric,
+    cross_fitted_predictions,
+    decision_rule,
+    fold_ids,
+    held_out_metrics,
+    validation_parts,
+)
+
+
+def test_cross_fitted_threshold_by_hand():
+    # part 0 is thresholded by the threshold tuned on part 1 alone, and the other way round
+    labels = np.array([0, 0, 1, 1, 0, 0, 1, 1])
+    p1 = np.array([0.1, 0.35, 0.3, 0.9, 0.2, 0.6, 0.7, 0.8])
+    parts = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    probs = np.stack([1 - p1, p1], 1)
+    t0 = tune_threshold(labels[parts == 1], p1[parts == 1])  # part 1 separates at 0.65: between 0.6 and 0.7
+    t1 = tune_threshold(labels[parts == 0], p1[parts == 0])  # part 0 at 0.325: between 0.3 and 0.35
+    assert t0 == pytest.approx(0.65) and t1 == pytest.approx(0.5)  # ties go to the threshold nearest 0.5
+    pred = cross_fitted_predictions(labels, probs, parts)
+    assert pred.tolist() == [0, 0, 0, 1, 0, 1, 1, 1]  # 0.3 < 0.65 misses a positive; 0.6 >= 0.5 a false alarm
+
+
+def test_on_noise_a_threshold_tuned_in_sample_flatters_and_the_cross_fitted_one_does_not():
+    rng = np.random.default_rng(0)
+    in_sample, crossed = [], []
+    for _ in range(40):
+        labels = (rng.random(200) < 0.1).astype(int)  # 10% rare, as on the mission's data
+        p1 = rng.random(200)                           # a model that knows nothing
+        probs = np.stack([1 - p1, p1], 1)
+        tuned = tune_threshold(labels, p1)
+        in_sample.append(compute_metrics(labels, probs, ["a", "b"], tuned)["balanced_accuracy"])
+        crossed.append(held_out_metrics(labels, probs, ["a", "b"], validation_parts(labels, 0), THRESHOLD)
+                       ["val_balanced_accuracy"])
+    assert np.mean(in_sample) > 0.55           # the old val_balanced_accuracy_tuned: a winner's curse by design
+    assert abs(np.mean(crossed) - 0.5) < 0.03  # chance, as it should be
+
+
+def test_folds_are_stratified_seeded_and_keep_identical_images_together():
+    labels = np.array([0] * 90 + [1] * 10)
+    groups = [f"h{i // 2}" for i in range(100)]  # every image has a twin
+    ids = fold_ids(labels, groups, 5, seed=3)
+    assert np.array_equal(ids, fold_ids(labels, groups, 5, seed=3))
+    assert not np.array_equal(ids, fold_ids(labels, groups, 5, seed=4))
+    for f in range(5):
+        assert np.bincount(labels[ids == f], minlength=2).tolist() == [18, 2]
+    for i in range(0, 100, 2):
+        assert ids[i] == ids[i + 1]
+
+
+def test_rule_and_metric_checks():
+    assert decision_rule(2) == THRESHOLD and decision_rule(3) == ARGMAX and decision_rule(2, tune=False) == ARGMAX
+    check_metric("val_recall_rare", ["common", "rare"], THRESHOLD, 5)
+    with pytest.raises(ConfigError, match="did you mean 'val_balanced_accuracy'"):
+        check_metric("val_balanced_acuracy", ["a", "b"], THRESHOLD, 1)
+    with pytest.raises(ConfigError, match="is not reported by this search"):
+        check_metric("val_balanced_accuracy_argmax", ["a", "b", "c"], ARGMAX, 1)  # the same as the metric itself
+    with pytest.raises(ConfigError, match="is not reported"):
+        check_metric("val_balanced_accuracy_tuned", ["a", "b"], THRESHOLD, 1)  # the flattering figure is gone
+
+
+def test_every_pooled_image_is_judged_once_by_a_student_that_never_trained_on_it(digits_setup):
+    _cfg, data, _ = digits_setup
+    folds = make_folds(data, 3, seed=0)
+    pooled = len(data.train) + len(data.val)
+    assert len(folds.ids) == pooled and sorted(np.bincount(folds.ids)) == [479, 479, 479]
+    for _f, fold in enumerate(folds.datasets):
+        assert set(fold.train.hashes).isdisjoint(fold.val.hashes)
+        assert len(fold.train) + len(fold.val) == pooled
+        assert fold.test is data.test  # the test split stays untouched
+    assert len({d.fingerprint for d in folds.datasets}) == 3  # each fold's teacher is cached by its own content
+    refit = refit_data(data)
+    assert len(refit.train) == pooled and len(refit.val) == 0
+
+
+def test_cross_validated_students_learn_and_resume_exactly(digits_setup):
+    cfg, data, _ = digits_setup
+    from kd.teacher import prepare_teacher
+    folds = make_folds(data, 2, seed=0)
+    logits = [prepare_teacher(cfg, d, progress=False).logits for d in folds.datasets]
+    states = []
+    full = cross_validate(cfg, folds, logits, report=lambda row, state: states.append(state()))
+    last = full.history[-1]
+    assert last["val_balanced_accuracy"] > 0.75  # pooled out-of-fold, cross-fitted threshold: far above chance
+    assert {"val_balanced_accuracy_argmax", "val_balanced_accuracy_fold_mean", "threshold"} <= set(last)
+    assert np.allclose(full.oof_probs.sum(1), 1.0, atol=1e-5)  # every pooled image has its held-out prediction
+    resumed = cross_validate(cfg, folds, logits, resume=states[1])
+    assert resumed.history[-1]["train_loss"] == pytest.approx(last["train_loss"], rel=1e-5)
+    assert np.allclose(resumed.oof_probs, full.oof_probs, atol=1e-5)
+    assert torch.is_tensor(states[-1]["oof_probs"])
