@@ -1,11 +1,11 @@
-"""kd-search speed benchmark: a seed-style loop against a kd-search trial and a whole search.
+"""kd-search speed benchmark: a reference-style loop against a kd-search trial and a whole search.
 
     python bench/bench.py --profile cpu    # this 2-core machine: digits at 32 px, resnet18 -> test_resnet
     python bench/bench.py --profile gpu    # one GPU: ~3000 images at 224 px, DeiT-Small -> ResNet-50
 
 Every case runs in its own process (peak memory is that process tree's, Ray's workers included) on the
 same files, models, image size and epochs, and the table gives each one's ratio against the reference:
-the seed-style loop, written below as the seeds wrote it (a DataLoader over image files with PIL
+the reference-style loop, written below as the reference projects wrote it (a DataLoader over image files with PIL
 transforms, the teacher run forward on every batch, fp32). Figures come from one run of the script:
 these machines are shared, so only ratios measured together mean much.
 """
@@ -75,7 +75,7 @@ def config(p: dict, work: Path, **sets):
             f"teacher.train.epochs={p['teacher_epochs']}", "teacher.train.optimizer=adamw",
             f"teacher.train.lr={p['teacher_lr']}", f"teacher.train.batch_size={p['batch']}",
             f"student.name={p['student']}", f"train.epochs={p['epochs']}", f"train.batch_size={p['batch']}",
-            f"train.lr={p['lr']}", "train.schedule=step", "search.confirm_seeds=0",
+            f"train.lr={p['lr']}", "train.schedule=step", "search.confirm_seeds=0", "search.folds=1",
             f"search.num_samples={p['trials']}", "data.allow_leakage=true"]
     return load_config(None, base + [f"{k}={v}" for k, v in sets.items()])
 
@@ -83,7 +83,7 @@ def config(p: dict, work: Path, **sets):
 # ------------------------------------------------------------------------------------ the reference
 
 def seed_style(p: dict, work: Path, epochs: int) -> dict:
-    """The seeds' loop: PIL decoding and transforms in DataLoader workers every epoch, teacher forward on
+    """The reference projects' loop: PIL decoding and transforms in DataLoader workers every epoch, teacher forward on
     every batch, fp32, soft KD (T=5, alpha 0.5), SGD with StepLR. The teacher is the one kd-search cached."""
     import torch
     import torch.nn.functional as F
@@ -291,7 +291,8 @@ def main() -> None:
     parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
     parser.add_argument("--work", type=Path, default=ROOT / "results" / "bench")
     parser.add_argument("--out", type=Path, help="also write the figures as JSON here")
-    parser.add_argument("--cases", default="all", help="comma list of: trial (seed-style loop and trials), search, "
+    parser.add_argument("--cases", default="all", help="comma list of: trial (reference-style loop and trials), "
+                        "search, "
                         "pack; default all (a long GPU benchmark can be split across calls)")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--kwargs", default="{}", help=argparse.SUPPRESS)
@@ -308,10 +309,10 @@ def main() -> None:
     prep = run_case(args, "trial", epochs=1)  # decodes once and fine-tunes the teacher: paid once, cached
     saved = args.work / "seed-run.json"
     if "trial" in cases or not saved.exists():
-        rows = [("seed-style loop, 1 run", run_case(args, "seed", epochs=trial_ep), None)]
+        rows = [("reference-style loop, 1 run", run_case(args, "seed", epochs=trial_ep), None)]
         saved.write_text(json.dumps(rows[0][1]))
     else:  # measured by an earlier call of this script on this machine
-        rows = [("seed-style loop, 1 run (earlier call)", json.loads(saved.read_text()), None)]
+        rows = [("reference-style loop, 1 run (earlier call)", json.loads(saved.read_text()), None)]
     if "trial" in cases:
         rows.append(("kd-search trial (teacher cached)", run_case(args, "trial", epochs=trial_ep), 0))
         rows.append(("kd-search trial, data.pipeline=stream", run_case(args, "trial", epochs=trial_ep,
@@ -325,7 +326,7 @@ def main() -> None:
     reference = {"seconds": per_epoch * ep * k, "images": seed_run["images"] / trial_ep * ep * k,
                  "teacher_forwards": seed_run["teacher_forwards"] / trial_ep * ep * k, "peak_rss_gb": None,
                  "gpu_peak_gb": seed_run["gpu_peak_gb"], "val_balanced_accuracy": None}
-    rows.append((f"seed-style loop, {k} runs x {ep} epochs (from the 1 run)", reference, "reference"))
+    rows.append((f"reference-style loop, {k} runs x {ep} epochs (from the 1 run)", reference, "reference"))
     # each search gets its own augmentation stream, so it computes (and counts) the teacher's logits itself
     if "search" in cases:
         rows.append((f"kd-search search, {k} trials (ASHA)", run_case(args, "search", trials=k,
@@ -377,8 +378,9 @@ def report(args, p, rows, prep, total) -> None:
         acc = f"{r['val_balanced_accuracy']:.3f}" if r.get("val_balanced_accuracy") is not None else ""
         print(f"{name:<58} {r['seconds']:>8.1f} {ips:>9.0f} {rss:>9} {gpu:>9} {int(r['teacher_forwards']):>12} "
               f"{acc:>8} {ratio:>9}")
-    print(f"\ntrial speed-ups are against the 1-run seed-style loop ({rows[0][1]['seconds']:.1f} s for "
-          f"{p.get('trial_epochs', p['epochs'])} epochs); search speed-ups against {p['trials']} seed-style runs of "
+    print(f"\ntrial speed-ups are against the 1-run reference-style loop ({rows[0][1]['seconds']:.1f} s for "
+          f"{p.get('trial_epochs', p['epochs'])} epochs); search speed-ups against {p['trials']} reference-style "
+          "runs of "
           f"{p['epochs']} epochs; packing: aggregate student images/s against one trial at a time. "
           f"Total {total:.0f} s.")
     if args.out:

@@ -73,9 +73,9 @@ def tasks(data_dir: Path) -> dict[str, list[str]]:
 
 
 BASE = [  # CPU-sized: tiny timm models at 32 px, as a first run on a laptop would be
-    "data.image_size=32", "teacher.name=test_resnet", "teacher.train.epochs=6", "teacher.train.optimizer=adamw",
-    "teacher.train.lr=0.003", "student.name=test_resnet", "train.epochs=6", "train.optimizer=adamw",
-    "train.lr=0.003", "train.batch_size=64", "search.num_samples=8", "search.grace_period=2", "search.rerank=2",
+    "data.image_size=32", "teacher.name=test_resnet", "teacher.train.epochs=5", "teacher.train.optimizer=adamw",
+    "teacher.train.lr=0.003", "student.name=test_resnet", "train.epochs=5", "train.optimizer=adamw",
+    "train.lr=0.003", "train.batch_size=64", "search.num_samples=6", "search.grace_period=2", "search.rerank=2",
     "search.confirm_seeds=2", "search.cpus_per_trial=1",
 ]
 SPACE = "search.space={distill.mode: {type: choice, values: [soft, hard]}, distill.temperature: {type: loguniform, " \
@@ -156,8 +156,8 @@ def main() -> None:
     data = tasks(work / "data")
     out_path = Path(args.out)
     results: dict = json.loads(out_path.read_text()) if out_path.is_file() else {}
-    for task in args.tasks:
-        for seed in args.seeds:
+    for seed in args.seeds:  # seed by seed: every task has as many splits done whenever the run is stopped
+        for task in args.tasks:
             if str(seed) in results.get(task, {}):
                 continue  # kept from an earlier run: the script resumes where it stopped
             t0 = time.perf_counter()

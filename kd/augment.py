@@ -1,6 +1,6 @@
 """Batched, seeded augmentation on the training device.
 
-The seeds' set (random resized crop, horizontal flip, small rotation, colour jitter) as one affine
+The reference projects' set (random resized crop, horizontal flip, small rotation, colour jitter) as one affine
 `grid_sample` plus per-sample colour matrices. Every random parameter of sample `i` in epoch `e` is drawn
 from a generator seeded by (seed, e) in sample order, so a sample gets the same view in an epoch
 whatever batch it lands in: the teacher's cached logits are logits of exactly the view the student sees

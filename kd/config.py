@@ -74,7 +74,7 @@ class DataConfig:
 
 @dataclass
 class AugmentConfig:
-    """The seeds' augmentations, batched on the training device. Views are a function of (seed, epoch, index)."""
+    """The reference projects' augmentations, batched on the training device. Views are a function of (seed, epoch, index)."""
     crop_scale: list[float] = field(default_factory=lambda: [0.6, 1.0])  # random resized crop, area fraction
     crop_ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333])
     flip: float = 0.5          # horizontal flip probability
@@ -168,7 +168,7 @@ class TeacherConfig(ModelConfig):
 
 @dataclass
 class DistillConfig:
-    """`alpha` weights the distillation term (the seeds' and DeiT's convention); 1 - alpha weights the labels."""
+    """`alpha` weights the distillation term (the reference projects' and DeiT's convention); 1 - alpha weights the labels."""
     mode: Literal["soft", "hard"] = "soft"
     temperature: float = 4.0
     alpha: float = 0.5
@@ -190,7 +190,7 @@ class ImbalanceConfig:
 
 
 def default_space() -> dict[str, dict[str, Any]]:
-    """The search space used when a config declares none: everything the seeds set by hand."""
+    """The search space used when a config declares none: everything the reference projects set by hand."""
     return {
         "distill.mode": {"type": "choice", "values": ["soft", "hard"]},
         "distill.temperature": {"type": "loguniform", "low": 1.0, "high": 20.0, "when": {"distill.mode": "soft"}},

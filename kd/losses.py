@@ -1,7 +1,7 @@
 """Distillation losses and class-imbalance corrections.
 
 Conventions (stated because codebases disagree):
-- `alpha` weights the distillation term and `1 - alpha` the label term, as in the seeds and DeiT
+- `alpha` weights the distillation term and `1 - alpha` the label term, as in the reference projects and DeiT
   (torchdistill uses the opposite).
 - Soft KD is `T^2 * KL(softmax(t / T) || softmax(s / T))` with `batchmean` reduction; unlike DeiT's and
   peterliht's code it is not divided by the number of classes (with two classes that would halve it).

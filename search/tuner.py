@@ -40,7 +40,11 @@ def build_tuner(cfg: Config, data: Dataset | Folds, teacher_logits: torch.Tensor
     root, name = os.path.split(exp_path.rstrip("/"))
     tune_config = tune.TuneConfig(search_alg=_searcher(cfg), scheduler=_scheduler(cfg), num_samples=s.num_samples,
                                   metric=s.metric, mode=s.mode, max_concurrent_trials=s.max_concurrent or None,
-                                  reuse_actors=True)
+                                  # A reused actor must first see the last trial's thread end within
+                                  # TUNE_FUNCTION_THREAD_TIMEOUT_S (2 s); on a busy node it may not, and Ray then
+                                  # fails the next trial ("Trainable runner reuse requires reset_config() ...").
+                                  # A fresh actor per trial costs about a second and cannot fail that way.
+                                  reuse_actors=False)
     run_config = tune.RunConfig(
         name=name, storage_path=root, verbose=0,
         callbacks=[TrialLog(run_dir_of(cfg), s.metric, s.mode, cfg.train.epochs, echo=not quiet)],

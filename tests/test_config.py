@@ -91,22 +91,22 @@ def test_config_keys_are_dotted_scalars():
 
 @pytest.mark.parametrize("name", preset_names())
 def test_presets_load(name):
-    sets = {"deit-small-to-resnet50": ["data.train=/data/seed1"],
+    sets = {"deit-small-to-resnet50": ["data.train=/data/reference1"],
             "resnet50-to-deit-small": ["data.train=/d/train.csv", "data.val=/d/val.csv", "data.test=/d/test.csv"]}
     cfg = load_config(config_path(name), sets.get(name, []))
     assert isinstance(cfg, Config)
     assert yaml.safe_load(cfg.to_yaml())["name"] == name
 
 
-def test_seed_presets_match_the_seed_setups():
-    seed1 = load_config(config_path("deit-small-to-resnet50"), ["data.train=/x"])
-    assert (seed1.teacher.name, seed1.student.name) == ("deit_small_distilled_patch16_224", "resnet50")
-    assert seed1.distill.temperature == 5 and seed1.train.schedule == "step" and seed1.train.epochs == 20
-    seed2 = load_config(config_path("resnet50-to-deit-small"), ["data.train=/x.csv"])
-    t = seed2.train
+def test_reference_presets_match_the_reference_projects():
+    reference1 = load_config(config_path("deit-small-to-resnet50"), ["data.train=/x"])
+    assert (reference1.teacher.name, reference1.student.name) == ("deit_small_distilled_patch16_224", "resnet50")
+    assert reference1.distill.temperature == 5 and reference1.train.schedule == "step" and reference1.train.epochs == 20
+    reference2 = load_config(config_path("resnet50-to-deit-small"), ["data.train=/x.csv"])
+    t = reference2.train
     assert (t.optimizer, t.lr, t.momentum, t.weight_decay) == ("sgd", 0.01, 0.9, 1e-4)
-    assert (seed2.train.schedule, seed2.train.epochs, seed2.train.batch_size) == ("cosine", 50, 32)
-    modes = {p["distill.mode"] for p in seed2.search.points}
+    assert (reference2.train.schedule, reference2.train.epochs, reference2.train.batch_size) == ("cosine", 50, 32)
+    modes = {p["distill.mode"] for p in reference2.search.points}
     assert modes == {"soft", "hard"}
 
 

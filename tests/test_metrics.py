@@ -21,7 +21,7 @@ def test_metrics_by_hand():
 
 
 def test_majority_only_predictions_have_balanced_accuracy_one_half():
-    labels = np.array([0] * 279 + [1] * 21)       # the second seed's test set
+    labels = np.array([0] * 279 + [1] * 21)       # the second reference project's test set
     probs = np.tile([0.8, 0.2], (300, 1))
     m = compute_metrics(labels, probs, ["majority", "minority"])
     assert m["accuracy"] == pytest.approx(0.93) and m["balanced_accuracy"] == pytest.approx(0.5)
