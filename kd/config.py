@@ -74,7 +74,9 @@ class DataConfig:
 
 @dataclass
 class AugmentConfig:
-    """The reference projects' augmentations, batched on the training device. Views are a function of (seed, epoch, index)."""
+    """The reference projects' augmentations, batched on the training device.
+
+    Views are a function of (seed, epoch, index)."""
     crop_scale: list[float] = field(default_factory=lambda: [0.6, 1.0])  # random resized crop, area fraction
     crop_ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333])
     flip: float = 0.5          # horizontal flip probability
@@ -168,7 +170,8 @@ class TeacherConfig(ModelConfig):
 
 @dataclass
 class DistillConfig:
-    """`alpha` weights the distillation term (the reference projects' and DeiT's convention); 1 - alpha weights the labels."""
+    """`alpha` weights the distillation term (the reference projects' and DeiT's convention); 1 - alpha weights the
+    labels."""
     mode: Literal["soft", "hard"] = "soft"
     temperature: float = 4.0
     alpha: float = 0.5
