@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 
 from kd.errors import ConfigError
+from kd.files import atomic_write_text
 from kd.images import MAX_IMAGE_PIXELS
 from kd.typed import build, scalar_keys, set_dotted
 
@@ -333,7 +334,6 @@ def from_dict(raw: dict[str, Any], source: str = "config") -> Config:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    from kd.files import atomic_write_text
     atomic_write_text(Path(path), cfg.to_yaml())
 
 

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from kd.infer import resolve_device
+
 WARMUP = 2          # untimed runs before timing each batch size (allocator, cuDNN autotuning, lazy init)
 MIN_REPEATS = 3     # timed runs at least ...
 MAX_REPEATS = 50    # ... and at most, for each batch size
@@ -241,8 +243,6 @@ def distill_report(cfg: Any, student_model: nn.Module, teacher_model: nn.Module 
                    teacher_metrics: dict[str, Any] | None, student_metrics: dict[str, Any] | None) -> dict[str, Any]:
     """The compression report of a finished distillation, on its training device (`cfg.train.device`),
     comparing validation balanced accuracy. Run after training, never inside it."""
-    from kd.train import resolve_device
-
     metric = "balanced_accuracy"
     return compression_report(teacher_model, student_model, cfg.data.image_size, resolve_device(cfg.train.device),
                               (teacher_metrics or {}).get(metric), (student_metrics or {}).get(metric),

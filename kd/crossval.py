@@ -21,6 +21,7 @@ from torch import nn
 from kd.config import Config
 from kd.data import Dataset, Split
 from kd.distill import new_student, student_loss
+from kd.errors import DataError
 from kd.selection import decision_rule, fold_ids, held_out_metrics
 from kd.train import COMPLETED, DIVERGED, ReportFn, Training
 
@@ -57,7 +58,6 @@ def make_folds(data: Dataset, k: int, seed: int) -> Folds:
     counts = np.bincount(labels, minlength=len(data.classes))
     if counts.min() < k:
         rare = data.classes[int(counts.argmin())]
-        from kd.errors import DataError
         raise DataError(f"search.folds is {k} but class '{rare}' has only {counts.min()} images in train + val: "
                         f"every fold needs one of each class (lower search.folds)")
     ids = fold_ids(labels, pool.hashes, k, seed)

@@ -17,12 +17,12 @@ from kd.data import Dataset, load_dataset
 from kd.errors import Diverged
 from kd.export import export_student
 from kd.files import atomic_path, atomic_write_json
-from kd.infer import Runner
+from kd.infer import Runner, resolve_device
 from kd.losses import DistillLoss
 from kd.metrics import compute_metrics, format_metrics
 from kd.models import check_models, create_model, known_class_count
 from kd.teacher import load_teacher_model, new_teacher, prepare_teacher
-from kd.train import COMPLETED, DIVERGED, FitResult, ReportFn, fit, resolve_device, seed_everything
+from kd.train import COMPLETED, DIVERGED, FitResult, ReportFn, fit, seed_everything
 
 log = logging.getLogger("kd")
 

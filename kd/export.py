@@ -310,15 +310,3 @@ def load_graph(path: str | Path) -> torch.nn.Module:
     if not (folder / GRAPH_FILE).is_file():
         raise UserError(f"{folder} has no {GRAPH_FILE} (the model could not be traced, or it was not exported)")
     return torch.export.load(str(folder / GRAPH_FILE)).module()
-
-
-def collect_images(inputs: list[str]) -> list[str]:
-    """Kept for callers of the earlier API: see `kd.predict.collect_images`."""
-    from kd.predict import collect_images as collect
-    return collect(inputs)
-
-
-def predict_files(student: ExportInfo, files: list[str], progress: bool = True) -> list[dict[str, Any]]:
-    """Kept for callers of the earlier API: see `kd.predict.predict_files`."""
-    from kd.predict import predict_files as predict_all
-    return predict_all(student, files, progress=progress)

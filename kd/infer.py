@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from kd.augment import Normalize, to_float
+from kd.errors import UserError
 from kd.models import is_cnn, mean_std
 from kd.stream import BatchSource
 
@@ -31,6 +32,16 @@ if TYPE_CHECKING:
 
 Amp = Literal["auto", "bf16", "off"]
 ChannelsLast = Literal["auto", "always", "off"]
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto` (CUDA where there is one, else the CPU), `cpu`, `cuda` or `cuda:N`."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"train.device is '{name}' but no CUDA device is available (use auto or cpu)")
+    return device
 
 
 def use_amp(setting: Amp, device: torch.device) -> bool:

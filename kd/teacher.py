@@ -23,13 +23,14 @@ from tqdm import tqdm
 from kd.augment import Augmenter
 from kd.config import Config
 from kd.data import Dataset
+from kd.errors import UserError
 from kd.files import CacheError, atomic_write_json, file_lock, load_tensors, save_tensors
-from kd.infer import Runner
+from kd.infer import Runner, resolve_device
 from kd.losses import DistillLoss, class_weights
 from kd.metrics import compute_metrics
 from kd.models import create_model
 from kd.stream import BatchSource
-from kd.train import COMPLETED, fit, resolve_device, seed_everything
+from kd.train import COMPLETED, fit, seed_everything
 
 log = logging.getLogger("kd")
 TEACHER_VERSION = 1
@@ -192,7 +193,6 @@ def _finetune(cfg: Config, data: Dataset, device: torch.device, progress: bool,
         result = fit(model, dataclasses.replace(tcfg.train, tune_threshold=False), data, loss, stream,
                      progress=progress, desc=f"teacher {tcfg.name}")
         if result.status != COMPLETED:
-            from kd.errors import UserError
             raise UserError(f"the teacher's fine-tuning diverged (non-finite loss at epoch {len(result.history)}); "
                             "lower teacher.train.lr")
         history = result.history

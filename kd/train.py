@@ -24,10 +24,8 @@ from tqdm import tqdm
 from kd.augment import Augmenter
 from kd.config import AugmentConfig, TrainConfig
 from kd.data import Dataset
-from kd.infer import (
-    Runner,
-    predict_probs,  # noqa: F401  kd.export still imports it from here; its home is kd.infer
-)
+from kd.files import atomic_path
+from kd.infer import Runner, resolve_device
 from kd.losses import DistillLoss
 from kd.models import is_distilled
 from kd.selection import decision_rule, held_out_metrics, validation_parts
@@ -49,16 +47,6 @@ class FitResult:
     val_probs: np.ndarray | None = None  # the last epoch's validation probabilities
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        from kd.errors import UserError
-        raise UserError(f"train.device is '{name}' but no CUDA device is available (use auto or cpu)")
-    return device
-
-
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
@@ -66,7 +54,6 @@ def seed_everything(seed: int) -> None:
 
 def save_state(state: dict[str, Any], path: str) -> None:
     """A resumable checkpoint (tensors and plain values only: it loads with weights_only=True)."""
-    from kd.files import atomic_path
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from kd.config import Config, config_keys
 from kd.errors import ConfigError, UserError
+from kd.models import check_models
 
 TYPES = ("uniform", "loguniform", "int", "choice")
 SPEC_KEYS = {"type", "low", "high", "values", "log", "when"}
@@ -175,7 +176,6 @@ def check_points(points: list[dict[str, Any]], params: list[Param], base: Config
 
 def check_searched_models(base: Config, params: list[Param], weights: bool = True) -> None:
     """The base config's teacher and student, and every student a searched choice can swap in, exist and load."""
-    from kd.models import check_models
     check_models(base, weights)
     for p in params:
         if p.type == "choice" and p.key.startswith("student."):
