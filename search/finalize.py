@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 
 from kd.config import Config
+from kd.cost import distill_report
 from kd.crossval import Folds, pooled, refit_data
 from kd.data import Dataset, load_dataset
 from kd.distill import evaluate_model, train_student
@@ -27,6 +28,7 @@ from kd.files import atomic_write_json, load_tensors, read_json, save_tensors
 from kd.metrics import scalars, tune_threshold
 from kd.models import create_model
 from kd.selection import THRESHOLD, decision_rule
+from kd.teacher import Teacher, load_teacher_model
 from kd.train import COMPLETED, load_state
 from search.cluster import Prepared, call, prepare_teacher_once, trial_resources
 from search.format import params_text, shown
@@ -35,8 +37,10 @@ from search.rerank import candidates, rerank
 from search.run import BEST, RERANK, RERANK_PROBS, Run, latest_checkpoint
 
 
-def export_trial(run: Run, row: pd.Series, out_dir: Path, data: Dataset | None = None) -> dict[str, Any]:
-    """Export one trial's last checkpoint; with `data`, evaluate it on validation and (once) on test."""
+def export_trial(run: Run, row: pd.Series, out_dir: Path, data: Dataset | None = None,
+                 teacher: Teacher | None = None) -> dict[str, Any]:
+    """Export one trial's last checkpoint; with `data`, evaluate it on validation and (once) on test, and with its
+    `teacher` too, measure what the student costs against it."""
     ckpt = latest_checkpoint(row["path"])
     if ckpt is None:
         raise UserError(f"trial {row['trial']} has no checkpoint to export (status: {row['status']})")
@@ -52,6 +56,8 @@ def export_trial(run: Run, row: pd.Series, out_dir: Path, data: Dataset | None =
     if data is not None:
         metrics["val"] = evaluate_model(model, data, "val", threshold, tcfg)
         metrics["test"] = evaluate_model(model, data, "test", threshold, tcfg)
+        if teacher is not None:
+            metrics["cost"] = _cost(run, row, tcfg, model, load_teacher_model(tcfg, data, teacher.directory)[0])
     export_student(out_dir, model, tcfg, classes, threshold, metrics)
     return metrics
 
@@ -100,8 +106,18 @@ def refit_and_export(run: Run, row: pd.Series, data: Dataset, probs: list[np.nda
                                "val_last_epoch": {k: row[k] for k in row.index if k.startswith("val_")
                                                   and not pd.isna(row[k])},
                                "test": evaluate_model(model, data, "test", threshold, tcfg)}
+    metrics["cost"] = _cost(run, row, tcfg, model, load_teacher_model(tcfg, pool, teacher.directory)[0])
     export_student(out_dir, model, tcfg, data.classes, threshold, metrics)
     return metrics
+
+
+def _cost(run: Run, row: pd.Series, cfg: Config, model: torch.nn.Module,
+          teacher_model: torch.nn.Module | None) -> dict[str, Any]:
+    """The compression report of an exported student against its teacher, both judged as the search judged them:
+    the teacher by its validation figure (the mean over its folds), the student by the trial's."""
+    teacher = run.teacher
+    student_figure = {"balanced_accuracy": float(row["val_balanced_accuracy"])}
+    return distill_report(cfg, model, teacher_model, teacher.metrics if teacher else None, student_figure)
 
 
 def _refit(cfg: Config, data: Dataset, logits: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -162,11 +178,13 @@ def finalize(run_dir: Path, data: Dataset, prepared: Prepared, echo: Callable[[s
             echo("refitting the winner on all of train + validation ...")
             best = refit_and_export(run, row, data, probs, run_dir / BEST)
         else:
-            best = export_trial(run, row, run_dir / BEST, data)
+            best = export_trial(run, row, run_dir / BEST, data, prepared.teachers[0])
     t = best["test"]
     echo(f"exported the best student to {shown(run_dir / BEST)}; held-out test (evaluated once): balanced accuracy "
          f"{t['balanced_accuracy']:.4f}, accuracy {t['accuracy']:.4f}, "
          + ", ".join(f"recall {c} {r:.3f}" for c, r in t["recall"].items()))
+    if best.get("cost"):
+        echo(best["cost"]["summary"])
     write_report(run)
     echo(f"summary: {shown(run_dir / 'summary.md')}; table: {shown(run_dir / 'trials.csv')}; "
          f"plots: {shown(run_dir / 'plots')}")

@@ -97,6 +97,7 @@ class BestRecord:
     val: dict[str, Any] = field(default_factory=dict)
     test: dict[str, Any] = field(default_factory=dict)
     refit: bool = False                          # refitted on train + validation (cross-validated searches)
+    cost: dict[str, Any] = field(default_factory=dict)  # the compression report against the teacher (kd.cost)
     train_images: int = 0
 
 

@@ -55,6 +55,11 @@ def _heading(run: Run) -> list[str]:
            f"Trials so far: {len(table)} ({status}).", ""]
     if record and record.seconds:
         out[-1:] = [f"Wall time of the whole search: {record.seconds / 60:.1f} min.", ""]
+    best = run.best
+    if best is not None and best.cost:
+        out += [f"**What distillation bought:** {best.cost['summary']} (the exported best; parameters, FLOPs from "
+                "torch's flop counter and latency measured the same way for both, details in "
+                "`best/kdsearch.json` under `compression`).", ""]
     return out
 
 

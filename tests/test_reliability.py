@@ -72,7 +72,7 @@ def stop_group(proc: subprocess.Popen) -> None:
 
 
 def test_killed_then_interrupted_search_finishes_with_every_trial_once(tmp_path, shared_cache):
-    config = write_config(tmp_path, shared_cache, "kills")
+    config = write_config(tmp_path, shared_cache, "kills", "search.folds=2")  # cross-validated: K students resume
     exp = tmp_path / "results" / "kills" / "ray"
 
     # 1. A second search on the same directory while the first runs refuses; then SIGKILL the first one's
