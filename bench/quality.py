@@ -73,8 +73,8 @@ def tasks(data_dir: Path) -> dict[str, list[str]]:
 
 
 BASE = [  # CPU-sized: tiny timm models at 32 px, as a first run on a laptop would be
-    "data.image_size=32", "teacher.name=test_resnet", "teacher.train.epochs=5", "teacher.train.optimizer=adamw",
-    "teacher.train.lr=0.003", "student.name=test_resnet", "train.epochs=5", "train.optimizer=adamw",
+    "data.image_size=32", "teacher.name=test_resnet", "teacher.train.epochs=12", "teacher.train.optimizer=adamw",
+    "teacher.train.lr=0.003", "student.name=test_resnet", "train.epochs=8", "train.optimizer=adamw",
     "train.lr=0.003", "train.batch_size=64", "search.num_samples=6", "search.grace_period=2", "search.rerank=2",
     "search.confirm_seeds=2", "search.cpus_per_trial=1",
 ]

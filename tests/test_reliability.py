@@ -157,3 +157,16 @@ def test_killed_trial_processes_are_retried_then_recorded_as_failed(tmp_path, sh
     assert "died" in table.loc[2, "error"].lower() or "actor" in table.loc[2, "error"].lower()
     assert (run_dir / "summary.md").read_text().count("Failed trials") == 1
     assert (run_dir / "best" / "model.safetensors").is_file()
+
+
+def test_a_busy_node_cannot_fail_the_next_trial_through_actor_reuse(tmp_path, shared_cache, monkeypatch):
+    """Ray reuses a trial's actor only if the last trial's thread ends within TUNE_FUNCTION_THREAD_TIMEOUT_S; on a busy
+    node it may not, and a reused actor then failed the next trial ("Trainable runner reuse requires reset_config()
+    ..."). A timeout of 0 makes every reuse fail that way: with a fresh actor per trial, every trial still completes."""
+    from search.driver import run_search
+    monkeypatch.setenv("TUNE_FUNCTION_THREAD_TIMEOUT_S", "0")
+    cfg = load_config(write_config(tmp_path, shared_cache, "busy", "search.num_samples=3", "train.epochs=1",
+                                   "search.max_failures=0"))
+    run_dir = run_search(cfg, quiet=True, echo=lambda s: None)
+    table = pd.read_csv(run_dir / "trials.csv")
+    assert (table["status"] == "completed").all() and len(table) == 3, table[["status", "error"]]
