@@ -141,9 +141,10 @@ def finalize(run_dir: Path, data: Dataset, prepared: Prepared, echo: Callable[[s
     write the report."""
     run = Run(run_dir, refresh=False)  # mirrored (if remote) when the trials ended
     cfg = run.config
-    top = run.best_trials(1)
+    top = run.best_trials(1, within_budget=True)
     if top.empty:
-        echo("no trial finished successfully: nothing to confirm or export (see trials.csv for the errors)")
+        echo("no trial finished successfully within the budget (search.max_params, search.max_latency_ms): nothing "
+             "to confirm or export (see trials.csv)")
         write_report(run)
         return
     row = top.iloc[0]

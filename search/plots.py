@@ -28,6 +28,7 @@ def draw_all(run: Run) -> None:
                                     for _, r in top.iterrows()}, out / "learning_curves.png", "top trials",
                                    run.rule_label)
         soft_vs_hard(run, out / "soft_vs_hard.png")
+        pareto(run, out / "pareto.png")
         importance(run, out / "importance.png")
     best = run.best
     if best is not None:
@@ -155,4 +156,28 @@ def importance(run: Run, path: Path) -> None:
     ax.barh(names, [scores[n] for n in names], color=["tab:purple" if "applies" in n else "tab:blue" for n in names])
     ax.set(xlabel="fANOVA importance (share of variance)", title=f"parameter importance for {cfg.search.metric}")
     ax.grid(alpha=0.3, axis="x")
+    save_figure(fig, path)
+
+
+def pareto(run: Run, path: Path) -> None:
+    """The metric against the student's latency and parameters, each trial a point, the Pareto front joined."""
+    metric = run.config.search.metric
+    done = run.best_trials(len(run.table))
+    if not len(done) or "student_latency_ms" not in done or done["student_latency_ms"].isna().all():
+        return
+    students = done.get("student.name", pd.Series([run.config.student.name] * len(done), index=done.index))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, cost, label in ((axes[0], "student_latency_ms", "latency at batch 1 (ms, measured in the trial)"),
+                            (axes[1], "student_params", "parameters")):
+        for name in sorted(set(students)):
+            mine = done[students == name]
+            ax.scatter(mine[cost], mine[metric], label=name, s=28, alpha=0.8)
+        front = run.pareto(cost)
+        ax.step(front[cost], front[metric], where="post", color="black", linewidth=1.2, label="Pareto front")
+        ax.set(xlabel=label, ylabel=f"{metric}\n({run.rule_label})" if ax is axes[0] else "")
+        ax.set_xscale("log")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.suptitle("accuracy against what the student costs")
+    fig.tight_layout()
     save_figure(fig, path)

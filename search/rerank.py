@@ -49,7 +49,7 @@ def candidates(run: Run) -> list[tuple[pd.Series, int | None]]:
         if row is not None and row["status"] in RANKED:
             points.setdefault(row["trial"], (row, i + 1))
     top = [(row, points[row["trial"]][1] if row["trial"] in points else None)
-           for _, row in run.best_trials(run.config.search.rerank).iterrows()]
+           for _, row in run.best_trials(run.config.search.rerank, within_budget=True).iterrows()]
     return top + [c for t, c in points.items() if t not in {r["trial"] for r, _ in top}]
 
 
@@ -70,8 +70,9 @@ def rerank(run: Run, prepared: Prepared, seeds: list[int]) -> tuple[dict[str, An
                         "mean": _mean(values), "std": _std(values),
                         "metrics": _summaries([r.get("metrics", {}) for r in runs])})
     sign = 1 if cfg.search.mode == "max" else -1
-    ranked = sorted(range(len(entries)), key=lambda i: -sign * entries[i]["mean"] if not math.isnan(
-        entries[i]["mean"]) else math.inf)
+    allowed = set(run.best_trials(len(run.table), within_budget=True)["trial"])  # a point over budget: compared only
+    ranked = sorted((i for i in range(len(entries)) if entries[i]["trial"] in allowed),
+                    key=lambda i: -sign * entries[i]["mean"] if not math.isnan(entries[i]["mean"]) else math.inf)
     winner = entries[ranked[0]]
     record = {"metric": metric, "seeds": seeds, "winner": winner["trial"], "candidates": entries,
               "against_points": [compare(winner, e, sign) for e in entries if e["hand_picked"]]}

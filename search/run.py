@@ -49,6 +49,7 @@ RANKED = (COMPLETED, STOPPED)                # trials with a score to rank
 FINISHED = (COMPLETED, STOPPED, FAILED)      # trials that will not run again
 METRICS = ("val_balanced_accuracy", "val_accuracy", "val_macro_f1", "val_balanced_accuracy_argmax",
            "val_balanced_accuracy_fold_mean", "val_balanced_accuracy_fold_std")
+COST = ("student_params", "student_mflops", "student_latency_ms", "student_images_per_s")  # measured in each trial
 
 
 # ----------------------------------------------------------------------------------------------- records
@@ -226,9 +227,35 @@ class Run:
         """The searched keys this trial sampled (a conditional key it never sampled is left out)."""
         return {k: _plain(row[k]) for k in self.config.search.space if k in row and not _missing(row[k])}
 
-    def best_trials(self, k: int = 5) -> pd.DataFrame:
-        """Ranked on validation only: trials that ran every epoch first (ASHA's survivors), then the rest."""
-        return best_trials(self.config, self.table, k)
+    def best_trials(self, k: int = 5, within_budget: bool = False) -> pd.DataFrame:
+        """Ranked on validation only: trials that ran every epoch first (ASHA's survivors), then the rest; with
+        `within_budget`, only trials whose student fits `search.max_params` and `search.max_latency_ms`."""
+        table = self.table
+        if within_budget and len(table):
+            table = table[self.within_budget(table)]
+        return best_trials(self.config, table, k)
+
+    def within_budget(self, table: pd.DataFrame) -> pd.Series:
+        s = self.config.search
+        ok = pd.Series(True, index=table.index)
+        if s.max_params and "student_params" in table:
+            ok &= table["student_params"] <= s.max_params
+        if s.max_latency_ms and "student_latency_ms" in table:
+            ok &= table["student_latency_ms"] <= s.max_latency_ms
+        return ok
+
+    def pareto(self, cost: str = "student_latency_ms") -> pd.DataFrame:
+        """The ranked trials no other trial beats on both the search's metric and `cost` (lower is better)."""
+        metric, sign = self.config.search.metric, (1 if self.config.search.mode == "max" else -1)
+        done = self.best_trials(len(self.table)) if len(self.table) else self.table
+        if not len(done) or cost not in done:
+            return done.iloc[:0]
+        done = done[done[cost].notna()]
+        value, price = sign * done[metric].to_numpy(), done[cost].to_numpy()
+        front = [i for i in range(len(done)) if not any(
+            value[j] >= value[i] and price[j] <= price[i] and (value[j] > value[i] or price[j] < price[i])
+            for j in range(len(done)))]
+        return done.iloc[front].sort_values(cost)
 
     def trial(self, trial_id: str) -> pd.Series:
         match = self.table[self.table["trial"] == trial_id] if len(self.table) else self.table
@@ -362,6 +389,8 @@ def _load_trials(cfg: Config, exp: str, run_dir: Path) -> tuple[pd.DataFrame, di
         row["best_epoch"] = best.get("epoch", np.nan)  # the epoch with the best search metric, and its metrics
         for key in (*METRICS, *recalls):
             row[f"best_{key}"] = best.get(key, np.nan)
+        for key in COST:
+            row[key] = last.get(key, np.nan)
         row["threshold"] = last.get("threshold", np.nan)
         row["epochs"] = len(history)
         row["seconds"] = last.get("time_total_s", np.nan)

@@ -28,6 +28,7 @@ def summary_markdown(run: Run) -> str:
     out += _top_trials(run, top)
     out += _points_against_best(run, top)
     out += _soft_vs_hard(run, top)
+    out += _pareto(run)
     out += _reranking(run)
     out += _best_student(run)
     out += ["## Plots", ""]
@@ -128,6 +129,27 @@ def _soft_vs_hard(run: Run, top: pd.DataFrame) -> list[str]:
             *[[f"recall {c}", s[f"val_recall_{c}"], h[f"val_recall_{c}"]] for c in classes],
             ["macro F1", s["val_macro_f1"], h["val_macro_f1"]]]
     return ["## Best soft vs best hard distillation (validation)", "", _table(["", "soft", "hard"], rows), ""]
+
+
+def _pareto(run: Run) -> list[str]:
+    """Accuracy against what the student costs: the trials no other beats on both, and the budget."""
+    front = run.pareto()
+    if not len(front):
+        return []
+    metric, s = run.config.search.metric, run.config.search
+    budget = [f"at most {s.max_params:,} parameters" if s.max_params else "",
+              f"at most {s.max_latency_ms:g} ms at batch 1" if s.max_latency_ms else ""]
+    budget_text = " and ".join(b for b in budget if b)
+    rows = [[r["trial"], r.get("student.name", run.config.student.name), f"{r['student_params'] / 1e6:.2f}M",
+             r["student_mflops"], r["student_latency_ms"], r[metric],
+             "yes" if run.within_budget(front.loc[[i]]).iloc[0] else "no"] for i, r in front.iterrows()]
+    device = "measured in each trial on its own device, median of repeats after warm-up"
+    return ["## Accuracy against cost (Pareto front)", "",
+            f"The trials that no other trial beats on both {metric} and the student's latency ({device}). "
+            + (f"The exported student must fit the budget: {budget_text}." if budget_text else
+               "No budget is set (`search.max_params`, `search.max_latency_ms`)."), "",
+            _table(["trial", "student", "params", "MFLOPs", "latency ms (batch 1)", metric, "within budget"], rows),
+            "", "![accuracy against cost](plots/pareto.png)", ""]
 
 
 def _reranking(run: Run) -> list[str]:

@@ -15,18 +15,31 @@ from typing import Any
 import torch
 from ray import tune
 
-from kd.config import from_dict
+from kd.config import Config, from_dict
+from kd.cost import measure
 from kd.crossval import Folds, cross_validate
 from kd.data import Dataset
 from kd.distill import train_student
 from kd.errors import Diverged
+from kd.infer import resolve_device
 from kd.metrics import scalars
+from kd.models import create_model
 from kd.train import DIVERGED, load_state, save_state
 from search.run import STATE_FILE
 
 
 class TrialDiverged(RuntimeError):
     """Raised inside a trial so Ray records it as failed, with this message as its error."""
+
+
+def student_cost(cfg: Config, data: Dataset | Folds) -> dict[str, float]:
+    """What this trial's student costs, measured in the trial on its own device (kd.cost: parameters, FLOPs from
+    torch's flop counter, median latency at batch 1 after warm-up, throughput at a large batch)."""
+    dataset = data.datasets[0] if isinstance(data, Folds) else data
+    model = create_model(cfg.student, len(dataset.classes), dataset.image_size)
+    report = measure(model, dataset.image_size, resolve_device(cfg.train.device))
+    return {"student_params": report["parameters"], "student_mflops": report["flops"] / 1e6,
+            "student_latency_ms": report["latency_ms_batch1"], "student_images_per_s": report["images_per_s_batch"]}
 
 
 def distill_trainable(config: dict[str, Any], base: dict[str, Any], data: Dataset | Folds,
@@ -47,10 +60,12 @@ def distill_trainable(config: dict[str, Any], base: dict[str, Any], data: Datase
         with checkpoint.as_directory() as d:
             resume = load_state(os.path.join(d, STATE_FILE))
 
+    cost = student_cost(cfg, data)  # on the device this trial trains on, before it trains
+
     def report(row: dict[str, Any], state_fn) -> None:
         if row.get("status") == DIVERGED:  # no report: it would lack the metric Tune optimises
             raise TrialDiverged(f"non-finite loss at epoch {row['epoch']}: the trial diverged")
-        metrics = scalars(row)
+        metrics = {**scalars(row), **cost}
         if row["epoch"] not in checkpoint_epochs:
             tune.report(metrics)
             return

@@ -234,3 +234,27 @@ def test_a_fresh_search_sets_an_old_study_aside_and_exports_the_epoch_that_ranke
         metrics = json.loads((out / "metrics.json").read_text())
         assert metrics["epoch"] == row["epochs"] < 3
         assert metrics["val_last_epoch"]["val_balanced_accuracy"] == pytest.approx(row["val_balanced_accuracy"])
+
+
+def test_students_of_several_sizes_on_a_pareto_front_and_a_budget_on_the_export(tmp_path, shared_cache):
+    cfg = load_config(None, tiny_overrides(shared_cache, tmp_path / "results") + [
+        "name=pareto", "search.num_samples=3", "search.confirm_seeds=0", "search.grace_period=1",
+        "search.max_params=200000"])
+    cfg = cfg.updated({"search.space": {"student.name": {"type": "choice", "values": ["test_resnet",
+                                                                                     "test_efficientnet"]},
+                                        "train.lr": {"type": "loguniform", "low": 0.001, "high": 0.01}},
+                       "search.points": [{"student.name": "test_resnet", "train.lr": 0.003},
+                                         {"student.name": "test_efficientnet", "train.lr": 0.003}]})
+    run_dir = run_search(cfg, quiet=True, echo=lambda s: None)
+    table = pd.read_csv(run_dir / "trials.csv").set_index("student.name")
+    params = table["student_params"].groupby(level=0).first()
+    assert params["test_resnet"] == 372_882 and params["test_efficientnet"] == 99_710  # each trial measured its own
+    assert (table["student_latency_ms"] > 0).all() and (table["student_mflops"] > 0).all()
+    best = json.loads((run_dir / "best" / "metrics.json").read_text())
+    assert table.reset_index().set_index("trial").loc[best["trial"], "student.name"] == "test_efficientnet"
+    assert best["cost"]["student"]["parameters"] == 99_710  # within search.max_params, whatever scored best
+    summary = (run_dir / "summary.md").read_text()
+    assert "## Accuracy against cost (Pareto front)" in summary and "at most 200,000 parameters" in summary
+    opening = summary.split("## Teacher")[0]  # summary.md opens with what distillation bought
+    assert "**What distillation bought:** student 99.7K params" in opening
+    assert (run_dir / "plots" / "pareto.png").is_file()
