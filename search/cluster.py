@@ -1,6 +1,6 @@
 """Ray: starting or joining it, what a trial or task may use, and running kd work as Ray tasks.
 
-The one rule for resources lives here: a trial (and every task that trains like one: the confirmation
+The one rule for resources lives here: a trial (and every task that trains like one: the re-ranking
 runs) takes `search.cpus_per_trial` CPUs and, where the cluster has GPUs, `search.gpus_per_trial` of one;
 torch inside it uses as many threads as it has CPUs. The teacher runs once, on a GPU node when there is
 one and the driver has none.

@@ -144,7 +144,7 @@ def finalize(run_dir: Path, data: Dataset, prepared: Prepared, echo: Callable[[s
     top = run.best_trials(1, within_budget=True)
     if top.empty:
         echo("no trial finished successfully within the budget (search.max_params, search.max_latency_ms): nothing "
-             "to confirm or export (see trials.csv)")
+             "to re-rank or export (see trials.csv)")
         write_report(run)
         return
     row = top.iloc[0]
