@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from kd.config import Config
 from kd.data import Dataset, Split
@@ -75,7 +74,6 @@ def refit_data(data: Dataset) -> Dataset:
 
 @dataclass
 class CrossValResult:
-    models: list[nn.Module]
     history: list[dict[str, Any]] = field(default_factory=list)
     status: str = COMPLETED
     oof_probs: np.ndarray | None = None   # the last epoch's pooled out-of-fold probabilities
@@ -92,7 +90,7 @@ def cross_validate(cfg: Config, folds: Folds, logits: list[torch.Tensor], report
                                   teacher_logits=logits[f],
                                   balanced_sampling=cfg.imbalance.method == "balanced_sampling",
                                   resume=resume["folds"][f] if resume else None, progress=False))
-    result = CrossValResult([t.model for t in trainings], list(resume["history"]) if resume else [])
+    result = CrossValResult(list(resume["history"]) if resume else [])
     classes = folds.datasets[0].classes
     rule = decision_rule(len(classes), cfg.train.tune_threshold)
 

@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export a trial's student (default: the best)")
     p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--trial", help="trial id (see trials.csv); default: the best on validation")
+    p.add_argument("--trial", help="trial id (see trials.csv); default: the search's pick (its re-ranked winner)")
     p.add_argument("--out", required=True, help="the folder to write")
     p.set_defaults(func=cmd_export)
 

@@ -67,10 +67,12 @@ def export_command(run_dir: str | Path, trial: str | None, out: str | Path) -> s
     run = Run(run_dir)
     if trial:
         row = run.trial(trial)
+    elif run.reranking is not None:  # the search's own pick: the re-ranked winner
+        row = run.trial(run.reranking.winner)
     else:
-        top = run.best_trials(1)
+        top = run.best_trials(1, within_budget=True)
         if top.empty:
-            raise UserError(f"no finished trial in {run_dir} to export")
+            raise UserError(f"no finished trial within the budget in {run_dir} to export")
         row = top.iloc[0]
     if run.config.search.folds >= 2:  # a cross-validated trial's student is its config refitted on train + val
         metrics = refit_and_export(run, row, load_dataset(run.config.data, progress=False), [], Path(out))
@@ -159,7 +161,8 @@ def finalize(run_dir: Path, data: Dataset, prepared: Prepared, echo: Callable[[s
             echo(f"re-ranking {n} candidates (the top {cfg.search.rerank} and the hand-picked points) with "
                  f"{len(seeds)} further seeds ...")
             record, probs = rerank(run, prepared, seeds)
-            if probs:  # the winner's held-out probabilities: its threshold after a resume too
+            if probs and isinstance(prepared.data, Folds):  # the winner's out-of-fold probabilities: the refit's
+                # threshold, after a resume too
                 save_tensors(run_dir / RERANK_PROBS, {"probs": torch.from_numpy(np.stack(probs))}, {})
             atomic_write_json(run_dir / RERANK, record)
         elif (run_dir / RERANK_PROBS).is_file():

@@ -365,7 +365,9 @@ def _load_trials(cfg: Config, exp: str, run_dir: Path) -> tuple[pd.DataFrame, di
             params = json.loads(Path(params_file).read_text())
         except ValueError:
             continue
-        history = [r for r in read_jsonl(os.path.join(trial_dir, "result.json")) if "epoch" in r]
+        # Ray appends to result.json: a retried trial reports the epochs after its checkpoint again; the last stands
+        history = list({r["epoch"]: r for r in read_jsonl(os.path.join(trial_dir, "result.json"))
+                        if "epoch" in r}.values())
         histories[trial_id] = history
         mine = events.get(trial_id, [])
         ends = [e for e in mine if e["status"] != RETRY]

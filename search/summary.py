@@ -21,7 +21,6 @@ def _metric_rows(metrics: dict[str, Any], classes: list[str]) -> list[tuple[str,
 
 
 def summary_markdown(run: Run) -> str:
-    _cfg, table = run.config, run.table
     top = run.best_trials(10)
     out = _heading(run)
     out += _teacher(run)
@@ -38,9 +37,10 @@ def summary_markdown(run: Run) -> str:
                         ("soft_vs_hard.png", "best soft vs best hard")):
         if (run.directory / "plots" / name).is_file():
             out += [f"![{title}](plots/{name})", ""]
-    if len(top) and len(table):
-        out += ["## Reproduce", "", "Every trial's full config is in `configs/`; outside Ray:", "",
-                f"    kdsearch distill {run.directory / 'configs' / (top.iloc[0]['trial'] + '.yaml')}", ""]
+    picked = run.best.trial if run.best is not None else top.iloc[0]["trial"] if len(top) else None
+    if picked:
+        out += ["## Reproduce", "", "Every trial's full config is in `configs/`; the exported one outside Ray:", "",
+                f"    kdsearch distill {run.directory / 'configs' / (picked + '.yaml')}", ""]
     return "\n".join(out)
 
 

@@ -7,6 +7,7 @@ image or run the teacher. The kd loop reports every epoch through a callback tha
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 import tempfile
@@ -36,7 +37,7 @@ def student_cost(cfg: Config, data: Dataset | Folds) -> dict[str, float]:
     """What this trial's student costs, measured in the trial on its own device (kd.cost: parameters, FLOPs from
     torch's flop counter, median latency at batch 1 after warm-up, throughput at a large batch)."""
     dataset = data.datasets[0] if isinstance(data, Folds) else data
-    model = create_model(cfg.student, len(dataset.classes), dataset.image_size)
+    model = create_model(dataclasses.replace(cfg.student, pretrained=False), len(dataset.classes), dataset.image_size)
     report = measure(model, dataset.image_size, resolve_device(cfg.train.device))
     return {"student_params": report["parameters"], "student_mflops": report["flops"] / 1e6,
             "student_latency_ms": report["latency_ms_batch1"], "student_images_per_s": report["images_per_s_batch"]}

@@ -20,10 +20,10 @@ def test_teacher_is_cached_by_content_and_logits_extend(digits_setup):
     assert teacher.logits.shape == (cfg.train.epochs, len(data.train), 2)
     assert teacher.metrics["balanced_accuracy"] > 0.6
     again = prepare_teacher(cfg, data, progress=False)
-    assert again.info["cached"] and again.info["logits_cached"] and again.info["forward_images"] == 0
+    assert again.info.cached and again.info.logits_cached and again.info.forward_images == 0
     assert torch.equal(again.logits, teacher.logits)
     longer = prepare_teacher(cfg, data, epochs=cfg.train.epochs + 2, progress=False)
-    assert longer.info["cached"] and longer.info["forward_images"] == 2 * len(data.train)
+    assert longer.info.cached and longer.info.forward_images == 2 * len(data.train)
     assert torch.allclose(longer.logits[:cfg.train.epochs], teacher.logits)
     from kd.teacher import teacher_key
     assert teacher_key(cfg.updated({"teacher.train.lr": 0.001}), data) != teacher.key  # another teacher

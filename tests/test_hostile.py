@@ -85,12 +85,12 @@ def test_corrupted_teacher_and_logits_caches_are_rebuilt_and_reported(tmp_path, 
     weights.write_bytes(bytes(raw))
     second = prepare_teacher(cfg, data, progress=False)
     assert "teacher cache rebuilt" in caplog.text and "checksum mismatch" in caplog.text
-    assert not second.info["cached"] and load_tensors(weights)
+    assert not second.info.cached and load_tensors(weights)
     logits = next(first.directory.glob("logits-*.safetensors"))
     logits.write_bytes(logits.read_bytes()[:100])  # truncated, as by a full disk
     caplog.clear()
     third = prepare_teacher(cfg, data, progress=False)
-    assert "teacher logits cache rebuilt" in caplog.text and third.info["forward_images"] == 2 * len(data.train)
+    assert "teacher logits cache rebuilt" in caplog.text and third.info.forward_images == 2 * len(data.train)
     assert torch.allclose(third.logits, second.logits, atol=1e-5)
 
 
@@ -116,7 +116,7 @@ def _fill_caches(cache: str, root: str, out: str) -> None:
                                                      "teacher.train.epochs=1", "train.epochs=1"])
     data = load_dataset(cfg.data, progress=False)
     teacher = prepare_teacher(cfg, data, progress=False)
-    torch.save({"images": data.train.images, "logits": teacher.logits, "cached": teacher.info["cached"]}, out)
+    torch.save({"images": data.train.images, "logits": teacher.logits, "cached": teacher.info.cached}, out)
 
 
 def test_two_processes_filling_the_same_caches_take_turns(tmp_path):
@@ -236,7 +236,11 @@ def test_sigterm_stops_a_search_the_way_ctrl_c_does():
     """A cluster scheduler's SIGTERM reaches Tune's SIGINT handler (here Python's default: KeyboardInterrupt)."""
     from search.session import sigterm_as_interrupt
     before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(KeyboardInterrupt), sigterm_as_interrupt():
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(2)
+    sigint = signal.signal(signal.SIGINT, signal.default_int_handler)  # whatever an earlier test's library set
+    try:
+        with pytest.raises(KeyboardInterrupt), sigterm_as_interrupt():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(2)
+    finally:
+        signal.signal(signal.SIGINT, sigint)
     assert signal.getsignal(signal.SIGTERM) == before

@@ -20,7 +20,7 @@ def test_stream_and_memory_pipelines_give_the_same_training(tmp_path):
 
     teacher_m = prepare_teacher(memory, data_m, progress=False)
     teacher_s = prepare_teacher(stream, data_s, progress=False)
-    assert teacher_s.info["cached"]  # same data, same teacher: the stream run finds it
+    assert teacher_s.info.cached  # same data, same teacher: the stream run finds it
     assert torch.allclose(teacher_m.logits, teacher_s.logits)
 
     threads = torch.get_num_threads()
