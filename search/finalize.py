@@ -157,10 +157,10 @@ def finalize(run_dir: Path, data: Dataset, prepared: Prepared, echo: Callable[[s
     if seeds:
         record = _saved(run_dir / RERANK, seeds=seeds)
         if record is None:
-            n = len(candidates(run))
-            echo(f"re-ranking {n} candidates (the top {cfg.search.rerank} and the hand-picked points) with "
-                 f"{len(seeds)} further seeds ...")
-            record, probs = rerank(run, prepared, seeds)
+            chosen = candidates(run)
+            echo(f"re-ranking {len(chosen)} candidates (the top {cfg.search.rerank} and the hand-picked points) "
+                 f"with {len(seeds)} further seeds ...")
+            record, probs = rerank(run, prepared, seeds, chosen)
             if probs and isinstance(prepared.data, Folds):  # the winner's out-of-fold probabilities: the refit's
                 # threshold, after a resume too
                 save_tensors(run_dir / RERANK_PROBS, {"probs": torch.from_numpy(np.stack(probs))}, {})

@@ -53,10 +53,11 @@ def candidates(run: Run) -> list[tuple[pd.Series, int | None]]:
     return top + [c for t, c in points.items() if t not in {r["trial"] for r, _ in top}]
 
 
-def rerank(run: Run, prepared: Prepared, seeds: list[int]) -> tuple[dict[str, Any], list[np.ndarray]]:
-    """Retrain every candidate with every seed; the record (rerank.json) and the winner's held-out probabilities."""
+def rerank(run: Run, prepared: Prepared, seeds: list[int],
+           chosen: list[tuple[pd.Series, int | None]]) -> tuple[dict[str, Any], list[np.ndarray]]:
+    """Retrain every candidate (`candidates(run)`) with every seed; the record (rerank.json) and the winner's
+    held-out probabilities."""
     cfg, metric = run.config, run.config.search.metric
-    chosen = candidates(run)
     data_ref, logits_ref = ray.put(prepared.data), ray.put(prepared.logits)
     resources = trial_resources(cfg)
     jobs = [[remote(retrain, resources, run.trial_config(row).updated({"train.seed": s}), data_ref, logits_ref)
