@@ -19,6 +19,7 @@ from kd.images import MAX_IMAGE_PIXELS
 from kd.typed import build, scalar_keys, set_dotted
 
 IMBALANCE_METHODS = ("none", "inverse", "effective", "balanced_sampling", "logit_adjust")
+LOGGERS = ("tensorboard", "mlflow")  # Ray Tune's logger callbacks a search can turn on (search.tracking)
 
 
 @dataclass
@@ -228,6 +229,8 @@ class SearchConfig:
     max_failures: int = 1          # retries of a failed trial
     checkpoint_every: int = 1      # epochs between trial checkpoints (the last epoch always is one)
     storage: str = ""              # shared path or s3:// for clusters; default: the run directory
+    loggers: list[str] = field(default_factory=lambda: ["tensorboard"])  # also: mlflow (Ray Tune's callbacks)
+    mlflow_uri: str = ""           # MLflow tracking store: a URI, or a folder for a SQLite store; default: the run's
 
     def check(self) -> None:
         _require(self.num_samples >= 1, "search.num_samples", "must be >= 1")
@@ -244,6 +247,9 @@ class SearchConfig:
         _require(self.max_failures >= 0, "search.max_failures", "must be >= 0")
         _require(self.checkpoint_every >= 1, "search.checkpoint_every", "must be >= 1")
         _require(len(self.space) > 0, "search.space", "is empty: name at least one key to search")
+        unknown = [name for name in self.loggers if name not in LOGGERS]
+        _require(not unknown, "search.loggers", f"names {', '.join(map(repr, unknown))}: the loggers are "
+                 f"{', '.join(LOGGERS)}")
 
 
 @dataclass

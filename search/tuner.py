@@ -19,11 +19,12 @@ from ray.tune.search.optuna import OptunaSearch
 from kd.config import Config
 from kd.crossval import Folds
 from kd.data import Dataset
-from search.cluster import trial_resources
+from search.cluster import trial_resources, trial_slots
 from search.progress import TrialLog
 from search.run import JOURNAL
 from search.session import run_dir_of
 from search.space import DefineByRun, check_points, parse_space
+from search.tracking import exact_loggers, logger_callbacks
 from search.trainable import distill_trainable
 
 
@@ -34,12 +35,14 @@ def build_tuner(cfg: Config, data: Dataset | Folds, teacher_logits: torch.Tensor
         tune.with_parameters(distill_trainable, base=cfg.to_dict(), data=data, teacher_logits=teacher_logits,
                              checkpoint_epochs=checkpoint_epochs(cfg), threads=max(1, int(s.cpus_per_trial))),
         trial_resources(cfg).as_tune())
+    exact_loggers()
     if restore:
         return tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=False)
 
     root, name = os.path.split(exp_path.rstrip("/"))
     tune_config = tune.TuneConfig(search_alg=_searcher(cfg), scheduler=_scheduler(cfg), num_samples=s.num_samples,
-                                  metric=s.metric, mode=s.mode, max_concurrent_trials=s.max_concurrent or None,
+                                  metric=s.metric, mode=s.mode,
+                                  max_concurrent_trials=s.max_concurrent or trial_slots(trial_resources(cfg)),
                                   # A reused actor must first see the last trial's thread end within
                                   # TUNE_FUNCTION_THREAD_TIMEOUT_S (2 s); on a busy node it may not, and Ray then
                                   # fails the next trial ("Trainable runner reuse requires reset_config() ...").
@@ -47,7 +50,8 @@ def build_tuner(cfg: Config, data: Dataset | Folds, teacher_logits: torch.Tensor
                                   reuse_actors=False)
     run_config = tune.RunConfig(
         name=name, storage_path=root, verbose=0,
-        callbacks=[TrialLog(run_dir_of(cfg), s.metric, s.mode, cfg.train.epochs, echo=not quiet)],
+        callbacks=[TrialLog(run_dir_of(cfg), s.metric, s.mode, cfg.train.epochs, echo=not quiet),
+                   *logger_callbacks(cfg, run_dir_of(cfg))],
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         failure_config=tune.FailureConfig(max_failures=s.max_failures))
     return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)

@@ -3,6 +3,7 @@
 The main search is cross-validated (3 folds), as searches are by default; the reliability tests cover the holdout."""
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -46,7 +47,7 @@ def search_config(tmp, cache, **extra):
 @pytest.fixture(scope="module")
 def finished_search(tmp_path_factory, shared_cache):
     tmp = tmp_path_factory.mktemp("search")
-    cfg = search_config(tmp, shared_cache)
+    cfg = search_config(tmp, shared_cache, **{"search.loggers": ["tensorboard", "mlflow"]})
     lines = []
     run_dir = run_search(cfg, quiet=False, echo=lines.append)
     assert not ray.is_initialized()
@@ -183,6 +184,94 @@ def test_export_a_chosen_trial_and_reproduce_it_outside_ray(finished_search, tmp
     images = data.test.images[:16]
     refit_logits = refit.model.cpu().eval()((images.float() / 255 - 0.5) / 0.5)
     assert torch.allclose(student.logits(images), refit_logits, atol=1e-4)
+
+
+def _histories(experiment) -> dict[str, list[dict]]:
+    """Each trial's per-epoch results as Ray's JSON logger wrote them, by trial id."""
+    out = {}
+    for f in experiment.glob("*/result.json"):
+        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        if rows:
+            out[rows[0]["trial_id"]] = list({r["epoch"]: r for r in rows}.values())
+    return out
+
+
+def test_tensorboard_holds_every_epoch_and_each_trials_hyperparameters(finished_search):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    _cfg, run_dir, _ = finished_search
+    experiment = run_dir.parent.parent / "remote" / "tiny-search" / "ray"  # where --storage put the experiment
+    histories = _histories(experiment)
+    assert histories
+    for trial_dir in experiment.glob("distill_trainable_*"):
+        rows = [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines() if line.strip()]
+        if not rows:
+            continue
+        events = EventAccumulator(str(trial_dir))
+        events.Reload()
+        logged = {e.step: e.value for e in events.Scalars("ray/tune/val_balanced_accuracy")}  # float32; last stands
+        assert logged == {r["training_iteration"]: pytest.approx(r["val_balanced_accuracy"], rel=1e-6) for r in rows}
+        hparams = events.PluginTagToContent("hparams")  # written at the trial's end, with its sampled keys
+        assert hparams and any(b"distill.mode" in content for content in hparams.values())
+
+
+def test_mlflow_holds_a_run_per_trial_with_its_parameters_metrics_and_outcome(finished_search):
+    from mlflow import MlflowClient
+    cfg, run_dir, _ = finished_search
+    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name(cfg.name).experiment_id])
+    table = pd.read_csv(run_dir / "trials.csv").set_index("trial")
+    assert len(runs) == cfg.search.num_samples
+    histories = _histories(run_dir.parent.parent / "remote" / "tiny-search" / "ray")
+    for run in runs:
+        trial = run.data.tags["trial_name"].rsplit("_", 1)[-1]
+        row = table.loc[trial]
+        assert run.data.params["distill.mode"] == row["distill.mode"]
+        assert float(run.data.params["train.lr"]) == pytest.approx(row["train.lr"])
+        assert run.info.status == ("FAILED" if row["status"] == "failed" else "FINISHED")
+        if trial in histories:
+            curve = client.get_metric_history(run.info.run_id, "val_balanced_accuracy")
+            logged = {m.step: m.value for m in curve}  # every result, retried epochs included: the last stands
+            assert {r["training_iteration"]: pytest.approx(r["val_balanced_accuracy"])
+                    for r in histories[trial]} == {r["training_iteration"]: logged[r["training_iteration"]]
+                                                   for r in histories[trial]}
+
+
+def test_optuna_dashboard_serves_the_study_over_http(finished_search):
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from search.tracking import dashboard_command
+    cfg, run_dir, _ = finished_search
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = dashboard_command(run_dir).split()
+    executable = str(Path(sys.executable).parent / argv[0])  # the one installed beside this Python
+    server = subprocess.Popen([executable, *argv[1:], "--host", "127.0.0.1", "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline, studies = time.time() + 60, None
+        while studies is None and time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=5) as r:
+                    studies = json.loads(r.read())["study_summaries"]
+            except OSError:
+                time.sleep(0.5)
+        assert studies is not None, "optuna-dashboard did not answer"
+        assert [s["study_name"] for s in studies] == [cfg.name]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{studies[0]['study_id']}", timeout=10) as r:
+            detail = json.loads(r.read())
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert len(detail["trials"]) == cfg.search.num_samples
+    table = pd.read_csv(run_dir / "trials.csv")
+    ranked = table[table["status"].isin(["completed", "stopped early"])]
+    best_value = detail["best_trials"][0]["values"][0]
+    assert best_value == pytest.approx(ranked["val_balanced_accuracy"].max())
 
 
 def test_a_second_search_on_the_same_directory_refuses(finished_search, capsys):

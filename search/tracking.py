@@ -1,0 +1,74 @@
+"""The tracking tools users already run: Ray Tune's own logger callbacks, chosen by `search.loggers`.
+
+`tensorboard` is Ray's `TBXLoggerCallback` (event files in each trial's folder, per-epoch metrics and the
+trial's hyperparameters), `mlflow` is Ray's `MLflowLoggerCallback` (one MLflow run per trial, in the store
+`search.mlflow_uri` names, by default a SQLite store in the run directory). Ray's CSV and JSON loggers are
+always on: the run model (search/run.py) reads their `params.json` and `result.json`. The Optuna study needs
+no callback: its journal opens in optuna-dashboard (`dashboard_command`).
+
+The viewers and MLflow are optional extras (`pip install "kd-search[track]"`): a search that names a
+logger whose package is missing refuses before anything starts.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shlex
+from pathlib import Path
+
+from ray.tune import Callback
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCallback
+
+from kd.config import Config
+from kd.errors import UserError
+from search.run import JOURNAL
+
+MLFLOW_DB = "mlflow.db"
+_NEEDS = {"tensorboard": "tensorboardX", "mlflow": "mlflow"}  # the package each logger imports
+
+
+def check_loggers(cfg: Config) -> None:
+    """Refuse, before anything starts, a logger whose package is not installed."""
+    for name in cfg.search.loggers:
+        if importlib.util.find_spec(_NEEDS[name]) is None:
+            raise UserError(f"search.loggers names {name}, but the {_NEEDS[name]} package is not installed: "
+                            "pip install 'kd-search[track]' (or drop it from search.loggers)")
+
+
+def mlflow_uri(cfg: Config, run_dir: Path) -> str:
+    """The MLflow tracking URI: `search.mlflow_uri` when it is a URI, a SQLite store inside it when it is a
+    folder, else a SQLite store in the run directory (MLflow 3 refuses its old plain-folder store)."""
+    uri = cfg.search.mlflow_uri
+    if "://" in uri:
+        return uri
+    folder = Path(uri).expanduser() if uri else run_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{(folder / MLFLOW_DB).resolve()}"
+
+
+def logger_callbacks(cfg: Config, run_dir: Path) -> list[Callback]:
+    """Exactly the loggers asked for: the tuner turns off the ones Ray would add by itself (TensorBoard's among
+    them, asked for or not) with `exact_loggers`."""
+    callbacks: list[Callback] = [CSVLoggerCallback(), JsonLoggerCallback()]
+    if "tensorboard" in cfg.search.loggers:
+        callbacks.append(TBXLoggerCallback())
+    if "mlflow" in cfg.search.loggers:
+        from ray.air.integrations.mlflow import MLflowLoggerCallback  # imports mlflow: only when asked for
+
+        for name in ("mlflow", "alembic"):  # their INFO lines (creating tables, ...) are not the user's business
+            logging.getLogger(name).setLevel(logging.WARNING)
+        callbacks.append(MLflowLoggerCallback(tracking_uri=mlflow_uri(cfg, run_dir), experiment_name=cfg.name,
+                                              tags={"kdsearch.run": str(run_dir.resolve())}))
+    return callbacks
+
+
+def exact_loggers() -> None:
+    """Ray adds its CSV, JSON and TensorBoard loggers to every experiment unless told not to; kd-search lists its
+    own (`logger_callbacks`). Read by `Tuner.fit` in this process, for a new search and a resumed one alike."""
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+
+
+def dashboard_command(run_dir: Path) -> str:
+    """The command that opens a search's Optuna study in optuna-dashboard."""
+    return f"optuna-dashboard {shlex.quote(str(run_dir / JOURNAL))}"
