@@ -48,6 +48,8 @@ class TeacherInfo:
     logit_seconds: float = 0.0      # time spent computing logits now
     forward_images: int = 0         # images run through the teacher now to make logits
     logit_epochs: int = 0           # epochs of training views the logits cover
+    node: str = ""                  # the Ray node it was prepared on ("" without Ray)
+    gpus: str = ""                  # the GPU ids Ray gave that task ("" on CPUs)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -67,7 +69,8 @@ class TeacherInfo:
             logits = f"{self.forward_images} forward passes made its logits{views} ({self.logit_seconds:.1f} s)"
         else:
             logits = "its logits too" if self.cached else "its logits found in the cache"
-        return f"teacher {self.name} {how}; {logits}"
+        where = f" (Ray node {self.node[:8]}, GPU {self.gpus})" if self.gpus else ""
+        return f"teacher {self.name} {how}{where}; {logits}"
 
 
 @dataclass

@@ -7,21 +7,28 @@ one and the driver has none.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import os
-from collections.abc import Callable
+import re
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import ray
 import torch
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from kd.config import Config
 from kd.crossval import Folds, make_folds
 from kd.data import Dataset
 from kd.errors import UserError
 from kd.teacher import Teacher, cached_teacher, prepare_teacher
+from search.format import shown
 
 log = logging.getLogger("search")
 
@@ -54,6 +61,66 @@ def start_ray(address: str | None) -> bool:
     return True
 
 
+@ray.remote(num_cpus=0)
+def _unreadable(paths: list[str]) -> list[str]:
+    """The files this node cannot open for reading."""
+    return [p for p in paths if not (os.path.isfile(p) and os.access(p, os.R_OK))]
+
+
+def check_stream_files(data: Dataset) -> None:
+    """With `data.pipeline: stream` the trials decode image files wherever Ray places them: every node that can
+    run a trial must read the files the driver listed, at the same paths. Checked once, before any teacher or
+    trial, by a task pinned to each node; a node that cannot is named, with the ways out."""
+    paths = [p for name in ("train", "val", "test") if data.split(name).images is None for p in data.split(name).paths]
+    if not paths or not ray.is_initialized():
+        return
+    nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
+    checks = [_unreadable.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+              .remote(paths) for n in nodes]
+    for node, bad in zip(nodes, ray.get(checks), strict=True):
+        if bad:
+            raise UserError(f"data.pipeline is stream, but the Ray node {node['NodeManagerAddress']} "
+                            f"({node['NodeID'][:8]}) cannot read {len(bad)} of the {len(paths)} image files "
+                            f"(first: {bad[0]}). Put the images on a file system every node mounts at the same "
+                            "path, or use data.pipeline: memory (the driver then ships the decoded images to the "
+                            "trials through Ray's object store)")
+
+
+@contextlib.contextmanager
+def ray_errors_to(path: Path, echo: Callable[[str], None]) -> Iterator[None]:
+    """Ray's driver prints every error its cluster publishes (a lost node's missed heartbeats, a dead raylet's last
+    log lines with its state dump) straight to the console, from a thread of its own, whatever `log_to_driver`
+    says. Within this block each such message goes whole to `path`, and the console gets its first sentences on
+    one line. (Ray has no setting for this: its module-level printer is swapped, and put back after.)"""
+    worker = ray._private.worker
+    original = getattr(worker, "print_to_stdstream", None)
+    if original is None:  # another Ray version: its own printing stays
+        yield
+        return
+
+    said: set[str] = set()
+
+    def to_log(data: dict[str, Any], ignore_prefix: bool = False) -> None:
+        lines = [str(line) for line in data.get("lines", [])]
+        with open(path, "a") as f:
+            f.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} ({data.get('pid', 'ray')})\n" + "\n".join(lines) + "\n")
+        sentences = re.split(r"(?<=[.!?])\s+", lines[0].strip()) if lines else []
+        headline = sentences[0] if sentences else ""
+        for sentence in sentences[1:]:
+            if len(headline) + len(sentence) > 100:
+                break
+            headline += " " + sentence
+        if headline and headline not in said:  # Ray publishes some errors once per job: the console says it once
+            said.add(headline)
+            echo(f"Ray: {headline[:240]} (Ray's message in {shown(path)})")
+
+    worker.print_to_stdstream = to_log
+    try:
+        yield
+    finally:
+        worker.print_to_stdstream = original
+
+
 @dataclass(frozen=True)
 class Resources:
     cpus: float
@@ -74,6 +141,21 @@ def trial_resources(cfg: Config) -> Resources:
     if cluster_gpus > 0 and s.gpus_per_trial == 0:
         log.warning("GPUs are available but search.gpus_per_trial is 0: trials run on CPUs (try 0.25)")
     return Resources(s.cpus_per_trial, s.gpus_per_trial if cluster_gpus > 0 else 0.0)
+
+
+def trial_slots(resources: Resources) -> int:
+    """How many trials with `resources` fit on the cluster's live nodes at once (each node counted on its own: a
+    trial runs on one node). Tune starts one trial at a time under a searcher unless told this number, which
+    fills a cluster's slots in seconds instead of one actor start after another."""
+    slots = 0
+    for node in ray.nodes() if ray.is_initialized() else []:
+        if not node["Alive"]:
+            continue
+        have = node["Resources"]
+        fits = [have.get("CPU", 0) / resources.cpus if resources.cpus else float("inf"),
+                have.get("GPU", 0) / resources.gpus if resources.gpus else float("inf")]
+        slots += int(min(fits) + 1e-9)
+    return max(1, slots)
 
 
 @ray.remote
@@ -114,7 +196,15 @@ def prepare_teacher_once(cfg: Config, data: Dataset, epochs: int) -> Teacher:
             torch.cuda.empty_cache()  # the trials get the GPU memory back
         return teacher
     cpus = max(1, min(int(ray.cluster_resources().get("CPU", 1)), os.cpu_count() or 1))
-    return ray.get(remote(prepare_teacher, Resources(cpus, 1), cfg, data, epochs=epochs, progress=False))
+    return ray.get(remote(_prepare_teacher_here, Resources(cpus, 1), cfg, data, epochs))
+
+
+def _prepare_teacher_here(cfg: Config, data: Dataset, epochs: int) -> Teacher:
+    """`prepare_teacher` in a Ray task, its info naming the node and the GPU it ran on."""
+    teacher = prepare_teacher(cfg, data, epochs=epochs, progress=False)
+    context = ray.get_runtime_context()
+    gpus = ",".join(map(str, context.get_accelerator_ids().get("GPU", [])))
+    return dataclasses.replace(teacher, info=dataclasses.replace(teacher.info, node=context.get_node_id(), gpus=gpus))
 
 
 @dataclass
@@ -134,7 +224,8 @@ class Prepared:
         info = {**infos[0].to_dict(), "cached": all(i.cached for i in infos), "logits_cached": all(
             i.logits_cached for i in infos), **{k: sum(getattr(i, k) for i in infos) for k in (
                 "finetune_seconds", "logit_seconds", "forward_images")}}
-        return {"metrics": mean_metrics([t.metrics for t in self.teachers]), "info": info, "teachers": len(infos)}
+        return {"metrics": mean_metrics([t.metrics for t in self.teachers]), "info": info, "teachers": len(infos),
+                "placement": [{"node": i.node, "gpus": i.gpus} for i in infos]}
 
 
 def mean_metrics(runs: list[dict[str, Any]]) -> dict[str, Any]:

@@ -19,12 +19,13 @@ from kd.data import load_dataset
 from kd.errors import Interrupted
 from kd.files import atomic_write_json
 from kd.selection import check_metric, decision_rule
-from search.cluster import prepare_teachers, start_ray
+from search.cluster import check_stream_files, prepare_teachers, ray_errors_to, start_ray
 from search.finalize import finalize
 from search.format import shown
-from search.run import CONFIG, RUN, TEACHER, Run
+from search.run import CONFIG, RAY_ERRORS, RUN, TEACHER, Run
 from search.session import exclusive, experiment_path, run_dir_of, set_aside_stale, should_resume, sigterm_as_interrupt
 from search.space import check_points, check_searched_models, parse_space
+from search.tracking import check_loggers
 from search.tuner import build_tuner
 
 
@@ -33,6 +34,7 @@ def run_search(cfg: Config, address: str | None = None, storage: str | None = No
     params = parse_space(cfg)  # a bad space, point or model is reported before anything starts
     check_points(cfg.search.points, params, cfg)
     check_searched_models(cfg, params, weights=address is None)
+    check_loggers(cfg)
     run_dir = run_dir_of(cfg)
     exp_path = experiment_path(cfg, run_dir, storage)
     with exclusive(run_dir):
@@ -45,20 +47,24 @@ def run_search(cfg: Config, address: str | None = None, storage: str | None = No
                      cfg.search.folds)
         started = start_ray(address)
         try:  # written once the data is good and Ray is up: a search that cannot start leaves nothing behind
-            save_config(cfg, run_dir / CONFIG)
-            run_info = {"experiment": exp_path, "resumed": restore, "classes": data.classes, "data": data.describe()}
-            atomic_write_json(run_dir / RUN, run_info)
-            prepared = prepare_teachers(cfg, data, echo)
-            atomic_write_json(run_dir / TEACHER, {**prepared.record(), "seconds": time.perf_counter() - t0})
-            how = f"{cfg.search.folds}-fold cross-validated" if cfg.search.folds >= 2 else "holdout"
-            echo(("resuming" if restore else "starting") + f" the search: {cfg.search.num_samples} {how} trials of "
-                 f"{cfg.student.name}, optimising {cfg.search.metric} ({cfg.search.mode}); results in {shown(run_dir)}")
-            tuner = build_tuner(cfg, prepared.data, prepared.logits, exp_path, restore, quiet)
-            with sigterm_as_interrupt():
-                tuner.fit()
-            _raise_if_interrupted(run_dir)
-            atomic_write_json(run_dir / RUN, {**run_info, "seconds": time.perf_counter() - t0})
-            finalize(run_dir, data, prepared, echo=echo)
+            with ray_errors_to(run_dir / RAY_ERRORS, echo):
+                check_stream_files(data)
+                save_config(cfg, run_dir / CONFIG)
+                run_info = {"experiment": exp_path, "resumed": restore, "classes": data.classes,
+                            "data": data.describe()}
+                atomic_write_json(run_dir / RUN, run_info)
+                prepared = prepare_teachers(cfg, data, echo)
+                atomic_write_json(run_dir / TEACHER, {**prepared.record(), "seconds": time.perf_counter() - t0})
+                how = f"{cfg.search.folds}-fold cross-validated" if cfg.search.folds >= 2 else "holdout"
+                echo(("resuming" if restore else "starting") + f" the search: {cfg.search.num_samples} {how} trials "
+                     f"of {cfg.student.name}, optimising {cfg.search.metric} ({cfg.search.mode}); results in "
+                     f"{shown(run_dir)}")
+                tuner = build_tuner(cfg, prepared.data, prepared.logits, exp_path, restore, quiet)
+                with sigterm_as_interrupt():
+                    tuner.fit()
+                _raise_if_interrupted(run_dir)
+                atomic_write_json(run_dir / RUN, {**run_info, "seconds": time.perf_counter() - t0})
+                finalize(run_dir, data, prepared, echo=echo)
         finally:
             if started:
                 ray.shutdown()

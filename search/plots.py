@@ -30,6 +30,7 @@ def draw_all(run: Run) -> None:
         soft_vs_hard(run, out / "soft_vs_hard.png")
         pareto(run, out / "pareto.png")
         importance(run, out / "importance.png")
+        timeline(run, out / "timeline.png")
     best = run.best
     if best is not None:
         kplots.confusion_matrix(best.test["confusion_matrix"], best.classes, out / "confusion_matrix_test.png",
@@ -180,4 +181,27 @@ def pareto(run: Run, path: Path) -> None:
     axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.suptitle("accuracy against what the student costs")
     fig.tight_layout()
+    save_figure(fig, path)
+
+
+def timeline(run: Run, path: Path) -> None:
+    """When each trial ran and on which Ray node (and GPU): how the cluster was shared, one row per node/GPU slot,
+    each trial a bar from its first start to its last report (a retried trial's bar spans its retry)."""
+    table = run.table
+    if "started" not in table.columns or table["started"].isna().all():
+        return
+    ran = table[table["started"].notna() & table["ended"].notna()].copy()
+    ran["slot"] = [f"node {str(n)[:8]}" + (f" GPU {g}" if str(g) not in ("", "nan") else "")
+                   for n, g in zip(ran["node"], ran["gpus"], strict=True)]
+    slots = sorted(ran["slot"].unique())
+    t0 = ran["started"].min()
+    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.5 * len(ran)))
+    for row, (_, trial) in enumerate(ran.sort_values("started").iterrows()):
+        ax.barh(row, trial["ended"] - trial["started"], left=trial["started"] - t0,
+                color=COLOURS.get(trial["status"], "black"), alpha=0.8)
+        ax.text(trial["ended"] - t0, row, f" {trial['trial']} · {trial['slot']}", va="center", fontsize=7)
+    ax.set_yticks([])
+    ax.set(xlabel="seconds since the first trial started", title=f"trials over time on {len(slots)} node/GPU slots "
+           f"(colour: status)")
+    ax.grid(axis="x", alpha=0.3)
     save_figure(fig, path)

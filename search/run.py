@@ -41,6 +41,7 @@ CONFIG, RUN, TEACHER, RERANK, BEST = "config.yaml", "run.json", "teacher.json", 
 RERANK_PROBS = "rerank_probs.safetensors"  # the winner's held-out probabilities over the further seeds
 EVENTS, JOURNAL, EXPERIMENT, MIRROR = "trial_events.jsonl", "optuna.journal", "ray", "ray-mirror"
 STATE_FILE = "state.pt"  # the file inside a trial's checkpoint folder
+RAY_ERRORS = "ray-errors.log"  # the errors Ray's cluster published to this search, whole (the console gets a line)
 
 # A trial's status: the one vocabulary of the table, the console, the plots and the summary.
 COMPLETED, STOPPED, FAILED, UNFINISHED = "completed", "stopped early", "failed", "unfinished"
@@ -50,6 +51,7 @@ FINISHED = (COMPLETED, STOPPED, FAILED)      # trials that will not run again
 METRICS = ("val_balanced_accuracy", "val_accuracy", "val_macro_f1", "val_balanced_accuracy_argmax",
            "val_balanced_accuracy_fold_mean", "val_balanced_accuracy_fold_std")
 COST = ("student_params", "student_mflops", "student_latency_ms", "student_images_per_s")  # measured in each trial
+PLACEMENT = ("node", "gpus", "device")  # the Ray node, the GPU ids Ray gave the trial, torch's device
 
 
 # ----------------------------------------------------------------------------------------------- records
@@ -187,6 +189,9 @@ class Run:
             exp = Path(recorded)
         if not exp.is_dir() and (self.directory / MIRROR).is_dir():  # a copied run folder of a remote experiment
             exp = self.directory / MIRROR
+        if not exp.is_dir() and recorded and recorded != str(self.directory / EXPERIMENT):
+            raise UserError(f"{self.directory}: its Ray experiment ({recorded}, where --storage put it) is gone, and "
+                            f"{exp} holds no copy: copy the experiment folder there")
         if not exp.is_dir():
             raise UserError(f"{self.directory} has no Ray experiment folder ({exp}); the search has not started "
                             "trials yet")
@@ -396,6 +401,11 @@ def _load_trials(cfg: Config, exp: str, run_dir: Path) -> tuple[pd.DataFrame, di
         row["threshold"] = last.get("threshold", np.nan)
         row["epochs"] = len(history)
         row["seconds"] = last.get("time_total_s", np.nan)
+        for key in PLACEMENT:  # where its last epoch ran
+            row[key] = last.get(key, "")
+        starts = [h["attempt_started"] for h in history if "attempt_started" in h]
+        row["started"] = min(starts) if starts else np.nan  # wall-clock seconds, its first attempt
+        row["ended"] = last.get("reported_at", np.nan)
         row["failures"] = failures
         row["error"] = error
         row["path"] = trial_dir

@@ -11,8 +11,10 @@ import dataclasses
 import gc
 import os
 import tempfile
+import time
 from typing import Any
 
+import ray
 import torch
 from ray import tune
 
@@ -43,6 +45,15 @@ def student_cost(cfg: Config, data: Dataset | Folds) -> dict[str, float]:
             "student_latency_ms": report["latency_ms_batch1"], "student_images_per_s": report["images_per_s_batch"]}
 
 
+def placement(device: str) -> dict[str, Any]:
+    """Where and since when this attempt of the trial runs: its Ray node, the GPU ids Ray gave it ("" on CPUs;
+    a declared GPU is given like a real one) and the device torch trains on. Reported with every epoch, so the
+    trials table shows how trials were spread and packed."""
+    context = ray.get_runtime_context()
+    return {"node": context.get_node_id(), "gpus": ",".join(map(str, context.get_accelerator_ids().get("GPU", []))),
+            "device": str(resolve_device(device)), "attempt_started": time.time()}
+
+
 def distill_trainable(config: dict[str, Any], base: dict[str, Any], data: Dataset | Folds,
                       teacher_logits: torch.Tensor | list[torch.Tensor], checkpoint_epochs: frozenset[int],
                       threads: int = 1) -> None:
@@ -62,11 +73,12 @@ def distill_trainable(config: dict[str, Any], base: dict[str, Any], data: Datase
             resume = load_state(os.path.join(d, STATE_FILE))
 
     cost = student_cost(cfg, data)  # on the device this trial trains on, before it trains
+    where = placement(cfg.train.device)
 
     def report(row: dict[str, Any], state_fn) -> None:
         if row.get("status") == DIVERGED:  # no report: it would lack the metric Tune optimises
             raise TrialDiverged(f"non-finite loss at epoch {row['epoch']}: the trial diverged")
-        metrics = {**scalars(row), **cost}
+        metrics = {**scalars(row), **cost, **where, "reported_at": time.time()}
         if row["epoch"] not in checkpoint_epochs:
             tune.report(metrics)
             return
