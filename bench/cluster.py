@@ -29,8 +29,9 @@ from kd.config import load_config  # noqa: E402
 from tests.helpers import tiny_overrides  # noqa: E402
 from tests.localcluster import LocalCluster, token_env  # noqa: E402
 
-OURS = re.compile(r"^(\[\s*\d+:\d\d\] trial |preparing |  fold |teacher |starting |resuming |decoding |re-ranking |"
-                  r"refit|exported|held-out|wrote |summary|best |  |Reproduce|$)")
+# kd-search's own console lines (one per trial event, the steps of the search, and one per error Ray published)
+OURS = re.compile(r"^(\[\s*\d+:\d\d\] trial |Ray: |data: |preparing |  fold |teacher |starting |resuming |"
+                  r"re-rank|refit|exported|student |summary: |best trial |$)")
 
 
 def run_round(work: Path, cache: Path, trials: int, kill_after: float | None, seed: int) -> dict:

@@ -32,19 +32,45 @@ def cluster():
         yield c
 
 
-def write_config(tmp: Path, cache: Path, name: str, *sets: str) -> Path:
-    cfg = load_config(None, tiny_overrides(cache, tmp / "results") + [
-        f"name={name}", f"search.num_samples={TRIALS}", "search.scheduler=none", "search.confirm_seeds=0",
-        "search.rerank=1", "search.cpus_per_trial=0.5", "search.gpus_per_trial=0.25", "train.epochs=4", *sets])
-    path = tmp / f"{name}.yaml"
-    path.write_text(cfg.to_yaml())
-    return path
+EPOCHS = 3
 
 
-def search(config: Path, cluster: LocalCluster, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "search.cli", "search", str(config), "--address", cluster.address,
-                             *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=config.parent,
-                            env=token_env(), start_new_session=True)
+@pytest.fixture(scope="module")
+def lost_node_search(cluster, tmp_path_factory):
+    """One search across the two GPU nodes, as a user runs it, with worker node 1 killed (SIGKILL to its raylet)
+    once one of its trials has reported an epoch. A fresh cache, so the teacher is fine-tuned (in a Ray task);
+    the GPU compute path (bf16 autocast, channels_last) forced on through the teacher, the trials, the re-ranking's
+    tasks, the export and its test evaluation; quarter GPUs, so each node packs four trials."""
+    tmp = tmp_path_factory.mktemp("cluster")
+    gpu_path = [f"{section}.{key}" for section in ("train", "teacher.train")
+                for key in ("amp=bf16", "channels_last=always")]
+    cfg = load_config(None, tiny_overrides(tmp / "cache", tmp / "results") + gpu_path + [
+        "name=lost-node", f"search.num_samples={TRIALS}", "search.scheduler=none", "search.rerank=1",
+        "search.confirm_seeds=1", "search.cpus_per_trial=0.5", "search.gpus_per_trial=0.25", "search.max_failures=2",
+        f"train.epochs={EPOCHS}"])
+    config = tmp / "lost-node.yaml"
+    config.write_text(cfg.to_yaml())
+    storage = tmp / "shared-storage"
+    victim = cluster.nodes[1]
+    proc = subprocess.Popen([sys.executable, "-m", "search.cli", "search", str(config), "--address", cluster.address,
+                             "--storage", str(storage)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=tmp, env=token_env(), start_new_session=True)
+    experiment = storage / "lost-node" / "ray"
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if any(r.get("node") == victim.node_id for rows in results(experiment).values() for r in rows):
+                break
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(0.2)
+        cluster.kill(1)
+        output, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    yield {"returncode": proc.returncode, "output": output, "run_dir": tmp / "results" / "lost-node",
+           "experiment": experiment, "victim": victim, "survivor": cluster.nodes[2]}
+    cluster.add_worker("worker3")  # later tests get two GPU nodes again
 
 
 def results(experiment: Path) -> dict[str, list[dict]]:
@@ -67,71 +93,75 @@ def max_overlap(intervals: list[tuple[float, float]]) -> int:
     return peak
 
 
-def test_a_worker_node_killed_mid_search_loses_nothing(cluster, tmp_path, shared_cache):
-    config = write_config(tmp_path, shared_cache, "lost-node", "search.max_failures=2")
-    storage = tmp_path / "shared-storage"
-    proc = search(config, cluster, "--storage", str(storage))
-    victim = cluster.nodes[1]
-    experiment = storage / "lost-node" / "ray"
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline:  # kill the node once one of its trials has checkpointed an epoch
-            if any(r[-1].get("node") == victim.node_id for r in results(experiment).values()):
-                break
-            assert proc.poll() is None, proc.stdout.read()
-            time.sleep(0.2)
-        cluster.kill(1)
-        output, _ = proc.communicate(timeout=600)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, output
-    run_dir = tmp_path / "results" / "lost-node"
-    table = pd.read_csv(run_dir / "trials.csv")
+def test_a_worker_node_killed_mid_search_loses_nothing(lost_node_search):
+    s = lost_node_search
+    assert s["returncode"] == 0, s["output"]
+    table = pd.read_csv(s["run_dir"] / "trials.csv", dtype={"node": str, "gpus": str})
     assert len(table) == TRIALS and (table["status"] == "completed").all(), table[["trial", "status", "error"]]
-    runs = results(experiment)
-    lost = {t for t, rows in runs.items() if any(r.get("node") == victim.node_id for r in rows)}
-    assert lost, "no trial ran on the killed node"
-    for trial, rows in runs.items():
-        assert rows[-1]["node"] != victim.node_id  # every trial finished on a surviving node
-        if trial in lost and rows[-1]["epoch"] == 4:
-            epochs = [r["epoch"] for r in rows]
-            # resumed from its checkpoint (one per epoch) after the node died: never trained again from epoch 1
-            assert epochs.count(1) == 1 and sorted(set(epochs)) == [1, 2, 3, 4], epochs
-    retried = table.set_index("trial").loc[sorted(lost & set(table["trial"])), "failures"]
-    assert (retried >= 1).any(), "a trial that lost its node is counted as retried"
-    assert "will be retried" in output and "search interrupted" not in output
-    # the console: kd-search's own lines only, none of Ray's (state dumps, heartbeats, worker logs, tracebacks)
-    for noise in ("[state-dump]", "(raylet)", "Traceback", "WARNING", "(pid="):
+    runs = results(s["experiment"])
+    victim, survivor = s["victim"].node_id, s["survivor"].node_id
+    # the trials the dead node was running: they finished on the surviving node
+    lost = {t for t, rows in runs.items() if any(r["node"] == victim for r in rows) and rows[-1]["node"] == survivor}
+    assert lost, "no trial was running on the killed node"
+    assert set(table["node"]) <= {victim, survivor}
+    for trial in lost:
+        epochs = [r["epoch"] for r in runs[trial]]
+        # resumed from its checkpoint (one per epoch) after the node died: never trained again from epoch 1
+        assert epochs.count(1) == 1 and sorted(set(epochs)) == list(range(1, EPOCHS + 1)), epochs
+    assert (table.set_index("trial").loc[sorted(lost), "failures"] >= 1).all()  # each counted as retried
+    assert "will be retried" in s["output"] and "search interrupted" not in s["output"]
+    best = json.loads((s["run_dir"] / "best" / "metrics.json").read_text())
+    assert best["test"]["balanced_accuracy"] > 0.6  # a bf16-trained student, re-ranked, exported and tested
+    rerank = json.loads((s["run_dir"] / "rerank.json").read_text())
+    assert all(len(c["values"]) == 1 for c in rerank["candidates"])
+
+
+def test_the_console_holds_kd_search_lines_only(lost_node_search):
+    output, run_dir = lost_node_search["output"], lost_node_search["run_dir"]
+    for noise in ("[state-dump]", "(raylet)", "Traceback", "WARNING", "(pid="):  # Ray's logs, heartbeats, dumps
         assert noise not in output, noise
-    # the results land where --storage and the run directory say, and analyze works from a copy of them
-    assert (storage / "lost-node" / "ray").is_dir() and (run_dir / "optuna.journal").is_file()
-    assert (run_dir / "best" / "model.safetensors").is_file()
+    said = [line for line in output.splitlines() if line.startswith("Ray: ")]
+    assert said and len(said) == len(set(said)) and all(len(line) < 400 for line in said)
+    kept = (run_dir / "ray-errors.log").read_text()  # Ray's whole messages, the dead raylet's last log lines among them
+    for line in said:
+        assert line.removeprefix("Ray: ").split(" (Ray's message in")[0] in kept
+
+
+def test_the_teacher_ran_once_as_a_task_on_a_gpu_node(lost_node_search):
+    teacher = json.loads((lost_node_search["run_dir"] / "teacher.json").read_text())
+    assert not teacher["info"]["cached"] and teacher["info"]["finetune_seconds"] > 0
+    assert len(teacher["placement"]) == 1 and teacher["placement"][0]["gpus"] == "0"
+    assert teacher["placement"][0]["node"] in {n.node_id for n in (lost_node_search["victim"],
+                                                                    lost_node_search["survivor"])}
+
+
+def test_quarter_gpus_pack_four_trials_on_each_gpu_node(lost_node_search):
+    """From the trials' start and end times on each node: four at once, never a fifth."""
+    spans: dict[str, dict[str, list[float]]] = {}  # node -> trial -> [first start there, last report there]
+    for trial, rows in results(lost_node_search["experiment"]).items():
+        for r in rows:
+            span = spans.setdefault(r["node"], {}).setdefault(trial, [r["attempt_started"], r["reported_at"]])
+            span[0], span[1] = min(span[0], r["attempt_started"]), max(span[1], r["reported_at"])
+        assert {r["gpus"] for r in rows} == {"0"} and {r["device"] for r in rows} == {"cpu"}
+    survivor = lost_node_search["survivor"].node_id
+    assert max_overlap([tuple(v) for v in spans[survivor].values()]) == 4, spans[survivor]
+    assert max_overlap([tuple(v) for v in spans.get(lost_node_search["victim"].node_id, {}).values()]) <= 4
+    assert (lost_node_search["run_dir"] / "plots" / "timeline.png").is_file()
+
+
+def test_results_land_where_storage_says_and_analyze_works_from_a_copy(lost_node_search, tmp_path):
+    run_dir, experiment = lost_node_search["run_dir"], lost_node_search["experiment"]
+    assert experiment.is_dir() and not (run_dir / "ray").exists()  # the experiment on --storage
+    for name in ("optuna.journal", "trials.csv", "summary.md", "best/model.safetensors"):
+        assert (run_dir / name).is_file(), name
     copy = tmp_path / "copy"
     shutil.copytree(run_dir, copy)
     shutil.copytree(experiment, copy / "ray")  # a user's copy of both: the run folder with the experiment in it
-    shutil.rmtree(storage)
     (copy / "trials.csv").unlink()
+    (copy / "run.json").write_text(json.dumps({**json.loads((copy / "run.json").read_text()),
+                                               "experiment": str(tmp_path / "gone")}))
     assert main(["analyze", str(copy)]) == 0
-    pd.testing.assert_frame_equal(table, pd.read_csv(copy / "trials.csv"))
-    cluster.add_worker("worker3")  # the next test gets two GPU nodes again
-
-
-def test_teacher_runs_as_a_task_on_a_gpu_node_and_quarter_gpus_pack_four_trials(cluster, tmp_path):
-    config = write_config(tmp_path, tmp_path / "fresh-cache", "packing", "train.epochs=2")  # the teacher must run
-    proc = search(config, cluster)
-    output, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, output
-    run_dir = tmp_path / "results" / "packing"
-    gpu_nodes = {n.node_id for n in cluster.nodes if n.gpus and n.raylet() is not None}
-    teacher = json.loads((run_dir / "teacher.json").read_text())
-    assert not teacher["info"]["cached"] and teacher["info"]["finetune_seconds"] > 0
-    assert [p["node"] in gpu_nodes for p in teacher["placement"]] == [True] and teacher["placement"][0]["gpus"]
-    table = pd.read_csv(run_dir / "trials.csv", dtype={"gpus": str, "node": str})
-    assert set(table["node"]) <= gpu_nodes and set(table["gpus"]) == {"0"} and set(table["device"]) == {"cpu"}
-    per_node = table.groupby("node").apply(lambda g: max_overlap(list(zip(g["started"], g["ended"], strict=True))))
-    assert per_node.max() == 4, per_node  # four quarter-GPU trials at once on one node, never a fifth
-    assert (run_dir / "plots" / "timeline.png").is_file()
+    pd.testing.assert_frame_equal(pd.read_csv(run_dir / "trials.csv"), pd.read_csv(copy / "trials.csv"))
 
 
 STREAM_CHECK = """
