@@ -195,7 +195,9 @@ def prepare_teacher_once(cfg: Config, data: Dataset, epochs: int) -> Teacher:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # the trials get the GPU memory back
         return teacher
-    cpus = max(1, min(int(ray.cluster_resources().get("CPU", 1)), os.cpu_count() or 1))
+    # a whole GPU and all the CPUs of the best-provided GPU node (more than one node has would never be placed)
+    cpus = max([int(n["Resources"].get("CPU", 0)) for n in ray.nodes()
+                if n["Alive"] and n["Resources"].get("GPU", 0) >= 1] + [1])
     return ray.get(remote(_prepare_teacher_here, Resources(cpus, 1), cfg, data, epochs))
 
 

@@ -16,6 +16,7 @@ import logging
 import os
 import shlex
 from pathlib import Path
+from typing import Any
 
 from ray.tune import Callback
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCallback
@@ -54,13 +55,31 @@ def logger_callbacks(cfg: Config, run_dir: Path) -> list[Callback]:
     if "tensorboard" in cfg.search.loggers:
         callbacks.append(TBXLoggerCallback())
     if "mlflow" in cfg.search.loggers:
-        from ray.air.integrations.mlflow import MLflowLoggerCallback  # imports mlflow: only when asked for
-
         for name in ("mlflow", "alembic"):  # their INFO lines (creating tables, ...) are not the user's business
             logging.getLogger(name).setLevel(logging.WARNING)
-        callbacks.append(MLflowLoggerCallback(tracking_uri=mlflow_uri(cfg, run_dir), experiment_name=cfg.name,
-                                              tags={"kdsearch.run": str(run_dir.resolve())}))
+        callbacks.append(_mlflow_callback()(tracking_uri=mlflow_uri(cfg, run_dir), experiment_name=cfg.name,
+                                            tags={"kdsearch.run": str(run_dir.resolve())}))
     return callbacks
+
+
+def _mlflow_callback() -> type[Callback]:
+    """Ray's `MLflowLoggerCallback`, which continues a trial's MLflow run when a resumed search brings the trial
+    back (Ray's own starts a second run for it). Imported only when asked for: it imports mlflow."""
+    from mlflow import MlflowClient
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+    class MLflowAcrossResumes(MLflowLoggerCallback):
+        def log_trial_start(self, trial: Any) -> None:
+            if trial not in self._trial_runs:
+                client = MlflowClient(self.tracking_uri)
+                experiment = client.get_experiment_by_name(self.experiment_name)
+                runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.trial_name = '{trial}'",
+                                          max_results=1) if experiment is not None else []
+                if runs:
+                    self._trial_runs[trial] = runs[0].info.run_id
+            super().log_trial_start(trial)
+
+    return MLflowAcrossResumes
 
 
 def exact_loggers() -> None:

@@ -38,6 +38,7 @@ def test_unknown_top_level_section(tmp_path):
     ("distill: {mode: medium}", "'distill.mode' must be one of soft, hard"),
     ("train: {amp: maybe}", "'train.amp' must be one of auto, bf16, off; got 'maybe'"),
     ("search: {space: {}}", "'search.space' is empty"),
+    ("search: {loggers: [tensorboard, wandb]}", "'search.loggers' names 'wandb': the loggers are tensorboard, mlflow"),
     ("data: {source: folder}", "'data.train' is required for source 'folder'"),
     ("data: 5", "'data' must be a mapping"),
 ])

@@ -72,7 +72,8 @@ def stop_group(proc: subprocess.Popen) -> None:
 
 
 def test_killed_then_interrupted_search_finishes_with_every_trial_once(tmp_path, shared_cache):
-    config = write_config(tmp_path, shared_cache, "kills", "search.folds=2")  # cross-validated: K students resume
+    # cross-validated, so K students resume; with MLflow, whose run for a trial goes on when the trial does
+    config = write_config(tmp_path, shared_cache, "kills", "search.folds=2", "search.loggers=[mlflow]")
     exp = tmp_path / "results" / "kills" / "ray"
 
     # 1. A second search on the same directory while the first runs refuses; then SIGKILL the first one's
@@ -118,6 +119,14 @@ def test_killed_then_interrupted_search_finishes_with_every_trial_once(tmp_path,
         for trial, epochs in snapshot.items():
             assert final[trial][:len(epochs)] == epochs  # what was reported before stays as it was
     assert (tmp_path / "results" / "kills" / "best" / "model.safetensors").is_file()
+    from mlflow import MlflowClient
+    client = MlflowClient(f"sqlite:///{tmp_path / 'results' / 'kills' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("kills").experiment_id])
+    assert sorted(r.data.tags["trial_name"].rsplit("_", 1)[-1] for r in runs) == sorted(table["trial"])  # one each
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        curve = client.get_metric_history(run.info.run_id, "val_balanced_accuracy")
+        assert sorted({m.step for m in curve}) == list(range(1, EPOCHS + 1))  # across the three processes
 
 
 def test_killed_trial_processes_are_retried_then_recorded_as_failed(tmp_path, shared_cache):

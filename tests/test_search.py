@@ -75,6 +75,9 @@ def test_trials_table_has_a_row_per_trial_with_its_parameters_and_metrics(finish
     assert table.loc[table["distill.mode"] == "hard", "distill.temperature"].isna().all()
     ran = table[table["epochs"] > 0]
     assert (ran["best_val_balanced_accuracy"] >= ran["val_balanced_accuracy"] - 1e-12).all()
+    # no GPU anywhere: every trial ran on a CPU, with no GPU from Ray, on this machine's one Ray node
+    assert set(ran["device"]) == {"cpu"} and ran["gpus"].isna().all() and ran["node"].nunique() == 1
+    assert (ran["ended"] > ran["started"]).all()
     assert (ran["best_epoch"] <= ran["epochs"]).all() and (ran["best_epoch"] >= 1).all()
 
 
