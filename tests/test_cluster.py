@@ -18,11 +18,12 @@ import pandas as pd
 import pytest
 
 from kd.config import load_config
+from kd.files import read_jsonl
 from search.cli import main
 from tests.helpers import digits_folder, tiny_overrides
 from tests.localcluster import LocalCluster, token_env
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 TRIALS = 8
 
 
@@ -77,7 +78,7 @@ def results(experiment: Path) -> dict[str, list[dict]]:
     """Every result each trial reported, in order (a retried trial's repeated epochs included), by trial id."""
     out = {}
     for f in experiment.glob("*/result.json"):
-        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        rows = read_jsonl(f)  # a search may be writing it: a line cut short is skipped
         if rows:
             out[rows[0]["trial_id"]] = rows
     return out

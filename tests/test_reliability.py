@@ -4,7 +4,6 @@ These start real searches in subprocesses (so they can be killed) on tiny models
 each, and the killed sessions' leftover processes are killed with their process group.
 """
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -17,6 +16,7 @@ import pandas as pd
 import pytest
 
 from kd.config import load_config
+from kd.files import read_jsonl
 from tests.helpers import tiny_overrides
 
 pytestmark = pytest.mark.slow
@@ -42,7 +42,7 @@ def start(config: Path, *extra: str) -> subprocess.Popen:
 def epochs_by_trial(exp: Path) -> dict[str, list[int]]:
     out = {}
     for f in exp.glob("*/result.json"):
-        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        rows = read_jsonl(f)  # a search may be writing it: a line cut short is skipped
         out[f.parent.name.split("_")[2]] = [r["epoch"] for r in rows]
     return out
 
@@ -144,7 +144,7 @@ def test_killed_trial_processes_are_retried_then_recorded_as_failed(tmp_path, sh
         while not stop.is_set():
             for f in exp.glob("*/result.json") if exp.is_dir() else []:
                 number = int(f.parent.name.split("_")[3])
-                rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+                rows = read_jsonl(f)  # a search may be writing it: a line cut short is skipped
                 pids = killed.setdefault(f.parent.name, [])
                 if rows and len(pids) < plan.get(number, 0) and rows[-1]["pid"] not in pids and rows[-1]["epoch"] >= 2:
                     pids.append(rows[-1]["pid"])

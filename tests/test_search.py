@@ -13,6 +13,7 @@ import torch
 
 from kd.config import load_config
 from kd.export import load_student
+from kd.files import read_jsonl
 from search.cli import main
 from search.driver import run_search
 from tests.helpers import tiny_overrides
@@ -193,7 +194,7 @@ def _histories(experiment) -> dict[str, list[dict]]:
     """Each trial's per-epoch results as Ray's JSON logger wrote them, by trial id."""
     out = {}
     for f in experiment.glob("*/result.json"):
-        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        rows = read_jsonl(f)
         if rows:
             out[rows[0]["trial_id"]] = list({r["epoch"]: r for r in rows}.values())
     return out
@@ -206,7 +207,7 @@ def test_tensorboard_holds_every_epoch_and_each_trials_hyperparameters(finished_
     histories = _histories(experiment)
     assert histories
     for trial_dir in experiment.glob("distill_trainable_*"):
-        rows = [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines() if line.strip()]
+        rows = read_jsonl(trial_dir / "result.json")
         if not rows:
             continue
         events = EventAccumulator(str(trial_dir))
