@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import logging
 import os
 import re
@@ -67,14 +68,15 @@ def _unreadable(paths: list[str]) -> list[str]:
     return [p for p in paths if not (os.path.isfile(p) and os.access(p, os.R_OK))]
 
 
-def check_stream_files(data: Dataset) -> None:
+def check_stream_files(data: Dataset, resources: Resources) -> None:
     """With `data.pipeline: stream` the trials decode image files wherever Ray places them: every node that can
-    run a trial must read the files the driver listed, at the same paths. Checked once, before any teacher or
-    trial, by a task pinned to each node; a node that cannot is named, with the ways out."""
+    run a trial (one with `resources`) must read the files the driver listed, at the same paths. Checked once,
+    before any teacher or trial, by a task pinned to each such node; a node that cannot is named, with the ways
+    out."""
     paths = [p for name in ("train", "val", "test") if data.split(name).images is None for p in data.split(name).paths]
     if not paths or not ray.is_initialized():
         return
-    nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
+    nodes = [n for n in ray.nodes() if fits(n, resources)]
     checks = [_unreadable.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
               .remote(paths) for n in nodes]
     for node, bad in zip(nodes, ray.get(checks), strict=True):
@@ -102,9 +104,10 @@ def ray_errors_to(path: Path, echo: Callable[[str], None]) -> Iterator[None]:
 
     def to_log(data: dict[str, Any], ignore_prefix: bool = False) -> None:
         lines = [str(line) for line in data.get("lines", [])]
-        with open(path, "a") as f:
+        # a full or vanished disk must not end Ray's listener thread: the console still gets its line
+        with contextlib.suppress(OSError), open(path, "a") as f:
             f.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} ({data.get('pid', 'ray')})\n" + "\n".join(lines) + "\n")
-        sentences = re.split(r"(?<=[.!?])\s+", lines[0].strip()) if lines else []
+        sentences = re.split(r"(?<=[.!?])\s+", " ".join(lines[0].split())) if lines else []
         headline = sentences[0] if sentences else ""
         for sentence in sentences[1:]:
             if len(headline) + len(sentence) > 100:
@@ -137,31 +140,55 @@ class Resources:
 def trial_resources(cfg: Config) -> Resources:
     """What one trial (or a task training like one) asks Ray for: GPUs only where the cluster has them."""
     s = cfg.search
-    cluster_gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
-    if cluster_gpus > 0 and s.gpus_per_trial == 0:
+    return Resources(s.cpus_per_trial, s.gpus_per_trial if _cluster_gpus() > 0 else 0.0)
+
+
+def _cluster_gpus() -> float:
+    return ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
+
+
+def check_resources(cfg: Config) -> Resources:
+    """A trial's resources, checked once per search: GPUs left idle are worth a warning."""
+    if _cluster_gpus() > 0 and cfg.search.gpus_per_trial == 0:
         log.warning("GPUs are available but search.gpus_per_trial is 0: trials run on CPUs (try 0.25)")
-    return Resources(s.cpus_per_trial, s.gpus_per_trial if cluster_gpus > 0 else 0.0)
+    return trial_resources(cfg)
 
 
-def trial_slots(resources: Resources) -> int:
+def fits(node: dict[str, Any], resources: Resources) -> int:
+    """How many trials (or tasks) with `resources` node `node` (an entry of `ray.nodes()`) runs at once."""
+    if not node["Alive"]:
+        return 0
+    have = node["Resources"]
+    counts = [have.get("CPU", 0) / resources.cpus if resources.cpus else float("inf"),
+              have.get("GPU", 0) / resources.gpus if resources.gpus else float("inf")]
+    return int(min(counts) + 1e-9)
+
+
+def trial_slots(resources: Resources) -> int | None:
     """How many trials with `resources` fit on the cluster's live nodes at once (each node counted on its own: a
-    trial runs on one node). Tune starts one trial at a time under a searcher unless told this number, which
-    fills a cluster's slots in seconds instead of one actor start after another."""
-    slots = 0
-    for node in ray.nodes() if ray.is_initialized() else []:
-        if not node["Alive"]:
-            continue
-        have = node["Resources"]
-        fits = [have.get("CPU", 0) / resources.cpus if resources.cpus else float("inf"),
-                have.get("GPU", 0) / resources.gpus if resources.gpus else float("inf")]
-        slots += int(min(fits) + 1e-9)
-    return max(1, slots)
+    trial runs on one node); None when none fits yet (an autoscaling cluster: no limit, Tune's own pace). Tune
+    starts one trial at a time under a searcher unless told this number, which fills a cluster's slots in seconds
+    instead of one actor start after another. Counted when the search starts (a resumed search keeps it)."""
+    slots = sum(fits(node, resources) for node in (ray.nodes() if ray.is_initialized() else []))
+    return slots or None
+
+
+def where() -> dict[str, str]:
+    """The Ray node this process runs on and the GPU ids Ray gave it ("" on CPUs; a declared GPU is given like a
+    real one)."""
+    context = ray.get_runtime_context()
+    return {"node": context.get_node_id(), "gpus": ",".join(map(str, context.get_accelerator_ids().get("GPU", [])))}
 
 
 @ray.remote
 def _task(fn: Callable[..., Any], threads: int, *args: Any, **kwargs: Any) -> Any:
     torch.set_num_threads(threads)
-    return fn(*args, **kwargs)
+    try:
+        return fn(*args, **kwargs)
+    finally:  # Ray keeps the worker process for later tasks: the GPU memory this one cached goes back now
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def remote(fn: Callable[..., Any], resources: Resources, *args: Any, **kwargs: Any) -> ray.ObjectRef:
@@ -204,9 +231,7 @@ def prepare_teacher_once(cfg: Config, data: Dataset, epochs: int) -> Teacher:
 def _prepare_teacher_here(cfg: Config, data: Dataset, epochs: int) -> Teacher:
     """`prepare_teacher` in a Ray task, its info naming the node and the GPU it ran on."""
     teacher = prepare_teacher(cfg, data, epochs=epochs, progress=False)
-    context = ray.get_runtime_context()
-    gpus = ",".join(map(str, context.get_accelerator_ids().get("GPU", [])))
-    return dataclasses.replace(teacher, info=dataclasses.replace(teacher.info, node=context.get_node_id(), gpus=gpus))
+    return dataclasses.replace(teacher, info=dataclasses.replace(teacher.info, **where()))
 
 
 @dataclass

@@ -19,7 +19,7 @@ from kd.data import load_dataset
 from kd.errors import Interrupted
 from kd.files import atomic_write_json
 from kd.selection import check_metric, decision_rule
-from search.cluster import check_stream_files, prepare_teachers, ray_errors_to, start_ray
+from search.cluster import check_resources, check_stream_files, prepare_teachers, ray_errors_to, start_ray
 from search.finalize import finalize
 from search.format import shown
 from search.run import CONFIG, RAY_ERRORS, RUN, TEACHER, Run
@@ -46,9 +46,10 @@ def run_search(cfg: Config, address: str | None = None, storage: str | None = No
         check_metric(cfg.search.metric, data.classes, decision_rule(len(data.classes), cfg.train.tune_threshold),
                      cfg.search.folds)
         started = start_ray(address)
-        try:  # written once the data is good and Ray is up: a search that cannot start leaves nothing behind
-            with ray_errors_to(run_dir / RAY_ERRORS, echo):
-                check_stream_files(data)
+        # Ray's published errors go to ray-errors.log until Ray is stopped (its shutdown included)
+        with ray_errors_to(run_dir / RAY_ERRORS, echo):
+            try:  # written once the data is good and Ray is up: a search that cannot start leaves nothing behind
+                check_stream_files(data, check_resources(cfg))
                 save_config(cfg, run_dir / CONFIG)
                 run_info = {"experiment": exp_path, "resumed": restore, "classes": data.classes,
                             "data": data.describe()}
@@ -65,9 +66,9 @@ def run_search(cfg: Config, address: str | None = None, storage: str | None = No
                 _raise_if_interrupted(run_dir)
                 atomic_write_json(run_dir / RUN, {**run_info, "seconds": time.perf_counter() - t0})
                 finalize(run_dir, data, prepared, echo=echo)
-        finally:
-            if started:
-                ray.shutdown()
+            finally:
+                if started:
+                    ray.shutdown()
     return run_dir
 
 

@@ -185,8 +185,9 @@ def pareto(run: Run, path: Path) -> None:
 
 
 def timeline(run: Run, path: Path) -> None:
-    """When each trial ran and on which Ray node (and GPU): how the cluster was shared, one row per node/GPU slot,
-    each trial a bar from its first start to its last report (a retried trial's bar spans its retry)."""
+    """When each trial ran and on which Ray node (and GPU): one row per trial, in order of start, a bar from its
+    first start to its last report (a retried trial's bar spans its retry), labelled with the node and GPU it
+    finished on. The height stops growing at 200 trials (matplotlib's image size limit); the bars get thinner."""
     table = run.table
     if "started" not in table.columns or table["started"].isna().all():
         return
@@ -195,13 +196,13 @@ def timeline(run: Run, path: Path) -> None:
                    for n, g in zip(ran["node"], ran["gpus"], strict=True)]
     slots = sorted(ran["slot"].unique())
     t0 = ran["started"].min()
-    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.5 * len(ran)))
+    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.5 * min(len(ran), 200)))
     for row, (_, trial) in enumerate(ran.sort_values("started").iterrows()):
         ax.barh(row, trial["ended"] - trial["started"], left=trial["started"] - t0,
                 color=COLOURS.get(trial["status"], "black"), alpha=0.8)
         ax.text(trial["ended"] - t0, row, f" {trial['trial']} · {trial['slot']}", va="center", fontsize=7)
     ax.set_yticks([])
-    ax.set(xlabel="seconds since the first trial started", title=f"trials over time on {len(slots)} node/GPU slots "
-           f"(colour: status)")
+    ax.set(xlabel="seconds since the first trial started", title=f"trials over time on {len(slots)} node/GPU "
+           "combinations (colour: status)")
     ax.grid(axis="x", alpha=0.3)
     save_figure(fig, path)

@@ -42,6 +42,7 @@ RERANK_PROBS = "rerank_probs.safetensors"  # the winner's held-out probabilities
 EVENTS, JOURNAL, EXPERIMENT, MIRROR = "trial_events.jsonl", "optuna.journal", "ray", "ray-mirror"
 STATE_FILE = "state.pt"  # the file inside a trial's checkpoint folder
 RAY_ERRORS = "ray-errors.log"  # the errors Ray's cluster published to this search, whole (the console gets a line)
+MLFLOW_DB = "mlflow.db"  # search.loggers' MLflow store, unless search.mlflow_uri names another
 
 # A trial's status: the one vocabulary of the table, the console, the plots and the summary.
 COMPLETED, STOPPED, FAILED, UNFINISHED = "completed", "stopped early", "failed", "unfinished"

@@ -23,17 +23,21 @@ from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCall
 
 from kd.config import Config
 from kd.errors import UserError
-from search.run import JOURNAL
+from search.run import JOURNAL, MLFLOW_DB
 
-MLFLOW_DB = "mlflow.db"
-_NEEDS = {"tensorboard": "tensorboardX", "mlflow": "mlflow"}  # the package each logger imports
+_NEEDS = {"tensorboard": ["tensorboardX"], "mlflow": ["mlflow"]}  # the packages each logger imports
+_SQLITE = ["sqlalchemy", "alembic"]  # MLflow's SQLite store (mlflow-skinny does not bring them)
 
 
 def check_loggers(cfg: Config) -> None:
-    """Refuse, before anything starts, a logger whose package is not installed."""
+    """Refuse, before anything starts, a logger whose packages are not installed."""
     for name in cfg.search.loggers:
-        if importlib.util.find_spec(_NEEDS[name]) is None:
-            raise UserError(f"search.loggers names {name}, but the {_NEEDS[name]} package is not installed: "
+        uri = cfg.search.mlflow_uri
+        sqlite = "://" not in uri or uri.startswith("sqlite:")
+        needs = _NEEDS[name] + (_SQLITE if name == "mlflow" and sqlite else [])
+        missing = [package for package in needs if importlib.util.find_spec(package) is None]
+        if missing:
+            raise UserError(f"search.loggers names {name}, but {', '.join(missing)} is not installed: "
                             "pip install 'kd-search[track]' (or drop it from search.loggers)")
 
 
@@ -73,7 +77,8 @@ def _mlflow_callback() -> type[Callback]:
             if trial not in self._trial_runs:
                 client = MlflowClient(self.tracking_uri)
                 experiment = client.get_experiment_by_name(self.experiment_name)
-                runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.trial_name = '{trial}'",
+                this_search = f"tags.trial_name = '{trial}' and tags.`kdsearch.run` = '{self.tags['kdsearch.run']}'"
+                runs = client.search_runs([experiment.experiment_id], filter_string=this_search,
                                           max_results=1) if experiment is not None else []
                 if runs:
                     self._trial_runs[trial] = runs[0].info.run_id

@@ -14,7 +14,6 @@ import tempfile
 import time
 from typing import Any
 
-import ray
 import torch
 from ray import tune
 
@@ -28,6 +27,7 @@ from kd.infer import resolve_device
 from kd.metrics import scalars
 from kd.models import create_model
 from kd.train import DIVERGED, load_state, save_state
+from search.cluster import where
 from search.run import STATE_FILE
 
 
@@ -46,12 +46,9 @@ def student_cost(cfg: Config, data: Dataset | Folds) -> dict[str, float]:
 
 
 def placement(device: str) -> dict[str, Any]:
-    """Where and since when this attempt of the trial runs: its Ray node, the GPU ids Ray gave it ("" on CPUs;
-    a declared GPU is given like a real one) and the device torch trains on. Reported with every epoch, so the
-    trials table shows how trials were spread and packed."""
-    context = ray.get_runtime_context()
-    return {"node": context.get_node_id(), "gpus": ",".join(map(str, context.get_accelerator_ids().get("GPU", []))),
-            "device": str(resolve_device(device)), "attempt_started": time.time()}
+    """Where and since when this attempt of the trial runs: its Ray node and GPU ids (search.cluster.where) and the
+    device torch trains on. Reported with every epoch, so the trials table shows how trials were spread and packed."""
+    return {**where(), "device": str(resolve_device(device)), "attempt_started": time.time()}
 
 
 def distill_trainable(config: dict[str, Any], base: dict[str, Any], data: Dataset | Folds,

@@ -31,23 +31,24 @@ from search.trainable import distill_trainable
 def build_tuner(cfg: Config, data: Dataset | Folds, teacher_logits: torch.Tensor | list[torch.Tensor],
                 exp_path: str, restore: bool, quiet: bool) -> tune.Tuner:
     s = cfg.search
+    resources = trial_resources(cfg)
     trainable = tune.with_resources(
         tune.with_parameters(distill_trainable, base=cfg.to_dict(), data=data, teacher_logits=teacher_logits,
                              checkpoint_epochs=checkpoint_epochs(cfg), threads=max(1, int(s.cpus_per_trial))),
-        trial_resources(cfg).as_tune())
-    exact_loggers()
-    if restore:
+        resources.as_tune())
+    if restore:  # the loggers are those the search started with (a search of an earlier version: Ray's own)
         return tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=False)
 
     root, name = os.path.split(exp_path.rstrip("/"))
     tune_config = tune.TuneConfig(search_alg=_searcher(cfg), scheduler=_scheduler(cfg), num_samples=s.num_samples,
                                   metric=s.metric, mode=s.mode,
-                                  max_concurrent_trials=s.max_concurrent or trial_slots(trial_resources(cfg)),
+                                  max_concurrent_trials=s.max_concurrent or trial_slots(resources),
                                   # A reused actor must first see the last trial's thread end within
                                   # TUNE_FUNCTION_THREAD_TIMEOUT_S (2 s); on a busy node it may not, and Ray then
                                   # fails the next trial ("Trainable runner reuse requires reset_config() ...").
                                   # A fresh actor per trial costs about a second and cannot fail that way.
                                   reuse_actors=False)
+    exact_loggers()
     run_config = tune.RunConfig(
         name=name, storage_path=root, verbose=0,
         callbacks=[TrialLog(run_dir_of(cfg), s.metric, s.mode, cfg.train.epochs, echo=not quiet),
