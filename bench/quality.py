@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -84,14 +85,13 @@ SPACE = "search.space={distill.mode: {type: choice, values: [soft, hard]}, disti
         "effective, balanced_sampling, logit_adjust]}, imbalance.beta: {type: uniform, low: 0.9, high: 0.9999, " \
         "when: {imbalance.method: effective}}, imbalance.tau: {type: uniform, low: 0.25, high: 2.0, when: " \
         "{imbalance.method: logit_adjust}}}"
-POINTS = ("search.points=[{distill.mode: soft, distill.temperature: 5.0, distill.alpha: 0.5, imbalance.method: none}, "
-          "{distill.mode: hard, distill.alpha: 0.5, imbalance.method: none}]")
+POINTS = f"search.points={json.dumps([REFERENCE_1, REFERENCE_2])}"  # the reference projects' settings, tried first
 
 
 def run(args: list[str], cwd: Path) -> float:
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "search.cli", *args, "--quiet"], cwd=cwd, capture_output=True,
-                          text=True, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(args[:2])} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
     return time.perf_counter() - t0

@@ -71,7 +71,7 @@ def rerank(run: Run, prepared: Prepared, seeds: list[int],
                         "mean": _mean(values), "std": _std(values),
                         "metrics": _summaries([r.get("metrics", {}) for r in runs])})
     sign = 1 if cfg.search.mode == "max" else -1
-    allowed = set(run.best_trials(len(run.table), within_budget=True)["trial"])  # a point over budget: compared only
+    allowed = set(run.table.loc[run.within_budget(run.table), "trial"])  # a point over budget: compared only
     ranked = sorted((i for i in range(len(entries)) if entries[i]["trial"] in allowed),
                     key=lambda i: -sign * entries[i]["mean"] if not math.isnan(entries[i]["mean"]) else math.inf)
     winner = entries[ranked[0]]

@@ -37,7 +37,8 @@ def summary_markdown(run: Run) -> str:
                         ("soft_vs_hard.png", "best soft vs best hard")):
         if (run.directory / "plots" / name).is_file():
             out += [f"![{title}](plots/{name})", ""]
-    picked = run.best.trial if run.best is not None else top.iloc[0]["trial"] if len(top) else None
+    best = run.best
+    picked = best.trial if best is not None else top.iloc[0]["trial"] if len(top) else None
     if picked:
         out += ["## Reproduce", "", "Every trial's full config is in `configs/`; the exported one outside Ray:", "",
                 f"    kdsearch distill {run.directory / 'configs' / (picked + '.yaml')}", ""]
@@ -140,9 +141,10 @@ def _pareto(run: Run) -> list[str]:
     budget = [f"at most {s.max_params:,} parameters" if s.max_params else "",
               f"at most {s.max_latency_ms:g} ms at batch 1" if s.max_latency_ms else ""]
     budget_text = " and ".join(b for b in budget if b)
+    fits = run.within_budget(front)
     rows = [[r["trial"], r.get("student.name", run.config.student.name), f"{r['student_params'] / 1e6:.2f}M",
-             r["student_mflops"], r["student_latency_ms"], r[metric],
-             "yes" if run.within_budget(front.loc[[i]]).iloc[0] else "no"] for i, r in front.iterrows()]
+             r["student_mflops"], r["student_latency_ms"], r[metric], "yes" if fits[i] else "no"]
+            for i, r in front.iterrows()]
     device = "measured in each trial on its own device, median of repeats after warm-up"
     return ["## Accuracy against cost (Pareto front)", "",
             f"The trials that no other trial beats on both {metric} and the student's latency ({device}). "

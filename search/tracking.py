@@ -31,9 +31,9 @@ _SQLITE = ["sqlalchemy", "alembic"]  # MLflow's SQLite store (mlflow-skinny does
 
 def check_loggers(cfg: Config) -> None:
     """Refuse, before anything starts, a logger whose packages are not installed."""
+    uri = cfg.search.mlflow_uri
+    sqlite = "://" not in uri or uri.startswith("sqlite:")  # mlflow_uri() makes a SQLite store of a folder
     for name in cfg.search.loggers:
-        uri = cfg.search.mlflow_uri
-        sqlite = "://" not in uri or uri.startswith("sqlite:")
         needs = _NEEDS[name] + (_SQLITE if name == "mlflow" and sqlite else [])
         missing = [package for package in needs if importlib.util.find_spec(package) is None]
         if missing:
@@ -53,8 +53,10 @@ def mlflow_uri(cfg: Config, run_dir: Path) -> str:
 
 
 def logger_callbacks(cfg: Config, run_dir: Path) -> list[Callback]:
-    """Exactly the loggers asked for: the tuner turns off the ones Ray would add by itself (TensorBoard's among
-    them, asked for or not) with `exact_loggers`."""
+    """Exactly the loggers asked for, for a new search. Ray adds its CSV, JSON and TensorBoard loggers to every
+    experiment unless told not to (read by `Tuner.fit` in this process); a resumed search keeps the loggers it
+    started with, so this is not called for one."""
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     callbacks: list[Callback] = [CSVLoggerCallback(), JsonLoggerCallback()]
     if "tensorboard" in cfg.search.loggers:
         callbacks.append(TBXLoggerCallback())
@@ -85,12 +87,6 @@ def _mlflow_callback() -> type[Callback]:
             super().log_trial_start(trial)
 
     return MLflowAcrossResumes
-
-
-def exact_loggers() -> None:
-    """Ray adds its CSV, JSON and TensorBoard loggers to every experiment unless told not to; kd-search lists its
-    own (`logger_callbacks`). Read by `Tuner.fit` in this process, for a new search and a resumed one alike."""
-    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
 
 
 def dashboard_command(run_dir: Path) -> str:

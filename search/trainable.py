@@ -70,12 +70,12 @@ def distill_trainable(config: dict[str, Any], base: dict[str, Any], data: Datase
             resume = load_state(os.path.join(d, STATE_FILE))
 
     cost = student_cost(cfg, data)  # on the device this trial trains on, before it trains
-    where = placement(cfg.train.device)
+    placed = placement(cfg.train.device)
 
     def report(row: dict[str, Any], state_fn) -> None:
         if row.get("status") == DIVERGED:  # no report: it would lack the metric Tune optimises
             raise TrialDiverged(f"non-finite loss at epoch {row['epoch']}: the trial diverged")
-        metrics = {**scalars(row), **cost, **where, "reported_at": time.time()}
+        metrics = {**scalars(row), **cost, **placed, "reported_at": time.time()}
         if row["epoch"] not in checkpoint_epochs:
             tune.report(metrics)
             return

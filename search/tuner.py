@@ -24,7 +24,7 @@ from search.progress import TrialLog
 from search.run import JOURNAL
 from search.session import run_dir_of
 from search.space import DefineByRun, check_points, parse_space
-from search.tracking import exact_loggers, logger_callbacks
+from search.tracking import logger_callbacks
 from search.trainable import distill_trainable
 
 
@@ -48,7 +48,6 @@ def build_tuner(cfg: Config, data: Dataset | Folds, teacher_logits: torch.Tensor
                                   # fails the next trial ("Trainable runner reuse requires reset_config() ...").
                                   # A fresh actor per trial costs about a second and cannot fail that way.
                                   reuse_actors=False)
-    exact_loggers()
     run_config = tune.RunConfig(
         name=name, storage_path=root, verbose=0,
         callbacks=[TrialLog(run_dir_of(cfg), s.metric, s.mode, cfg.train.epochs, echo=not quiet),

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from kd.files import read_jsonl
+
 
 def tiny_overrides(cache_dir: Path | str, out_dir: Path | str | None = None) -> list[str]:
     """A distillation that runs in seconds on a 2-core CPU and still learns the rare class."""
@@ -30,6 +32,17 @@ def tiny_overrides(cache_dir: Path | str, out_dir: Path | str | None = None) -> 
     if out_dir is not None:
         sets.append(f"output_dir={out_dir}")
     return sets
+
+
+def trial_results(experiment: Path) -> dict[str, list[dict]]:
+    """Every result each trial of a Ray experiment reported, in order (a retried trial's repeated epochs
+    included), by trial id. A search may be writing them: a line cut short is skipped."""
+    out = {}
+    for f in experiment.glob("*/result.json"):
+        rows = read_jsonl(f)
+        if rows:
+            out[rows[0]["trial_id"]] = rows
+    return out
 
 
 def write_image(path: Path, mode: str = "RGB", size: tuple[int, int] = (20, 16), seed: int = 0) -> Path:

@@ -19,9 +19,8 @@ import pytest
 import torch
 
 from kd.config import load_config
-from kd.files import read_jsonl
 from search.cli import main
-from tests.helpers import digits_folder, tiny_overrides
+from tests.helpers import digits_folder, tiny_overrides, trial_results
 from tests.localcluster import LocalCluster, token_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster,
@@ -63,7 +62,7 @@ def lost_node_search(cluster, tmp_path_factory):
     try:
         deadline = time.time() + 300
         while time.time() < deadline:
-            if any(r.get("node") == victim.node_id for rows in results(experiment).values() for r in rows):
+            if any(r.get("node") == victim.node_id for rows in trial_results(experiment).values() for r in rows):
                 break
             assert proc.poll() is None, proc.stdout.read()
             time.sleep(0.2)
@@ -74,16 +73,6 @@ def lost_node_search(cluster, tmp_path_factory):
             proc.kill()
     return {"returncode": proc.returncode, "output": output, "run_dir": tmp / "results" / "lost-node",
             "experiment": experiment, "victim": victim, "survivor": cluster.nodes[2]}
-
-
-def results(experiment: Path) -> dict[str, list[dict]]:
-    """Every result each trial reported, in order (a retried trial's repeated epochs included), by trial id."""
-    out = {}
-    for f in experiment.glob("*/result.json"):
-        rows = read_jsonl(f)  # a search may be writing it: a line cut short is skipped
-        if rows:
-            out[rows[0]["trial_id"]] = rows
-    return out
 
 
 def max_overlap(intervals: list[tuple[float, float]]) -> int:
@@ -101,7 +90,7 @@ def test_a_worker_node_killed_mid_search_loses_nothing(lost_node_search):
     assert s["returncode"] == 0, s["output"]
     table = pd.read_csv(s["run_dir"] / "trials.csv", dtype={"node": str, "gpus": str})
     assert len(table) == TRIALS and (table["status"] == "completed").all(), table[["trial", "status", "error"]]
-    runs = results(s["experiment"])
+    runs = trial_results(s["experiment"])
     victim, survivor = s["victim"].node_id, s["survivor"].node_id
     # the trials the dead node was running: they finished on the surviving node
     lost = {t for t, rows in runs.items() if any(r["node"] == victim for r in rows) and rows[-1]["node"] == survivor}
@@ -141,7 +130,7 @@ def test_the_teacher_ran_once_as_a_task_on_a_gpu_node(lost_node_search):
 def test_quarter_gpus_pack_four_trials_on_each_gpu_node(lost_node_search):
     """From the trials' start and end times on each node: four at once, never a fifth."""
     spans: dict[str, dict[str, list[float]]] = {}  # node -> trial -> [first start there, last report there]
-    for trial, rows in results(lost_node_search["experiment"]).items():
+    for trial, rows in trial_results(lost_node_search["experiment"]).items():
         for r in rows:
             span = spans.setdefault(r["node"], {}).setdefault(trial, [r["attempt_started"], r["reported_at"]])
             span[0], span[1] = min(span[0], r["attempt_started"]), max(span[1], r["reported_at"])

@@ -16,7 +16,7 @@ from kd.export import load_student
 from kd.files import read_jsonl
 from search.cli import main
 from search.driver import run_search
-from tests.helpers import tiny_overrides
+from tests.helpers import tiny_overrides, trial_results
 
 pytestmark = pytest.mark.slow
 
@@ -191,13 +191,8 @@ def test_export_a_chosen_trial_and_reproduce_it_outside_ray(finished_search, tmp
 
 
 def _histories(experiment) -> dict[str, list[dict]]:
-    """Each trial's per-epoch results as Ray's JSON logger wrote them, by trial id."""
-    out = {}
-    for f in experiment.glob("*/result.json"):
-        rows = read_jsonl(f)
-        if rows:
-            out[rows[0]["trial_id"]] = list({r["epoch"]: r for r in rows}.values())
-    return out
+    """Each trial's per-epoch results as Ray's JSON logger wrote them (a retried epoch: the last report), by trial."""
+    return {t: list({r["epoch"]: r for r in rows}.values()) for t, rows in trial_results(experiment).items()}
 
 
 def test_tensorboard_holds_every_epoch_and_each_trials_hyperparameters(finished_search):
