@@ -61,13 +61,21 @@ def lost_node_search(cluster, tmp_path_factory):
     experiment = storage / "lost-node" / "ray"
     try:
         deadline = time.time() + 300
-        while time.time() < deadline:
-            if any(r.get("node") == victim.node_id for rows in trial_results(experiment).values() for r in rows):
-                break
-            assert proc.poll() is None, proc.stdout.read()
+        while not any(r.get("node") == victim.node_id for rows in trial_results(experiment).values() for r in rows):
+            if proc.poll() is not None:
+                pytest.fail(f"the search ended (exit {proc.returncode}) before a trial on worker node 1 reported an "
+                            f"epoch:\n{proc.stdout.read()}")
+            if time.time() > deadline:
+                proc.kill()
+                pytest.fail(f"no trial on worker node 1 ({victim.node_id[:8]}) reported an epoch within 300 s, so the "
+                            f"node was not killed; the search said:\n{proc.communicate()[0]}")
             time.sleep(0.2)
         cluster.kill(1)
-        output, _ = proc.communicate(timeout=600)
+        try:
+            output, _ = proc.communicate(timeout=600)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            pytest.fail(f"the search did not finish within 600 s of worker node 1's death:\n{proc.communicate()[0]}")
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -127,17 +135,22 @@ def test_the_teacher_ran_once_as_a_task_on_a_gpu_node(lost_node_search):
                                                                     lost_node_search["survivor"])}
 
 
-def test_quarter_gpus_pack_four_trials_on_each_gpu_node(lost_node_search):
-    """From the trials' start and end times on each node: four at once, never a fifth."""
+def test_quarter_gpus_pack_up_to_four_trials_on_each_gpu_node(lost_node_search):
+    """From the trials' start and end times on each node (each span inside the time the trial held its quarter GPU):
+    never a fifth trial on a node's one GPU, and trials sharing it at once, which whole GPUs per trial (one trial
+    per node) would never show. Exactly four at once is not guaranteed: the trials start one after another, and
+    on a slow machine the first can finish before the fourth starts."""
     spans: dict[str, dict[str, list[float]]] = {}  # node -> trial -> [first start there, last report there]
     for trial, rows in trial_results(lost_node_search["experiment"]).items():
         for r in rows:
             span = spans.setdefault(r["node"], {}).setdefault(trial, [r["attempt_started"], r["reported_at"]])
             span[0], span[1] = min(span[0], r["attempt_started"]), max(span[1], r["reported_at"])
         assert {r["gpus"] for r in rows} == {"0"} and {r["device"] for r in rows} == {"cpu"}
-    survivor = lost_node_search["survivor"].node_id
-    assert max_overlap([tuple(v) for v in spans[survivor].values()]) == 4, spans[survivor]
-    assert max_overlap([tuple(v) for v in spans.get(lost_node_search["victim"].node_id, {}).values()]) <= 4
+    gpu_nodes = {lost_node_search["victim"].node_id, lost_node_search["survivor"].node_id}
+    assert set(spans) <= gpu_nodes, spans
+    peaks = {node[:8]: max_overlap([tuple(v) for v in trials.values()]) for node, trials in spans.items()}
+    assert all(peak <= 4 for peak in peaks.values()), (peaks, spans)  # 0.25 GPU and 0.5 of 2 CPUs each: four fit
+    assert max(peaks.values()) >= 2, (peaks, spans)  # one GPU shared by trials at once: packed
     assert (lost_node_search["run_dir"] / "plots" / "timeline.png").is_file()
 
 

@@ -1,3 +1,8 @@
+import json
+import os
+import struct
+import zlib
+
 import pytest
 import yaml
 
@@ -111,11 +116,37 @@ def test_reference_presets_match_the_reference_projects():
     assert modes == {"soft", "hard"}
 
 
-def test_the_decompression_bomb_limit_is_one_named_constant():
-    import inspect
+def _png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height pixels (1-bit) but that holds almost no data: Pillow reads the size
+    without decoding, so a limit can be tested without the image's memory."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b""))
 
-    import kd.config
-    from kd.images import MAX_IMAGE_PIXELS
-    assert MAX_IMAGE_PIXELS == 89_478_485  # Pillow's own default
-    assert load_config(None).data.max_image_pixels == MAX_IMAGE_PIXELS
-    assert "89_478_485" not in inspect.getsource(kd.config) and "89478485" not in inspect.getsource(kd.config)
+
+def test_by_default_images_over_pillows_own_bomb_limit_are_refused_in_training_and_prediction(tmp_path):
+    """The one default of the decompression-bomb limit: Pillow's own (89,478,485 pixels), for the data a search
+    trains on (data.max_image_pixels unset) and for an export that records no limit of its own."""
+    from kd.data import load_dataset
+    from kd.export import export_student
+    from kd.models import create_model
+    from kd.predict import load_predictor, predict_files
+    from tests.helpers import make_folder_dataset, tiny_overrides
+    pillow_default = 1024 * 1024 * 1024 // 4 // 3  # PIL.Image.MAX_IMAGE_PIXELS as Pillow defines it
+    refused = f"{pillow_default + 1}x1 pixels is over the decompression-bomb limit of {pillow_default}"
+    root = make_folder_dataset(tmp_path / "ds", {"B": 6, "M": 6})
+    (root / "B" / "huge.png").write_bytes(_png_claiming(pillow_default + 1, 1))
+    cfg = load_config(None, tiny_overrides(tmp_path / "cache") + ["data.source=folder", f"data.train={root}"])
+    data = load_dataset(cfg.data, progress=False)
+    assert [(os.path.basename(p), why.split(" (")[0]) for p, why in data.skipped] == [("huge.png", refused)]
+    assert sum(len(data.split(s)) for s in ("train", "val", "test")) == 12
+
+    out = export_student(tmp_path / "model", create_model(cfg.student, 2, 32), cfg, data.classes, None, {},
+                         graph=False, onnx=False)
+    meta = json.loads((out / "kdsearch.json").read_text())
+    del meta["config"]["data"]["max_image_pixels"]  # as an export that does not say which limit it was trained with
+    (out / "kdsearch.json").write_text(json.dumps(meta))
+    rows = predict_files(load_predictor(out), [str(root / "B" / "huge.png"), str(root / "B" / "B_0.png")],
+                         progress=False)
+    assert rows[0]["error"].split(" (")[0] == refused and not rows[1]["error"]

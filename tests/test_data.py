@@ -247,10 +247,22 @@ def test_leakage_between_given_splits_is_reported_pair_by_pair(tmp_path, caplog)
 
 
 def test_duplicates_inside_one_pool_stay_in_one_split(tmp_path):
+    from kd.crossval import make_folds, pooled
     root = make_folder_dataset(tmp_path / "ds", {"B": 20, "M": 8})
     for i in range(5):
         shutil.copy(root / "B" / f"B_{i}.png", root / "B" / f"dup_{i}.png")
-    load_dataset(folder_cfg(tmp_path, root), progress=False)  # no leakage error: copies are kept together
+    data = load_dataset(folder_cfg(tmp_path, root), progress=False)  # no leakage error: copies are kept together
+    split_of = {os.path.basename(p): s for s in ("train", "val", "test") for p in data.split(s).paths}
+    assert len(split_of) == 33  # every copy kept, each in one split
+    assert {f"dup_{i}.png": split_of[f"dup_{i}.png"] for i in range(5)} == \
+        {f"dup_{i}.png": split_of[f"B_{i}.png"] for i in range(5)}  # each copy where its original is
+    # and cross-validation's folds of train + val keep them together too
+    folds = make_folds(data, 3, seed=0)
+    fold_of = {os.path.basename(p): int(f) for p, f in zip(pooled(data).paths, folds.ids, strict=True)}
+    pairs = [(f"dup_{i}.png", f"B_{i}.png") for i in range(5) if f"B_{i}.png" in fold_of]
+    assert len(pairs) >= 3, split_of  # most pairs are in train + val (the seed puts them there)
+    assert all(fold_of[dup] == fold_of[orig] for dup, orig in pairs), \
+        [(dup, fold_of[dup], orig, fold_of[orig]) for dup, orig in pairs]
 
 
 def test_decoded_images_are_cached_and_changes_invalidate(tmp_path, monkeypatch, caplog):

@@ -123,7 +123,15 @@ def test_predictions_agree_across_folder_onnx_and_graph(export_dir, tmp_path):
     assert "decompression-bomb limit of 1000" in base.loc[base["file"].str.endswith("big.png"), "error"].item()
     good = base["error"].isna()
     assert good.sum() == 5 and np.allclose(base.loc[good, "p_other"] + base.loc[good, "p_digit_8"], 1, atol=1e-5)
-    assert base.loc[good, "predicted"].nunique() >= 1
+    # the predicted class is the export's threshold (0.4) applied to p(digit_8); unreadable files predict nothing
+    assert base.loc[good, "predicted"].tolist() == [CLASSES[int(p >= 0.4)] for p in base.loc[good, "p_digit_8"]]
+    assert base.loc[~good, "predicted"].isna().all()
+    # a threshold between the probabilities splits the images by it, not by the larger probability
+    student = load_predictor(export_dir)
+    mid = float(np.median(base.loc[good, "p_digit_8"]))
+    student.info["threshold"] = mid
+    split = [row["predicted"] for row in predict_files(student, files, progress=False) if not row["error"]]
+    assert split == [CLASSES[int(p >= mid)] for p in base.loc[good, "p_digit_8"]] and set(split) == set(CLASSES), split
     for name in ("model.onnx", "model.pt2"):
         other = tables[name]
         assert other["predicted"].fillna("").tolist() == base["predicted"].fillna("").tolist(), name

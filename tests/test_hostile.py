@@ -1,10 +1,12 @@
 """Caches that rebuild themselves, outputs that are never half-written, and input that cannot hurt."""
+import hashlib
 import os
 import pickle
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -41,36 +43,75 @@ def test_a_failed_write_leaves_the_old_file_and_no_debris(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["export", "table.csv"]
 
 
+EXPORT_STAGES = [  # kd.export's name for a step of the write, what it writes, the file it leaves in the new folder
+    ("save_file", "the weights", "model.safetensors"),                  # the first step
+    ("_export_graph", "the torch.export graph", "model.pt2"),          # one in the middle
+    ("atomic_write_json", "kdsearch.json", "kdsearch.json"),            # the last before the new folder moves in
+]
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest()[:16] for f in sorted(folder.iterdir())}
+
+
 def test_sigkill_during_export_never_leaves_a_half_written_export(tmp_path, digits_setup):
-    """A process exporting over and over is killed at moments spread across the write; every time, the export
-    folder is either absent or complete and loadable."""
+    """A process exporting over an export is stopped after a step of the write (the first, one in the middle, the
+    last) and killed there (SIGKILL): every time, the export folder is the previous export, complete, byte for byte,
+    and loadable."""
     from kd.export import export_student, load_student
     from kd.models import create_model
     cfg, data, _ = digits_setup
     model = create_model(cfg.student, 2, cfg.data.image_size)
     export_student(tmp_path / "model", model, cfg, data.classes, 0.5, {})
+    before = _digests(tmp_path / "model")
     torch.save({"cfg": cfg.to_dict(), "classes": data.classes}, tmp_path / "job.pt")
     script = textwrap.dedent(f"""
-        import sys, torch
+        import sys, time, torch
         sys.path.insert(0, {str(ROOT)!r})
+        import kd.export
         from kd.config import from_dict
-        from kd.export import export_student
         from kd.models import create_model
+        stop = sys.argv[1]
+
+        def stopping(name, what):
+            real = getattr(kd.export, name)
+            def step(*args, **kwargs):
+                out = real(*args, **kwargs)
+                if what == stop:  # wait here to be killed, the new export half written
+                    print("stopped after", what, flush=True)
+                    time.sleep(600)
+                return out
+            setattr(kd.export, name, step)
+        for name, what, _ in {EXPORT_STAGES!r}:
+            stopping(name, what)
         job = torch.load({str(tmp_path / 'job.pt')!r}, weights_only=True)
         cfg = from_dict(job["cfg"])
-        model = create_model(cfg.student, 2, cfg.data.image_size)
-        print("ready", flush=True)
-        while True:
-            export_student({str(tmp_path / 'model')!r}, model, cfg, job["classes"], 0.5, {{}})
+        kd.export.export_student({str(tmp_path / 'model')!r}, create_model(cfg.student, 2, cfg.data.image_size), cfg,
+                                 job["classes"], 0.5, {{}})
+        print("finished without stopping", flush=True)
     """)
-    for delay in (0.2, 0.7, 1.2):
-        proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-        assert proc.stdout.readline().strip() == "ready"
-        time.sleep(delay)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        load_student(tmp_path / "model")  # complete and loadable, whatever moment the kill hit
-        assert (tmp_path / "model" / "model.pt2").is_file()
+    procs = {what: subprocess.Popen([sys.executable, "-c", script, what], stdout=subprocess.PIPE, text=True)
+             for _, what, _ in EXPORT_STAGES}  # side by side: each writes a new folder of its own
+    try:
+        for what, proc in procs.items():
+            deadline = threading.Timer(240, proc.kill)  # an export that never gets there ends, and says so below
+            deadline.start()
+            said = proc.stdout.readline()
+            deadline.cancel()
+            assert said == f"stopped after {what}\n", f"the export never stopped after writing {what}: {said!r}"
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            assert _digests(tmp_path / "model") == before, f"killed after writing {what}: not the previous export"
+            load_student(tmp_path / "model")  # complete and loadable
+    finally:
+        for proc in procs.values():
+            proc.kill()
+            proc.wait()
+            proc.stdout.close()
+    # the killed processes' new folders, each as far as it got: the kills came mid-export
+    half = [{f.name for f in d.iterdir()} for d in tmp_path.glob(".model.*.tmp")]
+    assert len(half) == len(EXPORT_STAGES) and not any("metrics.json" in files for files in half), half
+    assert all(any(written in files for files in half) for _, _, written in EXPORT_STAGES), half
 
 
 # -------------------------------------------------------------------------------------------- caches

@@ -4,7 +4,9 @@ These start real searches in subprocesses (so they can be killed) on tiny models
 each, and the killed sessions' leftover processes are killed with their process group.
 """
 import contextlib
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -129,28 +131,78 @@ def test_killed_then_interrupted_search_finishes_with_every_trial_once(tmp_path,
         assert sorted({m.step for m in curve}) == list(range(1, EPOCHS + 1))  # across the three processes
 
 
-def test_killed_trial_processes_are_retried_then_recorded_as_failed(tmp_path, shared_cache):
+GATE = "KD_TEST_REPORT_GATE"  # a folder: while set, every trial's tune.report waits there for the test's word
+GATED_MODULE = "tests.test_reliability"  # this file, as Ray's workers import it
+
+
+def gated_runtime_env(runtime_env: dict | None) -> dict:
+    """Ray's RAY_RUNTIME_ENV_HOOK, called by ray.init in the driver: every worker of the search runs
+    gate_trial_reports when it starts."""
+    runtime_env = dict(runtime_env or {})
+    runtime_env["worker_process_setup_hook"] = f"{GATED_MODULE}.gate_trial_reports"
+    root = str(Path(__file__).resolve().parents[1])  # a worker runs the hook before it sees the driver's path
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), GATE: os.environ[GATE], "PYTHONPATH": path}
+    return runtime_env
+
+
+def gate_trial_reports() -> None:
+    """In a Ray worker: after each tune.report, say so in the gate folder (PID-EPOCH.reported, with the trial's
+    folder) and wait until the test lets the trial go on (PID-EPOCH.go) or kills the process. The trial cannot
+    outrun the test's kills, however fast its epochs."""
+    import ray.tune
+    gate = Path(os.environ[GATE])
+    report = ray.tune.report
+
+    def gated(metrics, *args, **kwargs):
+        report(metrics, *args, **kwargs)
+        name = f"{os.getpid()}-{metrics['epoch']}"
+        trial = Path(ray.tune.get_context().get_trial_dir()).name
+        seen = {"pid": os.getpid(), "epoch": metrics["epoch"], "trial": trial}
+        (gate / f"{name}.tmp").write_text(json.dumps(seen))
+        (gate / f"{name}.tmp").rename(gate / f"{name}.reported")
+        deadline = time.time() + 300
+        while not (gate / f"{name}.go").exists():
+            if time.time() > deadline:
+                raise RuntimeError(f"the test never answered the report of epoch {metrics['epoch']} (pid {name})")
+            time.sleep(0.01)
+    ray.tune.report = gated
+
+
+def test_killed_trial_processes_are_retried_then_recorded_as_failed(tmp_path, shared_cache, monkeypatch):
     """Trial 1's worker is killed once (retried, resumes, completes); trial 2's twice (max_failures=1: failed).
-    A process killed by the OOM killer dies the same way."""
+    A process killed by the OOM killer dies the same way. Each kill comes right after the trial reports an epoch
+    (from the second on, so a checkpoint exists), while the trial waits for it (gate_trial_reports)."""
     from search.driver import run_search
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    monkeypatch.setenv(GATE, str(gate))
+    monkeypatch.setenv("RAY_RUNTIME_ENV_HOOK", f"{GATED_MODULE}.gated_runtime_env")
     cfg = load_config(write_config(tmp_path, shared_cache, "crash", "search.num_samples=2", "search.max_failures=1",
                                    "train.epochs=5"))
-    exp = tmp_path / "results" / "crash" / "ray"
     plan = {1: 1, 2: 2}  # trial number -> how many times to kill its process
-    killed: dict[str, list[int]] = {}
+    killed: dict[int, list[int]] = {}
+    answered: list[dict] = []
     stop = threading.Event()
 
     def killer() -> None:
+        handled: set[str] = set()
         while not stop.is_set():
-            for f in exp.glob("*/result.json") if exp.is_dir() else []:
-                number = int(f.parent.name.split("_")[3])
-                rows = read_jsonl(f)  # a search may be writing it: a line cut short is skipped
-                pids = killed.setdefault(f.parent.name, [])
-                if rows and len(pids) < plan.get(number, 0) and rows[-1]["pid"] not in pids and rows[-1]["epoch"] >= 2:
-                    pids.append(rows[-1]["pid"])
+            for f in sorted(gate.glob("*.reported")):
+                if f.name in handled:
+                    continue
+                handled.add(f.name)
+                seen = json.loads(f.read_text())
+                answered.append(seen)
+                number = int(re.match(r".*?_[0-9a-f]{8}_(\d+)_", seen["trial"]).group(1))
+                pids = killed.setdefault(number, [])
+                if seen["epoch"] >= 2 and len(pids) < plan.get(number, 0) and seen["pid"] not in pids:
+                    pids.append(seen["pid"])
                     with contextlib.suppress(ProcessLookupError):
-                        os.kill(rows[-1]["pid"], signal.SIGKILL)
-            time.sleep(0.05)
+                        os.kill(seen["pid"], signal.SIGKILL)
+                else:
+                    (gate / f"{f.stem}.go").touch()
+            stop.wait(0.01)
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
@@ -159,6 +211,8 @@ def test_killed_trial_processes_are_retried_then_recorded_as_failed(tmp_path, sh
     finally:
         stop.set()
         thread.join()
+    assert answered, "no trial's report reached the test's gate (gate_trial_reports not run in Ray's workers?)"
+    assert {n: len(p) for n, p in killed.items() if p} == plan, (killed, answered)
     table = pd.read_csv(run_dir / "trials.csv").set_index("number")
     assert table.loc[1, "status"] == "completed" and table.loc[1, "failures"] == 1
     assert table.loc[1, "epochs"] == 5 and pd.isna(table.loc[1, "error"])
