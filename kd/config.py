@@ -54,7 +54,7 @@ class DataConfig:
     max_image_pixels: int = MAX_IMAGE_PIXELS  # Pillow's decompression-bomb limit
     cache_dir: str = "results/cache"
     pipeline: Literal["memory", "stream"] = "memory"
-    workers: int = 0                  # decoding threads / stream workers; 0 = one per core
+    workers: int = 0                  # decoding threads / stream workers; 0 = one per core, at most 8
 
     def check(self) -> None:
         _require(self.image_size >= 8, "data.image_size", "must be at least 8")

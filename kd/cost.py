@@ -117,11 +117,6 @@ def time_forward_many(models: list[tuple[nn.Module, int]], batch: int, device: t
     return out
 
 
-def time_forward(model: nn.Module, image_size: int, batch: int, device: torch.device, **timing: Any) -> dict[str, Any]:
-    """`time_forward_many` for one model."""
-    return time_forward_many([(model, image_size)], batch, device, **timing)[0]
-
-
 def measure(model: nn.Module, image_size: int, device: torch.device | str = "cpu", batch: int | None = None,
             **timing: Any) -> dict[str, Any]:
     """The cost report of `model` at `image_size` on `device`: size, FLOPs and measured speed.

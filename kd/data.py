@@ -21,7 +21,7 @@ import torch
 from kd.config import DataConfig, SplitSource
 from kd.errors import DataError
 from kd.files import CacheError, file_lock, load_tensors, save_tensors
-from kd.images import IMAGE_EXTENSIONS, MAX_IMAGE_PIXELS, decode_files, is_inside, list_images
+from kd.images import IMAGE_EXTENSIONS, MAX_IMAGE_PIXELS, decode_files, is_inside, list_images, resolve_workers
 
 log = logging.getLogger("kd")
 SPLITS = ("train", "val", "test")
@@ -93,9 +93,8 @@ def load_dataset(cfg: DataConfig, progress: bool = True) -> Dataset:
                             "every class needs images in train, val and test")
     _check_leakage(splits, cfg.allow_leakage)
     fingerprint = _fingerprint(classes, cfg, splits)
-    workers = cfg.workers or min(8, os.cpu_count() or 1)
     dataset = Dataset(classes, cfg.image_size, splits["train"], splits["val"], splits["test"], fingerprint, skipped,
-                      workers, cfg.max_image_pixels)
+                      resolve_workers(cfg.workers), cfg.max_image_pixels)
     log.info("data: %s", dataset.describe())
     return dataset
 

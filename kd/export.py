@@ -3,7 +3,8 @@
 An export is a folder in timm's Hugging Face hub layout, plus kd-search's own metadata beside it:
 
 - `model.safetensors`: the weights (a native timm state dict).
-- `config.json`: timm's own model config, written by timm (`save_config_for_hf`, as `push_to_hf_hub` does):
+- `config.json`: timm's own model config, written by timm (`save_config_for_hf`, as `push_to_hf_hub` does;
+  `kd.compat.save_timm_config` holds that private call and its fallback):
   `architecture`, `num_classes`, `num_features`, `label_names` and `pretrained_cfg` (mean, std, input size,
   crop_pct 1.0, interpolation). `timm.create_model("local-dir:DIR", pretrained=True)` builds the model from it.
 - `kdsearch.json`: what only kd-search knows (timm ignores it): format version, classes, decision threshold and
@@ -30,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from kd.augment import Normalize, to_float
+from kd.compat import save_timm_config
 from kd.config import Config, ModelConfig
 from kd.errors import UserError
 from kd.files import atomic_dir, atomic_write_json
@@ -121,12 +123,10 @@ def export_student(out_dir: str | Path, model: torch.nn.Module, cfg: Config, cla
 
 def write_timm_config(model: nn.Module, path: Path, classes: list[str], image_size: int) -> None:
     """timm's config.json for the model, written by timm itself, with the classes and the input processing."""
-    from timm.models._hub import save_config_for_hf
-
     mean, std = mean_std(model)
-    save_config_for_hf(model, str(path), model_config={"label_names": list(classes)},
-                       data_config={"input_size": (3, image_size, image_size), "crop_pct": 1.0,
-                                    "interpolation": INTERPOLATION, "mean": tuple(mean), "std": tuple(std)})
+    save_timm_config(model, path, model_config={"label_names": list(classes)},
+                     data_config={"input_size": (3, image_size, image_size), "crop_pct": 1.0,
+                                  "interpolation": INTERPOLATION, "mean": tuple(mean), "std": tuple(std)})
 
 
 def _max_diff(got: Any, expected: torch.Tensor) -> float:

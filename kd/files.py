@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,8 +22,25 @@ import torch
 from safetensors.torch import load, save_file
 
 FORMAT_VERSION = "kd-search-1"
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+_UMASK_LOCK = threading.Lock()
+_PROC_STATUS = "/proc/self/status"  # Linux: its `Umask:` line
+
+
+def current_umask() -> int:
+    """The process's umask, read when it is needed (importing kd changes nothing): from /proc on Linux (4.7 and
+    later), else by setting and restoring it under a lock (a file another thread creates in that instant is at
+    worst more private, never less)."""
+    try:
+        with open(_PROC_STATUS) as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o077)
+        os.umask(mask)
+    return mask
 
 
 class CacheError(Exception):
@@ -36,7 +54,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual permissions
+    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; outputs get the usual permissions
     try:
         yield Path(tmp)
         with open(tmp, "rb") as f:
@@ -62,7 +80,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    os.chmod(tmp, 0o777 & ~_UMASK)
+    os.chmod(tmp, 0o777 & ~current_umask())
     try:
         yield tmp
         old = None

@@ -96,6 +96,22 @@ def decode_file(path: str, size: int, max_pixels: int) -> tuple[np.ndarray, str]
     return decode_bytes(data, size, max_pixels), file_hash(data)
 
 
+MAX_AUTO_WORKERS = 8
+
+
+def resolve_workers(workers: int) -> int:
+    """`data.workers` as a count: 0 is one per core this process may run on (its CPU affinity where the system
+    has one, else every core), at most `MAX_AUTO_WORKERS` (several trials may stream on one node at once). The one
+    resolution, for the decoding threads and the streaming DataLoader alike."""
+    if workers > 0:
+        return workers
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # no affinity (macOS, Windows)
+        cores = os.cpu_count() or 1
+    return max(1, min(MAX_AUTO_WORKERS, cores))
+
+
 def decode_files(paths: list[str], size: int, max_pixels: int, workers: int = 0, keep_pixels: bool = True,
                  progress: bool = True, desc: str = "decoding images") -> Decoded:
     """Decode every file once, in a thread pool (Pillow releases the GIL while decoding).
@@ -111,8 +127,7 @@ def decode_files(paths: list[str], size: int, max_pixels: int, workers: int = 0,
         except BadImage as e:
             return None, "", str(e)
 
-    workers = workers or min(32, (os.cpu_count() or 1) + 2)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    with ThreadPoolExecutor(max_workers=resolve_workers(workers)) as pool:
         results = list(tqdm(pool.map(one, paths), total=len(paths), desc=desc, unit="img",
                             disable=None if progress and len(paths) >= 200 else True, leave=False))
     return Decoded([r[0] for r in results], [r[1] for r in results], [r[2] for r in results])

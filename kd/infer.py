@@ -2,7 +2,7 @@
 
 `Runner` puts a model on its device (channels_last where chosen), normalises float inputs with the
 model's own mean/std, and runs the forward pass under bf16 autocast where chosen. The training step
-(`kd.train.fit`), evaluation (`split_probs`, `predict_probs`) and the teacher's logits (`kd.teacher`)
+(`kd.train.fit`), evaluation (`Runner.split_probs`, `predict_probs`) and the teacher's logits (`kd.teacher`)
 all go through it, so a dtype or memory-format mistake shows up everywhere at once.
 
 The settings (`TrainConfig.amp`, `TrainConfig.channels_last`): "auto" is bf16 autocast on CUDA only and
@@ -126,9 +126,3 @@ def predict_probs(model: nn.Module, images: torch.Tensor, mean, std, device: tor
     """Class probabilities for uint8 images, in large batches, with one transfer back at the end."""
     runner = Runner(model, device, amp, channels_last, mean, std)
     return runner.probs(images[i:i + batch_size] for i in range(0, len(images), batch_size))
-
-
-def split_probs(model: nn.Module, data: Dataset, split: str, device: torch.device, batch_size: int = 512,
-                amp: Amp = "auto", channels_last: ChannelsLast = "auto") -> np.ndarray:
-    """Class probabilities for a whole split, resident or streamed, with the model's own normalisation."""
-    return Runner(model, device, amp, channels_last).split_probs(data, split, batch_size)

@@ -278,7 +278,3 @@ def is_distilled(model: nn.Module) -> bool:
 def is_cnn(model: nn.Module) -> bool:
     """Convolutional enough to gain from channels_last (a ViT's single patch-embedding conv is not)."""
     return sum(isinstance(m, nn.Conv2d) for m in model.modules()) > 2
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

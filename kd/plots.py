@@ -1,28 +1,34 @@
-"""Pictures a person would rather look at than read: learning curves and confusion matrices."""
+"""Pictures a person would rather look at than read: learning curves and confusion matrices.
+
+Drawn on `matplotlib.figure.Figure` objects, never through pyplot: saving a PNG uses matplotlib's Agg canvas
+whatever the backend, so importing kd leaves a notebook's backend (and pyplot's figures) as they were.
+"""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.figure import Figure
 
 from kd.files import atomic_path
 
 
-def save_figure(fig: plt.Figure, path: str | Path) -> None:
+def new_figure(figsize: tuple[float, float]) -> Figure:
+    """A figure of its own (no pyplot, no backend chosen): `save_figure` writes it, then it is garbage."""
+    return Figure(figsize=figsize)
+
+
+def save_figure(fig: Figure, path: str | Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
-    plt.close(fig)
 
 
 def learning_curves(histories: dict[str, list[dict[str, Any]]], path: str | Path, title: str = "",
                     rule: str = "") -> None:
     """Training loss and validation balanced accuracy per epoch, one line per run."""
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = new_figure((11, 4))
+    ax_loss, ax_acc = fig.subplots(1, 2)
     for label, history in histories.items():
         epochs = [h["epoch"] for h in history]
         ax_loss.plot(epochs, [h.get("train_loss", np.nan) for h in history], marker=".", label=label)
@@ -45,7 +51,8 @@ def confusion_matrix(cm: list[list[int]], classes: list[str], path: str | Path, 
     cm_arr = np.asarray(cm, dtype=float)
     share = cm_arr / np.maximum(cm_arr.sum(axis=1, keepdims=True), 1)
     size = 1.2 + 0.9 * len(classes)
-    fig, ax = plt.subplots(figsize=(size + 1.5, size))
+    fig = new_figure((size + 1.5, size))
+    ax = fig.subplots()
     image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
     crowded = len(classes) > 4
     ax.set_xticks(range(len(classes)), classes, rotation=45 if crowded else 0, ha="right" if crowded else "center")
