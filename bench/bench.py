@@ -20,20 +20,49 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-PROFILES = {
-    "cpu": dict(size=32, images=1797, teacher="resnet18", student="test_resnet", batch=64, epochs=20, trials=8,
-                teacher_epochs=10, teacher_lr=0.002, lr=0.05, workers=2, compile=False, pack=0),
-    "smoke": dict(size=32, images=400, teacher="test_resnet", student="test_resnet", batch=64, epochs=3, trials=2,
-                  teacher_epochs=1, teacher_lr=0.003, lr=0.05, workers=2, compile=False, pack=2, trial_epochs=2),
-    "gpu": dict(size=224, images=3000, teacher="deit_small_distilled_patch16_224", student="resnet50", batch=128,
-                epochs=20, trials=16, teacher_epochs=3, teacher_lr=0.0005, lr=0.05, workers=12, compile=True, pack=4,
-                trial_epochs=3),
+if TYPE_CHECKING:
+    from kd.config import Config
+
+
+class _Profile(TypedDict):
+    size: int
+    images: int
+    teacher: str
+    student: str
+    batch: int
+    epochs: int
+    trials: int
+    teacher_epochs: int
+    teacher_lr: float
+    lr: float
+    workers: int
+    compile: bool
+    pack: int
+
+
+class Profile(_Profile, total=False):
+    trial_epochs: int  # the epochs of the single runs (the reference-style loop, a trial); default `epochs`
+
+
+PROFILES: dict[str, Profile] = {
+    "cpu": Profile(size=32, images=1797, teacher="resnet18", student="test_resnet", batch=64, epochs=20, trials=8,
+                   teacher_epochs=10, teacher_lr=0.002, lr=0.05, workers=2, compile=False, pack=0),
+    "smoke": Profile(size=32, images=400, teacher="test_resnet", student="test_resnet", batch=64, epochs=3, trials=2,
+                     teacher_epochs=1, teacher_lr=0.003, lr=0.05, workers=2, compile=False, pack=2, trial_epochs=2),
+    "gpu": Profile(size=224, images=3000, teacher="deit_small_distilled_patch16_224", student="resnet50", batch=128,
+                   epochs=20, trials=16, teacher_epochs=3, teacher_lr=0.0005, lr=0.05, workers=12, compile=True,
+                   pack=4, trial_epochs=3),
 }
+# a row of the table: its case, its figures, and what its speed-up is against (0: the 1-run reference-style loop,
+# 3: the reference-style runs of a search, "pack": one trial at a time; None and "reference": the references)
+Row = tuple[str, dict[str, Any], Literal[0, 3, "reference", "pack"] | None]
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -62,12 +91,12 @@ def make_files(root: Path, size: int, count: int) -> Path:
             y, x = int(rng.integers(0, photo.shape[0] - s)), int(rng.integers(0, photo.shape[1] - s))
             img = Image.fromarray(photo[y:y + s, x:x + s])
         (root / cls).mkdir(parents=True, exist_ok=True)
-        img.resize((size, size), Image.BILINEAR).save(root / cls / f"{i:05d}.{fmt}", quality=90)
+        img.resize((size, size), Image.Resampling.BILINEAR).save(root / cls / f"{i:05d}.{fmt}", quality=90)
     marker.touch()
     return root
 
 
-def config(p: dict, work: Path, **sets):
+def config(p: Profile, work: Path, **sets: Any) -> Config:
     from kd.config import load_config
     base = [f"name=bench-{p['size']}", f"output_dir={work / 'results'}", "data.source=folder",
             f"data.train={work / 'images'}", f"data.image_size={p['size']}", f"data.cache_dir={work / 'cache'}",
@@ -82,7 +111,7 @@ def config(p: dict, work: Path, **sets):
 
 # ------------------------------------------------------------------------------------ the reference
 
-def seed_style(p: dict, work: Path, epochs: int) -> dict:
+def seed_style(p: Profile, work: Path, epochs: int) -> dict[str, Any]:
     """The reference projects' loop: PIL decoding and transforms in DataLoader workers every epoch, teacher forward on
     every batch, fp32, soft KD (T=5, alpha 0.5), SGD with StepLR. The teacher is the one kd-search cached."""
     import torch
@@ -121,9 +150,10 @@ def seed_style(p: dict, work: Path, epochs: int) -> dict:
         def __getitem__(self, i):
             return self.tf(Image.open(self.paths[i]).convert("RGB")), self.labels[i]
 
-    loader_args = dict(batch_size=p["batch"], num_workers=p["workers"], pin_memory=device.type == "cuda")
-    train = torch.utils.data.DataLoader(Files(data.train, train_tf), shuffle=True, drop_last=True, **loader_args)
-    val = torch.utils.data.DataLoader(Files(data.val, val_tf), **loader_args)
+    batch, workers, pin = p["batch"], p["workers"], device.type == "cuda"
+    train = torch.utils.data.DataLoader(Files(data.train, train_tf), shuffle=True, drop_last=True, batch_size=batch,
+                                        num_workers=workers, pin_memory=pin)
+    val = torch.utils.data.DataLoader(Files(data.val, val_tf), batch_size=batch, num_workers=workers, pin_memory=pin)
     opt = torch.optim.SGD(student.parameters(), lr=p["lr"], momentum=0.9, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=7, gamma=0.1)
     temperature, alpha, seen, forwards = 5.0, 0.5, 0, 0
@@ -160,12 +190,12 @@ def seed_style(p: dict, work: Path, epochs: int) -> dict:
 
 # ------------------------------------------------------------------------------------ kd-search cases
 
-def kd_trial(p: dict, work: Path, epochs: int, **sets) -> dict:
+def kd_trial(p: Profile, work: Path, epochs: int, **sets: Any) -> dict[str, Any]:
     import torch
 
     from kd import teacher as kteacher
     from kd.data import load_dataset
-    from kd.distill import train_student
+    from kd.student import train_student
     from kd.teacher import prepare_teacher
 
     t0 = time.perf_counter()
@@ -173,19 +203,19 @@ def kd_trial(p: dict, work: Path, epochs: int, **sets) -> dict:
     data = load_dataset(cfg.data, progress=False)
     teacher = prepare_teacher(cfg, data, progress=False)  # cached: the trial itself never runs the teacher
     logits, setup = teacher.logits, time.perf_counter() - t0
-    before = kteacher.FORWARD_IMAGES
+    before = kteacher.forwarded_images()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     result = train_student(cfg, data, logits, progress=False)
     seconds = time.perf_counter() - t0
     images = sum(len(data.train) - (len(data.train) % cfg.train.batch_size == 1) for _ in result.history)
-    return {"seconds": seconds, "images": images, "teacher_forwards": kteacher.FORWARD_IMAGES - before,
+    return {"seconds": seconds, "images": images, "teacher_forwards": kteacher.forwarded_images() - before,
             "val_balanced_accuracy": result.history[-1]["val_balanced_accuracy"], "gpu_peak_gb": _gpu_peak(),
             "setup_seconds": setup, "teacher_finetune_seconds": teacher.info.finetune_seconds}
 
 
-def kd_search(p: dict, work: Path, trials: int, **sets) -> dict:
+def kd_search(p: Profile, work: Path, trials: int, **sets: Any) -> dict[str, Any]:
     import pandas as pd
 
     from kd.data import load_dataset
@@ -257,7 +287,7 @@ def tree_rss(pid: int) -> int:
     return total
 
 
-def run_case(args: argparse.Namespace, case: str, **kwargs) -> dict:
+def run_case(args: argparse.Namespace, case: str, **kwargs: Any) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--profile", args.profile, "--work", str(args.work), "--case", case,
            "--kwargs", json.dumps(kwargs)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
@@ -282,7 +312,8 @@ def run_case(args: argparse.Namespace, case: str, **kwargs) -> dict:
 
 def child(args: argparse.Namespace) -> None:
     p, work, kwargs = PROFILES[args.profile], args.work, json.loads(args.kwargs)
-    fn = {"seed": seed_style, "trial": kd_trial, "search": kd_search}[args.case]
+    cases: dict[str, Callable[..., dict[str, Any]]] = {"seed": seed_style, "trial": kd_trial, "search": kd_search}
+    fn = cases[args.case]
     print(json.dumps(fn(p, work, **kwargs)))
 
 
@@ -309,7 +340,7 @@ def main() -> None:
     prep = run_case(args, "trial", epochs=1)  # decodes once and fine-tunes the teacher: paid once, cached
     saved = args.work / "seed-run.json"
     if "trial" in cases or not saved.exists():
-        rows = [("reference-style loop, 1 run", run_case(args, "seed", epochs=trial_ep), None)]
+        rows: list[Row] = [("reference-style loop, 1 run", run_case(args, "seed", epochs=trial_ep), None)]
         saved.write_text(json.dumps(rows[0][1]))
     else:  # measured by an earlier call of this script on this machine
         rows = [("reference-style loop, 1 run (earlier call)", json.loads(saved.read_text()), None)]
@@ -348,7 +379,7 @@ def main() -> None:
     report(args, p, rows, prep, time.perf_counter() - t0)
 
 
-def report(args, p, rows, prep, total) -> None:
+def report(args: argparse.Namespace, p: Profile, rows: list[Row], prep: dict[str, Any], total: float) -> None:
     import torch
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
     print(f"\nkd-search benchmark, profile {args.profile}: {p['images']} images at {p['size']} px, teacher "
@@ -370,6 +401,7 @@ def report(args, p, rows, prep, total) -> None:
         elif kind == 3:
             ratio = f"{reference['seconds'] / r['seconds']:.1f}x" if "search, 1 trial" not in name else ""
         elif kind == "pack":
+            assert pack_one is not None  # found among the rows: this one is a "pack" row
             ratio = f"{ips / (pack_one['aggregate']):.2f}x"
         else:
             ratio = "1.0x"

@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TypedDict
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -34,7 +35,18 @@ OURS = re.compile(r"^(\[\s*\d+:\d\d\] trial |Ray: |data: |preparing |  fold |tea
                   r"re-rank|refit|exported|student |summary: |best trial |$)")
 
 
-def run_round(work: Path, cache: Path, trials: int, kill_after: float | None, seed: int) -> dict:
+class Round(TypedDict):
+    """One round's figures, as printed and kept in results-cluster.json."""
+    returncode: int
+    finished: int
+    trials: int
+    retries: int
+    killed_at_s: float | None
+    seconds: float
+    foreign_lines: list[str]
+
+
+def run_round(work: Path, cache: Path, trials: int, kill_after: float | None, seed: int) -> Round:
     cfg = load_config(None, tiny_overrides(cache, work / "results") + [
         "name=cluster", f"search.num_samples={trials}", "search.cpus_per_trial=0.5", "search.gpus_per_trial=0.25",
         "search.confirm_seeds=0", "search.rerank=1", "search.max_failures=2", f"search.seed={seed}",
@@ -75,7 +87,7 @@ def main() -> int:
     parser.add_argument("--out", default=str(ROOT / "bench" / "results-cluster.json"))
     args = parser.parse_args()
     rng = random.Random(args.seed)
-    rounds = []
+    rounds: list[Round] = []
     with tempfile.TemporaryDirectory(prefix="kd-cluster-") as tmp:
         cache = Path(tmp) / "cache"
         for i in range(args.rounds + 1):
@@ -84,8 +96,8 @@ def main() -> int:
             kill_after = None if i == 0 else rng.uniform(0.1, 0.8) * rounds[0]["seconds"]
             r = run_round(work, cache, args.trials, kill_after, seed=i)
             rounds.append(r)
-            killed = f"node killed at {r['killed_at_s']:.1f} s" if r["killed_at_s"] else "no node killed"
-            print(f"round {i}: {killed}; exit {r['returncode']}, {r['finished']}/{r['trials']} trials finished, "
+            kill = f"node killed at {r['killed_at_s']:.1f} s" if r["killed_at_s"] else "no node killed"
+            print(f"round {i}: {kill}; exit {r['returncode']}, {r['finished']}/{r['trials']} trials finished, "
                   f"{r['retries']} retries, {r['seconds']:.1f} s, {len(r['foreign_lines'])} foreign console lines"
                   + "".join(f"\n    | {line}" for line in r["foreign_lines"][:5]), flush=True)
     killed = [r for r in rounds[1:] if r["killed_at_s"] is not None]

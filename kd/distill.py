@@ -1,4 +1,4 @@
-"""One full teacher-to-student distillation: data, teacher (cached), student, threshold, export, test once."""
+"""`kdsearch distill` and `kdsearch teacher`: data, teacher (cached), student (kd.student), export, test once."""
 from __future__ import annotations
 
 import logging
@@ -17,48 +17,17 @@ from kd.data import Dataset, load_dataset
 from kd.errors import Diverged
 from kd.export import export_student
 from kd.files import atomic_path, atomic_write_json
-from kd.infer import Runner, resolve_device
-from kd.losses import DistillLoss
-from kd.metrics import compute_metrics, format_metrics
-from kd.models import check_models, create_model, known_class_count
+from kd.metrics import format_metrics
+from kd.models import check_models, known_class_count
+from kd.student import evaluate_model, new_student, train_student
 from kd.teacher import load_teacher_model, new_teacher, prepare_teacher
-from kd.train import COMPLETED, DIVERGED, FitResult, ReportFn, fit, seed_everything
+from kd.train import FitResult, Outcome
 
 log = logging.getLogger("kd")
 
 
-def new_student(cfg: Config, num_classes: int) -> torch.nn.Module:
-    """The untrained student of `cfg`, seeded with train.seed: a config always starts from the same weights."""
-    seed_everything(cfg.train.seed)
-    return create_model(cfg.student, num_classes, cfg.data.image_size, role="student")
-
-
-def student_loss(cfg: Config, data: Dataset) -> DistillLoss:
-    """The distillation loss of `cfg`, with class weights (or logit adjustment) from `data`'s own counts."""
-    return DistillLoss.build(cfg.distill, cfg.imbalance, data.class_counts())
-
-
-def train_student(cfg: Config, data: Dataset, teacher_logits: torch.Tensor | None, report: ReportFn | None = None,
-                  resume: dict[str, Any] | None = None, progress: bool = True,
-                  model: torch.nn.Module | None = None) -> FitResult:
-    """Distil the student from the cached teacher logits: `model` when given (made by `new_student(cfg, ...)`
-    for this data's classes), else a new one. Training reseeds itself each epoch, so both start alike."""
-    model = model if model is not None else new_student(cfg, len(data.classes))
-    return fit(model, cfg.train, data, student_loss(cfg, data), cfg.augment, teacher_logits=teacher_logits,
-               balanced_sampling=cfg.imbalance.method == "balanced_sampling", report=report, resume=resume,
-               progress=progress, desc=f"student {cfg.student.name}")
-
-
-def evaluate_model(model: torch.nn.Module, data: Dataset, split: str, threshold: float | None,
-                   cfg: Config) -> dict[str, Any]:
-    """Metrics of an in-memory model on one split, at the given decision threshold."""
-    device = resolve_device(cfg.train.device)
-    probs = Runner.for_config(model, cfg.train, device).split_probs(data, split, cfg.train.eval_batch_size)
-    return compute_metrics(data.split(split).labels.numpy(), probs, data.classes, threshold)
-
-
 def epoch_line(row: dict[str, Any], epochs: int) -> str:
-    if row.get("status") == DIVERGED:
+    if row.get("status") == Outcome.DIVERGED:
         return f"epoch {row['epoch']}/{epochs}: loss is not finite; training stopped"
     return (f"epoch {row['epoch']:>3}/{epochs}  loss {row['train_loss']:.4f}  val balanced acc "
             f"{row['val_balanced_accuracy']:.4f}  acc {row['val_accuracy']:.4f}  ({row['epoch_time']:.1f} s)")
@@ -68,7 +37,7 @@ def finish_student(cfg: Config, data: Dataset, result: FitResult, out_dir: Path,
                    extra: dict[str, Any] | None = None, teacher_model: torch.nn.Module | None = None) -> dict[str, Any]:
     """Evaluate a trained student on validation and, once, on test; measure what it costs against the teacher
     (`kd.cost`: in metrics["cost"] and the export's kdsearch.json); export it; draw its pictures."""
-    if result.status != COMPLETED:
+    if result.status != Outcome.COMPLETED:
         raise Diverged(f"training diverged at epoch {len(result.history)} (non-finite loss): "
                        "try a lower train.lr or a lower distill.temperature")
     val = evaluate_model(result.model, data, "val", result.threshold, cfg)

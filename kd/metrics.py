@@ -88,3 +88,15 @@ def format_metrics(metrics: dict[str, Any], classes: list[str], title: str = "")
     for c, row in zip(classes, metrics["confusion_matrix"], strict=True):
         lines.append("  " + f"{c:>{width}}" + "".join(f"{v:>{width}}" for v in row))
     return "\n".join(lines)
+
+
+def mean_metrics(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The mean of each figure over several evaluations (per-class recall included, counts summed)."""
+    if len(runs) == 1:
+        return runs[0]
+    out: dict[str, Any] = {k: float(np.mean([r[k] for r in runs])) for k in ("accuracy", "balanced_accuracy",
+                                                                             "macro_f1")}
+    out["recall"] = {c: float(np.mean([r["recall"][c] for r in runs])) for c in runs[0]["recall"]}
+    out["confusion_matrix"] = np.sum([r["confusion_matrix"] for r in runs], axis=0).tolist()
+    out["n"] = int(sum(r["n"] for r in runs))
+    return out

@@ -32,18 +32,17 @@ def decision_rule(num_classes: int, tune: bool = True) -> str:
     return THRESHOLD if num_classes == 2 and tune else ARGMAX
 
 
-def rule_text(rule: str, folds: int) -> str:
-    """How a table or plot names the figure it shows."""
-    where = f"pooled out-of-fold predictions of {folds} folds" if folds >= 2 else "the validation split"
+def rule_text(rule: str, where: str) -> str:
+    """How a table or plot names the figure it shows; `where` names the held-out images (kd.schemes)."""
     how = "threshold on p(class 1) cross-fitted (each part judged by a threshold tuned on the others)" \
         if rule == THRESHOLD else "argmax"
     return f"{how}, on {where}"
 
 
-def rule_label(rule: str, folds: int) -> str:
+def rule_label(rule: str, where: str) -> str:
     """The short form, for a table column or a plot's axis: `cross-fitted threshold, 5-fold out-of-fold`."""
     how = "cross-fitted threshold" if rule == THRESHOLD else "argmax"
-    return f"{how}, {folds}-fold out-of-fold" if folds >= 2 else f"{how}, validation split"
+    return f"{how}, {where}"
 
 
 def fold_ids(labels: np.ndarray, groups: list[str] | None, k: int, seed: int) -> np.ndarray:
@@ -107,9 +106,10 @@ def held_out_metrics(labels: np.ndarray, probs: np.ndarray, classes: list[str], 
     return out
 
 
-def check_metric(metric: str, classes: list[str], rule: str, folds: int) -> None:
-    """`search.metric` must name a figure this task reports: refused before anything is trained."""
-    names = reported_metrics(classes, rule, folds)
+def check_metric(metric: str, classes: list[str], rule: str, extra: list[str]) -> None:
+    """`search.metric` must name a figure this task reports (`extra`: those only its scheme reports): refused before
+    anything is trained."""
+    names = reported_metrics(classes, rule, extra)
     if metric not in names:
         import difflib
         close = difflib.get_close_matches(metric, names, n=1)
@@ -118,12 +118,10 @@ def check_metric(metric: str, classes: list[str], rule: str, folds: int) -> None
                           f"{', '.join(names)}")
 
 
-def reported_metrics(classes: list[str], rule: str, folds: int) -> list[str]:
+def reported_metrics(classes: list[str], rule: str, extra: list[str]) -> list[str]:
     """Every held-out figure a trial of this task reports: what `search.metric` may name (training figures are
     reported too, but selecting on them would select on the images the student trained on)."""
     names = ["val_balanced_accuracy", "val_accuracy", "val_macro_f1", *[f"val_recall_{c}" for c in classes]]
     if rule == THRESHOLD:
         names.append("val_balanced_accuracy_argmax")
-    if folds >= 2:
-        names += ["val_balanced_accuracy_fold_mean", "val_balanced_accuracy_fold_std"]
-    return names
+    return names + extra

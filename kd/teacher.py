@@ -30,11 +30,17 @@ from kd.losses import DistillLoss, class_weights
 from kd.metrics import compute_metrics
 from kd.models import create_model
 from kd.stream import BatchSource
-from kd.train import COMPLETED, fit, seed_everything
+from kd.train import Outcome, fit, seed_everything
 
 log = logging.getLogger("kd")
 TEACHER_VERSION = 1
-FORWARD_IMAGES = 0  # images this process has run through a teacher to make logits (benchmarks count it)
+_FORWARDED = [0]  # images this process has run through a teacher to make logits: see forwarded_images()
+
+
+def forwarded_images() -> int:
+    """How many images this process has run through a teacher to make logits so far. A count per process: whoever
+    reads it reads the work done where it runs (a search's trial reports the difference over its own run)."""
+    return _FORWARDED[0]
 
 
 @dataclass
@@ -195,7 +201,7 @@ def _finetune(cfg: Config, data: Dataset, device: torch.device, progress: bool,
         stream = dataclasses.replace(cfg.augment, seed=tcfg.train.seed + 104_729)
         result = fit(model, dataclasses.replace(tcfg.train, tune_threshold=False), data, loss, stream,
                      progress=progress, desc=f"teacher {tcfg.name}")
-        if result.status != COMPLETED:
+        if result.status != Outcome.COMPLETED:
             raise UserError(f"the teacher's fine-tuning diverged (non-finite loss at epoch {len(result.history)}); "
                             "lower teacher.train.lr")
         history = result.history
@@ -219,7 +225,6 @@ def _logits(cfg: Config, data: Dataset, model: torch.nn.Module, directory: Path,
             device: torch.device, progress: bool, info: TeacherInfo) -> torch.Tensor:
     """Teacher logits for every view of epochs 0..epochs-1 (extending a shorter cached set); `info` records
     what it took."""
-    global FORWARD_IMAGES
     path = directory / f"logits-{_augment_key(cfg)}.safetensors"
     n, k = len(data.train), len(data.classes)
     with file_lock(path):
@@ -249,7 +254,7 @@ def _logits(cfg: Config, data: Dataset, model: torch.nn.Module, directory: Path,
                 new[i, idx] = run.logits(augmenter(images, idx, epoch))
         logits = torch.cat([have, new.cpu()])
         forward = (epochs - len(have)) * n
-        FORWARD_IMAGES += forward
+        _FORWARDED[0] += forward
         save_tensors(path, {"logits": logits}, {"augment": dataclasses.asdict(cfg.augment)})
         seconds = time.perf_counter() - t0
         log.info("teacher logits for %d epochs x %d views computed in %.1f s", epochs - len(have), n, seconds)

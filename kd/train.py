@@ -5,7 +5,9 @@ teacher's logits for that exact view come from the cache, and nothing synchronis
 the epoch ends. The forward pass (normalisation, memory format, autocast) is `kd.infer.Runner`'s, the
 same one evaluation and the teacher's logits use. Each epoch's metrics go to a `report(metrics, state_fn)`
 callback: the caller (the CLI, or the search's trainable) decides what to print or where to checkpoint;
-`state_fn()` builds the resumable state only when asked. kd/ never imports Ray.
+`state_fn()` builds the resumable state only when asked. kd/ never imports Ray. One loop (`train_members`) trains
+every member of a fit in lockstep and judges the epoch on their pooled held-out predictions: one member for a
+teacher, a distillation or a holdout trial, K for a cross-validated one.
 """
 from __future__ import annotations
 
@@ -30,21 +32,37 @@ from kd.losses import DistillLoss
 from kd.models import is_distilled
 from kd.selection import decision_rule, held_out_metrics, validation_parts
 from kd.stream import BatchSource
+from kd.typed import Vocabulary
 
 ReportFn = Callable[[dict[str, Any], Callable[[], dict[str, Any]]], None]
 
-# FitResult.status; an epoch's history row carries a status only when that epoch diverged
-COMPLETED = "completed"
-DIVERGED = "diverged"
+
+class Outcome(Vocabulary):
+    """How a fit ended. An epoch's history row carries `status` (the value) only when that epoch diverged."""
+    COMPLETED = "completed"
+    DIVERGED = "diverged"
+
 
 
 @dataclass
 class FitResult:
-    model: nn.Module
+    """What one fit of one or more members (`train_members`) leaves: the trained models, one history row per
+    epoch (the members' training figures averaged, the held-out figures of their pooled predictions), the
+    outcome and the last epoch's pooled held-out probabilities (None without held-out images)."""
+    models: list[nn.Module]
     history: list[dict[str, Any]] = field(default_factory=list)
-    status: str = COMPLETED          # COMPLETED | DIVERGED
-    threshold: float | None = None   # two classes: tuned on all of validation, shipped with the model (None: argmax)
-    val_probs: np.ndarray | None = None  # the last epoch's validation probabilities
+    status: Outcome = Outcome.COMPLETED
+    probs: np.ndarray | None = None
+
+    @property
+    def model(self) -> nn.Module:
+        """The model of a single-member fit."""
+        return self.models[0]
+
+    @property
+    def threshold(self) -> float | None:
+        """Two classes: the threshold tuned on all held-out predictions, shipped with the model (None: argmax)."""
+        return self.history[-1].get("threshold") if self.history else None
 
 
 def seed_everything(seed: int) -> None:
@@ -107,7 +125,7 @@ def epoch_order(n: int, labels: torch.Tensor, seed: int, epoch: int, balanced: b
 
 class Training:
     """One model trained on `data.train` epoch by epoch: what `fit` runs, and what cross-validation runs K of in
-    lockstep (`kd.crossval`). `train_epoch` trains the next epoch; `val_probs` evaluates on `data.val`.
+    lockstep (`kd.schemes`). `train_epoch` trains the next epoch; `val_probs` evaluates on `data.val`.
 
     `teacher_logits` (epochs x N x classes) are the teacher's outputs for the views of each epoch; when given, the
     loss distils from them. `resume` is a state built by an earlier `state()`.
@@ -136,7 +154,7 @@ class Training:
         self.optimizer = _optimizer(model, cfg, device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(cfg, s, self.steps))
         self.history: list[dict[str, Any]] = []
-        self.status = COMPLETED
+        self.status = Outcome.COMPLETED
         if resume:
             model.load_state_dict(resume["model"])
             self.optimizer.load_state_dict(resume["optimizer"])
@@ -147,7 +165,7 @@ class Training:
 
     @property
     def done(self) -> bool:
-        return self.status == DIVERGED or len(self.history) >= self.cfg.epochs
+        return self.status == Outcome.DIVERGED or len(self.history) >= self.cfg.epochs
 
     def state(self) -> dict[str, Any]:
         """A resumable snapshot (copied to the CPU), so later epochs cannot change it."""
@@ -189,8 +207,8 @@ class Training:
                                "train_task_loss": task, "train_kd_loss": kd, "train_accuracy": correct,
                                "epoch_time": seconds, "train_images_per_s": seen / seconds}
         if not math.isfinite(loss):
-            self.status = DIVERGED
-            row["status"] = DIVERGED
+            self.status = Outcome.DIVERGED
+            row["status"] = Outcome.DIVERGED.value  # a plain string: checkpoints load with weights_only=True
         return row
 
     def val_probs(self) -> np.ndarray | None:
@@ -201,8 +219,6 @@ class Training:
 
     def record(self, row: dict[str, Any]) -> None:
         self.history.append(row)
-        if "val_balanced_accuracy" in row:
-            self.bar.set_postfix(loss=f"{row['train_loss']:.3f}", val_bacc=f"{row['val_balanced_accuracy']:.3f}")
 
     def close(self) -> nn.Module:
         self.bar.close()
@@ -211,33 +227,108 @@ class Training:
         return self.model.eval()
 
 
+@dataclass(frozen=True)
+class HeldOut:
+    """The images a fit is judged on after every epoch: their labels, which member predicts each (one member on a
+    validation split; fold f's student on fold f), the parts a threshold is cross-fitted over, and the decision rule
+    (kd.selection). `spread` adds the spread of balanced accuracy across the members' own images."""
+    labels: np.ndarray
+    member: np.ndarray
+    parts: np.ndarray
+    classes: list[str]
+    rule: str
+    spread: bool = False
+
+    @classmethod
+    def validation(cls, data: Dataset, tune_threshold: bool) -> HeldOut | None:
+        """One model judged on `data.val`, cross-fitted over two stratified halves of it (the same halves for every
+        trial: comparisons share their noise); None where there is no validation split (a final refit)."""
+        if not len(data.val):
+            return None
+        labels = data.val.labels.numpy()
+        return cls(labels, np.zeros(len(labels), dtype=np.int64), validation_parts(labels, seed=0), data.classes,
+                   decision_rule(len(data.classes), tune_threshold))
+
+    def pool(self, trainings: list[Training]) -> np.ndarray:
+        """Every held-out image's probabilities, each from the member that holds it out."""
+        probs = np.zeros((len(self.labels), len(self.classes)))
+        for m, training in enumerate(trainings):
+            probs[self.member == m] = training.val_probs()
+        return probs
+
+    def metrics(self, probs: np.ndarray) -> dict[str, Any]:
+        return held_out_metrics(self.labels, probs, self.classes, self.parts, self.rule,
+                                folds=self.member if self.spread else None)
+
+
+def member_states(resume: dict[str, Any] | None, k: int) -> list[dict[str, Any] | None]:
+    """Each member's part of a state `train_members` built (checkpoints of earlier versions too: a holdout
+    trial's flat Training state, a cross-validated trial's "folds")."""
+    if resume is None:
+        return [None] * k
+    members = resume.get("members", resume.get("folds", [resume] if "model" in resume else None))
+    if members is None or len(members) != k:
+        raise ValueError(f"a resumed state of {len(members or [])} members for a fit of {k}")
+    return list(members)
+
+
+def _pooled_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One epoch's training figures over the members: their means, the time and images summed."""
+    if len(rows) == 1:
+        return dict(rows[0])
+    seconds = sum(r["epoch_time"] for r in rows)
+    row: dict[str, Any] = {"epoch": rows[0]["epoch"], **{k: float(np.mean([r[k] for r in rows])) for k in rows[0]
+                                                         if k not in ("epoch", "epoch_time", "train_images_per_s",
+                                                                      "status")},
+                           "epoch_time": seconds,
+                           "train_images_per_s": sum(r["train_images_per_s"] * r["epoch_time"] for r in rows) / seconds}
+    if any(r.get("status") == Outcome.DIVERGED for r in rows):
+        row["status"] = Outcome.DIVERGED.value
+    return row
+
+
+def train_members(trainings: list[Training], held: HeldOut | None, report: ReportFn | None = None,
+                  resume: dict[str, Any] | None = None) -> FitResult:
+    """The one epoch loop: every member trains its next epoch, then the fit is judged on the pooled held-out
+    predictions (`held`), and the row goes to `report(row, state_fn)`; `state_fn()` builds the state that resumes
+    every member (`resume`) only when asked. Stops at the first diverged epoch."""
+    result = FitResult([t.model for t in trainings], list(resume["history"]) if resume else [])
+    epochs = trainings[0].cfg.epochs
+
+    def state() -> dict[str, Any]:
+        probs = torch.from_numpy(result.probs.astype(np.float32)) if result.probs is not None else None
+        return {"members": [t.state() for t in trainings], "history": list(result.history),
+                "epoch": len(result.history), "probs": probs}
+
+    while len(result.history) < epochs and result.status == Outcome.COMPLETED:
+        rows = [t.train_epoch() for t in trainings]
+        row = _pooled_row(rows)
+        if row.get("status") == Outcome.DIVERGED:
+            result.status = Outcome.DIVERGED
+        elif held is not None:
+            result.probs = held.pool(trainings)
+            row.update(held.metrics(result.probs))
+        for t, r in zip(trainings, rows, strict=True):
+            t.record(r)
+            if "val_balanced_accuracy" in row:
+                t.bar.set_postfix(loss=f"{row['train_loss']:.3f}", val_bacc=f"{row['val_balanced_accuracy']:.3f}")
+        result.history.append(row)
+        if report:
+            report(row, state)
+    if result.status == Outcome.COMPLETED and result.probs is None and held is not None:  # resumed after the end
+        result.probs = held.pool(trainings)
+    for t in trainings:
+        t.close()
+    return result
+
+
 def fit(model: nn.Module, cfg: TrainConfig, data: Dataset, loss_fn: DistillLoss, augment: AugmentConfig, *,
         teacher_logits: torch.Tensor | None = None, balanced_sampling: bool = False,
         report: ReportFn | None = None, resume: dict[str, Any] | None = None,
         progress: bool = True, desc: str = "train") -> FitResult:
-    """Train `model` on `data.train`, judging it on `data.val` after every epoch by the one decision rule
-    (`kd.selection`: for two classes a threshold cross-fitted over two halves of validation, else argmax).
-
-    Each epoch's row goes to `report(row, state_fn)`; `state_fn()` builds the resumable state only when asked.
-    """
+    """Train one `model` on `data.train`, judged on `data.val` after every epoch by the one decision rule
+    (`kd.selection`: for two classes a threshold cross-fitted over two halves of validation, else argmax)."""
     training = Training(model, cfg, data, loss_fn, augment, teacher_logits=teacher_logits,
-                        balanced_sampling=balanced_sampling, resume=resume, progress=progress, desc=desc)
-    result = FitResult(model, training.history)
-    labels = data.val.labels.numpy()
-    rule = decision_rule(len(data.classes), cfg.tune_threshold)
-    parts = validation_parts(labels, seed=0)  # the same halves for every trial: comparisons share their noise
-    while not training.done:
-        row = training.train_epoch()
-        probs = training.val_probs() if row.get("status") != DIVERGED else None
-        if probs is not None:
-            row.update(held_out_metrics(labels, probs, data.classes, parts, rule))
-            result.val_probs = probs
-        training.record(row)
-        if report:
-            report(row, training.state)
-    result.status = training.status
-    if result.status == COMPLETED and result.val_probs is None and len(data.val):  # resumed after the last epoch
-        result.val_probs = training.val_probs()
-    result.threshold = result.history[-1].get("threshold") if result.history else None
-    training.close()
-    return result
+                        balanced_sampling=balanced_sampling, resume=member_states(resume, 1)[0], progress=progress,
+                        desc=desc)
+    return train_members([training], HeldOut.validation(data, cfg.tune_threshold), report, resume)

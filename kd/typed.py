@@ -10,9 +10,24 @@ import dataclasses
 import difflib
 import types
 import typing
+from enum import Enum
 from typing import Any, Literal, Union
 
 from kd.errors import ConfigError
+
+
+class Vocabulary(str, Enum):
+    """A closed set of words a record or a row stores as its plain value: printed, formatted, hashed and compared as
+    that string (so "completed" finds Outcome.COMPLETED in a dict, a set or pandas' isin), read back by `coerce`."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+    def __hash__(self) -> int:
+        return hash(str(self.value))
 
 
 def build(cls: type, raw: Any, prefix: str, source: str) -> Any:
@@ -114,6 +129,11 @@ def coerce(hint: Any, value: Any, key: str, source: str) -> Any:
         if isinstance(value, str):  # shorthand: a bare string sets the first field
             value = {dataclasses.fields(hint)[0].name: value}
         return build(hint, value, key + ".", source)
+    if isinstance(hint, type) and issubclass(hint, Enum):
+        try:
+            return hint(value)
+        except ValueError:
+            raise bad("one of " + ", ".join(str(m.value) for m in hint)) from None
     origin = typing.get_origin(hint)
     if origin is Literal:
         options = typing.get_args(hint)
@@ -130,6 +150,9 @@ def coerce(hint: Any, value: Any, key: str, source: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise bad("a mapping")
+        args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is not Any:
+            return {k: coerce(args[1], v, f"{key}.{k}", source) for k, v in value.items()}
         return dict(value)
     if hint is bool:
         if isinstance(value, bool):

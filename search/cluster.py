@@ -1,14 +1,12 @@
 """Ray: starting or joining it, what a trial or task may use, and running kd work as Ray tasks.
 
 The one rule for resources lives here: a trial (and every task that trains like one: the re-ranking
-runs) takes `search.cpus_per_trial` CPUs and, where the cluster has GPUs, `search.gpus_per_trial` of one;
-torch inside it uses as many threads as it has CPUs. The teacher runs once, on a GPU node when there is
-one and the driver has none.
+runs, the refit) takes `search.cpus_per_trial` CPUs and, where the cluster has GPUs, `search.gpus_per_trial`
+of one; torch inside it uses as many threads as it has CPUs. (The teachers: search.teachers.)
 """
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import gc
 import logging
 import os
@@ -19,16 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import ray
 import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from kd.config import Config
-from kd.crossval import Folds, make_folds
 from kd.data import Dataset
 from kd.errors import UserError
-from kd.teacher import Teacher, cached_teacher, prepare_teacher
+from search.compat import swap_ray_printer
 from search.format import shown
 
 log = logging.getLogger("search")
@@ -94,12 +90,6 @@ def ray_errors_to(path: Path, echo: Callable[[str], None]) -> Iterator[None]:
     log lines with its state dump) straight to the console, from a thread of its own, whatever `log_to_driver`
     says. Within this block each such message goes whole to `path`, and the console gets its first sentences on
     one line. (Ray has no setting for this: its module-level printer is swapped, and put back after.)"""
-    worker = ray._private.worker
-    original = getattr(worker, "print_to_stdstream", None)
-    if original is None:  # another Ray version: its own printing stays
-        yield
-        return
-
     said: set[str] = set()
 
     def to_log(data: dict[str, Any], ignore_prefix: bool = False) -> None:
@@ -117,11 +107,8 @@ def ray_errors_to(path: Path, echo: Callable[[str], None]) -> Iterator[None]:
             said.add(headline)
             echo(f"Ray: {headline[:240]} (Ray's message in {shown(path)})")
 
-    worker.print_to_stdstream = to_log
-    try:
+    with swap_ray_printer(to_log):
         yield
-    finally:
-        worker.print_to_stdstream = original
 
 
 @dataclass(frozen=True)
@@ -209,76 +196,3 @@ def call(fn: Callable[..., Any], resources: Resources, *args: Any, **kwargs: Any
         return fn(*args, **kwargs)
     finally:
         torch.set_num_threads(threads)
-
-
-def prepare_teacher_once(cfg: Config, data: Dataset, epochs: int) -> Teacher:
-    """Fine-tune (or find) the teacher and its logits once: here when this machine has the best device for
-    it (a local GPU, or a cluster without GPUs), else in a Ray task on a GPU node."""
-    found = cached_teacher(cfg, data, epochs)  # no need to start anything for what is on disk
-    if found is not None:
-        return found
-    if not ray.is_initialized() or torch.cuda.is_available() or ray.cluster_resources().get("GPU", 0) < 1:
-        teacher = prepare_teacher(cfg, data, epochs=epochs, progress=False)
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()  # the trials get the GPU memory back
-        return teacher
-    # a whole GPU and all the CPUs of the best-provided GPU node (more than one node has would never be placed)
-    cpus = max([int(n["Resources"].get("CPU", 0)) for n in ray.nodes()
-                if n["Alive"] and n["Resources"].get("GPU", 0) >= 1] + [1])
-    return ray.get(remote(_prepare_teacher_here, Resources(cpus, 1), cfg, data, epochs))
-
-
-def _prepare_teacher_here(cfg: Config, data: Dataset, epochs: int) -> Teacher:
-    """`prepare_teacher` in a Ray task, its info naming the node and the GPU it ran on."""
-    teacher = prepare_teacher(cfg, data, epochs=epochs, progress=False)
-    return dataclasses.replace(teacher, info=dataclasses.replace(teacher.info, **where()))
-
-
-@dataclass
-class Prepared:
-    """What the trials train on: the holdout split and its teacher's logits, or the folds and one teacher per fold
-    (each fine-tuned on the other folds only, so no student learns its own fold's labels through the logits)."""
-    data: Dataset | Folds
-    teachers: list[Teacher]
-
-    @property
-    def logits(self) -> torch.Tensor | list[torch.Tensor]:
-        return [t.logits for t in self.teachers] if isinstance(self.data, Folds) else self.teachers[0].logits
-
-    def record(self) -> dict[str, Any]:
-        """teacher.json: the teachers' validation metrics (the mean over folds) and how they were prepared."""
-        infos = [t.info for t in self.teachers]
-        info = {**infos[0].to_dict(), "cached": all(i.cached for i in infos), "logits_cached": all(
-            i.logits_cached for i in infos), **{k: sum(getattr(i, k) for i in infos) for k in (
-                "finetune_seconds", "logit_seconds", "forward_images")}}
-        return {"metrics": mean_metrics([t.metrics for t in self.teachers]), "info": info, "teachers": len(infos),
-                "placement": [{"node": i.node, "gpus": i.gpus} for i in infos]}
-
-
-def mean_metrics(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The mean of each figure over several evaluations (per-class recall included, counts summed)."""
-    if len(runs) == 1:
-        return runs[0]
-    out: dict[str, Any] = {k: float(np.mean([r[k] for r in runs])) for k in ("accuracy", "balanced_accuracy",
-                                                                             "macro_f1")}
-    out["recall"] = {c: float(np.mean([r["recall"][c] for r in runs])) for c in runs[0]["recall"]}
-    out["confusion_matrix"] = np.sum([r["confusion_matrix"] for r in runs], axis=0).tolist()
-    out["n"] = int(sum(r["n"] for r in runs))
-    return out
-
-
-def prepare_teachers(cfg: Config, data: Dataset, echo: Callable[[str], None] = print) -> Prepared:
-    """The teachers a search needs before its trials, each prepared once (found in the cache when it can be)."""
-    if cfg.search.folds < 2:
-        echo(f"preparing the teacher ({cfg.teacher.name}) once for all trials ...")
-        teacher = prepare_teacher_once(cfg, data, cfg.train.epochs)
-        echo(f"{teacher.info.describe()}; validation balanced accuracy {teacher.metrics['balanced_accuracy']:.4f}")
-        return Prepared(data, [teacher])
-    folds = make_folds(data, cfg.search.folds, cfg.data.split_seed)
-    echo(f"preparing {folds.k} teachers ({cfg.teacher.name}), one per fold, each fine-tuned on the other folds ...")
-    teachers = []
-    for f, fold in enumerate(folds.datasets):
-        teachers.append(prepare_teacher_once(cfg, fold, cfg.train.epochs))
-        echo(f"  fold {f + 1}/{folds.k}: {teachers[-1].info.describe()}; its fold's balanced accuracy "
-             f"{teachers[-1].metrics['balanced_accuracy']:.4f}")
-    return Prepared(folds, teachers)

@@ -1,13 +1,15 @@
 """`kdsearch search`: one search from its config to results/<name>/ with the best student exported.
 
 The flow, each step in its own module: check the config and the models (space), take the run directory
-(session), decode the data (kd.data) and check the metric against what the task reports (kd.selection),
-start or join Ray (cluster), prepare the teachers once (one per fold: cluster, kd.crossval, kd.teacher),
-run the trials (tuner, trainable, progress), then re-rank the top trials with further seeds, refit, export,
-test once and report (rerank, finalize, report, all reading the run through run.py).
+(session), decode the data (kd.data), choose how trials train (kd.schemes: a holdout or K folds) and check
+the metric against what it reports (kd.selection), start or join Ray (cluster), prepare the teachers once
+(one per member of the scheme: teachers, kd.teacher), run the trials (tuner, trainable, progress), then
+re-rank the top trials with further seeds, export the winner as its scheme makes it, test once and report
+(rerank, finalize, report, all reading the run through run.py).
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,15 +19,17 @@ import ray
 from kd.config import Config, save_config
 from kd.data import load_dataset
 from kd.errors import Interrupted
-from kd.files import atomic_write_json
+from kd.schemes import Scheme
 from kd.selection import check_metric, decision_rule
-from search.cluster import check_resources, check_stream_files, prepare_teachers, ray_errors_to, start_ray
+from search.cluster import check_resources, check_stream_files, ray_errors_to, start_ray
 from search.finalize import finalize
 from search.format import shown
-from search.run import CONFIG, RAY_ERRORS, RUN, TEACHER, Run
+from search.records import CONFIG, RAY_ERRORS, RunRecord
+from search.run import Run
 from search.session import exclusive, experiment_path, run_dir_of, set_aside_stale, should_resume, sigterm_as_interrupt
 from search.space import check_points, check_searched_models, parse_space
-from search.tracking import check_loggers
+from search.teachers import prepare_teachers
+from search.tracking import check_loggers, exact_loggers
 from search.tuner import build_tuner
 
 
@@ -43,29 +47,29 @@ def run_search(cfg: Config, address: str | None = None, storage: str | None = No
             set_aside_stale(run_dir)
         t0 = time.perf_counter()
         data = load_dataset(cfg.data, progress=not quiet)
+        scheme = Scheme.of(cfg)
         check_metric(cfg.search.metric, data.classes, decision_rule(len(data.classes), cfg.train.tune_threshold),
-                     cfg.search.folds)
+                     scheme.extra_metrics())
+        split = scheme.split(cfg, data)  # the folds (or the holdout) before anything starts
         started = start_ray(address)
         # Ray's published errors go to ray-errors.log until Ray is stopped (its shutdown included)
         with ray_errors_to(run_dir / RAY_ERRORS, echo):
             try:  # written once the data is good and Ray is up: a search that cannot start leaves nothing behind
                 check_stream_files(data, check_resources(cfg))
                 save_config(cfg, run_dir / CONFIG)
-                run_info = {"experiment": exp_path, "resumed": restore, "classes": data.classes,
-                            "data": data.describe()}
-                atomic_write_json(run_dir / RUN, run_info)
-                prepared = prepare_teachers(cfg, data, echo)
-                atomic_write_json(run_dir / TEACHER, {**prepared.record(), "seconds": time.perf_counter() - t0})
-                how = f"{cfg.search.folds}-fold cross-validated" if cfg.search.folds >= 2 else "holdout"
-                echo(("resuming" if restore else "starting") + f" the search: {cfg.search.num_samples} {how} trials "
-                     f"of {cfg.student.name}, optimising {cfg.search.metric} ({cfg.search.mode}); results in "
-                     f"{shown(run_dir)}")
-                tuner = build_tuner(cfg, prepared.data, prepared.logits, exp_path, restore, quiet)
-                with sigterm_as_interrupt():
+                run_info = RunRecord(experiment=exp_path, resumed=restore, classes=data.classes, data=data.describe())
+                run_info.write(run_dir)
+                prepared = prepare_teachers(cfg, split, echo)
+                prepared.record(seconds=time.perf_counter() - t0).write(run_dir)
+                echo(("resuming" if restore else "starting") + f" the search: {cfg.search.num_samples} "
+                     f"{scheme.describe(cfg)} trials of {cfg.student.name}, optimising {cfg.search.metric} "
+                     f"({cfg.search.mode}); results in {shown(run_dir)}")
+                tuner = build_tuner(cfg, prepared.scheme, exp_path, restore, quiet)
+                with sigterm_as_interrupt(), exact_loggers(not restore):
                     tuner.fit()
                 _raise_if_interrupted(run_dir)
-                atomic_write_json(run_dir / RUN, {**run_info, "seconds": time.perf_counter() - t0})
-                finalize(run_dir, data, prepared, echo=echo)
+                dataclasses.replace(run_info, seconds=time.perf_counter() - t0).write(run_dir)
+                finalize(run_dir, prepared, echo=echo)
             finally:
                 if started:
                     ray.shutdown()

@@ -20,7 +20,8 @@ def number(value: Any) -> str:
     if value is None or (isinstance(value, (float, np.floating)) and math.isnan(value)):
         return ""
     if isinstance(value, (float, np.floating)):
-        return f"{value:.4g}" if abs(value) < 1e-3 or abs(value) >= 1e4 else f"{value:.4f}".rstrip("0").rstrip(".")
+        size = abs(float(value))
+        return f"{value:.4g}" if size < 1e-3 or size >= 1e4 else f"{value:.4f}".rstrip("0").rstrip(".")
     return str(value)
 
 

@@ -10,11 +10,19 @@ import pandas as pd
 from matplotlib.ticker import MaxNLocator, NullFormatter
 
 from kd import plots as kplots
-from kd.plots import plt, save_figure
-from search.run import COMPLETED, FAILED, JOURNAL, RANKED, STOPPED, UNFINISHED, Run
+from kd.plots import new_figure, save_figure
+from search.records import JOURNAL, RANKED, TrialStatus
+from search.run import Run
 
 log = logging.getLogger("search")
-COLOURS = {COMPLETED: "tab:blue", STOPPED: "tab:orange", FAILED: "tab:red", UNFINISHED: "tab:grey"}
+# keyed by TrialStatus, a str: the table's plain "completed" finds its colour
+COLOURS: dict[str, str] = {TrialStatus.COMPLETED: "tab:blue", TrialStatus.STOPPED: "tab:orange",
+                           TrialStatus.FAILED: "tab:red", TrialStatus.UNFINISHED: "tab:grey"}
+
+
+def colour_of(status: object) -> str:
+    """A status's colour; black for anything else (a missing status is NaN)."""
+    return COLOURS.get(status, "black") if isinstance(status, str) else "black"
 
 
 def draw_all(run: Run) -> None:
@@ -40,11 +48,12 @@ def draw_all(run: Run) -> None:
 def trials_in_order(run: Run, path: Path) -> None:
     cfg, table = run.config, run.table
     metric = cfg.search.metric
-    fig, ax = plt.subplots(figsize=(9, 4))
+    fig = new_figure((9, 4))
+    ax = fig.subplots()
     for status, group in table.groupby("status"):
-        y = group[metric].fillna(0.0) if status != FAILED else np.zeros(len(group))
-        ax.scatter(group["number"], y, label=status, color=COLOURS.get(status, "black"),
-                   marker="x" if status == FAILED else "o", zorder=3)
+        y = group[metric].fillna(0.0) if status != TrialStatus.FAILED else np.zeros(len(group))
+        ax.scatter(group["number"], y, label=status, color=colour_of(status),
+                   marker="x" if status == TrialStatus.FAILED else "o", zorder=3)
     done = table[table["status"].isin(RANKED)].sort_values("number")
     if len(done):
         running = done[metric].cummax() if cfg.search.mode == "max" else done[metric].cummin()
@@ -66,12 +75,14 @@ def params_vs_metric(run: Run, path: Path) -> None:
     done = table[table["status"].isin(RANKED)]
     cols = min(3, len(keys))
     rows = -(-len(keys) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    fig = new_figure((4.2 * cols, 3.4 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     mode_colour = {"soft": "tab:blue", "hard": "tab:green"}
     for ax, key in zip(axes.flat, keys, strict=False):
         sub = done[done[key].notna()] if key in done else done.iloc[:0]
         colours = [mode_colour.get(m, "tab:grey") for m in sub.get("distill.mode", pd.Series(["?"] * len(sub)))]
         spec = cfg.search.space[key]
+        x: list[float] | pd.Series[float]
         if spec.get("type") == "choice":
             values = [str(v) for v in spec["values"]]
             x = [values.index(str(v)) + np.random.default_rng(i).uniform(-0.15, 0.15) for i, v in enumerate(sub[key])]
@@ -104,7 +115,8 @@ def soft_vs_hard(run: Run, path: Path) -> None:
     recalls = [c for c in table.columns if c.startswith("val_recall_")]
     names = ["val_accuracy", "val_balanced_accuracy", *recalls, "val_macro_f1"]
     x = np.arange(len(names))
-    fig, ax = plt.subplots(figsize=(1.4 * len(names) + 2, 3.8))
+    fig = new_figure((1.4 * len(names) + 2, 3.8))
+    ax = fig.subplots()
     for i, (mode, b) in enumerate(best.items()):
         values = [float(b.iloc[0][n]) for n in names]
         bars = ax.bar(x + (i - 0.5) * 0.38, values, 0.38, label=f"best {mode} (trial {b.iloc[0]['trial']})")
@@ -119,6 +131,7 @@ def importance(run: Run, path: Path) -> None:
     """Optuna's fANOVA importances from the saved study; a conditional parameter among the trials it applies to."""
     import optuna
     from optuna.importance import FanovaImportanceEvaluator, get_param_importances
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
 
     cfg = run.config
     journal = run.directory / JOURNAL
@@ -126,7 +139,7 @@ def importance(run: Run, path: Path) -> None:
         return
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+        storage = JournalStorage(JournalFileBackend(str(journal)))
         study = optuna.load_study(study_name=cfg.name, storage=storage)
         trials = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
         if len(trials) < 3:
@@ -152,8 +165,9 @@ def importance(run: Run, path: Path) -> None:
         return
     if not scores:
         return
-    names = sorted(scores, key=scores.get)
-    fig, ax = plt.subplots(figsize=(7, 0.45 * len(names) + 1.4))
+    names = sorted(scores, key=lambda n: scores[n])
+    fig = new_figure((7, 0.45 * len(names) + 1.4))
+    ax = fig.subplots()
     ax.barh(names, [scores[n] for n in names], color=["tab:purple" if "applies" in n else "tab:blue" for n in names])
     ax.set(xlabel="fANOVA importance (share of variance)", title=f"parameter importance for {cfg.search.metric}")
     ax.grid(alpha=0.3, axis="x")
@@ -167,7 +181,8 @@ def pareto(run: Run, path: Path) -> None:
     if not len(done) or "student_latency_ms" not in done or done["student_latency_ms"].isna().all():
         return
     students = done.get("student.name", pd.Series([run.config.student.name] * len(done), index=done.index))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig = new_figure((11, 4))
+    axes = fig.subplots(1, 2)
     for ax, cost, label in ((axes[0], "student_latency_ms", "latency at batch 1 (ms, measured in the trial)"),
                             (axes[1], "student_params", "parameters")):
         for name in sorted(set(students)):
@@ -196,10 +211,11 @@ def timeline(run: Run, path: Path) -> None:
                    for n, g in zip(ran["node"], ran["gpus"], strict=True)]
     slots = sorted(ran["slot"].unique())
     t0 = ran["started"].min()
-    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.5 * min(len(ran), 200)))
+    fig = new_figure((9, 1.2 + 0.5 * min(len(ran), 200)))
+    ax = fig.subplots()
     for row, (_, trial) in enumerate(ran.sort_values("started").iterrows()):
         ax.barh(row, trial["ended"] - trial["started"], left=trial["started"] - t0,
-                color=COLOURS.get(trial["status"], "black"), alpha=0.8)
+                color=colour_of(trial["status"]), alpha=0.8)
         ax.text(trial["ended"] - t0, row, f" {trial['trial']} · {trial['slot']}", va="center", fontsize=7)
     ax.set_yticks([])
     ax.set(xlabel="seconds since the first trial started", title=f"trials over time on {len(slots)} node/GPU "

@@ -18,8 +18,9 @@ from typing import Any
 from ray.tune import Callback
 from ray.tune.experiment import Trial
 
+from search.experiment import error_line, trial_error
 from search.format import params_text
-from search.run import COMPLETED, EVENTS, FAILED, RETRY, STOPPED, error_line, trial_error
+from search.records import EVENTS, TrialStatus
 
 
 def _error(trial: Trial) -> str:
@@ -63,21 +64,21 @@ class TrialLog(Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         result = self.last.get(trial.trial_id) or trial.last_result or {}
         value, epochs = result.get(self.metric), result.get("epoch", 0)
-        status = COMPLETED if epochs >= self.max_epochs else STOPPED
+        status = TrialStatus.COMPLETED if epochs >= self.max_epochs else TrialStatus.STOPPED
         self._record({"trial": trial.trial_id, "status": status, "epochs": epochs})
         if value is not None and (self.best is None or (value > self.best) == (self.mode == "max")):
             self.best = value
-        how = COMPLETED if status == COMPLETED else f"{STOPPED} at epoch {epochs}"
+        how = status if status == TrialStatus.COMPLETED else f"{TrialStatus.STOPPED} at epoch {epochs}"
         shown = f"{value:.4f}" if value is not None else "n/a"
         best = f"{self.best:.4f}" if self.best is not None else "n/a"
         self._print(f"trial {trial.trial_id} {how}: {self.metric} {shown} (best {best}) | {params_text(trial.config)}")
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         error = _error(trial)
-        self._record({"trial": trial.trial_id, "status": RETRY, "error": error})
+        self._record({"trial": trial.trial_id, "status": TrialStatus.RETRY, "error": error})
         self._print(f"trial {trial.trial_id} will be retried after: {error or 'its process died'}")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         error = _error(trial)
-        self._record({"trial": trial.trial_id, "status": FAILED, "error": error})
+        self._record({"trial": trial.trial_id, "status": TrialStatus.FAILED, "error": error})
         self._print(f"trial {trial.trial_id} failed: {error or 'its process died'} | {params_text(trial.config)}")

@@ -16,29 +16,23 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import ray
-import torch
 
 from kd.config import Config
-from kd.crossval import Folds, cross_validate
-from kd.data import Dataset
-from kd.distill import train_student
 from kd.metrics import scalars
-from kd.train import COMPLETED
-from search.cluster import Prepared, remote, trial_resources
-from search.run import RANKED, Run
+from kd.schemes import Scheme
+from kd.train import Outcome
+from search.cluster import remote, trial_resources
+from search.records import RANKED, Candidate, Comparison, Reranking, Spread, TrialStatus, Verdict
+from search.run import Run
+from search.teachers import Prepared
 
 
-def retrain(cfg: Config, data: Dataset | Folds, logits: torch.Tensor | list[torch.Tensor]) -> dict[str, Any]:
-    """One candidate with one seed: its last epoch's metrics and its held-out probabilities (pooled out-of-fold)."""
-    if isinstance(data, Folds):
-        cv = cross_validate(cfg, data, logits)  # type: ignore[arg-type]
-        status, history, probs = cv.status, cv.history, cv.oof_probs
-    else:
-        fit = train_student(cfg, data, logits, progress=False)  # type: ignore[arg-type]
-        status, history, probs = fit.status, fit.history, fit.val_probs
-    if status != COMPLETED or probs is None:
-        return {"status": status}
-    return {"status": status, "metrics": scalars(history[-1]), "probs": probs.astype(np.float32)}
+def retrain(cfg: Config, scheme: Scheme) -> dict[str, Any]:
+    """One candidate with one seed: its last epoch's metrics and its pooled held-out probabilities."""
+    fit = scheme.fit(cfg)
+    if fit.status != Outcome.COMPLETED or fit.probs is None:
+        return {"status": fit.status}
+    return {"status": fit.status, "metrics": scalars(fit.history[-1]), "probs": fit.probs.astype(np.float32)}
 
 
 def candidates(run: Run) -> list[tuple[pd.Series, int | None]]:
@@ -54,44 +48,44 @@ def candidates(run: Run) -> list[tuple[pd.Series, int | None]]:
 
 
 def rerank(run: Run, prepared: Prepared, seeds: list[int],
-           chosen: list[tuple[pd.Series, int | None]]) -> tuple[dict[str, Any], list[np.ndarray]]:
+           chosen: list[tuple[pd.Series, int | None]]) -> tuple[Reranking, list[np.ndarray]]:
     """Retrain every candidate (`candidates(run)`) with every seed; the record (rerank.json) and the winner's
     held-out probabilities."""
     cfg, metric = run.config, run.config.search.metric
-    data_ref, logits_ref = ray.put(prepared.data), ray.put(prepared.logits)
+    scheme_ref = ray.put(prepared.scheme)
     resources = trial_resources(cfg)
-    jobs = [[remote(retrain, resources, run.trial_config(row).updated({"train.seed": s}), data_ref, logits_ref)
+    jobs = [[remote(retrain, resources, run.trial_config(row).updated({"train.seed": s}), scheme_ref)
              for s in seeds] for row, _ in chosen]
     results = [ray.get(j) for j in jobs]
     entries = []
-    for (row, point), runs in zip(chosen, results, strict=False):
-        values = [r["metrics"].get(metric, math.nan) if r["status"] == COMPLETED else math.nan for r in runs]
-        entries.append({"trial": row["trial"], "params": run.params(row), "hand_picked": point,
-                        "search_value": float(row[metric]), "status": row["status"], "values": values,
-                        "mean": _mean(values), "std": _std(values),
-                        "metrics": _summaries([r.get("metrics", {}) for r in runs])})
+    for (row, point), runs in zip(chosen, results, strict=True):
+        values = [r["metrics"].get(metric, math.nan) if r["status"] == Outcome.COMPLETED else math.nan for r in runs]
+        entries.append(Candidate(trial=row["trial"], params=run.params(row), hand_picked=point,
+                                 search_value=float(row[metric]), status=TrialStatus(row["status"]), values=values,
+                                 mean=_mean(values), std=_std(values),
+                                 metrics=_summaries([r.get("metrics", {}) for r in runs])))
     sign = 1 if cfg.search.mode == "max" else -1
     allowed = set(run.table.loc[run.within_budget(run.table), "trial"])  # a point over budget: compared only
-    ranked = sorted((i for i in range(len(entries)) if entries[i]["trial"] in allowed),
-                    key=lambda i: -sign * entries[i]["mean"] if not math.isnan(entries[i]["mean"]) else math.inf)
+    ranked = sorted((i for i in range(len(entries)) if entries[i].trial in allowed),
+                    key=lambda i: -sign * entries[i].mean if not math.isnan(entries[i].mean) else math.inf)
     winner = entries[ranked[0]]
-    record = {"metric": metric, "seeds": seeds, "winner": winner["trial"], "candidates": entries,
-              "against_points": [compare(winner, e, sign) for e in entries if e["hand_picked"]]}
-    probs = [r["probs"] for r in results[ranked[0]] if r["status"] == COMPLETED]
+    record = Reranking(metric=metric, seeds=seeds, winner=winner.trial, candidates=entries,
+                       against_points=[compare(winner, e, sign) for e in entries if e.hand_picked])
+    probs = [r["probs"] for r in results[ranked[0]] if r["status"] == Outcome.COMPLETED]
     return record, probs
 
 
-def compare(best: dict[str, Any], point: dict[str, Any], sign: int) -> dict[str, Any]:
+def compare(best: Candidate, point: Candidate, sign: int) -> Comparison:
     """The search's best against one hand-picked point on the same seeds: the paired difference and its noise."""
-    d = sign * (np.asarray(best["values"], dtype=float) - np.asarray(point["values"], dtype=float))
+    assert point.hand_picked is not None
+    d = sign * (np.asarray(best.values, dtype=float) - np.asarray(point.values, dtype=float))
     d = d[~np.isnan(d)]
     mean = float(d.mean()) if len(d) else math.nan
     se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else math.nan
-    same = best["trial"] == point["trial"]
-    verdict = ("is the hand-picked point itself" if same else "beats it beyond the noise"
-               if len(d) > 1 and mean > 2 * se else "does not beat it beyond the noise")
-    return {"point": point["hand_picked"], "trial": point["trial"], "difference": mean, "standard_error": se,
-            "seeds": len(d), "verdict": verdict}
+    verdict = (Verdict.SAME if best.trial == point.trial else Verdict.BEATS if len(d) > 1 and mean > 2 * se
+               else Verdict.WITHIN_NOISE)
+    return Comparison(point=point.hand_picked, trial=point.trial, difference=mean, standard_error=se, seeds=len(d),
+                      verdict=verdict)
 
 
 def _mean(values: list[float]) -> float:
@@ -105,7 +99,7 @@ def _std(values: list[float]) -> float:
     return float(v.std(ddof=1)) if len(v) > 1 else 0.0
 
 
-def _summaries(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+def _summaries(runs: list[dict[str, Any]]) -> dict[str, Spread]:
     names = sorted({k for r in runs for k in r if k.startswith("val_")})
-    return {n: {"mean": _mean([r.get(n, math.nan) for r in runs]), "std": _std([r.get(n, math.nan) for r in runs])}
+    return {n: Spread(_mean([r.get(n, math.nan) for r in runs]), _std([r.get(n, math.nan) for r in runs]))
             for n in names}

@@ -1,27 +1,13 @@
 """A typed, read-only view of a search's run directory: the one model every reader of a search uses.
 
 The report, the plots, finalize, export, the console progress and the interruption check all read a
-search through `Run`, so how a file is laid out, how a trial's status is decided and which trials rank
-first are written once, here. Nothing here writes, and nothing is unpickled: Ray's per-trial
-`params.json` and `result.json`, the statuses in `experiment_state-*.json`, the driver's own event log
-and the files the search wrote itself are all plain JSON or YAML.
-
-Layout of `results/<name>/`:
-
-    config.yaml          the resolved config           run.json        classes, data, experiment path, time
-    teacher.json         the teachers' record          rerank.json     the top trials retrained with other seeds
-    trial_events.jsonl   every trial end and retry     optuna.journal  the Optuna study
-    best/                the exported best student     trials.csv, summary.md, plots/, configs/: the report
-    ray/                 Ray Tune's experiment (or ray-mirror/, a local copy of one in remote storage)
+search through `Run`, so which trials rank first, what the budget admits and how a figure is named are
+written once, here. The files and their records are search.records; Ray's experiment is read by
+search.experiment.
 """
 from __future__ import annotations
 
-import glob
-import json
-import logging
 import os
-import re
-from dataclasses import dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -31,122 +17,22 @@ import pandas as pd
 
 from kd.config import Config, load_config
 from kd.errors import UserError
-from kd.files import read_json, read_jsonl
+from kd.schemes import Scheme
 from kd.selection import decision_rule, rule_label, rule_text
-from kd.teacher import TeacherInfo
+from search.experiment import load_trials, mirror
+from search.records import (
+    CONFIG,
+    EXPERIMENT,
+    FINISHED,
+    MIRROR,
+    RANKED,
+    BestRecord,
+    Reranking,
+    RunRecord,
+    TeacherRecord,
+    TrialStatus,
+)
 
-log = logging.getLogger("search")
-
-CONFIG, RUN, TEACHER, RERANK, BEST = "config.yaml", "run.json", "teacher.json", "rerank.json", "best"
-RERANK_PROBS = "rerank_probs.safetensors"  # the winner's held-out probabilities over the further seeds
-EVENTS, JOURNAL, EXPERIMENT, MIRROR = "trial_events.jsonl", "optuna.journal", "ray", "ray-mirror"
-STATE_FILE = "state.pt"  # the file inside a trial's checkpoint folder
-RAY_ERRORS = "ray-errors.log"  # the errors Ray's cluster published to this search, whole (the console gets a line)
-MLFLOW_DB = "mlflow.db"  # search.loggers' MLflow store, unless search.mlflow_uri names another
-
-# A trial's status: the one vocabulary of the table, the console, the plots and the summary.
-COMPLETED, STOPPED, FAILED, UNFINISHED = "completed", "stopped early", "failed", "unfinished"
-RETRY = "retry"                              # an event only: the trial is run again
-RANKED = (COMPLETED, STOPPED)                # trials with a score to rank
-FINISHED = (COMPLETED, STOPPED, FAILED)      # trials that will not run again
-METRICS = ("val_balanced_accuracy", "val_accuracy", "val_macro_f1", "val_balanced_accuracy_argmax",
-           "val_balanced_accuracy_fold_mean", "val_balanced_accuracy_fold_std")
-COST = ("student_params", "student_mflops", "student_latency_ms", "student_images_per_s")  # measured in each trial
-PLACEMENT = ("node", "gpus", "device")  # the Ray node, the GPU ids Ray gave the trial, torch's device
-
-
-# ----------------------------------------------------------------------------------------------- records
-
-@dataclass(frozen=True)
-class RunRecord:
-    """run.json: what the search was given and where its experiment lives."""
-    experiment: str
-    classes: list[str]
-    data: str = ""
-    resumed: bool = False
-    seconds: float | None = None
-
-
-@dataclass(frozen=True)
-class TeacherRecord:
-    """teacher.json: the teacher's validation metrics (the mean over folds) and how it was prepared."""
-    metrics: dict[str, Any]
-    info: dict[str, Any]
-    seconds: float = 0.0
-    teachers: int = 1                            # one per fold in a cross-validated search
-
-    def describe(self) -> str:
-        return TeacherInfo.from_dict(self.info).describe()
-
-
-@dataclass(frozen=True)
-class Reranking:
-    """rerank.json: the top trials and the hand-picked points retrained with further seeds, and the winner."""
-    metric: str
-    seeds: list[int]
-    winner: str
-    candidates: list[dict[str, Any]]             # trial, params, hand_picked, search_value, values, mean, std, metrics
-    against_points: list[dict[str, Any]]         # the winner against each hand-picked point: paired difference
-
-
-@dataclass(frozen=True)
-class BestRecord:
-    """best/metrics.json: the exported student, its validation metrics and its one test evaluation."""
-    trial: str
-    classes: list[str]
-    threshold: float | None
-    epoch: int
-    params: dict[str, Any]
-    val_last_epoch: dict[str, Any]
-    val: dict[str, Any] = field(default_factory=dict)
-    test: dict[str, Any] = field(default_factory=dict)
-    refit: bool = False                          # refitted on train + validation (cross-validated searches)
-    cost: dict[str, Any] = field(default_factory=dict)  # the compression report against the teacher (kd.cost)
-    train_images: int = 0
-
-
-def _record(cls: Any, raw: dict[str, Any] | None) -> Any:
-    """A record from its JSON, or None where the file is missing, unreadable or of another shape."""
-    if raw is None:
-        return None
-    names = {f.name for f in fields(cls)}
-    try:
-        return cls(**{k: v for k, v in raw.items() if k in names})
-    except TypeError as e:
-        log.warning("ignoring a %s record that does not have the expected fields (%s)", cls.__name__, e)
-        return None
-
-
-# ------------------------------------------------------------------------------------------ trial errors
-
-_CAUSE = re.compile(r"^[\w.]+(Error|Exception|Diverged)\b")
-
-
-def error_line(text: str) -> str:
-    """The line of an error report that names the exception (the last one: the root cause), else its last line."""
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    causes = [ln for ln in lines if _CAUSE.match(ln)]
-    return (causes[-1] if causes else lines[-1] if lines else "")[:300]
-
-
-def trial_error(trial_dir: str | Path) -> str:
-    """The error line of the error.txt Ray writes into a failed trial's folder ('' if there is none)."""
-    try:
-        return error_line(Path(trial_dir, "error.txt").read_text(errors="replace"))
-    except OSError:
-        return ""
-
-
-def latest_checkpoint(trial_dir: str | Path) -> str | None:
-    found = sorted(glob.glob(os.path.join(trial_dir, "checkpoint_*", STATE_FILE)))
-    return found[-1] if found else None
-
-
-def read_events(run_dir: str | Path) -> list[dict[str, Any]]:
-    return [e for e in read_jsonl(Path(run_dir) / EVENTS) if "trial" in e and "status" in e]
-
-
-# ------------------------------------------------------------------------------------------------- run
 
 class Run:
     """A search's run directory, read once and on demand. `refresh` copies a remote experiment first."""
@@ -156,7 +42,7 @@ class Run:
         if not (self.directory / CONFIG).is_file():
             raise UserError(f"{self.directory} is not a search directory (it has no {CONFIG})")
         self.config: Config = load_config(self.directory / CONFIG)
-        self.record: RunRecord | None = _record(RunRecord, read_json(self.directory / RUN))
+        self.record: RunRecord | None = RunRecord.read(self.directory)
         self._refresh = refresh
 
     # ---- the files the search wrote
@@ -169,15 +55,15 @@ class Run:
 
     @property
     def teacher(self) -> TeacherRecord | None:
-        return _record(TeacherRecord, read_json(self.directory / TEACHER))
+        return TeacherRecord.read(self.directory)
 
     @property
     def reranking(self) -> Reranking | None:
-        return _record(Reranking, read_json(self.directory / RERANK))
+        return Reranking.read(self.directory)
 
     @property
     def best(self) -> BestRecord | None:
-        return _record(BestRecord, read_json(self.directory / BEST / "metrics.json"))
+        return BestRecord.read(self.directory)
 
     @cached_property
     def experiment(self) -> Path:
@@ -202,7 +88,7 @@ class Run:
 
     @cached_property
     def _trials(self) -> tuple[pd.DataFrame, dict[str, list[dict[str, Any]]]]:
-        return _load_trials(self.config, str(self.experiment), self.directory)
+        return load_trials(self.config, str(self.experiment), self.directory)
 
     @property
     def table(self) -> pd.DataFrame:
@@ -217,11 +103,20 @@ class Run:
     @property
     def rule(self) -> str:
         """The decision rule every figure of this search uses (kd.selection), named in full."""
-        return rule_text(decision_rule(len(self.classes), self.config.train.tune_threshold), self.config.search.folds)
+        return rule_text(self._decision_rule, self.scheme.where(self.config))
 
     @property
     def rule_label(self) -> str:
-        return rule_label(decision_rule(len(self.classes), self.config.train.tune_threshold), self.config.search.folds)
+        return rule_label(self._decision_rule, self.scheme.short(self.config))
+
+    @property
+    def _decision_rule(self) -> str:
+        return decision_rule(len(self.classes), self.config.train.tune_threshold)
+
+    @property
+    def scheme(self) -> type[Scheme]:
+        """How this search's trials trained (kd.schemes), which names where its figures come from."""
+        return Scheme.of(self.config)
 
     def finished(self) -> int:
         return int(self.table["status"].isin(FINISHED).sum()) if len(self.table) else 0
@@ -296,22 +191,9 @@ def best_trials(cfg: Config, table: pd.DataFrame, k: int = 5) -> pd.DataFrame:
     ok = table[table["status"].isin(RANKED) & table[metric].notna()].copy()
     if ok.empty:
         return ok
-    ok["_full"] = ok["status"] == COMPLETED
+    ok["_full"] = ok["status"] == TrialStatus.COMPLETED
     ok = ok.sort_values(["_full", metric], ascending=[False, cfg.search.mode == "min"])
     return ok.drop(columns="_full").head(k)
-
-
-def mirror(uri: str, run_dir: Path) -> Path:
-    """Copy an experiment kept in remote storage (s3://, gs://, ...) to run_dir/ray-mirror for reading."""
-    import pyarrow.fs
-    target = run_dir / MIRROR
-    try:
-        pyarrow.fs.copy_files(uri, str(target.absolute()))
-    except Exception as e:  # no credentials, no network, a typo: say which, keep any earlier mirror
-        if not target.is_dir():
-            raise UserError(f"cannot read the experiment at {uri}: {e}") from None
-        log.warning("could not refresh %s from %s (%s); using the copy from earlier", target, uri, e)
-    return target
 
 
 def _missing(value: Any) -> bool:
@@ -321,99 +203,3 @@ def _missing(value: Any) -> bool:
 def _plain(value: Any) -> Any:
     """numpy scalars from the table as Python values (kd.config coerces 3.0 to 3 where a key wants an int)."""
     return value.item() if isinstance(value, np.generic) else value
-
-
-# ------------------------------------------------------------------------------------- reading trials
-
-def _ray_statuses(exp: str) -> dict[str, dict[str, Any]]:
-    """trial_id -> {status, failures} from the newest experiment state, if it can be read."""
-    # The newest session's file: names carry the session's start time (Ray rewrites all of them at the end,
-    # so their modification times do not tell which is newest).
-    files = sorted(glob.glob(os.path.join(exp, "experiment_state-*.json")))
-    if not files:
-        return {}
-    try:
-        state = json.loads(Path(files[-1]).read_text())
-        out = {}
-        for entry in state.get("trial_data", []):
-            trial = json.loads(entry[0] if isinstance(entry, list) else entry)
-            runtime = json.loads(entry[1]) if isinstance(entry, list) and len(entry) > 1 else {}
-            out[trial["trial_id"]] = {"status": trial.get("status"), "failures": runtime.get("num_failures", 0)}
-        return out
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        log.warning("could not read trial statuses from %s (%s); deriving them from the trial folders", files[-1], e)
-        return {}
-
-
-def _status(ray_status: str | None, history: list[dict[str, Any]], error: str, epochs: int) -> str:
-    if ray_status == "ERROR" or (error and ray_status is None):
-        return FAILED
-    if ray_status == "TERMINATED" or (ray_status is None and len(history) >= epochs):
-        return COMPLETED if len(history) >= epochs else STOPPED
-    return UNFINISHED
-
-
-def _load_trials(cfg: Config, exp: str, run_dir: Path) -> tuple[pd.DataFrame, dict[str, list[dict[str, Any]]]]:
-    """A trial's status comes from the driver's own event log when it has one (written as events happen), else
-    from Ray's newest experiment state, else from the trial's files."""
-    statuses = _ray_statuses(exp)
-    events: dict[str, list[dict[str, Any]]] = {}
-    for event in read_events(run_dir):
-        events.setdefault(event["trial"], []).append(event)
-    metric, pick = cfg.search.metric, (max if cfg.search.mode == "max" else min)
-    rows, histories = [], {}
-    for params_file in sorted(glob.glob(os.path.join(exp, "*", "params.json"))):
-        trial_dir = os.path.dirname(params_file)
-        name = os.path.basename(trial_dir)
-        match = re.match(r".*?_([0-9a-f]{8})_(\d+)_", name)
-        trial_id, number = (match.group(1), int(match.group(2))) if match else (name, 0)
-        try:
-            params = json.loads(Path(params_file).read_text())
-        except ValueError:
-            continue
-        # Ray appends to result.json: a retried trial reports the epochs after its checkpoint again; the last stands
-        history = list({r["epoch"]: r for r in read_jsonl(os.path.join(trial_dir, "result.json"))
-                        if "epoch" in r}.values())
-        histories[trial_id] = history
-        mine = events.get(trial_id, [])
-        ends = [e for e in mine if e["status"] != RETRY]
-        errors = [e["error"] for e in mine if e.get("error")]
-        error = errors[-1] if errors else trial_error(trial_dir) or ("the trial's process died" if mine else "")
-        if ends:
-            status = ends[-1]["status"]
-            failures = sum(e["status"] in (RETRY, FAILED) for e in mine)
-        else:
-            status = _status(statuses.get(trial_id, {}).get("status"), history, error, cfg.train.epochs)
-            failures = statuses.get(trial_id, {}).get("failures", 0)
-        if status not in (FAILED, UNFINISHED):  # a retried trial that then finished carries no error
-            error = ""
-        row: dict[str, Any] = {"trial": trial_id, "number": number, "status": status, **params}
-        last = history[-1] if history else {}
-        recalls = sorted(k for k in last if k.startswith("val_recall_"))
-        for key in (*METRICS, *recalls):
-            row[key] = last.get(key, np.nan)
-        scored = [h for h in history if h.get(metric) is not None]
-        best = pick(scored, key=lambda h: h[metric]) if scored else {}
-        row["best_epoch"] = best.get("epoch", np.nan)  # the epoch with the best search metric, and its metrics
-        for key in (*METRICS, *recalls):
-            row[f"best_{key}"] = best.get(key, np.nan)
-        for key in COST:
-            row[key] = last.get(key, np.nan)
-        row["threshold"] = last.get("threshold", np.nan)
-        row["epochs"] = len(history)
-        row["seconds"] = last.get("time_total_s", np.nan)
-        for key in PLACEMENT:  # where its last epoch ran
-            row[key] = last.get(key, "")
-        starts = [h["attempt_started"] for h in history if "attempt_started" in h]
-        row["started"] = min(starts) if starts else np.nan  # wall-clock seconds, its first attempt
-        row["ended"] = last.get("reported_at", np.nan)
-        row["failures"] = failures
-        row["error"] = error
-        row["path"] = trial_dir
-        rows.append(row)
-    table = pd.DataFrame(rows)
-    if len(table):
-        first = ["trial", "number", "status", *[k for k in cfg.search.space if k in table.columns]]
-        table = table[first + [c for c in table.columns if c not in first]]
-        table = table.sort_values("number").reset_index(drop=True)
-    return table, histories

@@ -13,7 +13,18 @@ from typing import Any
 
 from kd.config import Config, load_config
 from kd.errors import UserError
-from search.run import BEST, CONFIG, EVENTS, EXPERIMENT, JOURNAL, MLFLOW_DB, RAY_ERRORS, RERANK, RERANK_PROBS, TEACHER
+from search.records import (
+    BEST,
+    CONFIG,
+    EVENTS,
+    EXPERIMENT,
+    JOURNAL,
+    MLFLOW_DB,
+    RAY_ERRORS,
+    RERANK,
+    RERANK_PROBS,
+    TEACHER,
+)
 
 STALE = (JOURNAL, EVENTS, RERANK, RERANK_PROBS, TEACHER, BEST, EXPERIMENT, MLFLOW_DB, RAY_ERRORS)
 log = logging.getLogger("search")

@@ -45,12 +45,19 @@ class Param:
         """Whether this parameter applies, given the values sampled so far (or fixed in the config)."""
         return all((sampled[k] if k in sampled else base.get(k)) in allowed for k, allowed in self.when.items())
 
+    def bounds(self) -> tuple[float | int, float | int]:
+        """`low` and `high` of a numeric parameter (parse_space sets both for every type but choice)."""
+        if self.low is None or self.high is None:
+            raise TypeError(f"{self.key}: a {self.type} parameter needs low and high")
+        return self.low, self.high
+
     def suggest(self, trial: Any) -> Any:
         if self.type == "choice":
             return trial.suggest_categorical(self.key, self.values)
+        low, high = self.bounds()
         if self.type == "int":
-            return trial.suggest_int(self.key, int(self.low), int(self.high), log=self.log)
-        return trial.suggest_float(self.key, float(self.low), float(self.high), log=self.type == "loguniform")
+            return trial.suggest_int(self.key, int(low), int(high), log=self.log)
+        return trial.suggest_float(self.key, float(low), float(high), log=self.type == "loguniform")
 
 
 def parse_space(cfg: Config) -> list[Param]:
@@ -167,8 +174,10 @@ def check_points(points: list[dict[str, Any]], params: list[Param], base: Config
             p = by_key[key]
             if p.type == "choice" and value not in p.values:
                 raise ConfigError(f"{where}: {key}={value!r} is not among the choices {p.values}")
-            if p.type != "choice" and not (isinstance(value, (int, float)) and p.low <= value <= p.high):
-                raise ConfigError(f"{where}: {key}={value!r} is outside the searched range [{p.low}, {p.high}]")
+            if p.type != "choice":
+                low, high = p.bounds()
+                if not (isinstance(value, (int, float)) and low <= value <= high):
+                    raise ConfigError(f"{where}: {key}={value!r} is outside the searched range [{low}, {high}]")
             if not p.active(point, base):
                 raise ConfigError(f"{where}: '{key}' only applies when {p.when}, which this point does not meet")
     return [dict(p) for p in points]

@@ -1,15 +1,18 @@
 """summary.md: what a person reads first after a search, written from the run model alone."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import pandas as pd
 
+from kd.metrics import flatten
 from search.format import number, param_name, params_text
-from search.run import FAILED, Run
+from search.records import TEACHER_WORK, BestRecord, TrialStatus, Verdict
+from search.run import Run
 
 
-def _table(header: list[str], rows: list[list[Any]]) -> str:
+def _table(header: list[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(number(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
@@ -70,27 +73,49 @@ def _teacher(run: Run) -> list[str]:
     if teacher is None:
         return ["## Teacher", "", "Not prepared yet.", ""]
     what = (f"one per fold ({teacher.teachers}), each fine-tuned on the other folds only, prepared before the trials "
-            f"({teacher.describe()}; the trials ran no teacher forward pass). Validation figures: the mean over the "
+            f"({teacher.describe()}; {_trials_teacher_work(run)}). Validation figures: the mean over the "
             "teachers' own folds." if teacher.teachers > 1 else
-            f"prepared once before the trials ({teacher.describe()}; the trials ran no teacher forward pass).")
+            f"prepared once before the trials ({teacher.describe()}; {_trials_teacher_work(run)}).")
     return ["## Teacher", "", f"`{run.config.teacher.name}`, {what}", "",
             _table(["validation", "value"], _metric_rows(teacher.metrics, run.classes)), ""]
 
 
+def _trials_teacher_work(run: Run) -> str:
+    """What the trials themselves ran through a teacher, as each trial counted it in its own process."""
+    table = run.table
+    counted = table[TEACHER_WORK].dropna() if TEACHER_WORK in table else table.iloc[:0]
+    if not len(counted):
+        return "no trial has counted its teacher forward passes yet"
+    total, running = int(counted.to_numpy().sum()), int((counted.to_numpy() > 0).sum())
+    if total == 0:
+        return f"the trials ran no teacher forward pass ({len(counted)} trials counted theirs)"
+    return f"{total} teacher forward passes ran inside {running} trials"
+
+
+def _figures(run: Run, classes: list[str], top: pd.DataFrame) -> tuple[list[str], list[str]]:
+    """The columns of a trials table: the search's metric first, by its name, then the other held-out figures."""
+    metric = run.config.search.metric
+    names = [metric, *[m for m in ("val_balanced_accuracy", "val_accuracy", "val_macro_f1") if m != metric]]
+    names += [f"val_recall_{c}" for c in classes if f"val_recall_{c}" in top.columns and f"val_recall_{c}" != metric]
+    short = {"val_balanced_accuracy": "bal. acc", "val_accuracy": "acc", "val_macro_f1": "macro F1",
+             **{f"val_recall_{c}": f"recall {c}" for c in classes}}
+    return names, [f"{short.get(metric, metric)} (search.metric)" if n == metric else short.get(n, n)
+                   for n in names]
+
+
 def _top_trials(run: Run, top: pd.DataFrame) -> list[str]:
-    out = ["## Top trials (validation)", "", f"Figures: {_rule(run)}.", ""]
+    out = ["## Top trials (validation)", "", f"Figures: {run.rule}.", ""]
     table, classes = run.table, run.classes
     if len(top):
         keys = run.searched_keys()
-        recall = [f"val_recall_{c}" for c in classes if f"val_recall_{c}" in top.columns]
-        header = ["trial", *[param_name(k) for k in keys], "bal. acc", "acc", "macro F1",
-                  *[f"recall {c}" for c in classes[:len(recall)]], "epochs", "status"]
-        rows = [[r["trial"], *[r.get(k) for k in keys], r["val_balanced_accuracy"], r["val_accuracy"],
-                 r["val_macro_f1"], *[r[c] for c in recall], r["epochs"], r["status"]] for _, r in top.iterrows()]
+        names, labels = _figures(run, classes, top)
+        header = ["trial", *[param_name(k) for k in keys], *labels, "epochs", "status"]
+        rows = [[r["trial"], *[r.get(k) for k in keys], *[r[n] for n in names], r["epochs"], r["status"]]
+                for _, r in top.iterrows()]
         out += [_table(header, rows), ""]
     else:
         out += ["No trial has finished yet.", ""]
-    failed = table[table["status"] == FAILED] if len(table) else table
+    failed = table[table["status"] == TrialStatus.FAILED] if len(table) else table
     if len(failed):
         out += ["Failed trials: " + "; ".join(f"`{r['trial']}`: {r['error']}" for _, r in failed.iterrows()), ""]
     return out
@@ -99,18 +124,17 @@ def _top_trials(run: Run, top: pd.DataFrame) -> list[str]:
 def _points_against_best(run: Run, top: pd.DataFrame) -> list[str]:
     """The hand-picked settings (`search.points`, e.g. the reference projects' own) beside what the search found."""
     table, classes = run.table, run.classes
-    rows = []
+    rows: list[tuple[str, pd.Series]] = []
     for i, point in enumerate(run.config.search.points):
         r = run.point_trial(point)
         if r is not None:
-            rows.append([f"hand-picked {i + 1}: {params_text(point)}", r])
+            rows.append((f"hand-picked {i + 1}: {params_text(point)}", r))
     if not rows or not len(top):
         return []
-    rows.append(["best found by the search: " + params_text(run.params(top.iloc[0])), top.iloc[0]])
-    recall = [c for c in classes if f"val_recall_{c}" in table.columns]
-    header = ["setting", "trial", "bal. acc", "acc", *[f"recall {c}" for c in recall], "epochs", "status"]
-    body = [[what, r["trial"], r["val_balanced_accuracy"], r["val_accuracy"],
-             *[r[f"val_recall_{c}"] for c in recall], r["epochs"], r["status"]] for what, r in rows]
+    rows.append(("best found by the search: " + params_text(run.params(top.iloc[0])), top.iloc[0]))
+    names, labels = _figures(run, classes, table)
+    header = ["setting", "trial", *labels, "epochs", "status"]
+    body = [[what, r["trial"], *[r[n] for n in names], r["epochs"], r["status"]] for what, r in rows]
     return ["## Hand-picked settings against the search (validation)", "",
             "The settings in `search.points` ran first, as ordinary trials (ASHA may stop them too):", "",
             _table(header, body), ""]
@@ -143,8 +167,8 @@ def _pareto(run: Run) -> list[str]:
     budget_text = " and ".join(b for b in budget if b)
     fits = run.within_budget(front)
     rows = [[r["trial"], r.get("student.name", run.config.student.name), f"{r['student_params'] / 1e6:.2f}M",
-             r["student_mflops"], r["student_latency_ms"], r[metric], "yes" if fits[i] else "no"]
-            for i, r in front.iterrows()]
+             r["student_mflops"], r["student_latency_ms"], r[metric], "yes" if fit else "no"]
+            for fit, (_, r) in zip(fits, front.iterrows(), strict=True)]
     device = "measured in each trial on its own device, median of repeats after warm-up"
     return ["## Accuracy against cost (Pareto front)", "",
             f"The trials that no other trial beats on both {metric} and the student's latency ({device}). "
@@ -159,20 +183,19 @@ def _reranking(run: Run) -> list[str]:
     rr, metric = run.reranking, run.config.search.metric
     if rr is None:
         return out + ["Not run yet (it follows the search), or `search.confirm_seeds` is 0.", ""]
-    rows = [[e["trial"], params_text(e["params"]), f"hand-picked {e['hand_picked']}" if e["hand_picked"] else "top",
-             e["search_value"], f"{e['mean']:.4f} ± {e['std']:.4f}", " ".join(number(v) for v in e["values"]),
-             "winner" if e["trial"] == rr.winner else ""] for e in rr.candidates]
+    rows = [[e.trial, params_text(e.params), f"hand-picked {e.hand_picked}" if e.hand_picked else "top",
+             e.search_value, f"{e.mean:.4f} ± {e.std:.4f}", " ".join(number(v) for v in e.values),
+             "winner" if e.trial == rr.winner else ""] for e in rr.candidates]
     out += [f"The top {run.config.search.rerank} trials and the hand-picked points, each retrained with seeds "
-            f"{rr.seeds} ({_rule(run)}). The winner is the best mean over these seeds alone: the search's own "
+            f"{rr.seeds} ({run.rule}). The winner is the best mean over these seeds alone: the search's own "
             "figure chose the candidates, so it flatters them (compare its column with the mean).", "",
             _table(["trial", "parameters", "why", f"{metric} in the search", "mean ± std over the seeds",
                     "per seed", ""], rows), ""]
     for c in rr.against_points:
-        out += [f"**Against hand-picked {c['point']}** (`{c['trial']}`): the search's winner {c['verdict']}: "
-                f"paired difference {c['difference']:+.4f} over {c['seeds']} seeds (standard error "
-                f"{number(c['standard_error'])}; it must exceed twice that)." if c["verdict"] != "is the hand-picked "
-                "point itself" else f"**Against hand-picked {c['point']}**: the search's winner is that point itself.",
-                ""]
+        out += [f"**Against hand-picked {c.point}** (`{c.trial}`): the search's winner {c.verdict.text}: "
+                f"paired difference {c.difference:+.4f} over {c.seeds} seeds (standard error "
+                f"{number(c.standard_error)}; it must exceed twice that)." if c.verdict != Verdict.SAME
+                else f"**Against hand-picked {c.point}**: the search's winner is that point itself.", ""]
     return out
 
 
@@ -192,19 +215,15 @@ def _best_student(run: Run) -> list[str]:
                   "![confusion matrix](plots/confusion_matrix_test.png)", ""]
 
 
-def _side_by_side(run: Run, best) -> list[str]:
-    """The winner's balanced accuracy as the search saw it, over the further seeds, and on the test split."""
-    metric = "val_balanced_accuracy"
+def _side_by_side(run: Run, best: BestRecord) -> list[str]:
+    """The winner's `search.metric` as the search saw it, over the further seeds, and on the test split."""
+    metric = run.config.search.metric
     rr = run.reranking
-    entry = next((e for e in rr.candidates if e["trial"] == best.trial), None) if rr else None
+    entry = rr.candidate(best.trial) if rr else None
     rows = [["in the search (one seed)", best.val_last_epoch.get(metric)]]
-    if entry and metric in entry["metrics"]:
-        m = entry["metrics"][metric]
-        rows.append([f"re-ranking, mean ± std over seeds {rr.seeds}", f"{m['mean']:.4f} ± {m['std']:.4f}"])
-    rows.append(["held-out test, the exported student", best.test["balanced_accuracy"]])
-    return [f"Balanced accuracy of the winner ({_rule(run)}), side by side:", "",
-            _table(["where", "balanced accuracy"], rows), ""]
-
-
-def _rule(run: Run) -> str:
-    return run.rule
+    if rr and entry and metric in entry.metrics:
+        m = entry.metrics[metric]
+        rows.append([f"re-ranking, mean ± std over seeds {rr.seeds}", f"{m.mean:.4f} ± {m.std:.4f}"])
+    # the same figure of the test split (a figure only held-out predictions have, like a fold spread, has none)
+    rows.append(["held-out test, the exported student", flatten(best.test, "val").get(metric)])
+    return [f"`{metric}` of the winner ({run.rule}), side by side:", "", _table(["where", metric], rows), ""]

@@ -2,7 +2,7 @@
 
 Optuna's TPE (seeded, multivariate over the conditional space, constant-liar for parallel trials) picks each
 trial's hyperparameters; ASHA stops weak trials early. Only the sampled keys travel in `param_space`; the base
-config, the dataset and the teacher's logits reach the trainable through `tune.with_parameters`.
+config and the scheme (its datasets and teachers' logits) reach the trainable through `tune.with_parameters`.
 """
 from __future__ import annotations
 
@@ -11,29 +11,27 @@ import os
 import warnings
 
 import optuna
-import torch
+from optuna.storages.journal import JournalFileBackend, JournalStorage
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from kd.config import Config
-from kd.crossval import Folds
-from kd.data import Dataset
+from kd.schemes import Scheme
 from search.cluster import trial_resources, trial_slots
 from search.progress import TrialLog
-from search.run import JOURNAL
+from search.records import JOURNAL
 from search.session import run_dir_of
 from search.space import DefineByRun, check_points, parse_space
 from search.tracking import logger_callbacks
 from search.trainable import distill_trainable
 
 
-def build_tuner(cfg: Config, data: Dataset | Folds, teacher_logits: torch.Tensor | list[torch.Tensor],
-                exp_path: str, restore: bool, quiet: bool) -> tune.Tuner:
+def build_tuner(cfg: Config, scheme: Scheme, exp_path: str, restore: bool, quiet: bool) -> tune.Tuner:
     s = cfg.search
     resources = trial_resources(cfg)
     trainable = tune.with_resources(
-        tune.with_parameters(distill_trainable, base=cfg.to_dict(), data=data, teacher_logits=teacher_logits,
+        tune.with_parameters(distill_trainable, base=cfg.to_dict(), scheme=scheme,
                              checkpoint_epochs=checkpoint_epochs(cfg), threads=max(1, int(s.cpus_per_trial))),
         resources.as_tune())
     if restore:  # the loggers are those the search started with (a search of an earlier version: Ray's own)
@@ -67,7 +65,7 @@ def _searcher(cfg: Config) -> OptunaSearch:
                                              n_startup_trials=min(10, max(4, s.num_samples // 3)))
     # The study lives beside the results (not in remote storage): Optuna's own tools can load it from there.
     journal = run_dir_of(cfg) / JOURNAL
-    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+    storage = JournalStorage(JournalFileBackend(str(journal)))
     return OptunaSearch(space=DefineByRun(params, cfg), metric=s.metric, mode=s.mode,
                         points_to_evaluate=check_points(s.points, params, cfg) or None, sampler=sampler,
                         storage=storage, study_name=cfg.name)

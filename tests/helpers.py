@@ -76,7 +76,8 @@ def digits_folder(root: Path, count: int = 400, size: int = 32) -> Path:
     digits = load_digits()
     for i in range(count):
         cls = "digit_8" if digits.target[i] == 8 else "other"
-        img = Image.fromarray((digits.images[i] * (255 / 16)).astype(np.uint8)).resize((size, size), Image.BILINEAR)
+        img = Image.fromarray((digits.images[i] * (255 / 16)).astype(np.uint8))
+        img = img.resize((size, size), Image.Resampling.BILINEAR)
         (root / cls).mkdir(parents=True, exist_ok=True)
         img.save(root / cls / f"{i:04d}.png")
     return root

@@ -12,7 +12,7 @@ from tests.helpers import tiny_overrides
 
 
 def test_a_student_built_before_the_data_trains_exactly_like_one_built_by_train_student(digits_setup):
-    from kd.distill import new_student, train_student
+    from kd.student import new_student, train_student
     cfg, data, _ = digits_setup
     cfg = cfg.updated({"train.epochs": 1})
     data = dataclasses.replace(data, train=data.train.subset(np.arange(300)))  # no teacher: any subset trains

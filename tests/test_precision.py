@@ -45,9 +45,9 @@ def check(seen: list[dict], what: str, low: bool) -> None:
 @pytest.mark.parametrize("amp, channels_last", [("bf16", "always"), ("off", "off")])
 def test_every_compute_path_uses_the_chosen_precision_and_memory_format(tmp_path, amp, channels_last):
     from kd.data import load_dataset
-    from kd.distill import evaluate_model, train_student
-    from kd.infer import predict_probs, split_probs
+    from kd.infer import Runner, predict_probs
     from kd.models import mean_std
+    from kd.student import evaluate_model, train_student
     from kd.teacher import prepare_teacher
 
     low = amp == "bf16"
@@ -76,7 +76,7 @@ def test_every_compute_path_uses_the_chosen_precision_and_memory_format(tmp_path
     device = torch.device("cpu")
     with stem_convs() as seen:
         val = evaluate_model(result.model, data, "val", result.threshold, cfg)
-        probs = split_probs(result.model, data, "test", device, 256, amp, channels_last)
+        probs = Runner(result.model, device, amp, channels_last).split_probs(data, "test", 256)
         images = data.test.images[:100]
         direct = predict_probs(result.model, images, *mean_std(result.model), device, 64, amp, channels_last)
     check(seen, "evaluation", low)

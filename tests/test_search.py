@@ -129,7 +129,12 @@ def test_teacher_ran_once_before_the_trials(finished_search):
     teacher = json.loads((run_dir / "teacher.json").read_text())
     assert teacher["teachers"] == 3  # one per fold, each trained on the other two folds (2/3 of 1437 images)
     assert teacher["info"]["forward_images"] in (0, cfg.train.epochs * 3 * 958)  # 0 when the cache already had it
-    assert "the trials ran no teacher forward pass" in (run_dir / "summary.md").read_text()
+    # every trial counted the images it ran through a teacher itself, in its own process: none
+    table = pd.read_csv(run_dir / "trials.csv")
+    reported = table[table["epochs"] > 0]
+    assert len(reported) and (reported["teacher_forward_images"] == 0).all()
+    assert f"the trials ran no teacher forward pass ({len(reported)} trials counted theirs)" in (
+        run_dir / "summary.md").read_text()
 
 
 def test_failing_and_diverging_trials_are_recorded_and_the_search_goes_on(finished_search):
@@ -169,17 +174,17 @@ def test_export_a_chosen_trial_and_reproduce_it_outside_ray(finished_search, tmp
     assert student.info["metrics"]["trial"] == row["trial"] and student.info["metrics"]["refit"]
     trial_cfg = load_config(run_dir / "configs" / f"{row['trial']}.yaml")
     assert trial_cfg.distill.mode == row["distill.mode"] and trial_cfg.train.lr == pytest.approx(row["train.lr"])
-    from kd.crossval import cross_validate, make_folds, refit_data
+    from kd.crossval import refit_data
     from kd.data import load_dataset
-    from kd.distill import train_student
+    from kd.schemes import Scheme
+    from kd.student import train_student
     from kd.teacher import prepare_teacher
     data = load_dataset(trial_cfg.data, progress=False)
-    folds = make_folds(data, 3, trial_cfg.data.split_seed)
+    split = Scheme.of(trial_cfg).split(trial_cfg, data)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the trial ran (search.cpus_per_trial=1): float sums in the same order
     try:  # the trial's figure, reproduced outside Ray from its saved config
-        cv = cross_validate(trial_cfg, folds, [prepare_teacher(trial_cfg, d, progress=False).logits
-                                               for d in folds.datasets])
+        cv = split.taught([prepare_teacher(trial_cfg, d, progress=False).logits for d in split.members]).fit(trial_cfg)
         pool = refit_data(data)
         refit = train_student(trial_cfg, pool, prepare_teacher(trial_cfg, pool, progress=False).logits, progress=False)
     finally:

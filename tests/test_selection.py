@@ -3,9 +3,10 @@ import numpy as np
 import pytest
 import torch
 
-from kd.crossval import cross_validate, make_folds, refit_data
+from kd.crossval import make_folds, refit_data
 from kd.errors import ConfigError
 from kd.metrics import compute_metrics, tune_threshold
+from kd.schemes import CrossValidated, Holdout, Scheme
 from kd.selection import (
     ARGMAX,
     THRESHOLD,
@@ -16,6 +17,7 @@ from kd.selection import (
     held_out_metrics,
     validation_parts,
 )
+from kd.student import train_student
 
 
 def test_cross_fitted_threshold_by_hand():
@@ -60,13 +62,16 @@ def test_folds_are_stratified_seeded_and_keep_identical_images_together():
 
 def test_rule_and_metric_checks():
     assert decision_rule(2) == THRESHOLD and decision_rule(3) == ARGMAX and decision_rule(2, tune=False) == ARGMAX
-    check_metric("val_recall_rare", ["common", "rare"], THRESHOLD, 5)
-    with pytest.raises(ConfigError, match="did you mean 'val_balanced_accuracy'"):
-        check_metric("val_balanced_acuracy", ["a", "b"], THRESHOLD, 1)
+    check_metric("val_recall_rare", ["common", "rare"], THRESHOLD, CrossValidated.extra_metrics())
+    check_metric("val_balanced_accuracy_fold_std", ["a", "b"], THRESHOLD, CrossValidated.extra_metrics())
     with pytest.raises(ConfigError, match="is not reported by this search"):
-        check_metric("val_balanced_accuracy_argmax", ["a", "b", "c"], ARGMAX, 1)  # the same as the metric itself
+        check_metric("val_balanced_accuracy_fold_std", ["a", "b"], THRESHOLD, Holdout.extra_metrics())
+    with pytest.raises(ConfigError, match="did you mean 'val_balanced_accuracy'"):
+        check_metric("val_balanced_acuracy", ["a", "b"], THRESHOLD, Holdout.extra_metrics())
+    with pytest.raises(ConfigError, match="is not reported by this search"):
+        check_metric("val_balanced_accuracy_argmax", ["a", "b", "c"], ARGMAX, [])  # the same as the metric itself
     with pytest.raises(ConfigError, match="is not reported"):
-        check_metric("val_balanced_accuracy_tuned", ["a", "b"], THRESHOLD, 1)  # the flattering figure is gone
+        check_metric("val_balanced_accuracy_tuned", ["a", "b"], THRESHOLD, [])  # the flattering figure is gone
 
 
 def test_every_pooled_image_is_judged_once_by_a_student_that_never_trained_on_it(digits_setup):
@@ -86,15 +91,34 @@ def test_every_pooled_image_is_judged_once_by_a_student_that_never_trained_on_it
 def test_cross_validated_students_learn_and_resume_exactly(digits_setup):
     cfg, data, _ = digits_setup
     from kd.teacher import prepare_teacher
-    folds = make_folds(data, 2, seed=0)
-    logits = [prepare_teacher(cfg, d, progress=False).logits for d in folds.datasets]
+    cfg = cfg.updated({"search.folds": 2})
+    assert Scheme.of(cfg) is CrossValidated
+    split = CrossValidated.split(cfg, data)
+    scheme = split.taught([prepare_teacher(cfg, d, progress=False).logits for d in split.members])
     states = []
-    full = cross_validate(cfg, folds, logits, report=lambda row, state: states.append(state()))
+    full = scheme.fit(cfg, report=lambda row, state: states.append(state()))
     last = full.history[-1]
     assert last["val_balanced_accuracy"] > 0.75  # pooled out-of-fold, cross-fitted threshold: far above chance
     assert {"val_balanced_accuracy_argmax", "val_balanced_accuracy_fold_mean", "threshold"} <= set(last)
-    assert np.allclose(full.oof_probs.sum(1), 1.0, atol=1e-5)  # every pooled image has its held-out prediction
-    resumed = cross_validate(cfg, folds, logits, resume=states[1])
+    assert full.probs is not None and len(full.probs) == len(data.train) + len(data.val)
+    assert np.allclose(full.probs.sum(1), 1.0, atol=1e-5)  # every pooled image has its held-out prediction
+    resumed = scheme.fit(cfg, resume=states[1])
     assert resumed.history[-1]["train_loss"] == pytest.approx(last["train_loss"], rel=1e-5)
-    assert np.allclose(resumed.oof_probs, full.oof_probs, atol=1e-5)
-    assert torch.is_tensor(states[-1]["oof_probs"])
+    assert np.allclose(resumed.probs, full.probs, atol=1e-5)
+    assert torch.is_tensor(states[-1]["probs"]) and len(states[-1]["members"]) == 2
+
+
+def test_a_holdout_is_one_member_judged_on_validation(digits_setup):
+    """The holdout scheme trains exactly what train_student trains, through the same loop, and resumes a checkpoint
+    of the earlier (flat) layout."""
+    cfg, data, teacher = digits_setup
+    assert Scheme.of(cfg) is Holdout
+    scheme = Holdout.split(cfg, data).taught([teacher.logits])
+    states = []
+    fit = scheme.fit(cfg, report=lambda row, state: states.append(state()))
+    alone = train_student(cfg, data, teacher.logits, progress=False)
+    assert fit.history[-1]["val_balanced_accuracy"] == alone.history[-1]["val_balanced_accuracy"]
+    assert fit.threshold == alone.threshold and fit.probs.shape == (len(data.val), 2)
+    flat = {**states[0]["members"][0], "history": states[0]["history"]}  # how a holdout trial checkpointed before
+    resumed = scheme.fit(cfg, resume=flat)
+    assert resumed.history[-1]["train_loss"] == pytest.approx(fit.history[-1]["train_loss"], rel=1e-5)

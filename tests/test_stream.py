@@ -3,7 +3,7 @@ import torch
 
 from kd.config import load_config
 from kd.data import load_dataset
-from kd.distill import train_student
+from kd.student import train_student
 from kd.teacher import prepare_teacher
 from tests.helpers import digits_folder, tiny_overrides
 

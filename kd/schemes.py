@@ -1,0 +1,236 @@
+"""The ways a trial trains and is judged: one type each, chosen once from the config (`Scheme.of(cfg)`).
+
+A scheme owns the datasets its students train on (its members), one teacher's logits per member, the
+held-out images its students are judged on, `fit(cfg, report, resume)` (kd.train's one epoch loop over
+its members, whose result carries the pooled held-out probabilities), how it names its figures, and how
+the student a search ships is made from a winning trial (`final`). Nothing outside this module asks which
+scheme it holds; a new way to train a trial (an ensemble of fold students, say) is one more subclass.
+
+- `Holdout`: one student trains on the train split and is judged on the validation split, a threshold
+  cross-fitted over two stratified halves of it (kd.selection). It ships the trial's own checkpoint.
+- `CrossValidated`: train + validation pooled into K stratified folds (kd.crossval). Fold f's student
+  trains on the other folds with the logits of a teacher fine-tuned on those folds only (a teacher that
+  saw fold f would leak its labels into the student through its logits) and predicts fold f; the K train
+  in lockstep and are judged on the pooled out-of-fold predictions, each fold thresholded by a threshold
+  tuned on the others. It ships the winner's config refitted on all of train + validation, with a
+  threshold tuned on out-of-fold predictions.
+"""
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar, Protocol, TypeVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from kd.config import Config
+from kd.crossval import make_folds, pooled, refit_data
+from kd.data import Dataset
+from kd.errors import Diverged
+from kd.metrics import tune_threshold
+from kd.models import create_model
+from kd.selection import THRESHOLD, decision_rule
+from kd.student import new_student, student_loss
+from kd.teacher import Teacher, prepare_teacher
+from kd.train import FitResult, HeldOut, Outcome, ReportFn, Training, member_states, train_members
+
+T = TypeVar("T")
+
+
+class Compute(Protocol):
+    """Where the heavy steps of `Scheme.final` run: here (`Here`), or as Ray tasks on a trial's resources."""
+
+    def teacher(self, cfg: Config, data: Dataset) -> Teacher:
+        """The teacher of `cfg` fine-tuned on `data.train`, with logits for `cfg.train.epochs` epochs of views."""
+        ...
+
+    def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)`, with a trial's threads."""
+        ...
+
+
+class Here:
+    """Everything in this process."""
+
+    def teacher(self, cfg: Config, data: Dataset) -> Teacher:
+        return prepare_teacher(cfg, data, epochs=cfg.train.epochs, progress=False)
+
+    def run(self, fn: Callable[..., T], *args: Any) -> T:
+        return fn(*args)
+
+
+@dataclass
+class Final:
+    """The student a search ships, made from its winning trial, and the teacher it learned from."""
+    model: nn.Module
+    threshold: float | None     # two classes: on p(class 1), tuned on predictions of images it was not fitted on
+    epoch: int                  # the epochs it trained
+    refit: bool                 # retrained on all of train + validation (not the trial's own checkpoint)
+    train_images: int
+    teacher: Teacher
+    teacher_data: Dataset       # the data that teacher was fine-tuned on
+
+
+@dataclass
+class Scheme(ABC):
+    """One way a trial trains and is judged. `logits` (one per member) arrive once the teachers are prepared."""
+    data: Dataset                           # the decoded dataset; its test split is never used here
+    members: list[Dataset]                  # per student: its train split, and its val split (its held-out images)
+    held: HeldOut | None                    # the pooled held-out images every epoch is judged on (None: a refit)
+    logits: list[torch.Tensor] | None = None
+
+    kind: ClassVar[str]
+    making_final: ClassVar[str] = ""        # what the console says while `final` runs, if it takes a while
+
+    @staticmethod
+    def of(cfg: Config) -> type[Scheme]:
+        """The scheme a config asks for (`search.folds`): the one place that asks."""
+        return CrossValidated if cfg.search.folds >= 2 else Holdout
+
+    @classmethod
+    @abstractmethod
+    def split(cls, cfg: Config, data: Dataset) -> Scheme:
+        """The members and held-out images of `data`, before any teacher."""
+
+    def taught(self, logits: list[torch.Tensor]) -> Scheme:
+        """This scheme with each member's teacher logits (from teachers fine-tuned on `members[i].train`)."""
+        if len(logits) != len(self.members):
+            raise ValueError(f"{len(logits)} teachers' logits for {len(self.members)} members")
+        return replace(self, logits=list(logits))
+
+    @property
+    def classes(self) -> list[str]:
+        return self.data.classes
+
+    def fit(self, cfg: Config, report: ReportFn | None = None, resume: dict[str, Any] | None = None,
+            progress: bool = False) -> FitResult:
+        """Train a student per member with `cfg`, in lockstep, every epoch judged on the pooled held-out images."""
+        logits: list[torch.Tensor | None] = list(self.logits) if self.logits else [None] * len(self.members)
+        states = member_states(resume, len(self.members))
+        trainings = [Training(new_student(cfg, len(self.classes)), cfg.train, data, student_loss(cfg, data),
+                              cfg.augment, teacher_logits=logits[m],
+                              balanced_sampling=cfg.imbalance.method == "balanced_sampling", resume=states[m],
+                              progress=progress, desc=f"student {cfg.student.name}")
+                     for m, data in enumerate(self.members)]  # every member starts from the same seeded weights
+        return train_members(trainings, self.held, report, resume)
+
+    @abstractmethod
+    def final(self, cfg: Config, state: dict[str, Any], probs: list[np.ndarray], compute: Compute) -> Final:
+        """The student to ship from a trial of `cfg` whose last checkpoint is `state`; `probs` are its pooled held-out
+        probabilities over further seeds (empty: the trial's own, saved in `state`)."""
+
+    # ---- how its figures are named (from the config alone: readers of a finished search have no data)
+
+    @classmethod
+    @abstractmethod
+    def where(cls, cfg: Config) -> str:
+        """The held-out images in a sentence: 'pooled out-of-fold predictions of 5 folds'."""
+
+    @classmethod
+    @abstractmethod
+    def short(cls, cfg: Config) -> str:
+        """The same for a column or an axis: '5-fold out-of-fold'."""
+
+    @classmethod
+    @abstractmethod
+    def describe(cls, cfg: Config) -> str:
+        """How its trials train: '5-fold cross-validated'."""
+
+    @classmethod
+    def extra_metrics(cls) -> list[str]:
+        """Held-out figures only this scheme reports."""
+        return []
+
+
+@dataclass
+class Holdout(Scheme):
+    kind: ClassVar[str] = "holdout"
+
+    @classmethod
+    def split(cls, cfg: Config, data: Dataset) -> Holdout:
+        held = HeldOut.validation(data, cfg.train.tune_threshold)
+        if held is None:
+            raise ValueError("a holdout needs a validation split")
+        return cls(data, [data], held)
+
+    def final(self, cfg: Config, state: dict[str, Any], probs: list[np.ndarray], compute: Compute) -> Final:
+        """The trial's own checkpoint, with the threshold it tuned on all of validation."""
+        model = create_model(dataclasses.replace(cfg.student, pretrained=False), len(self.classes),
+                             self.data.image_size)
+        model.load_state_dict(member_states(state, 1)[0]["model"])  # type: ignore[index]
+        last = state["history"][-1]
+        return Final(model, last.get("threshold"), last["epoch"], False, len(self.data.train),
+                     compute.teacher(cfg, self.data), self.data)
+
+    @classmethod
+    def where(cls, cfg: Config) -> str:
+        return "the validation split"
+
+    @classmethod
+    def short(cls, cfg: Config) -> str:
+        return "validation split"
+
+    @classmethod
+    def describe(cls, cfg: Config) -> str:
+        return "holdout"
+
+
+@dataclass
+class CrossValidated(Scheme):
+    kind: ClassVar[str] = "cross-validated"
+    making_final: ClassVar[str] = "refitting the winner on all of train + validation ..."
+
+    @classmethod
+    def split(cls, cfg: Config, data: Dataset) -> CrossValidated:
+        folds = make_folds(data, cfg.search.folds, cfg.data.split_seed)
+        held = HeldOut(folds.labels, folds.ids, folds.ids, data.classes,
+                       decision_rule(len(data.classes), cfg.train.tune_threshold), spread=True)
+        return cls(data, folds.datasets, held)
+
+    def final(self, cfg: Config, state: dict[str, Any], probs: list[np.ndarray], compute: Compute) -> Final:
+        """The winner's config refitted on all of train + validation (its teacher fine-tuned on the same pool), its
+        threshold tuned on the winner's out-of-fold predictions."""
+        pool = refit_data(self.data)
+        teacher = compute.teacher(cfg, pool)
+        weights = compute.run(refit, cfg, pool, teacher.logits)
+        model = create_model(dataclasses.replace(cfg.student, pretrained=False), len(self.classes),
+                             self.data.image_size)
+        model.load_state_dict(weights)
+        if not probs:  # no further seeds: the trial's own, saved with its last checkpoint (by an earlier version too)
+            saved = state.get("probs", state.get("oof_probs"))
+            probs = [saved.numpy()] if saved is not None else []
+        threshold = None
+        if decision_rule(len(self.classes), cfg.train.tune_threshold) == THRESHOLD and probs:
+            labels = np.tile(pooled(self.data).labels.numpy(), len(probs))
+            threshold = tune_threshold(labels, np.concatenate(probs)[:, 1])
+        return Final(model, threshold, cfg.train.epochs, True, len(pool.train), teacher, pool)
+
+    @classmethod
+    def where(cls, cfg: Config) -> str:
+        return f"pooled out-of-fold predictions of {cfg.search.folds} folds"
+
+    @classmethod
+    def short(cls, cfg: Config) -> str:
+        return f"{cfg.search.folds}-fold out-of-fold"
+
+    @classmethod
+    def describe(cls, cfg: Config) -> str:
+        return f"{cfg.search.folds}-fold cross-validated"
+
+    @classmethod
+    def extra_metrics(cls) -> list[str]:
+        return ["val_balanced_accuracy_fold_mean", "val_balanced_accuracy_fold_std"]
+
+
+def refit(cfg: Config, pool: Dataset, logits: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One student trained on all of `pool.train` (nothing held out), its weights on the CPU."""
+    result = Holdout(pool, [pool], None, [logits]).fit(cfg)
+    if result.status != Outcome.COMPLETED:
+        raise Diverged(f"the final student diverged when refitted on train + validation (epoch "
+                       f"{len(result.history)}); its config: {cfg.distill}, lr {cfg.train.lr}")
+    return {k: v.detach().cpu() for k, v in result.model.state_dict().items()}
+

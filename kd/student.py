@@ -1,0 +1,48 @@
+"""One student: built from its config, its distillation loss, trained from a teacher's cached logits, evaluated.
+
+The library part of a distillation, imported by every trial of a search; the `kdsearch distill` command
+around it (export, compression report, plots) is kd.distill.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from kd.config import Config
+from kd.data import Dataset
+from kd.infer import Runner, resolve_device
+from kd.losses import DistillLoss
+from kd.metrics import compute_metrics
+from kd.models import create_model
+from kd.train import FitResult, ReportFn, fit, seed_everything
+
+
+def new_student(cfg: Config, num_classes: int) -> torch.nn.Module:
+    """The untrained student of `cfg`, seeded with train.seed: a config always starts from the same weights."""
+    seed_everything(cfg.train.seed)
+    return create_model(cfg.student, num_classes, cfg.data.image_size, role="student")
+
+
+def student_loss(cfg: Config, data: Dataset) -> DistillLoss:
+    """The distillation loss of `cfg`, with class weights (or logit adjustment) from `data`'s own counts."""
+    return DistillLoss.build(cfg.distill, cfg.imbalance, data.class_counts())
+
+
+def train_student(cfg: Config, data: Dataset, teacher_logits: torch.Tensor | None, report: ReportFn | None = None,
+                  resume: dict[str, Any] | None = None, progress: bool = True,
+                  model: torch.nn.Module | None = None) -> FitResult:
+    """Distil the student from the cached teacher logits: `model` when given (made by `new_student(cfg, ...)`
+    for this data's classes), else a new one. Training reseeds itself each epoch, so both start alike."""
+    model = model if model is not None else new_student(cfg, len(data.classes))
+    return fit(model, cfg.train, data, student_loss(cfg, data), cfg.augment, teacher_logits=teacher_logits,
+               balanced_sampling=cfg.imbalance.method == "balanced_sampling", report=report, resume=resume,
+               progress=progress, desc=f"student {cfg.student.name}")
+
+
+def evaluate_model(model: torch.nn.Module, data: Dataset, split: str, threshold: float | None,
+                   cfg: Config) -> dict[str, Any]:
+    """Metrics of an in-memory model on one split, at the given decision threshold."""
+    device = resolve_device(cfg.train.device)
+    probs = Runner.for_config(model, cfg.train, device).split_probs(data, split, cfg.train.eval_batch_size)
+    return compute_metrics(data.split(split).labels.numpy(), probs, data.classes, threshold)

@@ -1,0 +1,192 @@
+"""The files of a run directory and the records in them: one dataclass per record, used by its writer and its readers.
+
+A record is written with `write(run_dir)` and read back with `read(run_dir)` through kd.typed (every key
+checked against the fields, every value coerced to its type), so a field renamed on one side fails at once,
+in mypy and at the first read, naming the file and the key, instead of leaving a report quietly empty.
+
+Layout of `results/<name>/`:
+
+    config.yaml          the resolved config           run.json        classes, data, experiment path, time
+    teacher.json         the teachers' record          rerank.json     the top trials retrained with other seeds
+    trial_events.jsonl   every trial end and retry     optuna.journal  the Optuna study
+    best/                the exported best student     trials.csv, summary.md, plots/, configs/: the report
+    ray/                 Ray Tune's experiment (or ray-mirror/, a local copy of one in remote storage)
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+from kd.errors import ConfigError, UserError
+from kd.files import atomic_write_json, read_json
+from kd.teacher import TeacherInfo
+from kd.typed import Vocabulary, build
+
+CONFIG, RUN, TEACHER, RERANK, BEST = "config.yaml", "run.json", "teacher.json", "rerank.json", "best"
+RERANK_PROBS = "rerank_probs.safetensors"  # the winner's held-out probabilities over the further seeds
+EVENTS, JOURNAL, EXPERIMENT, MIRROR = "trial_events.jsonl", "optuna.journal", "ray", "ray-mirror"
+STATE_FILE = "state.pt"  # the file inside a trial's checkpoint folder
+RAY_ERRORS = "ray-errors.log"  # the errors Ray's cluster published to this search, whole (the console gets a line)
+MLFLOW_DB = "mlflow.db"  # search.loggers' MLflow store, unless search.mlflow_uri names another
+
+
+class TrialStatus(Vocabulary):
+    """A trial's status: the one vocabulary of the table, the console, the plots and the summary."""
+    COMPLETED = "completed"
+    STOPPED = "stopped early"
+    FAILED = "failed"
+    UNFINISHED = "unfinished"
+    RETRY = "retry"  # an event only: the trial is run again
+
+
+
+RANKED = (TrialStatus.COMPLETED, TrialStatus.STOPPED)                        # trials with a score to rank
+FINISHED = (TrialStatus.COMPLETED, TrialStatus.STOPPED, TrialStatus.FAILED)  # trials that will not run again
+
+# the held-out figures every trial reports (kd.selection), and those of a scheme or a task that may be absent
+METRICS = ("val_balanced_accuracy", "val_accuracy", "val_macro_f1", "val_balanced_accuracy_argmax",
+           "val_balanced_accuracy_fold_mean", "val_balanced_accuracy_fold_std")
+COST = ("student_params", "student_mflops", "student_latency_ms", "student_images_per_s")  # measured in each trial
+PLACEMENT = ("node", "gpus", "device")  # the Ray node, the GPU ids Ray gave the trial, torch's device
+TEACHER_WORK = "teacher_forward_images"  # images the trial ran through a teacher itself (its process counted them)
+
+
+R = TypeVar("R", bound="Record")
+
+
+@dataclass(frozen=True)
+class Record:
+    """A JSON record in a run directory (`FILE`, relative to it)."""
+    FILE: ClassVar[str]
+
+    def write(self, run_dir: Path) -> None:
+        atomic_write_json(Path(run_dir) / self.FILE, dataclasses.asdict(self))
+
+    @classmethod
+    def read(cls: type[R], run_dir: Path) -> R | None:
+        """The record, or None where the file does not exist yet (or cannot be parsed: cut short by a kill); a file
+        whose fields are not this record's is an error naming the file and the field."""
+        path = Path(run_dir) / cls.FILE
+        raw = read_json(path)
+        if raw is None:
+            return None
+        try:
+            record: R = build(cls, raw, "", str(path))
+            return record
+        except TypeError as e:  # a required field missing
+            raise UserError(f"{path}: not a {cls.__name__} record ({e})") from None
+        except ConfigError as e:
+            raise UserError(str(e).replace("unknown key", "unknown field")) from None
+
+
+@dataclass(frozen=True)
+class RunRecord(Record):
+    """run.json: what the search was given and where its experiment lives."""
+    FILE: ClassVar[str] = RUN
+    experiment: str
+    classes: list[str]
+    data: str = ""
+    resumed: bool = False
+    seconds: float | None = None
+
+
+@dataclass(frozen=True)
+class Placement:
+    node: str = ""    # the Ray node ("" without Ray)
+    gpus: str = ""    # the GPU ids Ray gave it ("" on CPUs)
+
+
+@dataclass(frozen=True)
+class TeacherRecord(Record):
+    """teacher.json: the teachers' validation metrics (the mean over folds) and how they were prepared."""
+    FILE: ClassVar[str] = TEACHER
+    metrics: dict[str, Any]
+    info: TeacherInfo                            # summed over the teachers; cached only if all were
+    teachers: int = 1                            # one per member of the scheme (per fold when cross-validated)
+    placement: list[Placement] = field(default_factory=list)
+    seconds: float = 0.0                         # from the search's start to the teachers being ready
+
+    def describe(self) -> str:
+        return self.info.describe()
+
+
+class Verdict(Vocabulary):
+    """The search's winner against one hand-picked point."""
+    SAME = "same"                 # the winner is the hand-picked point itself
+    BEATS = "beats"               # beats it beyond the noise
+    WITHIN_NOISE = "within_noise"  # does not beat it beyond the noise
+
+
+    @property
+    def text(self) -> str:
+        return {"same": "is the hand-picked point itself", "beats": "beats it beyond the noise",
+                "within_noise": "does not beat it beyond the noise"}[self.value]
+
+    @classmethod
+    def _missing_(cls, value: object) -> Verdict | None:  # rerank.json of an earlier version kept the sentence
+        return next((m for m in cls if m.text == value), None)
+
+
+@dataclass(frozen=True)
+class Spread:
+    mean: float
+    std: float
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One trial retrained with the further seeds."""
+    trial: str
+    params: dict[str, Any]
+    hand_picked: int | None           # the number of its `search.points` entry, or None (a top trial)
+    search_value: float               # its figure in the search (one seed, the figure that picked it)
+    status: TrialStatus               # its status in the search
+    values: list[float]               # the search metric per further seed (NaN: that run diverged)
+    mean: float
+    std: float
+    metrics: dict[str, Spread]        # every held-out figure over the further seeds
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """The winner against one hand-picked point, paired on the same seeds."""
+    point: int
+    trial: str
+    difference: float                 # mean paired difference, in the direction of search.mode
+    standard_error: float
+    seeds: int
+    verdict: Verdict
+
+
+@dataclass(frozen=True)
+class Reranking(Record):
+    """rerank.json: the top trials and the hand-picked points retrained with further seeds, and the winner."""
+    FILE: ClassVar[str] = RERANK
+    metric: str
+    seeds: list[int]
+    winner: str
+    candidates: list[Candidate]
+    against_points: list[Comparison]
+
+    def candidate(self, trial: str) -> Candidate | None:
+        return next((c for c in self.candidates if c.trial == trial), None)
+
+
+@dataclass(frozen=True)
+class BestRecord(Record):
+    """best/metrics.json: the exported student, what it was judged on and its one test evaluation."""
+    FILE: ClassVar[str] = f"{BEST}/metrics.json"
+    trial: str
+    classes: list[str]
+    threshold: float | None
+    epoch: int                                   # the epochs it trained
+    params: dict[str, Any]
+    val_last_epoch: dict[str, Any]               # the trial's held-out figures at its last reported epoch
+    test: dict[str, Any]
+    refit: bool = False                          # refitted on train + validation (not the trial's checkpoint)
+    train_images: int = 0
+    val: dict[str, Any] = field(default_factory=dict)  # the exported model on the validation split (a holdout's)
+    cost: dict[str, Any] = field(default_factory=dict)  # the compression report against the teacher (kd.cost)
+    teacher: TeacherInfo | None = None           # the teacher the exported student learned from
