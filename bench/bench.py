@@ -22,170 +22,17 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypedDict
+from typing import Any, Literal
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-if TYPE_CHECKING:
-    from kd.config import Config
+from bench.common import PROFILES, Profile, config, gpu_peak, make_files  # noqa: E402
+from bench.reference import seed_style  # noqa: E402
 
-
-class _Profile(TypedDict):
-    size: int
-    images: int
-    teacher: str
-    student: str
-    batch: int
-    epochs: int
-    trials: int
-    teacher_epochs: int
-    teacher_lr: float
-    lr: float
-    workers: int
-    compile: bool
-    pack: int
-
-
-class Profile(_Profile, total=False):
-    trial_epochs: int  # the epochs of the single runs (the reference-style loop, a trial); default `epochs`
-
-
-PROFILES: dict[str, Profile] = {
-    "cpu": Profile(size=32, images=1797, teacher="resnet18", student="test_resnet", batch=64, epochs=20, trials=8,
-                   teacher_epochs=10, teacher_lr=0.002, lr=0.05, workers=2, compile=False, pack=0),
-    "smoke": Profile(size=32, images=400, teacher="test_resnet", student="test_resnet", batch=64, epochs=3, trials=2,
-                     teacher_epochs=1, teacher_lr=0.003, lr=0.05, workers=2, compile=False, pack=2, trial_epochs=2),
-    "gpu": Profile(size=224, images=3000, teacher="deit_small_distilled_patch16_224", student="resnet50", batch=128,
-                   epochs=20, trials=16, teacher_epochs=3, teacher_lr=0.0005, lr=0.05, workers=12, compile=True,
-                   pack=4, trial_epochs=3),
-}
 # a row of the table: its case, its figures, and what its speed-up is against (0: the 1-run reference-style loop,
 # 3: the reference-style runs of a search, "pack": one trial at a time; None and "reference": the references)
 Row = tuple[str, dict[str, Any], Literal[0, 3, "reference", "pack"] | None]
-
-
-# ------------------------------------------------------------------------------------------------ data
-
-def make_files(root: Path, size: int, count: int) -> Path:
-    """Real images as files: scikit-learn's digit scans (8 vs the rest), topped up with crops of its two photos."""
-    import numpy as np
-    from PIL import Image
-    from sklearn.datasets import load_digits, load_sample_images
-
-    marker = root / f".done-{size}-{count}"
-    if marker.exists():
-        return root
-    digits = load_digits()
-    photos = load_sample_images().images
-    rng = np.random.default_rng(0)
-    fmt = "png" if size <= 64 else "jpg"
-    for i in range(count):
-        if i < len(digits.images):
-            cls = "digit_8" if digits.target[i] == 8 else "other"
-            img = Image.fromarray((digits.images[i] * (255 / 16)).astype(np.uint8)).convert("RGB")
-        else:  # a random crop of a photo, so a few thousand images exist at 224 px
-            cls = "other"
-            photo = photos[i % 2]
-            s = int(rng.integers(96, 400))
-            y, x = int(rng.integers(0, photo.shape[0] - s)), int(rng.integers(0, photo.shape[1] - s))
-            img = Image.fromarray(photo[y:y + s, x:x + s])
-        (root / cls).mkdir(parents=True, exist_ok=True)
-        img.resize((size, size), Image.Resampling.BILINEAR).save(root / cls / f"{i:05d}.{fmt}", quality=90)
-    marker.touch()
-    return root
-
-
-def config(p: Profile, work: Path, **sets: Any) -> Config:
-    from kd.config import load_config
-    base = [f"name=bench-{p['size']}", f"output_dir={work / 'results'}", "data.source=folder",
-            f"data.train={work / 'images'}", f"data.image_size={p['size']}", f"data.cache_dir={work / 'cache'}",
-            f"data.workers={p['workers']}", f"teacher.name={p['teacher']}", "teacher.pretrained=false",
-            f"teacher.train.epochs={p['teacher_epochs']}", "teacher.train.optimizer=adamw",
-            f"teacher.train.lr={p['teacher_lr']}", f"teacher.train.batch_size={p['batch']}",
-            f"student.name={p['student']}", f"train.epochs={p['epochs']}", f"train.batch_size={p['batch']}",
-            f"train.lr={p['lr']}", "train.schedule=step", "search.confirm_seeds=0", "search.folds=1",
-            f"search.num_samples={p['trials']}", "data.allow_leakage=true"]
-    return load_config(None, base + [f"{k}={v}" for k, v in sets.items()])
-
-
-# ------------------------------------------------------------------------------------ the reference
-
-def seed_style(p: Profile, work: Path, epochs: int) -> dict[str, Any]:
-    """The reference projects' loop: PIL decoding and transforms in DataLoader workers every epoch, teacher forward on
-    every batch, fp32, soft KD (T=5, alpha 0.5), SGD with StepLR. The teacher is the one kd-search cached."""
-    import torch
-    import torch.nn.functional as F
-    from PIL import Image
-    from sklearn.metrics import balanced_accuracy_score
-    from torchvision import transforms as T
-
-    from kd.data import load_dataset
-    from kd.models import create_model, mean_std
-    from kd.teacher import load_teacher_model, prepare_teacher
-
-    cfg = config(p, work)
-    data = load_dataset(cfg.data, progress=False)
-    teacher_dir = prepare_teacher(cfg, data, epochs=1, progress=False).directory
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    teacher, _ = load_teacher_model(cfg, data, teacher_dir)
-    teacher = teacher.to(device).eval()
-    t_mean, t_std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in mean_std(teacher))
-    torch.manual_seed(0)
-    student = create_model(cfg.student, len(data.classes), p["size"]).to(device)
-    mean, std = mean_std(student)
-    s_mean, s_std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (mean, std))
-    size = p["size"]
-    train_tf = T.Compose([T.RandomResizedCrop(size, scale=(0.6, 1.0)), T.RandomHorizontalFlip(), T.RandomRotation(15),
-                          T.ColorJitter(0.2, 0.2, 0.2, 0.02), T.ToTensor(), T.Normalize(mean, std)])
-    val_tf = T.Compose([T.Resize((size, size)), T.ToTensor(), T.Normalize(mean, std)])
-
-    class Files(torch.utils.data.Dataset):
-        def __init__(self, split, tf):
-            self.paths, self.labels, self.tf = split.paths, split.labels.tolist(), tf
-
-        def __len__(self):
-            return len(self.paths)
-
-        def __getitem__(self, i):
-            return self.tf(Image.open(self.paths[i]).convert("RGB")), self.labels[i]
-
-    batch, workers, pin = p["batch"], p["workers"], device.type == "cuda"
-    train = torch.utils.data.DataLoader(Files(data.train, train_tf), shuffle=True, drop_last=True, batch_size=batch,
-                                        num_workers=workers, pin_memory=pin)
-    val = torch.utils.data.DataLoader(Files(data.val, val_tf), batch_size=batch, num_workers=workers, pin_memory=pin)
-    opt = torch.optim.SGD(student.parameters(), lr=p["lr"], momentum=0.9, weight_decay=5e-4)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=7, gamma=0.1)
-    temperature, alpha, seen, forwards = 5.0, 0.5, 0, 0
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    for _ in range(epochs):
-        student.train()
-        for x, y in train:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with torch.no_grad():  # the teacher gets its own normalisation, or it would teach badly
-                t_logits = teacher((x * s_std + s_mean - t_mean) / t_std)
-            forwards += len(x)
-            s_logits = student(x)
-            kd = F.kl_div(F.log_softmax(s_logits / temperature, 1), F.softmax(t_logits / temperature, 1),
-                          reduction="batchmean") * temperature ** 2
-            loss = alpha * kd + (1 - alpha) * F.cross_entropy(s_logits, y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            seen += len(x)
-        sched.step()
-        student.eval()
-        preds, labels = [], []
-        with torch.no_grad():
-            for x, y in val:
-                preds.append(student(x.to(device)).argmax(1).cpu())
-                labels.append(y)
-        bacc = balanced_accuracy_score(torch.cat(labels).numpy(), torch.cat(preds).numpy())
-    seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "images": seen, "teacher_forwards": forwards, "val_balanced_accuracy": float(bacc),
-            "gpu_peak_gb": _gpu_peak()}
 
 
 # ------------------------------------------------------------------------------------ kd-search cases
@@ -211,7 +58,7 @@ def kd_trial(p: Profile, work: Path, epochs: int, **sets: Any) -> dict[str, Any]
     seconds = time.perf_counter() - t0
     images = sum(len(data.train) - (len(data.train) % cfg.train.batch_size == 1) for _ in result.history)
     return {"seconds": seconds, "images": images, "teacher_forwards": kteacher.forwarded_images() - before,
-            "val_balanced_accuracy": result.history[-1]["val_balanced_accuracy"], "gpu_peak_gb": _gpu_peak(),
+            "val_balanced_accuracy": result.history[-1]["val_balanced_accuracy"], "gpu_peak_gb": gpu_peak(),
             "setup_seconds": setup, "teacher_finetune_seconds": teacher.info.finetune_seconds}
 
 
@@ -221,6 +68,7 @@ def kd_search(p: Profile, work: Path, trials: int, **sets: Any) -> dict[str, Any
     from kd.data import load_dataset
     from kd.teacher import _augment_key, teacher_key
     from search.driver import run_search
+    from search.run import Run
 
     name = f"search-{trials}-" + "-".join(f"{k}{v}" for k, v in sorted(sets.items())).replace(".", "")
     cfg = config(p, work, **{"name": name, "search.num_samples": trials, **sets})
@@ -237,10 +85,36 @@ def kd_search(p: Profile, work: Path, trials: int, **sets: Any) -> dict[str, Any
     epochs = int(table["epochs"].sum())
     images = epochs * _train_size(n_train)
     spans = _trial_span(run_dir / "ray")
+    run = Run(run_dir)
+    use = run.slot_use()
     return {"seconds": seconds, "images": images, "epochs": epochs,
+            "phases": run.record.phases if run.record else {}, "slots_busy": use.busy if use else None,
+            "median_idle_s": use.median_idle if use else None,
             "teacher_forwards": teacher["info"]["forward_images"],
             "val_balanced_accuracy": float(table["val_balanced_accuracy"].max()), "trial_phase_seconds": spans,
             "gpu_peak_gb": None}
+
+
+def kd_distill(p: Profile, work: Path, epochs: int, **sets: Any) -> dict[str, Any]:
+    """The whole `kdsearch distill` command with the teacher cached, from its start to its exit, in a process of its
+    own: what a user waits for (imports, decoding from the cache, training, the test evaluation, the compression
+    report, the export with its graphs)."""
+    from kd.config import save_config
+    from kd.data import load_dataset
+
+    cfg = config(p, work, **{"train.epochs": epochs, "name": "distill", **sets})
+    path = work / "distill.yaml"
+    save_config(cfg, path)
+    n_train = len(load_dataset(cfg.data, progress=False).train)
+    t0 = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "search.cli", "distill", str(path), "--quiet"], cwd=ROOT,
+                          capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if done.returncode:
+        raise SystemExit(f"kdsearch distill failed: {done.stderr[-2000:]}")
+    metrics = json.loads((Path(cfg.output_dir) / "distill" / "distill" / "metrics.json").read_text())
+    return {"seconds": seconds, "images": epochs * n_train, "teacher_forwards": 0, "gpu_peak_gb": None,
+            "val_balanced_accuracy": metrics["val"]["balanced_accuracy"], "phases": metrics.get("phases", {})}
 
 
 def _train_size(describe: str) -> int:
@@ -256,11 +130,6 @@ def _trial_span(exp: Path) -> float:
             starts.append(rows[0]["timestamp"] - rows[0]["time_this_iter_s"])
             ends.append(rows[-1]["timestamp"])
     return max(ends) - min(starts) if starts else float("nan")
-
-
-def _gpu_peak() -> float | None:
-    import torch
-    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
 
 
 # ----------------------------------------------------------------------------------- the harness
@@ -312,7 +181,8 @@ def run_case(args: argparse.Namespace, case: str, **kwargs: Any) -> dict[str, An
 
 def child(args: argparse.Namespace) -> None:
     p, work, kwargs = PROFILES[args.profile], args.work, json.loads(args.kwargs)
-    cases: dict[str, Callable[..., dict[str, Any]]] = {"seed": seed_style, "trial": kd_trial, "search": kd_search}
+    cases: dict[str, Callable[..., dict[str, Any]]] = {"seed": seed_style, "trial": kd_trial, "search": kd_search,
+                                                        "distill": kd_distill}
     fn = cases[args.case]
     print(json.dumps(fn(p, work, **kwargs)))
 
@@ -346,6 +216,8 @@ def main() -> None:
         rows = [("reference-style loop, 1 run (earlier call)", json.loads(saved.read_text()), None)]
     if "trial" in cases:
         rows.append(("kd-search trial (teacher cached)", run_case(args, "trial", epochs=trial_ep), 0))
+        rows.append(("kdsearch distill, the whole command (teacher cached)", run_case(args, "distill",
+                                                                                     epochs=trial_ep), 0))
         rows.append(("kd-search trial, data.pipeline=stream", run_case(args, "trial", epochs=trial_ep,
                                                                         **{"data.pipeline": "stream"}), 0))
         if p["compile"]:
@@ -410,6 +282,12 @@ def report(args: argparse.Namespace, p: Profile, rows: list[Row], prep: dict[str
         acc = f"{r['val_balanced_accuracy']:.3f}" if r.get("val_balanced_accuracy") is not None else ""
         print(f"{name:<58} {r['seconds']:>8.1f} {ips:>9.0f} {rss:>9} {gpu:>9} {int(r['teacher_forwards']):>12} "
               f"{acc:>8} {ratio:>9}")
+    print("\nwhere the time went:")
+    for name, r, _ in rows:
+        if r.get("phases"):
+            busy = f"; slots {r['slots_busy']:.0%} busy" if r.get("slots_busy") is not None else ""
+            idle = f", {r['median_idle_s']:.1f} s median wait between trials" if r.get("median_idle_s") else ""
+            print(f"  {name}: " + ", ".join(f"{k} {v:.1f} s" for k, v in r["phases"].items()) + busy + idle)
     print(f"\ntrial speed-ups are against the 1-run reference-style loop ({rows[0][1]['seconds']:.1f} s for "
           f"{p.get('trial_epochs', p['epochs'])} epochs); search speed-ups against {p['trials']} reference-style "
           "runs of "

@@ -25,10 +25,6 @@ class Folds:
     labels: np.ndarray             # the pooled labels
     datasets: list[Dataset]        # per fold: train = the other folds, val = this fold, test = the test split
 
-    @property
-    def k(self) -> int:
-        return len(self.datasets)
-
 
 def pooled(data: Dataset) -> Split:
     """Train and validation as one split (train first)."""

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from kd.metrics import format_metrics
 from kd.models import check_models, known_class_count
 from kd.student import evaluate_model, new_student, train_student
 from kd.teacher import load_teacher_model, new_teacher, prepare_teacher
+from kd.timing import Phases, phases_text
 from kd.train import FitResult, Outcome
 
 log = logging.getLogger("kd")
@@ -34,22 +34,29 @@ def epoch_line(row: dict[str, Any], epochs: int) -> str:
 
 
 def finish_student(cfg: Config, data: Dataset, result: FitResult, out_dir: Path, teacher_metrics: dict[str, Any],
-                   extra: dict[str, Any] | None = None, teacher_model: torch.nn.Module | None = None) -> dict[str, Any]:
+                   extra: dict[str, Any] | None = None, teacher_model: torch.nn.Module | None = None,
+                   phases: Phases | None = None) -> dict[str, Any]:
     """Evaluate a trained student on validation and, once, on test; measure what it costs against the teacher
     (`kd.cost`: in metrics["cost"] and the export's kdsearch.json); export it; draw its pictures."""
     if result.status != Outcome.COMPLETED:
         raise Diverged(f"training diverged at epoch {len(result.history)} (non-finite loss): "
                        "try a lower train.lr or a lower distill.temperature")
-    val = evaluate_model(result.model, data, "val", result.threshold, cfg)
-    test = evaluate_model(result.model, data, "test", result.threshold, cfg)
+    phases = phases or Phases()
+    with phases("evaluate"):
+        val = evaluate_model(result.model, data, "val", result.threshold, cfg)
+        test = evaluate_model(result.model, data, "test", result.threshold, cfg)
     metrics = {"val": val, "test": test, "threshold": result.threshold, "teacher_val": teacher_metrics,
                "epochs": len(result.history), **(extra or {})}
-    metrics["cost"] = distill_report(cfg, result.model, teacher_model, teacher_metrics, val)
-    export_student(out_dir / "model", result.model, cfg, data.classes, result.threshold, metrics)
-    plots.learning_curves({cfg.student.name: result.history}, out_dir / "plots" / "learning_curves.png",
-                          f"{cfg.teacher.name} -> {cfg.student.name}, {cfg.distill.mode} KD")
-    plots.confusion_matrix(test["confusion_matrix"], data.classes, out_dir / "plots" / "confusion_matrix_test.png",
-                           "student on the held-out test split")
+    with phases("compression report"):
+        metrics["cost"] = distill_report(cfg, result.model, teacher_model, teacher_metrics, val)
+    with phases("export"):
+        export_student(out_dir / "model", result.model, cfg, data.classes, result.threshold, metrics)
+    with phases("plots"):
+        plots.learning_curves({cfg.student.name: result.history}, out_dir / "plots" / "learning_curves.png",
+                              f"{cfg.teacher.name} -> {cfg.student.name}, {cfg.distill.mode} KD")
+        plots.confusion_matrix(test["confusion_matrix"], data.classes, out_dir / "plots" / "confusion_matrix_test.png",
+                               "student on the held-out test split")
+    metrics["phases"], metrics["seconds"] = dict(phases.seconds), phases.total
     atomic_write_json(out_dir / "metrics.json", metrics)
     return metrics
 
@@ -70,17 +77,20 @@ def run_distill(cfg: Config, out_dir: str | Path | None = None, progress: bool =
     # built twice: where the config fixes the class count, both models are built for real now (that is their
     # check) and used as built: the teacher fine-tuned or given its cached weights, the student trained.
     # Otherwise they are checked on the meta device and built once the data says how many classes there are.
-    classes = known_class_count(cfg.data)
-    teacher_model = student = None
-    if classes:
-        teacher_model, student = new_teacher(cfg, classes), new_student(cfg, classes)
-    else:
-        check_models(cfg)
-    t0 = time.perf_counter()
-    data = load_dataset(cfg.data, progress)
+    phases = Phases()
+    with phases("models"):
+        classes = known_class_count(cfg.data)
+        teacher_model = student = None
+        if classes:
+            teacher_model, student = new_teacher(cfg, classes), new_student(cfg, classes)
+        else:
+            check_models(cfg)
+    with phases("decode"):
+        data = load_dataset(cfg.data, progress)
     if len(data.classes) != classes:  # not known up front (a CSV's labels), or not what the folders promised
         teacher_model = student = None
-    teacher = prepare_teacher(cfg, data, progress=progress, model=teacher_model)
+    with phases("teacher"):
+        teacher = prepare_teacher(cfg, data, progress=progress, model=teacher_model)
     if progress:
         echo(f"{teacher.info.describe()}; validation balanced accuracy {teacher.metrics['balanced_accuracy']:.4f}")
     out.mkdir(parents=True, exist_ok=True)  # only now: bad input leaves an earlier run's folder as it was
@@ -93,15 +103,17 @@ def run_distill(cfg: Config, out_dir: str | Path | None = None, progress: bool =
             echo(epoch_line(row, cfg.train.epochs))
 
     history: list[dict[str, Any]] = []
-    result = train_student(cfg, data, teacher.logits, report=report, progress=progress, model=student)
+    with phases("train"):
+        result = train_student(cfg, data, teacher.logits, report=report, progress=progress, model=student)
     if teacher_model is None:  # for the compression report
         teacher_model = load_teacher_model(cfg, data, teacher.directory)[0]
     metrics = finish_student(cfg, data, result, out, teacher.metrics, teacher_model=teacher_model,
-                             extra={"seconds": time.perf_counter() - t0, "teacher": teacher.info.to_dict()})
+                             extra={"teacher": teacher.info.to_dict()}, phases=phases)
     echo(format_metrics(metrics["val"], data.classes, "validation (threshold chosen here):"))
     echo(format_metrics(metrics["test"], data.classes, "held-out test (evaluated once):"))
     echo(metrics["cost"]["summary"])
     echo(f"exported student: {out / 'model'}")
+    echo(f"time: {phases_text(metrics['phases'])}; {metrics['seconds']:.1f} s in all")
     return metrics
 
 

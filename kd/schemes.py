@@ -35,14 +35,14 @@ from kd.metrics import tune_threshold
 from kd.models import create_model
 from kd.selection import THRESHOLD, decision_rule
 from kd.student import new_student, student_loss
-from kd.teacher import Teacher, prepare_teacher
-from kd.train import FitResult, HeldOut, Outcome, ReportFn, Training, member_states, train_members
+from kd.teacher import Teacher
+from kd.train import FitResult, Fitting, HeldOut, Outcome, ReportFn, Training, member_states, run_fitting
 
 T = TypeVar("T")
 
 
 class Compute(Protocol):
-    """Where the heavy steps of `Scheme.final` run: here (`Here`), or as Ray tasks on a trial's resources."""
+    """Where the heavy steps of `Scheme.final` run (search.teachers.RayCompute: as the search runs its tasks)."""
 
     def teacher(self, cfg: Config, data: Dataset) -> Teacher:
         """The teacher of `cfg` fine-tuned on `data.train`, with logits for `cfg.train.epochs` epochs of views."""
@@ -53,16 +53,6 @@ class Compute(Protocol):
         ...
 
 
-class Here:
-    """Everything in this process."""
-
-    def teacher(self, cfg: Config, data: Dataset) -> Teacher:
-        return prepare_teacher(cfg, data, epochs=cfg.train.epochs, progress=False)
-
-    def run(self, fn: Callable[..., T], *args: Any) -> T:
-        return fn(*args)
-
-
 @dataclass
 class Final:
     """The student a search ships, made from its winning trial, and the teacher it learned from."""
@@ -70,6 +60,7 @@ class Final:
     threshold: float | None     # two classes: on p(class 1), tuned on predictions of images it was not fitted on
     epoch: int                  # the epochs it trained
     refit: bool                 # retrained on all of train + validation (not the trial's own checkpoint)
+    sees_validation: bool       # it trained on the validation split (so no figure of it there means anything)
     train_images: int
     teacher: Teacher
     teacher_data: Dataset       # the data that teacher was fine-tuned on
@@ -83,7 +74,6 @@ class Scheme(ABC):
     held: HeldOut | None                    # the pooled held-out images every epoch is judged on (None: a refit)
     logits: list[torch.Tensor] | None = None
 
-    kind: ClassVar[str]
     making_final: ClassVar[str] = ""        # what the console says while `final` runs, if it takes a while
 
     @staticmethod
@@ -95,6 +85,14 @@ class Scheme(ABC):
     @abstractmethod
     def split(cls, cfg: Config, data: Dataset) -> Scheme:
         """The members and held-out images of `data`, before any teacher."""
+
+    def for_trials(self) -> Scheme:
+        """This scheme as the trials get it: they train on the members, so the whole dataset's images stay behind
+        (where it is not one of the members itself)."""
+        if any(d is self.data for d in self.members):
+            return self
+        bare = replace(self.data, train=replace(self.data.train, images=None), val=replace(self.data.val, images=None))
+        return replace(self, data=bare)
 
     def taught(self, logits: list[torch.Tensor]) -> Scheme:
         """This scheme with each member's teacher logits (from teachers fine-tuned on `members[i].train`)."""
@@ -108,7 +106,12 @@ class Scheme(ABC):
 
     def fit(self, cfg: Config, report: ReportFn | None = None, resume: dict[str, Any] | None = None,
             progress: bool = False) -> FitResult:
-        """Train a student per member with `cfg`, in lockstep, every epoch judged on the pooled held-out images."""
+        """Train a student per member with `cfg`, in lockstep, every epoch judged on the pooled held-out images; each
+        epoch's row to `report(row, state_fn)`."""
+        return run_fitting(self.start(cfg, resume, progress), report)
+
+    def start(self, cfg: Config, resume: dict[str, Any] | None = None, progress: bool = False) -> Fitting:
+        """The same fit, an epoch per `step()` (a search's trial steps it)."""
         logits: list[torch.Tensor | None] = list(self.logits) if self.logits else [None] * len(self.members)
         states = member_states(resume, len(self.members))
         trainings = [Training(new_student(cfg, len(self.classes)), cfg.train, data, student_loss(cfg, data),
@@ -116,7 +119,11 @@ class Scheme(ABC):
                               balanced_sampling=cfg.imbalance.method == "balanced_sampling", resume=states[m],
                               progress=progress, desc=f"student {cfg.student.name}")
                      for m, data in enumerate(self.members)]  # every member starts from the same seeded weights
-        return train_members(trainings, self.held, report, resume)
+        return Fitting(trainings, self.held, resume)
+
+    def final_teacher_data(self) -> Dataset | None:
+        """The data of a teacher `final` needs beyond the members' (prepared beside the trials), if any."""
+        return None
 
     @abstractmethod
     def final(self, cfg: Config, state: dict[str, Any], probs: list[np.ndarray], compute: Compute) -> Final:
@@ -145,10 +152,29 @@ class Scheme(ABC):
         """Held-out figures only this scheme reports."""
         return []
 
+    @classmethod
+    @abstractmethod
+    def teachers_text(cls, cfg: Config) -> str:
+        """Its teachers in a sentence: 'prepared once before the trials'."""
+
+    @classmethod
+    def member_name(cls, m: int, k: int) -> str:
+        """How the console names member m of k ('' for a single one)."""
+        return ""
+
+    @classmethod
+    @abstractmethod
+    def final_text(cls, epoch: int, train_images: int) -> str:
+        """What its shipped student is: 'its checkpoint of epoch 8'."""
+
+    @classmethod
+    @abstractmethod
+    def threshold_source(cls) -> str:
+        """The predictions its shipped threshold is tuned on."""
+
 
 @dataclass
 class Holdout(Scheme):
-    kind: ClassVar[str] = "holdout"
 
     @classmethod
     def split(cls, cfg: Config, data: Dataset) -> Holdout:
@@ -163,7 +189,7 @@ class Holdout(Scheme):
                              self.data.image_size)
         model.load_state_dict(member_states(state, 1)[0]["model"])  # type: ignore[index]
         last = state["history"][-1]
-        return Final(model, last.get("threshold"), last["epoch"], False, len(self.data.train),
+        return Final(model, last.get("threshold"), last["epoch"], False, False, len(self.data.train),
                      compute.teacher(cfg, self.data), self.data)
 
     @classmethod
@@ -178,10 +204,21 @@ class Holdout(Scheme):
     def describe(cls, cfg: Config) -> str:
         return "holdout"
 
+    @classmethod
+    def teachers_text(cls, cfg: Config) -> str:
+        return "prepared once before the trials"
+
+    @classmethod
+    def final_text(cls, epoch: int, train_images: int) -> str:
+        return f"its checkpoint of epoch {epoch}"
+
+    @classmethod
+    def threshold_source(cls) -> str:
+        return "validation"
+
 
 @dataclass
 class CrossValidated(Scheme):
-    kind: ClassVar[str] = "cross-validated"
     making_final: ClassVar[str] = "refitting the winner on all of train + validation ..."
 
     @classmethod
@@ -191,10 +228,13 @@ class CrossValidated(Scheme):
                        decision_rule(len(data.classes), cfg.train.tune_threshold), spread=True)
         return cls(data, folds.datasets, held)
 
+    def final_teacher_data(self) -> Dataset:
+        return refit_data(self.data)
+
     def final(self, cfg: Config, state: dict[str, Any], probs: list[np.ndarray], compute: Compute) -> Final:
         """The winner's config refitted on all of train + validation (its teacher fine-tuned on the same pool), its
         threshold tuned on the winner's out-of-fold predictions."""
-        pool = refit_data(self.data)
+        pool = self.final_teacher_data()
         teacher = compute.teacher(cfg, pool)
         weights = compute.run(refit, cfg, pool, teacher.logits)
         model = create_model(dataclasses.replace(cfg.student, pretrained=False), len(self.classes),
@@ -207,7 +247,7 @@ class CrossValidated(Scheme):
         if decision_rule(len(self.classes), cfg.train.tune_threshold) == THRESHOLD and probs:
             labels = np.tile(pooled(self.data).labels.numpy(), len(probs))
             threshold = tune_threshold(labels, np.concatenate(probs)[:, 1])
-        return Final(model, threshold, cfg.train.epochs, True, len(pool.train), teacher, pool)
+        return Final(model, threshold, cfg.train.epochs, True, True, len(pool.train), teacher, pool)
 
     @classmethod
     def where(cls, cfg: Config) -> str:
@@ -224,6 +264,23 @@ class CrossValidated(Scheme):
     @classmethod
     def extra_metrics(cls) -> list[str]:
         return ["val_balanced_accuracy_fold_mean", "val_balanced_accuracy_fold_std"]
+
+    @classmethod
+    def teachers_text(cls, cfg: Config) -> str:
+        return (f"one per fold ({cfg.search.folds}), each fine-tuned on the other folds only, prepared before the "
+                "trials (validation figures: the mean over the teachers' own folds)")
+
+    @classmethod
+    def member_name(cls, m: int, k: int) -> str:
+        return f"fold {m + 1}/{k}"
+
+    @classmethod
+    def final_text(cls, epoch: int, train_images: int) -> str:
+        return f"refitted on all {train_images} train + validation images with its config and {epoch} epochs"
+
+    @classmethod
+    def threshold_source(cls) -> str:
+        return "out-of-fold predictions"
 
 
 def refit(cfg: Config, pool: Dataset, logits: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -56,6 +56,8 @@ class TeacherInfo:
     logit_epochs: int = 0           # epochs of training views the logits cover
     node: str = ""                  # the Ray node it was prepared on ("" without Ray)
     gpus: str = ""                  # the GPU ids Ray gave that task ("" on CPUs)
+    started: float = 0.0            # wall-clock seconds (time.time()) when its preparation began, and ended
+    ended: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -160,13 +162,15 @@ def prepare_teacher(cfg: Config, data: Dataset, epochs: int | None = None, progr
     It is left on the CPU in eval mode. Without it, a teacher is built only if its weights or logits are needed.
     """
     epochs = epochs or cfg.train.epochs
+    started = time.time()
     found = cached_teacher(cfg, data, epochs, model)
     if found is not None:  # weights and every epoch's logits on disk: no model to build at all
         log.info("teacher %s and its logits found in the cache (%s)", cfg.teacher.name, found.directory)
+        found.info.started, found.info.ended = started, time.time()
         return found
     key = teacher_key(cfg, data)
     directory = Path(cfg.data.cache_dir) / "teacher" / key
-    info = TeacherInfo(key, cfg.teacher.name)
+    info = TeacherInfo(key, cfg.teacher.name, started=started)
     device = resolve_device(cfg.teacher.train.device)
     with file_lock(directory / "model"):
         try:
@@ -182,6 +186,7 @@ def prepare_teacher(cfg: Config, data: Dataset, epochs: int | None = None, progr
             info.cached, info.finetune_seconds = False, meta["finetune_seconds"]
     logits = _logits(cfg, data, model, directory, epochs, device, progress, info)
     model.cpu()
+    info.ended = time.time()
     return Teacher(key, directory, logits, meta["val_metrics"], info)
 
 

@@ -5,9 +5,10 @@ teacher's logits for that exact view come from the cache, and nothing synchronis
 the epoch ends. The forward pass (normalisation, memory format, autocast) is `kd.infer.Runner`'s, the
 same one evaluation and the teacher's logits use. Each epoch's metrics go to a `report(metrics, state_fn)`
 callback: the caller (the CLI, or the search's trainable) decides what to print or where to checkpoint;
-`state_fn()` builds the resumable state only when asked. kd/ never imports Ray. One loop (`train_members`) trains
-every member of a fit in lockstep and judges the epoch on their pooled held-out predictions: one member for a
-teacher, a distillation or a holdout trial, K for a cross-validated one.
+`state_fn()` builds the resumable state only when asked. kd/ never imports Ray. One loop (`Fitting`, run by
+`run_fitting` or stepped by a search's trial) trains every member of a fit in lockstep and judges the epoch on
+their pooled held-out predictions: one member for a teacher, a distillation or a holdout trial, K for a
+cross-validated one.
 """
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ class Outcome(Vocabulary):
 
 @dataclass
 class FitResult:
-    """What one fit of one or more members (`train_members`) leaves: the trained models, one history row per
+    """What one fit of one or more members (`Fitting`) leaves: the trained models, one history row per
     epoch (the members' training figures averaged, the held-out figures of their pooled predictions), the
     outcome and the last epoch's pooled held-out probabilities (None without held-out images)."""
     models: list[nn.Module]
@@ -154,18 +155,13 @@ class Training:
         self.optimizer = _optimizer(model, cfg, device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(cfg, s, self.steps))
         self.history: list[dict[str, Any]] = []
-        self.status = Outcome.COMPLETED
         if resume:
             model.load_state_dict(resume["model"])
-            self.optimizer.load_state_dict(resume["optimizer"])
+            self.optimizer.load_state_dict(copy.deepcopy(resume["optimizer"]))  # stepping must not change `resume`
             self.scheduler.load_state_dict(resume["scheduler"])
             self.history = list(resume["history"])
         self.bar = tqdm(total=(cfg.epochs - len(self.history)) * self.steps, desc=desc, unit="batch", leave=False,
                         disable=None if progress else True)  # None: shown on a terminal only
-
-    @property
-    def done(self) -> bool:
-        return self.status == Outcome.DIVERGED or len(self.history) >= self.cfg.epochs
 
     def state(self) -> dict[str, Any]:
         """A resumable snapshot (copied to the CPU), so later epochs cannot change it."""
@@ -207,7 +203,6 @@ class Training:
                                "train_task_loss": task, "train_kd_loss": kd, "train_accuracy": correct,
                                "epoch_time": seconds, "train_images_per_s": seen / seconds}
         if not math.isfinite(loss):
-            self.status = Outcome.DIVERGED
             row["status"] = Outcome.DIVERGED.value  # a plain string: checkpoints load with weights_only=True
         return row
 
@@ -262,7 +257,7 @@ class HeldOut:
 
 
 def member_states(resume: dict[str, Any] | None, k: int) -> list[dict[str, Any] | None]:
-    """Each member's part of a state `train_members` built (checkpoints of earlier versions too: a holdout
+    """Each member's part of a state `Fitting.state` built (checkpoints of earlier versions too: a holdout
     trial's flat Training state, a cross-validated trial's "folds")."""
     if resume is None:
         return [None] * k
@@ -287,39 +282,60 @@ def _pooled_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return row
 
 
-def train_members(trainings: list[Training], held: HeldOut | None, report: ReportFn | None = None,
-                  resume: dict[str, Any] | None = None) -> FitResult:
-    """The one epoch loop: every member trains its next epoch, then the fit is judged on the pooled held-out
-    predictions (`held`), and the row goes to `report(row, state_fn)`; `state_fn()` builds the state that resumes
-    every member (`resume`) only when asked. Stops at the first diverged epoch."""
-    result = FitResult([t.model for t in trainings], list(resume["history"]) if resume else [])
-    epochs = trainings[0].cfg.epochs
+class Fitting:
+    """One fit of one or more members, an epoch at a time (`step`): every member trains its next epoch, then the
+    epoch is judged on the pooled held-out predictions (`held`). `state()` builds the state that resumes every member
+    (`resume`); `finish()` closes the members and returns the result. Stops at the first diverged epoch."""
 
-    def state() -> dict[str, Any]:
-        probs = torch.from_numpy(result.probs.astype(np.float32)) if result.probs is not None else None
-        return {"members": [t.state() for t in trainings], "history": list(result.history),
-                "epoch": len(result.history), "probs": probs}
+    def __init__(self, trainings: list[Training], held: HeldOut | None, resume: dict[str, Any] | None = None):
+        self.trainings, self.held = trainings, held
+        self.result = FitResult([t.model for t in trainings], list(resume["history"]) if resume else [])
+        self.epochs = trainings[0].cfg.epochs
 
-    while len(result.history) < epochs and result.status == Outcome.COMPLETED:
-        rows = [t.train_epoch() for t in trainings]
+    @property
+    def done(self) -> bool:
+        return len(self.result.history) >= self.epochs or self.result.status != Outcome.COMPLETED
+
+    def step(self) -> dict[str, Any]:
+        """Train the next epoch of every member; the epoch's row (held-out figures included unless it diverged)."""
+        result = self.result
+        rows = [t.train_epoch() for t in self.trainings]
         row = _pooled_row(rows)
         if row.get("status") == Outcome.DIVERGED:
             result.status = Outcome.DIVERGED
-        elif held is not None:
-            result.probs = held.pool(trainings)
-            row.update(held.metrics(result.probs))
-        for t, r in zip(trainings, rows, strict=True):
+        elif self.held is not None:
+            result.probs = self.held.pool(self.trainings)
+            row.update(self.held.metrics(result.probs))
+        for t, r in zip(self.trainings, rows, strict=True):
             t.record(r)
             if "val_balanced_accuracy" in row:
                 t.bar.set_postfix(loss=f"{row['train_loss']:.3f}", val_bacc=f"{row['val_balanced_accuracy']:.3f}")
         result.history.append(row)
+        return row
+
+    def state(self) -> dict[str, Any]:
+        probs = self.result.probs
+        return {"members": [t.state() for t in self.trainings], "history": list(self.result.history),
+                "epoch": len(self.result.history),
+                "probs": torch.from_numpy(probs.astype(np.float32)) if probs is not None else None}
+
+    def finish(self) -> FitResult:
+        result = self.result
+        if result.status == Outcome.COMPLETED and result.probs is None and self.held is not None:  # resumed at the end
+            result.probs = self.held.pool(self.trainings)
+        for t in self.trainings:
+            t.close()
+        return result
+
+
+def run_fitting(fitting: Fitting, report: ReportFn | None = None) -> FitResult:
+    """The one epoch loop: `fitting` stepped to its end, each epoch's row to `report(row, state_fn)`; `state_fn()`
+    builds the resumable state only when asked."""
+    while not fitting.done:
+        row = fitting.step()
         if report:
-            report(row, state)
-    if result.status == Outcome.COMPLETED and result.probs is None and held is not None:  # resumed after the end
-        result.probs = held.pool(trainings)
-    for t in trainings:
-        t.close()
-    return result
+            report(row, fitting.state)
+    return fitting.finish()
 
 
 def fit(model: nn.Module, cfg: TrainConfig, data: Dataset, loss_fn: DistillLoss, augment: AugmentConfig, *,
@@ -331,4 +347,4 @@ def fit(model: nn.Module, cfg: TrainConfig, data: Dataset, loss_fn: DistillLoss,
     training = Training(model, cfg, data, loss_fn, augment, teacher_logits=teacher_logits,
                         balanced_sampling=balanced_sampling, resume=member_states(resume, 1)[0], progress=progress,
                         desc=desc)
-    return train_members([training], HeldOut.validation(data, cfg.tune_threshold), report, resume)
+    return run_fitting(Fitting([training], HeldOut.validation(data, cfg.tune_threshold), resume), report)

@@ -9,8 +9,6 @@ re-rank the top trials with further seeds, export the winner as its scheme makes
 """
 from __future__ import annotations
 
-import dataclasses
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,9 +19,10 @@ from kd.data import load_dataset
 from kd.errors import Interrupted
 from kd.schemes import Scheme
 from kd.selection import check_metric, decision_rule
-from search.cluster import check_resources, check_stream_files, ray_errors_to, start_ray
+from search.cluster import check_resources, check_stream_files, ray_errors_to, start_ray, trial_slots
 from search.finalize import finalize
 from search.format import shown
+from search.phases import RunPhases
 from search.records import CONFIG, RAY_ERRORS, RunRecord
 from search.run import Run
 from search.session import exclusive, experiment_path, run_dir_of, set_aside_stale, should_resume, sigterm_as_interrupt
@@ -45,8 +44,9 @@ def run_search(cfg: Config, address: str | None = None, storage: str | None = No
         restore = should_resume(cfg, run_dir, exp_path, resume)
         if not restore:
             set_aside_stale(run_dir)
-        t0 = time.perf_counter()
-        data = load_dataset(cfg.data, progress=not quiet)
+        phases = RunPhases(run_dir)
+        with phases("decode"):
+            data = load_dataset(cfg.data, progress=not quiet)
         scheme = Scheme.of(cfg)
         check_metric(cfg.search.metric, data.classes, decision_rule(len(data.classes), cfg.train.tune_threshold),
                      scheme.extra_metrics())
@@ -55,21 +55,23 @@ def run_search(cfg: Config, address: str | None = None, storage: str | None = No
         # Ray's published errors go to ray-errors.log until Ray is stopped (its shutdown included)
         with ray_errors_to(run_dir / RAY_ERRORS, echo):
             try:  # written once the data is good and Ray is up: a search that cannot start leaves nothing behind
-                check_stream_files(data, check_resources(cfg))
+                resources = check_resources(cfg)
+                check_stream_files(data, resources)
                 save_config(cfg, run_dir / CONFIG)
-                run_info = RunRecord(experiment=exp_path, resumed=restore, classes=data.classes, data=data.describe())
-                run_info.write(run_dir)
-                prepared = prepare_teachers(cfg, split, echo)
-                prepared.record(seconds=time.perf_counter() - t0).write(run_dir)
+                phases.start_record(RunRecord(experiment=exp_path, resumed=restore, classes=data.classes,
+                                              data=data.describe(), slots=cfg.search.max_concurrent or
+                                              trial_slots(resources)))
+                with phases("teachers"):
+                    prepared = prepare_teachers(cfg, split, echo)
+                prepared.record(seconds=phases.total).write(run_dir)
                 echo(("resuming" if restore else "starting") + f" the search: {cfg.search.num_samples} "
                      f"{scheme.describe(cfg)} trials of {cfg.student.name}, optimising {cfg.search.metric} "
                      f"({cfg.search.mode}); results in {shown(run_dir)}")
                 tuner = build_tuner(cfg, prepared.scheme, exp_path, restore, quiet)
-                with sigterm_as_interrupt(), exact_loggers(not restore):
+                with sigterm_as_interrupt(), exact_loggers(not restore), phases("trials"):
                     tuner.fit()
                 _raise_if_interrupted(run_dir)
-                dataclasses.replace(run_info, seconds=time.perf_counter() - t0).write(run_dir)
-                finalize(run_dir, prepared, echo=echo)
+                finalize(run_dir, prepared, phases, echo=echo)
             finally:
                 if started:
                     ray.shutdown()

@@ -123,7 +123,8 @@ def load_trials(cfg: Config, exp: str, run_dir: Path) -> tuple[pd.DataFrame, dic
             row[f"best_{key}"] = best.get(key, np.nan)
         for key in COST:
             row[key] = last.get(key, np.nan)
-        row[TEACHER_WORK] = max((h.get(TEACHER_WORK, 0) for h in history), default=np.nan)
+        counted = [h[TEACHER_WORK] for h in history if TEACHER_WORK in h]  # none in a run of an earlier version
+        row[TEACHER_WORK] = max(counted) if counted else np.nan
         row["threshold"] = last.get("threshold", np.nan)
         row["epochs"] = len(history)
         row["seconds"] = last.get("time_total_s", np.nan)

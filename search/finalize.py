@@ -11,21 +11,25 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 
+from kd.config import Config
 from kd.cost import distill_report
-from kd.data import load_dataset
+from kd.data import Dataset, load_dataset
 from kd.errors import UserError
 from kd.export import export_student
-from kd.files import load_tensors, save_tensors
+from kd.files import save_tensors
 from kd.metrics import scalars
-from kd.schemes import Scheme
+from kd.schemes import Final, Scheme
 from kd.student import evaluate_model
 from kd.teacher import load_teacher_model
+from kd.timing import Phases, phases_text
 from kd.train import load_state
+from search.cluster import trial_resources
 from search.experiment import latest_checkpoint
 from search.format import params_text, shown
 from search.records import BEST, RERANK_PROBS, BestRecord, Reranking
@@ -35,7 +39,8 @@ from search.run import Run
 from search.teachers import Prepared, RayCompute
 
 
-def export_best(run: Run, row: pd.Series, scheme: Scheme, probs: list[np.ndarray], out_dir: Path) -> BestRecord:
+def export_best(run: Run, row: pd.Series, scheme: Scheme, probs: list[np.ndarray], out_dir: Path,
+                prepared: Prepared | None = None, phases: Phases | None = None) -> BestRecord:
     """The student `scheme` makes of trial `row` (`Scheme.final`; `probs`: its held-out probabilities over further
     seeds), evaluated once on the test split, with its compression report against its teacher, exported to
     `out_dir`."""
@@ -44,8 +49,15 @@ def export_best(run: Run, row: pd.Series, scheme: Scheme, probs: list[np.ndarray
         raise UserError(f"trial {row['trial']} has no checkpoint to export (status: {row['status']})")
     tcfg = run.trial_config(row)
     state = load_state(ckpt)
-    final = scheme.final(tcfg, state, probs, RayCompute(run.config))
-    data = scheme.data
+    phases = phases or Phases()  # not recorded: `kdsearch export` is no phase of the search
+    with phases("final student"):
+        final = scheme.final(tcfg, state, probs, RayCompute(run.config, trial_resources(run.config), prepared))
+    with phases("export"):
+        return _evaluate_and_export(run, row, tcfg, state, final, scheme.data, out_dir)
+
+
+def _evaluate_and_export(run: Run, row: pd.Series, tcfg: Config, state: dict[str, Any], final: Final, data: Dataset,
+                         out_dir: Path) -> BestRecord:
     judged = {k: v for k, v in scalars(state["history"][-1]).items() if k.startswith("val_")}
     teacher_model = load_teacher_model(tcfg, final.teacher_data, final.teacher.directory)[0]
     cost = distill_report(tcfg, final.model, teacher_model, run.teacher.metrics if run.teacher else None,
@@ -54,7 +66,8 @@ def export_best(run: Run, row: pd.Series, scheme: Scheme, probs: list[np.ndarray
                       params=run.params(row), val_last_epoch=judged,
                       test=evaluate_model(final.model, data, "test", final.threshold, tcfg), refit=final.refit,
                       train_images=final.train_images,
-                      val={} if final.refit else evaluate_model(final.model, data, "val", final.threshold, tcfg),
+                      val={} if final.sees_validation else evaluate_model(final.model, data, "val", final.threshold,
+                                                                          tcfg),
                       cost=cost, teacher=final.teacher.info)
     export_student(out_dir, final.model, tcfg, data.classes, final.threshold, dataclasses.asdict(best))
     return best
@@ -74,17 +87,16 @@ def export_command(run_dir: str | Path, trial: str | None, out: str | Path) -> s
             raise UserError(f"no finished trial within the budget in {run_dir} to export")
         row = top.iloc[0]
     data = load_dataset(run.config.data, progress=False)
-    probs: list[np.ndarray] = []  # the re-ranked winner's threshold comes from its further seeds, as best/'s did
-    if run.reranking is not None and run.reranking.winner == row["trial"] and (run.directory / RERANK_PROBS).is_file():
-        probs = list(load_tensors(run.directory / RERANK_PROBS)[0]["probs"].numpy())
+    # the re-ranked winner's threshold comes from its further seeds, as best/'s did
+    probs = run.rerank_probs() if run.reranking is not None and run.reranking.winner == row["trial"] else []
     best = export_best(run, row, run.scheme.split(run.config, data), probs, Path(out))
-    how = (f"refitted on train + validation for {best.epoch} epochs" if best.refit else f"epoch {best.epoch}")
+    how = run.scheme.final_text(best.epoch, best.train_images)
     return (f"exported trial {row['trial']} ({how}; validation {run.config.search.metric} "
             f"{row[run.config.search.metric]:.4f}, {run.rule_label}) to {out}; the test split evaluated again: "
             f"balanced accuracy {best.test['balanced_accuracy']:.4f}")
 
 
-def finalize(run_dir: Path, prepared: Prepared, echo: Callable[[str], None] = print) -> None:
+def finalize(run_dir: Path, prepared: Prepared, phases: Phases, echo: Callable[[str], None] = print) -> None:
     """Re-rank the top trials with further seeds, export the winner as its scheme makes it, test it once, write the
     report."""
     run = Run(run_dir, refresh=False)  # mirrored (if remote) when the trials ended
@@ -106,12 +118,13 @@ def finalize(run_dir: Path, prepared: Prepared, echo: Callable[[str], None] = pr
             chosen = candidates(run)
             echo(f"re-ranking {len(chosen)} candidates (the top {cfg.search.rerank} and the hand-picked points) "
                  f"with {len(seeds)} further seeds ...")
-            record, probs = rerank(run, prepared, seeds, chosen)
+            with phases("re-ranking"):
+                record, probs = rerank(run, prepared, seeds, chosen)
             if probs:  # the winner's held-out probabilities: the final student's threshold, after a resume too
                 save_tensors(run_dir / RERANK_PROBS, {"probs": torch.from_numpy(np.stack(probs))}, {})
             record.write(run_dir)
-        elif (run_dir / RERANK_PROBS).is_file():
-            probs = list(load_tensors(run_dir / RERANK_PROBS)[0]["probs"].numpy())
+        else:
+            probs = run.rerank_probs()
         _echo_reranking(record, echo)
         row = run.trial(record.winner)
         echo(f"winner: {row['trial']} (the best mean over the further seeds)")
@@ -122,7 +135,7 @@ def finalize(run_dir: Path, prepared: Prepared, echo: Callable[[str], None] = pr
     if best is None or best.trial != row["trial"]:
         if prepared.scheme.making_final:
             echo(prepared.scheme.making_final)
-        best = export_best(run, row, prepared.scheme, probs, run_dir / BEST)
+        best = export_best(run, row, prepared.scheme, probs, run_dir / BEST, prepared, phases)
     t = best.test
     echo(f"exported the best student to {shown(run_dir / BEST)}; held-out test (evaluated once): balanced accuracy "
          f"{t['balanced_accuracy']:.4f}, accuracy {t['accuracy']:.4f}, "
@@ -130,6 +143,11 @@ def finalize(run_dir: Path, prepared: Prepared, echo: Callable[[str], None] = pr
     if best.cost:
         echo(best.cost["summary"])
     write_report(run)
+    use = run.slot_use()
+    busy = {"trials": f"slots {use.busy:.0%} busy"} if use and use.busy is not None else {}
+    echo("time: " + phases_text(phases.seconds, busy) + (
+        f"; a slot waited {use.median_idle:.1f} s (median) between trials" if use and use.median_idle is not None
+        else ""))
     echo(f"summary: {shown(run_dir / 'summary.md')}; table: {shown(run_dir / 'trials.csv')}; "
          f"plots: {shown(run_dir / 'plots')}")
 

@@ -49,7 +49,7 @@ FINISHED = (TrialStatus.COMPLETED, TrialStatus.STOPPED, TrialStatus.FAILED)  # t
 METRICS = ("val_balanced_accuracy", "val_accuracy", "val_macro_f1", "val_balanced_accuracy_argmax",
            "val_balanced_accuracy_fold_mean", "val_balanced_accuracy_fold_std")
 COST = ("student_params", "student_mflops", "student_latency_ms", "student_images_per_s")  # measured in each trial
-PLACEMENT = ("node", "gpus", "device")  # the Ray node, the GPU ids Ray gave the trial, torch's device
+PLACEMENT = ("node", "gpus", "device", "pid")  # the Ray node, the GPU ids Ray gave it, torch's device, its process
 TEACHER_WORK = "teacher_forward_images"  # images the trial ran through a teacher itself (its process counted them)
 
 
@@ -89,13 +89,17 @@ class RunRecord(Record):
     classes: list[str]
     data: str = ""
     resumed: bool = False
-    seconds: float | None = None
+    seconds: float | None = None                 # since the search (or its resumption) started
+    phases: dict[str, float] = field(default_factory=dict)  # seconds per phase (search.phases)
+    slots: int | None = None                     # trials that could run at once when it started
 
 
 @dataclass(frozen=True)
 class Placement:
     node: str = ""    # the Ray node ("" without Ray)
     gpus: str = ""    # the GPU ids Ray gave it ("" on CPUs)
+    started: float = 0.0  # wall-clock seconds (time.time()) when it began, and ended
+    ended: float = 0.0
 
 
 @dataclass(frozen=True)

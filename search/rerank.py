@@ -52,7 +52,7 @@ def rerank(run: Run, prepared: Prepared, seeds: list[int],
     """Retrain every candidate (`candidates(run)`) with every seed; the record (rerank.json) and the winner's
     held-out probabilities."""
     cfg, metric = run.config, run.config.search.metric
-    scheme_ref = ray.put(prepared.scheme)
+    scheme_ref = ray.put(prepared.scheme.for_trials())
     resources = trial_resources(cfg)
     jobs = [[remote(retrain, resources, run.trial_config(row).updated({"train.seed": s}), scheme_ref)
              for s in seeds] for row, _ in chosen]

@@ -8,6 +8,7 @@ search.experiment.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import pandas as pd
 
 from kd.config import Config, load_config
 from kd.errors import UserError
+from kd.files import load_tensors
 from kd.schemes import Scheme
 from kd.selection import decision_rule, rule_label, rule_text
 from search.experiment import load_trials, mirror
@@ -26,12 +28,23 @@ from search.records import (
     FINISHED,
     MIRROR,
     RANKED,
+    RERANK_PROBS,
     BestRecord,
     Reranking,
     RunRecord,
     TeacherRecord,
     TrialStatus,
 )
+
+
+@dataclass(frozen=True)
+class SlotUse:
+    busy: float | None       # the share of slot-seconds spent in trials during the trial phase
+    idle: list[float]        # each wait of a slot between one trial's last report and the next trial's start
+
+    @property
+    def median_idle(self) -> float | None:
+        return float(np.median(self.idle)) if self.idle else None
 
 
 class Run:
@@ -64,6 +77,11 @@ class Run:
     @property
     def best(self) -> BestRecord | None:
         return BestRecord.read(self.directory)
+
+    def rerank_probs(self) -> list[np.ndarray]:
+        """The re-ranked winner's pooled held-out probabilities, one array per further seed ([] if none were kept)."""
+        path = self.directory / RERANK_PROBS
+        return list(load_tensors(path)[0]["probs"].numpy()) if path.is_file() else []
 
     @cached_property
     def experiment(self) -> Path:
@@ -157,6 +175,26 @@ class Run:
             value[j] >= value[i] and price[j] <= price[i] and (value[j] > value[i] or price[j] < price[i])
             for j in range(len(done)))]
         return done.iloc[front].sort_values(cost)
+
+    def slot_use(self) -> SlotUse | None:
+        """How busy the trial slots were while trials ran (from each attempt's start and last report), and how long
+        a slot (a trial's process: a reused actor runs several) waited between one trial and the next."""
+        table = self.table
+        slots = self.record.slots if self.record else None
+        if not len(table) or not {"started", "ended"} <= set(table.columns):
+            return None
+        ran = table.dropna(subset=["started", "ended"])
+        if not len(ran):
+            return None
+        window = float(ran["ended"].max() - ran["started"].min())
+        busy = float((ran["ended"] - ran["started"]).sum()) / (slots * window) if slots and window > 0 else None
+        idle: list[float] = []
+        if "pid" in ran.columns:
+            for _, process in ran.dropna(subset=["pid"]).groupby(["node", "pid"]):
+                process = process.sort_values("started")
+                idle += [float(b - a) for a, b in zip(process["ended"].iloc[:-1], process["started"].iloc[1:],
+                                                      strict=True)]
+        return SlotUse(busy, idle)
 
     def trial(self, trial_id: str) -> pd.Series:
         match = self.table[self.table["trial"] == trial_id] if len(self.table) else self.table

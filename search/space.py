@@ -28,6 +28,7 @@ FIXED_PER_SEARCH = {  # keys a trial cannot change: they shape what the search p
     "teacher": "the teacher is fine-tuned and its logits computed once per search",
     "train.epochs": "it is every trial's maximum, the budget ASHA divides (set it, and search the rest)",
     "train.device": "Ray places trials on devices (search.gpus_per_trial)",
+    "train.tune_threshold": "every trial is judged by the one decision rule of the search (kd.selection)",
 }
 
 

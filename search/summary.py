@@ -7,6 +7,7 @@ from typing import Any
 import pandas as pd
 
 from kd.metrics import flatten
+from kd.timing import phases_text
 from search.format import number, param_name, params_text
 from search.records import TEACHER_WORK, BestRecord, TrialStatus, Verdict
 from search.run import Run
@@ -33,6 +34,7 @@ def summary_markdown(run: Run) -> str:
     out += _pareto(run)
     out += _reranking(run)
     out += _best_student(run)
+    out += _time(run)
     out += ["## Plots", ""]
     for name, title in (("trials.png", "balanced accuracy per trial"), ("importance.png", "parameter importance"),
                         ("params.png", "each parameter against balanced accuracy"),
@@ -72,10 +74,7 @@ def _teacher(run: Run) -> list[str]:
     teacher = run.teacher
     if teacher is None:
         return ["## Teacher", "", "Not prepared yet.", ""]
-    what = (f"one per fold ({teacher.teachers}), each fine-tuned on the other folds only, prepared before the trials "
-            f"({teacher.describe()}; {_trials_teacher_work(run)}). Validation figures: the mean over the "
-            "teachers' own folds." if teacher.teachers > 1 else
-            f"prepared once before the trials ({teacher.describe()}; {_trials_teacher_work(run)}).")
+    what = f"{run.scheme.teachers_text(run.config)}: {teacher.describe()}; {_trials_teacher_work(run)}."
     return ["## Teacher", "", f"`{run.config.teacher.name}`, {what}", "",
             _table(["validation", "value"], _metric_rows(teacher.metrics, run.classes)), ""]
 
@@ -199,16 +198,30 @@ def _reranking(run: Run) -> list[str]:
     return out
 
 
+def _time(run: Run) -> list[str]:
+    """Where the search's time went, phase by phase, and how busy the trial slots were."""
+    record = run.record
+    if record is None or not record.phases:
+        return []
+    use = run.slot_use()
+    out = ["## Where the time went", "", "Seconds per phase of this run" + (" (resumed)" if record.resumed else "")
+           + ": " + phases_text(record.phases, {"trials": f"slots {use.busy:.0%} busy"} if use and use.busy is not None
+                                else {}) + ".", ""]
+    if use and use.idle:
+        out += [f"Between one trial and the next, a slot (a trial's process, reused for the next trial) waited "
+                f"{use.median_idle:.1f} s at the median ({len(use.idle)} waits, longest {max(use.idle):.1f} s); "
+                f"{record.slots} slots.", ""]
+    return out
+
+
 def _best_student(run: Run) -> list[str]:
     out = ["## Exported best student: held-out test split (evaluated once)", ""]
     best, classes = run.best, run.classes
     if best is None:
         return out + ["Not exported yet (it follows the search).", ""]
-    where = "out-of-fold predictions" if best.refit else "validation"
-    thr = f"; decision threshold {best.threshold:.4f} on p({classes[1]}), chosen on {where}" \
-        if best.threshold is not None else "; argmax"
-    how = (f"refitted on all {best.train_images} train + validation images with its config and "
-           f"{best.epoch} epochs" if best.refit else f"its checkpoint of epoch {best.epoch}")
+    thr = f"; decision threshold {best.threshold:.4f} on p({classes[1]}), chosen on " \
+        f"{run.scheme.threshold_source()}" if best.threshold is not None else "; argmax"
+    how = run.scheme.final_text(best.epoch, best.train_images)
     side = _side_by_side(run, best)
     return out + [f"Trial `{best.trial}`, {how}, exported to `best/`{thr}.", "",
                   _table(["test", "value"], _metric_rows(best.test, classes)), "", *side,

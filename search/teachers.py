@@ -1,14 +1,19 @@
-"""The teachers of a search: one per member of its scheme (kd.schemes), each fine-tuned once, before the trials.
+"""The teachers of a search: one per member of its scheme (kd.schemes), and the one its final student needs, all
+prepared at once, before the trials.
 
-A teacher is found in the cache when it can be (kd.teacher's content address); otherwise it is fine-tuned
-here when this machine has the best device for it (a local GPU, or a cluster without GPUs), else in a Ray
-task on a GPU node. `RayCompute` gives a scheme's `final` step the same teachers and a trial's resources.
+A teacher is found in the cache when it can be (kd.teacher's content address). The others are fine-tuned as Ray
+tasks, all submitted together, so they run side by side wherever the cluster has room: several on one GPU where a
+trial's share of one (`search.gpus_per_trial`) fits, as trials pack, and on a CPU machine as many as its cores
+hold `search.cpus_per_trial`. The trials wait only for the members' teachers; the final student's teacher (a
+refit's, fine-tuned on train + validation) needs no trial result and goes on beside them. `RayCompute` hands it,
+and a trial's resources, to the scheme's `final` step.
 """
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import ray
@@ -18,28 +23,18 @@ from kd.config import Config
 from kd.data import Dataset
 from kd.metrics import mean_metrics
 from kd.schemes import Scheme
-from kd.teacher import Teacher, cached_teacher, prepare_teacher
-from search.cluster import Resources, call, remote, trial_resources, where
+from kd.teacher import Teacher, cached_teacher, prepare_teacher, teacher_key
+from search.cluster import Resources, call, remote, where
 from search.records import Placement, TeacherRecord
 
 T = TypeVar("T")
 
 
-def prepare_teacher_once(cfg: Config, data: Dataset, epochs: int) -> Teacher:
-    """Fine-tune (or find) the teacher and its logits once: here when this machine has the best device for
-    it (a local GPU, or a cluster without GPUs), else in a Ray task on a GPU node."""
-    found = cached_teacher(cfg, data, epochs)  # no need to start anything for what is on disk
-    if found is not None:
-        return found
-    if not ray.is_initialized() or torch.cuda.is_available() or ray.cluster_resources().get("GPU", 0) < 1:
-        teacher = prepare_teacher(cfg, data, epochs=epochs, progress=False)
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()  # the trials get the GPU memory back
-        return teacher
-    # a whole GPU and all the CPUs of the best-provided GPU node (more than one node has would never be placed)
-    cpus = max([int(n["Resources"].get("CPU", 0)) for n in ray.nodes()
-                if n["Alive"] and n["Resources"].get("GPU", 0) >= 1] + [1])
-    return ray.get(remote(_prepare_teacher_here, Resources(cpus, 1), cfg, data, epochs))
+def teacher_resources(cfg: Config) -> Resources:
+    """What one teacher's fine-tuning asks Ray for: a trial's CPUs, and where the cluster has GPUs a trial's share of
+    one (a whole one if trials take none), so teachers pack as trials do."""
+    gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
+    return Resources(cfg.search.cpus_per_trial, (cfg.search.gpus_per_trial or 1.0) if gpus > 0 else 0.0)
 
 
 def _prepare_teacher_here(cfg: Config, data: Dataset, epochs: int) -> Teacher:
@@ -47,53 +42,89 @@ def _prepare_teacher_here(cfg: Config, data: Dataset, epochs: int) -> Teacher:
     teacher = prepare_teacher(cfg, data, epochs=epochs, progress=False)
     placed = where()
     info = dataclasses.replace(teacher.info, node=placed["node"], gpus=placed["gpus"])
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the trials get the GPU memory back
     return dataclasses.replace(teacher, info=info)
+
+
+def start_teacher(cfg: Config, data: Dataset) -> Teacher | ray.ObjectRef:
+    """The teacher of `cfg` on `data`: from the cache when it is there, else a Ray task fine-tuning it (its reference;
+    with no Ray running, fine-tuned here)."""
+    found = cached_teacher(cfg, data, cfg.train.epochs)  # no need to start anything for what is on disk
+    if found is not None:
+        now = time.time()
+        return dataclasses.replace(found, info=dataclasses.replace(found.info, started=now, ended=now))
+    if not ray.is_initialized():
+        return prepare_teacher(cfg, data, epochs=cfg.train.epochs, progress=False)
+    return remote(_prepare_teacher_here, teacher_resources(cfg), cfg, data, cfg.train.epochs)
 
 
 @dataclass
 class Prepared:
-    """What the trials train on: the scheme, with each member's teacher logits, and those teachers."""
+    """What the trials train on: the scheme, with each member's teacher logits, those teachers, and the final
+    student's teacher (a Ray reference while it is still being fine-tuned)."""
     scheme: Scheme
     teachers: list[Teacher]
+    final_teacher: dict[str, Teacher | ray.ObjectRef] = field(default_factory=dict)  # by teacher key
+
+    def known(self, key: str) -> Teacher | ray.ObjectRef | None:
+        """A teacher this search has prepared or started, by its key (kd.teacher.teacher_key)."""
+        return next((t for t in self.teachers if t.key == key), None) or self.final_teacher.get(key)
 
     def record(self, seconds: float) -> TeacherRecord:
         """teacher.json: the teachers' validation metrics (the mean over them) and how they were prepared."""
         infos = [t.info for t in self.teachers]
         summed = {k: sum(getattr(i, k) for i in infos) for k in ("finetune_seconds", "logit_seconds", "forward_images")}
         info = dataclasses.replace(infos[0], cached=all(i.cached for i in infos),
-                                   logits_cached=all(i.logits_cached for i in infos), **summed)
+                                   logits_cached=all(i.logits_cached for i in infos),
+                                   started=min(i.started for i in infos), ended=max(i.ended for i in infos), **summed)
         return TeacherRecord(metrics=mean_metrics([t.metrics for t in self.teachers]), info=info,
-                             teachers=len(infos), placement=[Placement(i.node, i.gpus) for i in infos],
+                             teachers=len(infos),
+                             placement=[Placement(i.node, i.gpus, i.started, i.ended) for i in infos],
                              seconds=seconds)
 
 
 def prepare_teachers(cfg: Config, scheme: Scheme, echo: Callable[[str], None] = print) -> Prepared:
     """A teacher for each member of `scheme`, each fine-tuned on that member's training images only (so no student
-    learns its held-out images' labels through the logits)."""
+    learns its held-out images' labels through the logits), all at once; the final student's teacher started too."""
     k = len(scheme.members)
-    echo(f"preparing the teacher ({cfg.teacher.name}) once for all trials ..." if k == 1 else
-         f"preparing {k} teachers ({cfg.teacher.name}), one per fold, each fine-tuned on the other folds ...")
-    teachers = []
-    for m, data in enumerate(scheme.members):
-        teacher = prepare_teacher_once(cfg, data, cfg.train.epochs)
-        teachers.append(teacher)
-        figure = teacher.metrics["balanced_accuracy"]
-        echo(f"{teacher.info.describe()}; validation balanced accuracy {figure:.4f}" if k == 1 else
-             f"  fold {m + 1}/{k}: {teacher.info.describe()}; its fold's balanced accuracy {figure:.4f}")
-    return Prepared(scheme.taught([t.logits for t in teachers]), teachers)
+    echo(f"preparing {k} teacher{'s' if k > 1 else ''} ({cfg.teacher.name}), {scheme.teachers_text(cfg)} ...")
+    pending = [start_teacher(cfg, data) for data in scheme.members]
+    final_data = scheme.final_teacher_data()
+    final = {teacher_key(cfg, final_data): start_teacher(cfg, final_data)} if final_data is not None else {}
+    teachers: list[Teacher | None] = [p if isinstance(p, Teacher) else None for p in pending]
+    refs = {p: m for m, p in enumerate(pending) if not isinstance(p, Teacher)}
+    for m, teacher in enumerate(teachers):
+        if teacher is not None:
+            _echo_teacher(teacher, scheme.member_name(m, k), echo)
+    while refs:
+        done, _ = ray.wait(list(refs), num_returns=1)
+        m = refs.pop(done[0])
+        teachers[m] = ray.get(done[0])
+        _echo_teacher(teachers[m], scheme.member_name(m, k), echo)  # type: ignore[arg-type]
+    ready = [t for t in teachers if t is not None]
+    return Prepared(scheme.taught([t.logits for t in ready]), ready, final)
+
+
+def _echo_teacher(teacher: Teacher, member: str, echo: Callable[[str], None]) -> None:
+    figure = teacher.metrics["balanced_accuracy"]
+    prefix = f"  {member}: " if member else ""
+    echo(f"{prefix}{teacher.info.describe()}; validation balanced accuracy {figure:.4f}")
 
 
 class RayCompute:
-    """kd.schemes.Compute on the search's Ray (or here, without one): the teachers as the search prepares them, the
-    training with a trial's resources (the same threads: the same float sums, so a refit here gives the very
-    student a task would)."""
+    """kd.schemes.Compute on the search's Ray (or here, without one): the teachers as the search prepares them (the
+    one started beside the trials, once it is done), the training with a trial's resources (the same threads: the
+    same float sums, so a refit here gives the very student a task would)."""
 
-    def __init__(self, cfg: Config):
-        self.resources = trial_resources(cfg)
+    def __init__(self, cfg: Config, resources: Resources, prepared: Prepared | None = None):
+        self.resources, self.prepared = resources, prepared
 
     def teacher(self, cfg: Config, data: Dataset) -> Teacher:
-        return prepare_teacher_once(cfg, data, cfg.train.epochs)
+        started = self.prepared.known(teacher_key(cfg, data)) if self.prepared else None
+        found = started if started is not None else start_teacher(cfg, data)
+        return found if isinstance(found, Teacher) else ray.get(found)
 
     def run(self, fn: Callable[..., T], *args: Any) -> T:
-        return call(fn, self.resources, *args)
-
+        result: T = call(fn, self.resources, *args)
+        return result

@@ -1,16 +1,21 @@
-"""The Ray Tune function trainable: base config + sampled keys -> the scheme's fit (kd.schemes) -> tune.report.
+"""The Ray Tune trainable: base config + sampled keys -> the scheme's fit (kd.schemes), an epoch per `step`.
 
 `param_space` (the `config` argument here) holds only the sampled dotted keys; the base config and the
 scheme (its datasets and its teachers' cached logits) arrive through `tune.with_parameters`, so trials
-never decode an image or run a teacher. The kd loop reports every epoch through a callback that this module
-turns into `tune.report(metrics, checkpoint=...)`; a restarted trial resumes from `tune.get_checkpoint()`.
+never decode an image or run a teacher.
+
+A class trainable, so that Ray can reuse its actor for the next trial (`reset_config`): the process,
+its imports, its CUDA context and the scheme it fetched from the object store stay, and the next trial
+starts within a second of the last one ending. Each `step` trains one epoch in the actor's own thread
+(there is no training thread that must end before a reuse, as with function trainables, whose reuse
+failed on a busy node when that thread outlived Ray's reset wait). A checkpoint is saved at every epoch
+in `checkpoint_epochs`; a restarted trial resumes from it (`load_checkpoint`).
 """
 from __future__ import annotations
 
 import dataclasses
 import gc
 import os
-import tempfile
 import time
 from typing import Any
 
@@ -20,74 +25,104 @@ from ray import tune
 from kd.config import Config, from_dict
 from kd.cost import measure
 from kd.data import Dataset
-from kd.errors import Diverged
 from kd.infer import resolve_device
 from kd.metrics import scalars
 from kd.models import create_model
 from kd.schemes import Scheme
 from kd.teacher import forwarded_images
-from kd.train import Outcome, load_state, save_state
+from kd.train import Fitting, Outcome, load_state, save_state
 from search.cluster import where
-from search.records import STATE_FILE
+from search.records import STATE_FILE, TEACHER_WORK
 
 
 class TrialDiverged(RuntimeError):
     """Raised inside a trial so Ray records it as failed, with this message as its error."""
 
 
+_COSTS: dict[tuple[str, int, int, str], dict[str, float]] = {}  # this actor's measurements, by student and input
+
+
 def student_cost(cfg: Config, data: Dataset) -> dict[str, float]:
-    """What this trial's student costs, measured in the trial on its own device (kd.cost: parameters, FLOPs from
-    torch's flop counter, median latency at batch 1 after warm-up, throughput at a large batch)."""
-    model = create_model(dataclasses.replace(cfg.student, pretrained=False), len(data.classes), data.image_size)
-    report = measure(model, data.image_size, resolve_device(cfg.train.device))
-    return {"student_params": report["parameters"], "student_mflops": report["flops"] / 1e6,
-            "student_latency_ms": report["latency_ms_batch1"], "student_images_per_s": report["images_per_s_batch"]}
+    """What this trial's student costs, measured on its own device (kd.cost: parameters, FLOPs from torch's flop
+    counter, median latency at batch 1 after warm-up, throughput at a large batch); once per architecture, input
+    size and device in a reused actor."""
+    device = resolve_device(cfg.train.device)
+    key = (cfg.student.name, len(data.classes), data.image_size, str(device))
+    if key not in _COSTS:
+        model = create_model(dataclasses.replace(cfg.student, pretrained=False), len(data.classes), data.image_size)
+        report = measure(model, data.image_size, device)
+        _COSTS[key] = {"student_params": report["parameters"], "student_mflops": report["flops"] / 1e6,
+                       "student_latency_ms": report["latency_ms_batch1"],
+                       "student_images_per_s": report["images_per_s_batch"]}
+    return _COSTS[key]
 
 
 def placement(device: str) -> dict[str, Any]:
-    """Where and since when this attempt of the trial runs: its Ray node and GPU ids (search.cluster.where) and the
-    device torch trains on. Reported with every epoch, so the trials table shows how trials were spread and packed."""
-    return {**where(), "device": str(resolve_device(device)), "attempt_started": time.time()}
+    """Where and since when this attempt of the trial runs: its Ray node and GPU ids (search.cluster.where), the
+    device torch trains on and its process (a reused actor runs several trials). Reported with every epoch, so the
+    trials table shows how trials were spread, packed and reused."""
+    return {**where(), "device": str(resolve_device(device)), "pid": os.getpid(), "attempt_started": time.time()}
 
 
-def distill_trainable(config: dict[str, Any], base: dict[str, Any], scheme: Scheme, checkpoint_epochs: frozenset[int],
-                      threads: int = 1) -> None:
+class DistillTrainable(tune.Trainable):
     """One trial: distil with the sampled hyperparameters `config` on top of `base`, as `scheme` trains (a student
-    per member, judged on their pooled held-out predictions).
+    per member, judged on their pooled held-out predictions), one epoch per step."""
 
-    A checkpoint is saved at every epoch in `checkpoint_epochs` (every `search.checkpoint_every`-th, every epoch
-    at which ASHA may stop the trial, and the last), so the exported state is always that of the epoch that
-    ranked the trial.
-    """
-    torch.set_num_threads(max(1, threads))
-    cfg = from_dict(base, "search base config").updated(config, source="sampled trial config")
-    resume = None
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            resume = load_state(os.path.join(d, STATE_FILE))
+    def setup(self, config: dict[str, Any], base: dict[str, Any] | None = None, scheme: Scheme | None = None,
+              checkpoint_epochs: frozenset[int] = frozenset(), threads: int = 1) -> None:
+        assert base is not None and scheme is not None, "DistillTrainable needs tune.with_parameters"
+        torch.set_num_threads(max(1, threads))
+        self.base, self.scheme, self.checkpoint_epochs = base, scheme, checkpoint_epochs
+        self._begin(config)
 
-    forwarded = forwarded_images()  # the trial reports any teacher forward pass it makes (by design: none)
-    cost = student_cost(cfg, scheme.data)  # on the device this trial trains on, before it trains
-    placed = placement(cfg.train.device)
+    def _begin(self, config: dict[str, Any]) -> None:
+        """A new trial (or a restarted one) in this actor: its config, cost and placement; the fit starts at the first
+        step, from a checkpoint if one is loaded before it."""
+        self.cfg = from_dict(self.base, "search base config").updated(config, source="sampled trial config")
+        self.forwarded = forwarded_images()  # the trial reports any teacher forward pass it makes (by design: none)
+        self.cost = student_cost(self.cfg, self.scheme.data)  # on the device this trial trains on, before it trains
+        self.placed = placement(self.cfg.train.device)
+        self.resume: dict[str, Any] | None = None
+        self.fitting: Fitting | None = None
 
-    def report(row: dict[str, Any], state_fn) -> None:
-        if row.get("status") == Outcome.DIVERGED:  # no report: it would lack the metric Tune optimises
+    def step(self) -> dict[str, Any]:
+        if self.fitting is None:
+            self.fitting = self.scheme.start(self.cfg, resume=self.resume)
+        row = self.fitting.step()
+        if row.get("status") == Outcome.DIVERGED:  # no result: it would lack the metric Tune optimises
             raise TrialDiverged(f"non-finite loss at epoch {row['epoch']}: the trial diverged")
-        metrics = {**scalars(row), **cost, **placed, "teacher_forward_images": forwarded_images() - forwarded,
-                   "reported_at": time.time()}
-        if row["epoch"] not in checkpoint_epochs:
-            tune.report(metrics)
-            return
-        with tempfile.TemporaryDirectory() as d:
-            save_state(state_fn(), os.path.join(d, STATE_FILE))
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+        metrics = {**scalars(row), **self.cost, **self.placed,
+                   TEACHER_WORK: forwarded_images() - self.forwarded, "reported_at": time.time()}
+        if row["epoch"] in self.checkpoint_epochs:
+            metrics[tune.result.SHOULD_CHECKPOINT] = True
+        if self.fitting.done:
+            metrics[tune.result.DONE] = True
+        return metrics
 
-    try:
-        scheme.fit(cfg, report=report, resume=resume)
-    except Diverged as e:
-        raise TrialDiverged(str(e)) from None
-    finally:  # release GPU memory when a trial ends or is stopped early
+    def save_checkpoint(self, checkpoint_dir: str) -> None:
+        assert self.fitting is not None
+        save_state(self.fitting.state(), os.path.join(checkpoint_dir, STATE_FILE))
+
+    def load_checkpoint(self, checkpoint: str | dict[str, Any] | None) -> None:
+        assert isinstance(checkpoint, str)
+        self._release()
+        self.resume = load_state(os.path.join(checkpoint, STATE_FILE))
+
+    def reset_config(self, new_config: dict[str, Any]) -> bool:
+        """The next trial in this actor: nothing of the last one is kept but the scheme and the cost measurements."""
+        self._release()
+        self._begin(new_config)
+        return True
+
+    def cleanup(self) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        """Let go of the last trial's models and optimiser state, and give the GPU memory back."""
+        fitting: Fitting | None = getattr(self, "fitting", None)
+        if fitting is not None:
+            fitting.finish()
+        self.fitting = None
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -24,14 +24,14 @@ from search.records import JOURNAL
 from search.session import run_dir_of
 from search.space import DefineByRun, check_points, parse_space
 from search.tracking import logger_callbacks
-from search.trainable import distill_trainable
+from search.trainable import DistillTrainable
 
 
 def build_tuner(cfg: Config, scheme: Scheme, exp_path: str, restore: bool, quiet: bool) -> tune.Tuner:
     s = cfg.search
     resources = trial_resources(cfg)
     trainable = tune.with_resources(
-        tune.with_parameters(distill_trainable, base=cfg.to_dict(), scheme=scheme,
+        tune.with_parameters(DistillTrainable, base=cfg.to_dict(), scheme=scheme.for_trials(),
                              checkpoint_epochs=checkpoint_epochs(cfg), threads=max(1, int(s.cpus_per_trial))),
         resources.as_tune())
     if restore:  # the loggers are those the search started with (a search of an earlier version: Ray's own)
@@ -41,11 +41,10 @@ def build_tuner(cfg: Config, scheme: Scheme, exp_path: str, restore: bool, quiet
     tune_config = tune.TuneConfig(search_alg=_searcher(cfg), scheduler=_scheduler(cfg), num_samples=s.num_samples,
                                   metric=s.metric, mode=s.mode,
                                   max_concurrent_trials=s.max_concurrent or trial_slots(resources),
-                                  # A reused actor must first see the last trial's thread end within
-                                  # TUNE_FUNCTION_THREAD_TIMEOUT_S (2 s); on a busy node it may not, and Ray then
-                                  # fails the next trial ("Trainable runner reuse requires reset_config() ...").
-                                  # A fresh actor per trial costs about a second and cannot fail that way.
-                                  reuse_actors=False)
+                                  # the next trial starts in the last one's actor (search.trainable: reset_config),
+                                  # with its imports, its device and the scheme it fetched; a class trainable has no
+                                  # training thread that must end first, so a busy node cannot fail the reuse
+                                  reuse_actors=True)
     run_config = tune.RunConfig(
         name=name, storage_path=root, verbose=0,
         callbacks=[TrialLog(run_dir_of(cfg), s.metric, s.mode, cfg.train.epochs, echo=not quiet),

@@ -131,7 +131,7 @@ def test_killed_then_interrupted_search_finishes_with_every_trial_once(tmp_path,
         assert sorted({m.step for m in curve}) == list(range(1, EPOCHS + 1))  # across the three processes
 
 
-GATE = "KD_TEST_REPORT_GATE"  # a folder: while set, every trial's tune.report waits there for the test's word
+GATE = "KD_TEST_REPORT_GATE"  # a folder: while set, every trial's epoch waits there for the test's word
 GATED_MODULE = "tests.test_reliability"  # this file, as Ray's workers import it
 
 
@@ -147,18 +147,17 @@ def gated_runtime_env(runtime_env: dict | None) -> dict:
 
 
 def gate_trial_reports() -> None:
-    """In a Ray worker: after each tune.report, say so in the gate folder (PID-EPOCH.reported, with the trial's
-    folder) and wait until the test lets the trial go on (PID-EPOCH.go) or kills the process. The trial cannot
-    outrun the test's kills, however fast its epochs."""
-    import ray.tune
+    """In a Ray worker: after each epoch a trial trains (DistillTrainable.step), say so in the gate folder
+    (PID-EPOCH.reported, with the trial's folder) and wait until the test lets the trial go on (PID-EPOCH.go) or kills
+    the process. The trial cannot outrun the test's kills, however fast its epochs."""
+    from search.trainable import DistillTrainable
     gate = Path(os.environ[GATE])
-    report = ray.tune.report
+    step = DistillTrainable.step
 
-    def gated(metrics, *args, **kwargs):
-        report(metrics, *args, **kwargs)
+    def gated(self):
+        metrics = step(self)
         name = f"{os.getpid()}-{metrics['epoch']}"
-        trial = Path(ray.tune.get_context().get_trial_dir()).name
-        seen = {"pid": os.getpid(), "epoch": metrics["epoch"], "trial": trial}
+        seen = {"pid": os.getpid(), "epoch": metrics["epoch"], "trial": Path(self.logdir).name}
         (gate / f"{name}.tmp").write_text(json.dumps(seen))
         (gate / f"{name}.tmp").rename(gate / f"{name}.reported")
         deadline = time.time() + 300
@@ -166,7 +165,8 @@ def gate_trial_reports() -> None:
             if time.time() > deadline:
                 raise RuntimeError(f"the test never answered the report of epoch {metrics['epoch']} (pid {name})")
             time.sleep(0.01)
-    ray.tune.report = gated
+        return metrics
+    DistillTrainable.step = gated
 
 
 def test_killed_trial_processes_are_retried_then_recorded_as_failed(tmp_path, shared_cache, monkeypatch):

@@ -106,6 +106,28 @@ def test_cross_validated_students_learn_and_resume_exactly(digits_setup):
     assert resumed.history[-1]["train_loss"] == pytest.approx(last["train_loss"], rel=1e-5)
     assert np.allclose(resumed.probs, full.probs, atol=1e-5)
     assert torch.is_tensor(states[-1]["probs"]) and len(states[-1]["members"]) == 2
+    # a checkpoint of the earlier layout (before kd.schemes: "folds" and "oof_probs") resumes the same K students
+    old = {"folds": states[1]["members"], "history": states[1]["history"], "epoch": 2, "oof_probs": states[1]["probs"]}
+    again = scheme.fit(cfg, resume=old)
+    assert again.history[-1]["train_loss"] == pytest.approx(last["train_loss"], rel=1e-5)
+    # and ships as one: refitted on the pool, its threshold tuned on the out-of-fold predictions it saved
+    old_last = {**old, "history": full.history, "oof_probs": torch.from_numpy(full.probs.astype(np.float32))}
+    final = scheme.final(cfg, old_last, [], LocalCompute())
+    pool = refit_data(data)
+    assert final.refit and final.sees_validation and final.train_images == len(pool.train) == len(full.probs)
+    saved = old_last["oof_probs"].numpy()  # as checkpoints keep them, in float32
+    assert final.threshold == pytest.approx(tune_threshold(pool.train.labels.numpy(), saved[:, 1]), abs=1e-6)
+
+
+class LocalCompute:
+    """kd.schemes.Compute in this process."""
+
+    def teacher(self, cfg, data):
+        from kd.teacher import prepare_teacher
+        return prepare_teacher(cfg, data, progress=False)
+
+    def run(self, fn, *args):
+        return fn(*args)
 
 
 def test_a_holdout_is_one_member_judged_on_validation(digits_setup):
@@ -122,3 +144,8 @@ def test_a_holdout_is_one_member_judged_on_validation(digits_setup):
     flat = {**states[0]["members"][0], "history": states[0]["history"]}  # how a holdout trial checkpointed before
     resumed = scheme.fit(cfg, resume=flat)
     assert resumed.history[-1]["train_loss"] == pytest.approx(fit.history[-1]["train_loss"], rel=1e-5)
+    final = scheme.final(cfg, {**states[-1]["members"][0], "history": states[-1]["history"]}, [], LocalCompute())
+    assert not final.refit and not final.sees_validation and final.epoch == cfg.train.epochs
+    assert final.threshold == fit.threshold  # the trial's own, tuned on all of validation
+    images = (data.test.images[:8].float() / 255 - 0.5) / 0.5
+    assert torch.allclose(final.model.eval()(images), fit.model.cpu().eval()(images), atol=1e-5)
