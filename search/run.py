@@ -55,7 +55,6 @@ class Run:
         if not (self.directory / CONFIG).is_file():
             raise UserError(f"{self.directory} is not a search directory (it has no {CONFIG})")
         self.config: Config = load_config(self.directory / CONFIG)
-        self.record: RunRecord | None = RunRecord.read(self.directory)
         self._refresh = refresh
 
     # ---- the files the search wrote
@@ -65,6 +64,11 @@ class Run:
         if self.record and self.record.classes:
             return self.record.classes
         return [k.removeprefix("val_recall_") for k in self.table.columns if k.startswith("val_recall_")]
+
+    @property
+    def record(self) -> RunRecord | None:
+        """run.json, as it is now (the search rewrites it as each of its phases ends)."""
+        return RunRecord.read(self.directory)
 
     @property
     def teacher(self) -> TeacherRecord | None:

@@ -76,17 +76,21 @@ class DistillTrainable(tune.Trainable):
         self._begin(config)
 
     def _begin(self, config: dict[str, Any]) -> None:
-        """A new trial (or a restarted one) in this actor: its config, cost and placement; the fit starts at the first
-        step, from a checkpoint if one is loaded before it."""
-        self.cfg = from_dict(self.base, "search base config").updated(config, source="sampled trial config")
+        """A new trial (or a restarted one) in this actor. Nothing here may fail (a reset that raises breaks Ray's
+        reuse of the actor): the trial's own work, its cost measured and its fit started (from a checkpoint if one
+        is loaded first), happens in its first step, where a failure fails that trial alone."""
+        self.trial_config = config
         self.forwarded = forwarded_images()  # the trial reports any teacher forward pass it makes (by design: none)
-        self.cost = student_cost(self.cfg, self.scheme.data)  # on the device this trial trains on, before it trains
-        self.placed = placement(self.cfg.train.device)
+        self.placed = placement("cpu")
         self.resume: dict[str, Any] | None = None
         self.fitting: Fitting | None = None
 
     def step(self) -> dict[str, Any]:
         if self.fitting is None:
+            self.cfg = from_dict(self.base, "search base config").updated(self.trial_config,
+                                                                           source="sampled trial config")
+            self.cost = student_cost(self.cfg, self.scheme.data)  # on the device it trains on, before it trains
+            self.placed = {**placement(self.cfg.train.device), "attempt_started": self.placed["attempt_started"]}
             self.fitting = self.scheme.start(self.cfg, resume=self.resume)
         row = self.fitting.step()
         if row.get("status") == Outcome.DIVERGED:  # no result: it would lack the metric Tune optimises

@@ -6,6 +6,7 @@ node is killed with SIGKILL while its trials run. bench/cluster.py repeats the k
 """
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import shutil
@@ -41,7 +42,8 @@ EPOCHS = 3
 @pytest.fixture(scope="module")
 def lost_node_search(cluster, tmp_path_factory):
     """One search across the two GPU nodes, as a user runs it, with worker node 1 killed (SIGKILL to its raylet)
-    once one of its trials has reported an epoch. A fresh cache, so the teacher is fine-tuned (in a Ray task);
+    once one of its trials has reported an epoch. Three folds and a fresh cache, so three teachers are fine-tuned,
+    side by side in Ray tasks (and the refit's beside the trials);
     the GPU compute path (bf16 autocast, channels_last) forced on through the teacher, the trials, the re-ranking's
     tasks, the export and its test evaluation; quarter GPUs, so each node packs four trials."""
     tmp = tmp_path_factory.mktemp("cluster")
@@ -50,6 +52,7 @@ def lost_node_search(cluster, tmp_path_factory):
     cfg = load_config(None, tiny_overrides(tmp / "cache", tmp / "results") + gpu_path + [
         "name=lost-node", f"search.num_samples={TRIALS}", "search.scheduler=none", "search.rerank=1",
         "search.confirm_seeds=1", "search.cpus_per_trial=0.5", "search.gpus_per_trial=0.25", "search.max_failures=2",
+        "search.folds=3",
         f"train.epochs={EPOCHS}"])
     config = tmp / "lost-node.yaml"
     config.write_text(cfg.to_yaml())
@@ -127,12 +130,17 @@ def test_the_console_holds_kd_search_lines_only(lost_node_search):
         assert line.removeprefix("Ray: ").split(" (Ray's message in")[0] in kept
 
 
-def test_the_teacher_ran_once_as_a_task_on_a_gpu_node(lost_node_search):
+def test_the_fold_teachers_ran_side_by_side_as_tasks_on_gpu_nodes(lost_node_search):
+    """One teacher per fold, each once, in a Ray task holding a quarter of a GPU node's GPU (as a trial does), all
+    submitted at once: their start and end times overlap, where one after another they could not."""
     teacher = json.loads((lost_node_search["run_dir"] / "teacher.json").read_text())
     assert not teacher["info"]["cached"] and teacher["info"]["finetune_seconds"] > 0
-    assert len(teacher["placement"]) == 1 and teacher["placement"][0]["gpus"] == "0"
-    assert teacher["placement"][0]["node"] in {n.node_id for n in (lost_node_search["victim"],
-                                                                    lost_node_search["survivor"])}
+    placed = teacher["placement"]
+    gpu_nodes = {n.node_id for n in (lost_node_search["victim"], lost_node_search["survivor"])}
+    assert len(placed) == teacher["teachers"] == 3 and all(p["gpus"] == "0" and p["node"] in gpu_nodes for p in placed)
+    spans = sorted((p["started"], p["ended"]) for p in placed)
+    assert all(start < end for start, end in spans)
+    assert any(later[0] < earlier[1] for earlier, later in itertools.pairwise(spans)), spans
 
 
 def test_quarter_gpus_pack_up_to_four_trials_on_each_gpu_node(lost_node_search):

@@ -20,12 +20,16 @@ def test_teacher_is_cached_by_content_and_logits_extend(digits_setup):
     cfg, data, teacher = digits_setup
     assert teacher.logits.shape == (cfg.train.epochs, len(data.train), 2)
     assert teacher.metrics["balanced_accuracy"] > 0.6
+    cfg = cfg.updated({"augment.seed": 4242})  # a view stream of this test's own: no other test extends its logits
+    first = prepare_teacher(cfg, data, progress=False)
+    assert first.key == teacher.key and first.info.cached  # the same weights, found
+    assert not first.info.logits_cached and first.info.forward_images == cfg.train.epochs * len(data.train)
     again = prepare_teacher(cfg, data, progress=False)
     assert again.info.cached and again.info.logits_cached and again.info.forward_images == 0
-    assert torch.equal(again.logits, teacher.logits)
+    assert torch.equal(again.logits, first.logits)
     longer = prepare_teacher(cfg, data, epochs=cfg.train.epochs + 2, progress=False)
     assert longer.info.cached and longer.info.forward_images == 2 * len(data.train)
-    assert torch.allclose(longer.logits[:cfg.train.epochs], teacher.logits)
+    assert torch.allclose(longer.logits[:cfg.train.epochs], first.logits)
     from kd.teacher import teacher_key
     assert teacher_key(cfg.updated({"teacher.train.lr": 0.001}), data) != teacher.key  # another teacher
     assert teacher_key(cfg.updated({"augment.seed": 7}), data) == teacher.key  # same teacher, new logits only

@@ -148,15 +148,15 @@ def gated_runtime_env(runtime_env: dict | None) -> dict:
 
 def gate_trial_reports() -> None:
     """In a Ray worker: after each epoch a trial trains (DistillTrainable.step), say so in the gate folder
-    (PID-EPOCH.reported, with the trial's folder) and wait until the test lets the trial go on (PID-EPOCH.go) or kills
-    the process. The trial cannot outrun the test's kills, however fast its epochs."""
+    (PID-TRIAL-EPOCH.reported, with the trial's folder) and wait until the test lets the trial go on
+    (PID-TRIAL-EPOCH.go) or kills the process. The trial cannot outrun the test's kills, however fast its epochs."""
     from search.trainable import DistillTrainable
     gate = Path(os.environ[GATE])
     step = DistillTrainable.step
 
     def gated(self):
         metrics = step(self)
-        name = f"{os.getpid()}-{metrics['epoch']}"
+        name = f"{os.getpid()}-{self.trial_id}-{metrics['epoch']}"  # a reused actor runs several trials
         seen = {"pid": os.getpid(), "epoch": metrics["epoch"], "trial": Path(self.logdir).name}
         (gate / f"{name}.tmp").write_text(json.dumps(seen))
         (gate / f"{name}.tmp").rename(gate / f"{name}.reported")
@@ -223,9 +223,10 @@ def test_killed_trial_processes_are_retried_then_recorded_as_failed(tmp_path, sh
 
 
 def test_a_busy_node_cannot_fail_the_next_trial_through_actor_reuse(tmp_path, shared_cache, monkeypatch):
-    """Ray reuses a trial's actor only if the last trial's thread ends within TUNE_FUNCTION_THREAD_TIMEOUT_S; on a busy
-    node it may not, and a reused actor then failed the next trial ("Trainable runner reuse requires reset_config()
-    ..."). A timeout of 0 makes every reuse fail that way: with a fresh actor per trial, every trial still completes."""
+    """Ray reuses a function trainable's actor only if the last trial's thread ends within
+    TUNE_FUNCTION_THREAD_TIMEOUT_S; on a busy node it may not, and a reused actor then failed the next trial
+    ("Trainable runner reuse requires reset_config() ..."). A timeout of 0 made every such reuse fail. The trials are a
+    class trainable, with no thread to wait for: every trial completes, and they ran in one reused process."""
     from search.driver import run_search
     monkeypatch.setenv("TUNE_FUNCTION_THREAD_TIMEOUT_S", "0")
     cfg = load_config(write_config(tmp_path, shared_cache, "busy", "search.num_samples=3", "train.epochs=1",
@@ -233,3 +234,4 @@ def test_a_busy_node_cannot_fail_the_next_trial_through_actor_reuse(tmp_path, sh
     run_dir = run_search(cfg, quiet=True, echo=lambda s: None)
     table = pd.read_csv(run_dir / "trials.csv")
     assert (table["status"] == "completed").all() and len(table) == 3, table[["status", "error"]]
+    assert table["pid"].nunique() == 1, table[["trial", "pid"]]  # one trial at a time, in one warm actor
