@@ -5,7 +5,8 @@ A teacher is found in the cache when it can be (kd.teacher's content address). T
 tasks, all submitted together, so they run side by side wherever the cluster has room: several on one GPU where a
 trial's share of one (`search.gpus_per_trial`) fits, as trials pack; on CPU nodes one per node, with all its
 cores (`teacher_resources`). The trials wait only for the members' teachers; the final student's teacher (a
-refit's, fine-tuned on train + validation) needs no trial result and goes on beside them. `RayCompute` hands it,
+refit's, fine-tuned on train + validation) needs no trial result and goes on beside them, on one trial's
+resources (a whole CPU node would hold the first trials back). `RayCompute` hands it,
 and a trial's resources, to the scheme's `final` step.
 """
 from __future__ import annotations
@@ -52,16 +53,20 @@ def _prepare_teacher_here(cfg: Config, data: Dataset, epochs: int) -> Teacher:
     return dataclasses.replace(teacher, info=info)
 
 
-def start_teacher(cfg: Config, data: Dataset) -> Teacher | ray.ObjectRef:
+def start_teacher(cfg: Config, data: Dataset, beside_trials: bool = False) -> Teacher | ray.ObjectRef:
     """The teacher of `cfg` on `data`: from the cache when it is there, else a Ray task fine-tuning it (its reference;
-    with no Ray running, fine-tuned here)."""
+    with no Ray running, fine-tuned here). `beside_trials`: it runs while trials do, so it takes one trial's
+    resources, not a whole CPU node (which would hold the first trials back until it is done)."""
     found = cached_teacher(cfg, data, cfg.train.epochs)  # no need to start anything for what is on disk
     if found is not None:
         now = time.time()
         return dataclasses.replace(found, info=dataclasses.replace(found.info, started=now, ended=now))
     if not ray.is_initialized():
         return prepare_teacher(cfg, data, epochs=cfg.train.epochs, progress=False)
-    return remote(_prepare_teacher_here, teacher_resources(cfg), cfg, data, cfg.train.epochs)
+    resources = teacher_resources(cfg)
+    if beside_trials:
+        resources = dataclasses.replace(resources, cpus=min(resources.cpus, cfg.search.cpus_per_trial))
+    return remote(_prepare_teacher_here, resources, cfg, data, cfg.train.epochs)
 
 
 @dataclass
@@ -96,7 +101,8 @@ def prepare_teachers(cfg: Config, scheme: Scheme, echo: Callable[[str], None] = 
     echo(f"preparing {k} teacher{'s' if k > 1 else ''} ({cfg.teacher.name}), {scheme.teachers_text(cfg)} ...")
     pending = [start_teacher(cfg, data) for data in scheme.members]
     final_data = scheme.final_teacher_data()
-    final = {teacher_key(cfg, final_data): start_teacher(cfg, final_data)} if final_data is not None else {}
+    final = {teacher_key(cfg, final_data): start_teacher(cfg, final_data, beside_trials=True)} \
+        if final_data is not None else {}
     teachers: list[Teacher | None] = [p if isinstance(p, Teacher) else None for p in pending]
     refs = {p: m for m, p in enumerate(pending) if not isinstance(p, Teacher)}
     for m, teacher in enumerate(teachers):
