@@ -17,7 +17,6 @@ scheme it holds; a new way to train a trial (an ensemble of fold students, say) 
 """
 from __future__ import annotations
 
-import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -32,9 +31,8 @@ from kd.crossval import make_folds, pooled, refit_data
 from kd.data import Dataset
 from kd.errors import Diverged
 from kd.metrics import tune_threshold
-from kd.models import create_model
 from kd.selection import THRESHOLD, decision_rule
-from kd.student import new_student, student_loss
+from kd.student import new_student, student_loss, student_shell
 from kd.teacher import Teacher
 from kd.train import FitResult, Fitting, HeldOut, Outcome, ReportFn, Training, member_states, run_fitting
 
@@ -185,8 +183,7 @@ class Holdout(Scheme):
 
     def final(self, cfg: Config, state: dict[str, Any], probs: list[np.ndarray], compute: Compute) -> Final:
         """The trial's own checkpoint, with the threshold it tuned on all of validation."""
-        model = create_model(dataclasses.replace(cfg.student, pretrained=False), len(self.classes),
-                             self.data.image_size)
+        model = student_shell(cfg, len(self.classes), self.data.image_size)
         model.load_state_dict(member_states(state, 1)[0]["model"])  # type: ignore[index]
         last = state["history"][-1]
         return Final(model, last.get("threshold"), last["epoch"], False, False, len(self.data.train),
@@ -237,8 +234,7 @@ class CrossValidated(Scheme):
         pool = self.final_teacher_data()
         teacher = compute.teacher(cfg, pool)
         weights = compute.run(refit, cfg, pool, teacher.logits)
-        model = create_model(dataclasses.replace(cfg.student, pretrained=False), len(self.classes),
-                             self.data.image_size)
+        model = student_shell(cfg, len(self.classes), self.data.image_size)
         model.load_state_dict(weights)
         if not probs:  # no further seeds: the trial's own, saved with its last checkpoint (by an earlier version too)
             saved = state.get("probs", state.get("oof_probs"))

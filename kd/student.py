@@ -5,6 +5,7 @@ around it (export, compression report, plots) is kd.distill.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -22,6 +23,11 @@ def new_student(cfg: Config, num_classes: int) -> torch.nn.Module:
     """The untrained student of `cfg`, seeded with train.seed: a config always starts from the same weights."""
     seed_everything(cfg.train.seed)
     return create_model(cfg.student, num_classes, cfg.data.image_size, role="student")
+
+
+def student_shell(cfg: Config, num_classes: int, image_size: int) -> torch.nn.Module:
+    """The student's architecture without pretrained weights: to load trained weights into, or to measure."""
+    return create_model(dataclasses.replace(cfg.student, pretrained=False), num_classes, image_size)
 
 
 def student_loss(cfg: Config, data: Dataset) -> DistillLoss:

@@ -51,7 +51,7 @@ def export_best(run: Run, row: pd.Series, scheme: Scheme, probs: list[np.ndarray
     state = load_state(ckpt)
     phases = phases or Phases()  # not recorded: `kdsearch export` is no phase of the search
     with phases("final student"):
-        final = scheme.final(tcfg, state, probs, RayCompute(run.config, trial_resources(run.config), prepared))
+        final = scheme.final(tcfg, state, probs, RayCompute(trial_resources(run.config), prepared))
     with phases("export"):
         return _evaluate_and_export(run, row, tcfg, state, final, scheme.data, out_dir)
 

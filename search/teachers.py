@@ -128,7 +128,7 @@ class RayCompute:
     one started beside the trials, once it is done), the training with a trial's resources (the same threads: the
     same float sums, so a refit here gives the very student a task would)."""
 
-    def __init__(self, cfg: Config, resources: Resources, prepared: Prepared | None = None):
+    def __init__(self, resources: Resources, prepared: Prepared | None = None):
         self.resources, self.prepared = resources, prepared
 
     def teacher(self, cfg: Config, data: Dataset) -> Teacher:

@@ -13,7 +13,6 @@ in `checkpoint_epochs`; a restarted trial resumes from it (`load_checkpoint`).
 """
 from __future__ import annotations
 
-import dataclasses
 import gc
 import os
 import time
@@ -27,8 +26,8 @@ from kd.cost import measure
 from kd.data import Dataset
 from kd.infer import resolve_device
 from kd.metrics import scalars
-from kd.models import create_model
 from kd.schemes import Scheme
+from kd.student import student_shell
 from kd.teacher import forwarded_images
 from kd.train import Fitting, Outcome, load_state, save_state
 from search.cluster import where
@@ -49,7 +48,7 @@ def student_cost(cfg: Config, data: Dataset) -> dict[str, float]:
     device = resolve_device(cfg.train.device)
     key = (cfg.student.name, len(data.classes), data.image_size, str(device))
     if key not in _COSTS:
-        model = create_model(dataclasses.replace(cfg.student, pretrained=False), len(data.classes), data.image_size)
+        model = student_shell(cfg, len(data.classes), data.image_size)
         report = measure(model, data.image_size, device)
         _COSTS[key] = {"student_params": report["parameters"], "student_mflops": report["flops"] / 1e6,
                        "student_latency_ms": report["latency_ms_batch1"],
