@@ -88,8 +88,9 @@ def check_stream_files(data: Dataset, resources: Resources) -> None:
 def ray_errors_to(path: Path, echo: Callable[[str], None]) -> Iterator[None]:
     """Ray's driver prints every error its cluster publishes (a lost node's missed heartbeats, a dead raylet's last
     log lines with its state dump) straight to the console, from a thread of its own, whatever `log_to_driver`
-    says. Within this block each such message goes whole to `path`, and the console gets its first sentences on
-    one line. (Ray has no setting for this: its module-level printer is swapped, and put back after.)"""
+    says, and its loggers print their warnings and errors there with their tracebacks. Within this block each such
+    message goes whole to `path`, and the console gets its first sentences on one line. (Ray has no setting for
+    the first: its module-level printer is swapped, and put back after.)"""
     said: set[str] = set()
 
     def to_log(data: dict[str, Any], ignore_prefix: bool = False) -> None:
@@ -107,8 +108,24 @@ def ray_errors_to(path: Path, echo: Callable[[str], None]) -> Iterator[None]:
             said.add(headline)
             echo(f"Ray: {headline[:240]} (Ray's message in {shown(path)})")
 
-    with swap_ray_printer(to_log):
-        yield
+    class ToLog(logging.Handler):
+        """Ray's own Python loggers too (Tune's experiment-state sync failing once, with its traceback)."""
+
+        def emit(self, record: logging.LogRecord) -> None:
+            text = " ".join(record.getMessage().split())
+            if record.exc_info and record.exc_info[0]:
+                text = f"{text.rstrip(': ')}: {record.exc_info[0].__name__}."
+            whole = self.format(record).splitlines()
+            to_log({"lines": [text, *whole[1:]], "pid": record.name})
+
+    ray_logger = logging.getLogger("ray")  # Ray's logging setup prints its records from there, to stderr
+    handlers = ray_logger.handlers[:]
+    ray_logger.handlers = [ToLog(logging.WARNING)]
+    try:
+        with swap_ray_printer(to_log):
+            yield
+    finally:
+        ray_logger.handlers = handlers
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ search.experiment.
 """
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass
 from functools import cached_property
@@ -45,6 +46,34 @@ class SlotUse:
     @property
     def median_idle(self) -> float | None:
         return float(np.median(self.idle)) if self.idle else None
+
+
+def slot_use(histories: dict[str, list[dict[str, Any]]], slots: int | None) -> SlotUse | None:
+    """How busy `slots` trial slots were while the trials of `histories` ran, and how long a slot (a trial's process:
+    a reused actor runs several) waited between one trial and the next. Read per attempt, from each epoch's report
+    of its process and start: a trial retried after its node was lost ran twice, in two processes."""
+    attempts: dict[tuple[Any, ...], list[float]] = {}  # (node, pid, start) -> [start, last report]
+    for history in histories.values():
+        for h in history:
+            if h.get("attempt_started") is None or h.get("reported_at") is None:
+                continue
+            key = (h.get("node"), h.get("pid"), h["attempt_started"])
+            span = attempts.setdefault(key, [h["attempt_started"], h["reported_at"]])
+            span[1] = max(span[1], h["reported_at"])
+    if not attempts:
+        return None
+    spans = list(attempts.values())
+    window = max(e for _, e in spans) - min(s for s, _ in spans)
+    busy = sum(e - s for s, e in spans) / (slots * window) if slots and window > 0 else None
+    idle: list[float] = []
+    by_process: dict[tuple[Any, Any], list[list[float]]] = {}
+    for (node, pid, _), span in attempts.items():
+        if pid is not None:
+            by_process.setdefault((node, pid), []).append(span)
+    for process in by_process.values():
+        process.sort()
+        idle += [b[0] - a[1] for a, b in itertools.pairwise(process)]
+    return SlotUse(busy, idle)
 
 
 class Run:
@@ -181,24 +210,8 @@ class Run:
         return done.iloc[front].sort_values(cost)
 
     def slot_use(self) -> SlotUse | None:
-        """How busy the trial slots were while trials ran (from each attempt's start and last report), and how long
-        a slot (a trial's process: a reused actor runs several) waited between one trial and the next."""
-        table = self.table
-        slots = self.record.slots if self.record else None
-        if not len(table) or not {"started", "ended"} <= set(table.columns):
-            return None
-        ran = table.dropna(subset=["started", "ended"])
-        if not len(ran):
-            return None
-        window = float(ran["ended"].max() - ran["started"].min())
-        busy = float((ran["ended"] - ran["started"]).sum()) / (slots * window) if slots and window > 0 else None
-        idle: list[float] = []
-        if "pid" in ran.columns:
-            for _, process in ran.dropna(subset=["pid"]).groupby(["node", "pid"]):
-                process = process.sort_values("started")
-                idle += [float(b - a) for a, b in zip(process["ended"].iloc[:-1], process["started"].iloc[1:],
-                                                      strict=True)]
-        return SlotUse(busy, idle)
+        """How busy the trial slots were while trials ran, and how long a slot waited between trials."""
+        return slot_use(self.histories, self.record.slots if self.record else None)
 
     def trial(self, trial_id: str) -> pd.Series:
         match = self.table[self.table["trial"] == trial_id] if len(self.table) else self.table
