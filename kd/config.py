@@ -211,7 +211,7 @@ def default_space() -> dict[str, dict[str, Any]]:
 class SearchConfig:
     num_samples: int = 16
     metric: str = "val_balanced_accuracy"
-    mode: Literal["max", "min"] = "max"
+    mode: Literal["auto", "max", "min"] = "auto"  # auto: min for a loss (kd.selection.LOWER_IS_BETTER), else max
     scheduler: Literal["asha", "none"] = "asha"
     grace_period: int = 2          # ASHA: epochs every trial gets before it can be stopped
     reduction_factor: int = 2
@@ -232,8 +232,20 @@ class SearchConfig:
     loggers: list[str] = field(default_factory=lambda: ["tensorboard"])  # also: mlflow (Ray Tune's callbacks)
     mlflow_uri: str = ""           # MLflow tracking store: a URI, or a folder for a SQLite store; default: the run's
 
+    @property
+    def direction(self) -> Literal["max", "min"]:
+        """`mode`, with auto resolved: whether a higher `metric` is better."""
+        from kd.selection import LOWER_IS_BETTER
+        if self.mode != "auto":
+            return self.mode
+        return "min" if self.metric in LOWER_IS_BETTER else "max"
+
     def check(self) -> None:
+        from kd.selection import LOWER_IS_BETTER
         _require(self.num_samples >= 1, "search.num_samples", "must be >= 1")
+        _require(self.mode == "auto" or (self.mode == "min") == (self.metric in LOWER_IS_BETTER), "search.mode",
+                 f"is {self.mode}, but a {'lower' if self.metric in LOWER_IS_BETTER else 'higher'} "
+                 f"{self.metric} is better (auto picks the direction)")
         _require(self.grace_period >= 1, "search.grace_period", "must be >= 1")
         _require(self.reduction_factor >= 2, "search.reduction_factor", "must be >= 2")
         _require(self.max_concurrent >= 0, "search.max_concurrent", "must be >= 0")

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import classification_report, confusion_matrix, f1_score
+from sklearn.metrics import classification_report, confusion_matrix, f1_score, log_loss, roc_auc_score
 
 
 def predict(probs: np.ndarray, threshold: float | None = None) -> np.ndarray:
@@ -33,6 +33,30 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray, classes: list[str],
         "n": len(labels),
         "threshold": threshold,
     }
+
+
+def macro_auc(labels: np.ndarray, probs: np.ndarray) -> float:
+    """The area under the ROC curve, one class against the rest, averaged over the classes present (for two
+    classes: that of p(class 1)). Needs no threshold: it asks only whether the images of each class are ranked
+    above the others. NaN where fewer than two classes are present."""
+    labels, probs = np.asarray(labels, dtype=np.int64), np.asarray(probs, dtype=np.float64)
+    present = np.unique(labels)
+    if len(present) < 2:
+        return float("nan")
+    if probs.shape[1] == 2:
+        return float(roc_auc_score(labels, probs[:, 1]))
+    return float(np.mean([roc_auc_score(labels == c, probs[:, c]) for c in present]))
+
+
+def balanced_log_loss(labels: np.ndarray, probs: np.ndarray) -> float:
+    """The log-loss of the true class with each class weighted equally: the mean over the classes present of
+    their images' mean -log p(true class). Lower is better; 0 for certain and right."""
+    labels, probs = np.asarray(labels, dtype=np.int64), np.asarray(probs, dtype=np.float64)
+    if not len(labels):
+        return float("nan")
+    weights = 1.0 / np.bincount(labels)[labels]
+    probs = probs / probs.sum(axis=1, keepdims=True)  # float32 softmax rows sum to 1 only up to rounding
+    return float(log_loss(labels, probs, sample_weight=weights, labels=list(range(probs.shape[1]))))
 
 
 def flatten(metrics: dict[str, Any], prefix: str) -> dict[str, float]:

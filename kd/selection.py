@@ -12,7 +12,11 @@ that rule:
   The exported model ships the threshold tuned on all held-out predictions, whose quality this estimates.
 
 Metrics under the rule are reported as `val_*`; `val_balanced_accuracy_argmax` sits beside them for two
-classes. With folds, `val_balanced_accuracy_fold_mean` and `_fold_std` give the spread across folds.
+classes. With folds, `val_balanced_accuracy_fold_mean` and `_fold_std` give the spread across folds. Two figures
+need no rule at all, as they judge the probabilities themselves: `val_auc` (one-vs-rest, averaged over the classes)
+and `val_balanced_log_loss` (the log-loss with each class weighted equally; lower is better). One rare image moves
+balanced accuracy by a whole step; these move by how far its probability moved, so they separate two students
+with less noise.
 """
 from __future__ import annotations
 
@@ -22,9 +26,10 @@ import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from kd.errors import ConfigError
-from kd.metrics import compute_metrics, flatten, tune_threshold
+from kd.metrics import balanced_log_loss, compute_metrics, flatten, macro_auc, tune_threshold
 
 THRESHOLD, ARGMAX = "threshold", "argmax"
+LOWER_IS_BETTER = frozenset({"val_balanced_log_loss"})  # every other figure a search may rank by: higher is better
 
 
 def decision_rule(num_classes: int, tune: bool = True) -> str:
@@ -98,6 +103,8 @@ def held_out_metrics(labels: np.ndarray, probs: np.ndarray, classes: list[str], 
         pred = probs.argmax(axis=1)
         metrics = compute_metrics(labels, probs, classes)
     out.update(flatten(metrics, "val"))
+    out["val_auc"] = macro_auc(labels, probs)
+    out["val_balanced_log_loss"] = balanced_log_loss(labels, probs)
     if folds is not None:
         per_fold = [compute_metrics(labels[folds == f], np.eye(len(classes))[pred[folds == f]], classes)
                     ["balanced_accuracy"] for f in np.unique(folds)]
@@ -121,7 +128,8 @@ def check_metric(metric: str, classes: list[str], rule: str, extra: list[str]) -
 def reported_metrics(classes: list[str], rule: str, extra: list[str]) -> list[str]:
     """Every held-out figure a trial of this task reports: what `search.metric` may name (training figures are
     reported too, but selecting on them would select on the images the student trained on)."""
-    names = ["val_balanced_accuracy", "val_accuracy", "val_macro_f1", *[f"val_recall_{c}" for c in classes]]
+    names = ["val_balanced_accuracy", "val_accuracy", "val_macro_f1", "val_auc", "val_balanced_log_loss",
+             *[f"val_recall_{c}" for c in classes]]
     if rule == THRESHOLD:
         names.append("val_balanced_accuracy_argmax")
     return names + extra

@@ -66,7 +66,7 @@ def run_search(cfg: Config, address: str | None = None, storage: str | None = No
                 prepared.record(seconds=phases.total).write(run_dir)
                 echo(("resuming" if restore else "starting") + f" the search: {cfg.search.num_samples} "
                      f"{scheme.describe(cfg)} trials of {cfg.student.name}, optimising {cfg.search.metric} "
-                     f"({cfg.search.mode}); results in {shown(run_dir)}")
+                     f"({cfg.search.direction}); results in {shown(run_dir)}")
                 tuner = build_tuner(cfg, prepared.scheme, exp_path, restore, quiet)
                 with sigterm_as_interrupt(), exact_loggers(not restore), phases("trials"):
                     tuner.fit()

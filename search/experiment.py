@@ -85,7 +85,7 @@ def load_trials(cfg: Config, exp: str, run_dir: Path) -> tuple[pd.DataFrame, dic
     events: dict[str, list[dict[str, Any]]] = {}
     for event in read_events(run_dir):
         events.setdefault(event["trial"], []).append(event)
-    metric, pick = cfg.search.metric, (max if cfg.search.mode == "max" else min)
+    metric, pick = cfg.search.metric, (max if cfg.search.direction == "max" else min)
     rows, histories = [], {}
     for params_file in sorted(glob.glob(os.path.join(exp, "*", "params.json"))):
         trial_dir = os.path.dirname(params_file)

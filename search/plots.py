@@ -56,7 +56,7 @@ def trials_in_order(run: Run, path: Path) -> None:
                    marker="x" if status == TrialStatus.FAILED else "o", zorder=3)
     done = table[table["status"].isin(RANKED)].sort_values("number")
     if len(done):
-        running = done[metric].cummax() if cfg.search.mode == "max" else done[metric].cummin()
+        running = done[metric].cummax() if cfg.search.direction == "max" else done[metric].cummin()
         ax.step(done["number"], running, where="post", color="black", linewidth=1.2, label="best so far")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel="trial (in order of start)", ylabel=f"{metric}\n({run.rule_label})",

@@ -22,6 +22,8 @@ from search.experiment import error_line, trial_error
 from search.format import params_text
 from search.records import EVENTS, TrialStatus
 
+BESIDE = "val_balanced_accuracy"
+
 
 def _error(trial: Trial) -> str:
     """The line naming the exception, from the error Ray holds, else the trial's error.txt ("" if neither)."""
@@ -71,7 +73,10 @@ class TrialLog(Callback):
         how = status if status == TrialStatus.COMPLETED else f"{TrialStatus.STOPPED} at epoch {epochs}"
         shown = f"{value:.4f}" if value is not None else "n/a"
         best = f"{self.best:.4f}" if self.best is not None else "n/a"
-        self._print(f"trial {trial.trial_id} {how}: {self.metric} {shown} (best {best}) | {params_text(trial.config)}")
+        beside = result.get(BESIDE)  # balanced accuracy under the shipped rule, beside any other ranking figure
+        also = f", {BESIDE} {beside:.4f}" if self.metric != BESIDE and beside is not None else ""
+        self._print(f"trial {trial.trial_id} {how}: {self.metric} {shown} (best {best}){also} | "
+                    f"{params_text(trial.config)}")
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         error = _error(trial)

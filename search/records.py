@@ -46,7 +46,8 @@ RANKED = (TrialStatus.COMPLETED, TrialStatus.STOPPED)                        # t
 FINISHED = (TrialStatus.COMPLETED, TrialStatus.STOPPED, TrialStatus.FAILED)  # trials that will not run again
 
 # the held-out figures every trial reports (kd.selection), and those of a scheme or a task that may be absent
-METRICS = ("val_balanced_accuracy", "val_accuracy", "val_macro_f1", "val_balanced_accuracy_argmax",
+METRICS = ("val_balanced_accuracy", "val_accuracy", "val_macro_f1", "val_auc", "val_balanced_log_loss",
+           "val_balanced_accuracy_argmax",
            "val_balanced_accuracy_fold_mean", "val_balanced_accuracy_fold_std")
 COST = ("student_params", "student_mflops", "student_latency_ms", "student_images_per_s")  # measured in each trial
 PLACEMENT = ("node", "gpus", "device", "pid")  # the Ray node, the GPU ids Ray gave it, torch's device, its process
@@ -158,7 +159,7 @@ class Comparison:
     """The winner against one hand-picked point, paired on the same seeds."""
     point: int
     trial: str
-    difference: float                 # mean paired difference, in the direction of search.mode
+    difference: float                 # mean paired difference, in the direction of search.mode (higher is better)
     standard_error: float
     seeds: int
     verdict: Verdict

@@ -64,7 +64,7 @@ def rerank(run: Run, prepared: Prepared, seeds: list[int],
                                  search_value=float(row[metric]), status=TrialStatus(row["status"]), values=values,
                                  mean=_mean(values), std=_std(values),
                                  metrics=_summaries([r.get("metrics", {}) for r in runs])))
-    sign = 1 if cfg.search.mode == "max" else -1
+    sign = 1 if cfg.search.direction == "max" else -1
     allowed = set(run.table.loc[run.within_budget(run.table), "trial"])  # a point over budget: compared only
     ranked = sorted((i for i in range(len(entries)) if entries[i].trial in allowed),
                     key=lambda i: -sign * entries[i].mean if not math.isnan(entries[i].mean) else math.inf)

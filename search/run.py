@@ -198,7 +198,7 @@ class Run:
 
     def pareto(self, cost: str = "student_latency_ms") -> pd.DataFrame:
         """The ranked trials no other trial beats on both the search's metric and `cost` (lower is better)."""
-        metric, sign = self.config.search.metric, (1 if self.config.search.mode == "max" else -1)
+        metric, sign = self.config.search.metric, (1 if self.config.search.direction == "max" else -1)
         done = self.best_trials(len(self.table)) if len(self.table) else self.table
         if not len(done) or cost not in done:
             return done.iloc[:0]
@@ -247,7 +247,7 @@ def best_trials(cfg: Config, table: pd.DataFrame, k: int = 5) -> pd.DataFrame:
     if ok.empty:
         return ok
     ok["_full"] = ok["status"] == TrialStatus.COMPLETED
-    ok = ok.sort_values(["_full", metric], ascending=[False, cfg.search.mode == "min"])
+    ok = ok.sort_values(["_full", metric], ascending=[False, cfg.search.direction == "min"])
     return ok.drop(columns="_full").head(k)
 
 

@@ -57,7 +57,7 @@ def _heading(run: Run) -> list[str]:
     data = record.data if record and record.data else cfg.data.source
     out = [f"# Search `{cfg.name}`", "",
            f"{cfg.search.num_samples} trials of `{cfg.student.name}` distilled from `{cfg.teacher.name}` "
-           f"({data}), optimising `{cfg.search.metric}` ({cfg.search.mode}) with Optuna TPE"
+           f"({data}), optimising `{cfg.search.metric}` ({cfg.search.direction}) with Optuna TPE"
            f"{' and ASHA early stopping' if cfg.search.scheduler == 'asha' else ''}. "
            f"Trials so far: {len(table)} ({status}).", ""]
     if record and record.seconds:

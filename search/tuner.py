@@ -1,14 +1,18 @@
 """The Ray Tune experiment of a search: Optuna's TPE through `OptunaSearch`, ASHA, resources, storage, callbacks.
 
 Optuna's TPE (seeded, multivariate over the conditional space, constant-liar for parallel trials) picks each
-trial's hyperparameters; ASHA stops weak trials early. Only the sampled keys travel in `param_space`; the base
-config and the scheme (its datasets and teachers' logits) reach the trainable through `tune.with_parameters`.
+trial's hyperparameters; ASHA stops weak trials early, and Optuna is told so (a stopped trial is PRUNED there, with
+each epoch's figure as an intermediate value, as Optuna's own pruners leave it). Only the sampled keys travel in
+`param_space`; the base config and the scheme (its datasets and teachers' logits) reach the trainable through
+`tune.with_parameters`.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import warnings
+from typing import Any, cast
 
 import optuna
 from optuna.storages.journal import JournalFileBackend, JournalStorage
@@ -26,6 +30,8 @@ from search.space import DefineByRun, check_points, parse_space
 from search.tracking import logger_callbacks
 from search.trainable import DistillTrainable
 
+log = logging.getLogger("search")
+
 
 def build_tuner(cfg: Config, scheme: Scheme, exp_path: str, restore: bool, quiet: bool) -> tune.Tuner:
     s = cfg.search
@@ -39,7 +45,7 @@ def build_tuner(cfg: Config, scheme: Scheme, exp_path: str, restore: bool, quiet
 
     root, name = os.path.split(exp_path.rstrip("/"))
     tune_config = tune.TuneConfig(search_alg=_searcher(cfg), scheduler=_scheduler(cfg), num_samples=s.num_samples,
-                                  metric=s.metric, mode=s.mode,
+                                  metric=s.metric, mode=s.direction,
                                   max_concurrent_trials=s.max_concurrent or trial_slots(resources),
                                   # the next trial starts in the last one's actor (search.trainable: reset_config),
                                   # with its imports, its device and the scheme it fetched; a class trainable has no
@@ -47,11 +53,31 @@ def build_tuner(cfg: Config, scheme: Scheme, exp_path: str, restore: bool, quiet
                                   reuse_actors=True)
     run_config = tune.RunConfig(
         name=name, storage_path=root, verbose=0,
-        callbacks=[TrialLog(run_dir_of(cfg), s.metric, s.mode, cfg.train.epochs, echo=not quiet),
+        callbacks=[TrialLog(run_dir_of(cfg), s.metric, s.direction, cfg.train.epochs, echo=not quiet),
                    *logger_callbacks(cfg, run_dir_of(cfg))],
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         failure_config=tune.FailureConfig(max_failures=s.max_failures))
     return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
+
+
+class Searcher(OptunaSearch):
+    """Ray's OptunaSearch tells Optuna that every trial without an error completed, with its last figure: a trial
+    ASHA stopped at epoch 2 would sit in the study beside full trials' epoch-8 figures, and TPE would model the
+    schedule's cut as if it were the parameters' effect. Here a trial that ended before its last epoch without an
+    error is PRUNED (Optuna records its last intermediate value; the installed TPE ranks pruned trials below
+    complete ones, deeper ones first)."""
+
+    def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
+        if result and not error and not result.get(tune.result.DONE) and trial_id in self._ot_trials \
+                and trial_id not in self._completed_trials:
+            ot_trial = self._ot_trials[trial_id]
+            try:
+                cast(optuna.Study, self._ot_study).tell(ot_trial, state=optuna.trial.TrialState.PRUNED)
+            except Exception as exc:  # as Ray's own: a study that refuses (a trial told twice) must not end the search
+                log.warning("could not tell Optuna that trial %s was stopped: %s", trial_id, exc)
+            self._completed_trials.add(trial_id)
+            return
+        super().on_trial_complete(trial_id, result, error)
 
 
 def _searcher(cfg: Config) -> OptunaSearch:
@@ -65,7 +91,7 @@ def _searcher(cfg: Config) -> OptunaSearch:
     # The study lives beside the results (not in remote storage): Optuna's own tools can load it from there.
     journal = run_dir_of(cfg) / JOURNAL
     storage = JournalStorage(JournalFileBackend(str(journal)))
-    return OptunaSearch(space=DefineByRun(params, cfg), metric=s.metric, mode=s.mode,
+    return Searcher(space=DefineByRun(params, cfg), metric=s.metric, mode=s.direction,
                         points_to_evaluate=check_points(s.points, params, cfg) or None, sampler=sampler,
                         storage=storage, study_name=cfg.name)
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from kd.metrics import compute_metrics, flatten, format_metrics, tune_threshold
+from kd.metrics import balanced_log_loss, compute_metrics, flatten, format_metrics, macro_auc, tune_threshold
 
 
 def test_metrics_by_hand():
@@ -35,3 +35,23 @@ def test_threshold_tuned_for_balanced_accuracy():
     m = compute_metrics(labels, np.stack([1 - p1, p1], 1), ["a", "b"], t)
     assert m["balanced_accuracy"] == pytest.approx((5 / 6 + 1) / 2)
     assert compute_metrics(labels, np.stack([1 - p1, p1], 1), ["a", "b"])["balanced_accuracy"] == 0.5
+
+
+def test_threshold_free_figures_by_hand():
+    # two classes: of the 3 x 1 (negative, positive) pairs, the positive (0.7) outranks 0.1 and 0.2, not 0.8
+    y = np.array([0, 0, 0, 1])
+    p = np.array([[0.9, 0.1], [0.2, 0.8], [0.8, 0.2], [0.3, 0.7]])
+    assert macro_auc(y, p) == pytest.approx(2 / 3)
+    # each class weighs the same: mean(-log 0.9, -log 0.2, -log 0.8) and -log 0.7, averaged
+    by_hand = (np.mean(-np.log([0.9, 0.2, 0.8])) + -np.log(0.7)) / 2
+    assert balanced_log_loss(y, p) == pytest.approx(by_hand)
+    # three classes: one-vs-rest per class, averaged. Class 0 (0.7 and 0.5 against 0.1, 0.1, 0.5): 5.5 of 6 pairs
+    # (a tie counts half); class 1 (0.8 against the rest): 1; class 2 (0.6 and 0.4 against 0.1, 0.1, 0.45): 5 of 6
+    y3 = np.array([0, 1, 2, 2, 0])
+    p3 = np.array([[.7, .2, .1], [.1, .8, .1], [.1, .3, .6], [.5, .1, .4], [.5, .05, .45]])
+    assert macro_auc(y3, p3) == pytest.approx((11 / 12 + 1 + 5 / 6) / 3)
+    # a moved probability moves the figure; balanced accuracy at argmax would not see it
+    sharper = p.copy()
+    sharper[3] = [0.1, 0.9]
+    assert balanced_log_loss(y, sharper) < balanced_log_loss(y, p)
+    assert np.isnan(macro_auc(np.zeros(3, dtype=int), p[:3]))
