@@ -226,6 +226,7 @@ class SearchConfig:
     max_params: int = 0            # a budget the exported student must fit: parameters (0: none) ...
     max_latency_ms: float = 0.0    # ... and latency at batch 1 as measured in its trial (0: none)
     confirm_seeds: int = 3         # how many further seeds each of them is retrained with
+    judge_seeds: int = 2           # seeds more the winner and the hand-picked points train with, to judge them
     max_failures: int = 1          # retries of a failed trial
     checkpoint_every: int = 1      # epochs between trial checkpoints (the last epoch always is one)
     storage: str = ""              # shared path or s3:// for clusters; default: the run directory
@@ -252,6 +253,7 @@ class SearchConfig:
         _require(self.gpus_per_trial >= 0, "search.gpus_per_trial", "must be >= 0")
         _require(self.cpus_per_trial > 0, "search.cpus_per_trial", "must be > 0")
         _require(self.confirm_seeds >= 0, "search.confirm_seeds", "must be >= 0")
+        _require(self.judge_seeds >= 0, "search.judge_seeds", "must be >= 0 (0: the winner is not judged)")
         _require(self.folds >= 1, "search.folds", "must be >= 1 (1: the holdout validation split)")
         _require(self.rerank >= 1, "search.rerank", "must be >= 1")
         _require(self.max_params >= 0, "search.max_params", "must be >= 0 (0: no budget)")

@@ -48,7 +48,9 @@ def train_student(cfg: Config, data: Dataset, teacher_logits: torch.Tensor | Non
 
 def evaluate_model(model: torch.nn.Module, data: Dataset, split: str, threshold: float | None,
                    cfg: Config) -> dict[str, Any]:
-    """Metrics of an in-memory model on one split, at the given decision threshold."""
+    """Metrics of an in-memory model on one split, at the given decision threshold; on the test split, the full
+    report (balanced accuracy's interval, AUC and balanced log-loss: kd.metrics.compute_metrics)."""
     device = resolve_device(cfg.train.device)
     probs = Runner.for_config(model, cfg.train, device).split_probs(data, split, cfg.train.eval_batch_size)
-    return compute_metrics(data.split(split).labels.numpy(), probs, data.classes, threshold)
+    return compute_metrics(data.split(split).labels.numpy(), probs, data.classes, threshold,
+                           full=split == "test")

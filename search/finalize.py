@@ -23,7 +23,7 @@ from kd.data import Dataset, load_dataset
 from kd.errors import UserError
 from kd.export import export_student
 from kd.files import save_tensors
-from kd.metrics import scalars
+from kd.metrics import interval_text, scalars
 from kd.schemes import Final, Scheme
 from kd.student import evaluate_model
 from kd.teacher import load_teacher_model
@@ -32,7 +32,7 @@ from kd.train import load_state
 from search.cluster import trial_resources
 from search.experiment import latest_checkpoint
 from search.format import params_text, shown
-from search.records import BEST, RERANK_PROBS, BestRecord, Reranking
+from search.records import BEST, RERANK_PROBS, BestRecord, Reranking, Verdict
 from search.report import write_report
 from search.rerank import candidates, rerank
 from search.run import Run
@@ -111,15 +111,18 @@ def finalize(run_dir: Path, prepared: Prepared, phases: Phases, echo: Callable[[
     metric = cfg.search.metric
     echo(f"best trial {row['trial']} ({row['status']}): {metric} {row[metric]:.4f} with {params_text(run.params(row))}")
     seeds = [cfg.train.seed + i for i in range(1, cfg.search.confirm_seeds + 1)]
+    judge_seeds = [seeds[-1] + i for i in range(1, cfg.search.judge_seeds + 1)] if seeds else []
     probs: list[np.ndarray] = []
     if seeds:
         record = run.reranking
-        if record is None or record.seeds != seeds:
+        if record is None or record.seeds != seeds or record.judge_seeds != judge_seeds:
             chosen = candidates(run)
+            judging = f", then the winner against them with {len(judge_seeds)} more" if judge_seeds and any(
+                point for _, point in chosen) else ""
             echo(f"re-ranking {len(chosen)} candidates (the top {cfg.search.rerank} and the hand-picked points) "
-                 f"with {len(seeds)} further seeds ...")
+                 f"with {len(seeds)} further seeds{judging} ...")
             with phases("re-ranking"):
-                record, probs = rerank(run, prepared, seeds, chosen)
+                record, probs = rerank(run, prepared, seeds, judge_seeds, chosen)
             if probs:  # the winner's held-out probabilities: the final student's threshold, after a resume too
                 save_tensors(run_dir / RERANK_PROBS, {"probs": torch.from_numpy(np.stack(probs))}, {})
             record.write(run_dir)
@@ -129,8 +132,9 @@ def finalize(run_dir: Path, prepared: Prepared, phases: Phases, echo: Callable[[
         row = run.trial(record.winner)
         echo(f"winner: {row['trial']} (the best mean over the further seeds)")
         for c in record.against_points:
-            echo(f"  against hand-picked {c.point}: the winner {c.verdict.text} "
-                 f"({c.difference:+.4f} paired over {c.seeds} seeds)")
+            echo(f"  against hand-picked {c.point}: the winner {c.verdict.text}" + (
+                f" ({c.difference:+.4f} paired over {c.seeds} judging seeds; 97.5% lower bound {c.lower:+.4f}, "
+                f"it could find {c.detectable:.4f})" if c.verdict in (Verdict.BEATS, Verdict.WITHIN_NOISE) else ""))
     best = run.best
     if best is None or best.trial != row["trial"]:
         if prepared.scheme.making_final:
@@ -138,7 +142,7 @@ def finalize(run_dir: Path, prepared: Prepared, phases: Phases, echo: Callable[[
         best = export_best(run, row, prepared.scheme, probs, run_dir / BEST, prepared, phases)
     t = best.test
     echo(f"exported the best student to {shown(run_dir / BEST)}; held-out test (evaluated once): balanced accuracy "
-         f"{t['balanced_accuracy']:.4f}, accuracy {t['accuracy']:.4f}, "
+         f"{t['balanced_accuracy']:.4f}{interval_text(t)}, accuracy {t['accuracy']:.4f}, "
          + ", ".join(f"recall {c} {r:.3f}" for c, r in t["recall"].items()))
     if best.cost:
         echo(best.cost["summary"])

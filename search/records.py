@@ -15,6 +15,7 @@ Layout of `results/<name>/`:
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -122,12 +123,14 @@ class Verdict(Vocabulary):
     SAME = "same"                 # the winner is the hand-picked point itself
     BEATS = "beats"               # beats it beyond the noise
     WITHIN_NOISE = "within_noise"  # does not beat it beyond the noise
+    UNJUDGED = "unjudged"          # no seed was left to judge on (search.judge_seeds 0, or its runs diverged)
 
 
     @property
     def text(self) -> str:
         return {"same": "is the hand-picked point itself", "beats": "beats it beyond the noise",
-                "within_noise": "does not beat it beyond the noise"}[self.value]
+                "within_noise": "does not beat it beyond the noise",
+                "unjudged": "was not judged against it (no judging seeds)"}[self.value]
 
     @classmethod
     def _missing_(cls, value: object) -> Verdict | None:  # rerank.json of an earlier version kept the sentence
@@ -152,6 +155,7 @@ class Candidate:
     mean: float
     std: float
     metrics: dict[str, Spread]        # every held-out figure over the further seeds
+    judged: list[float] = field(default_factory=list)  # the search metric per judging seed (the winner and points)
 
 
 @dataclass(frozen=True)
@@ -160,9 +164,11 @@ class Comparison:
     point: int
     trial: str
     difference: float                 # mean paired difference, in the direction of search.mode (higher is better)
-    standard_error: float
-    seeds: int
+    standard_error: float             # of the images' resampling (kd.selection.paired_difference)
+    seeds: int                        # the judging seeds both ran (an earlier version: the re-ranking seeds)
     verdict: Verdict
+    lower: float = math.nan           # the 97.5% lower bound: the winner beats the point when it is above 0
+    detectable: float = math.nan      # the true difference this noise would find 4 times in 5
 
 
 @dataclass(frozen=True)
@@ -174,6 +180,7 @@ class Reranking(Record):
     winner: str
     candidates: list[Candidate]
     against_points: list[Comparison]
+    judge_seeds: list[int] = field(default_factory=list)  # the seeds the winner was judged on (not picked on)
 
     def candidate(self, trial: str) -> Candidate | None:
         return next((c for c in self.candidates if c.trial == trial), None)

@@ -1,6 +1,7 @@
 """summary.md: what a person reads first after a search, written from the run model alone."""
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,8 +21,13 @@ def _table(header: list[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def _metric_rows(metrics: dict[str, Any], classes: list[str]) -> list[tuple[str, Any]]:
+    interval = metrics.get("balanced_accuracy_interval")
     return [("accuracy", metrics["accuracy"]), ("balanced accuracy", metrics["balanced_accuracy"]),
-            *[(f"recall {c}", metrics["recall"][c]) for c in classes], ("macro F1", metrics["macro_f1"])]
+            *([("balanced accuracy, 95% interval (resampling the test images by class)",
+                f"{interval[0]:.4f} to {interval[1]:.4f}")] if interval else []),
+            *[(f"recall {c}", metrics["recall"][c]) for c in classes], ("macro F1", metrics["macro_f1"]),
+            *[(name, metrics[key]) for name, key in (("AUC (one-vs-rest)", "auc"),
+                                                      ("balanced log-loss", "balanced_log_loss")) if key in metrics]]
 
 
 def summary_markdown(run: Run) -> str:
@@ -36,12 +42,18 @@ def summary_markdown(run: Run) -> str:
     out += _best_student(run)
     out += _time(run)
     out += ["## Plots", ""]
-    for name, title in (("trials.png", "balanced accuracy per trial"), ("importance.png", "parameter importance"),
-                        ("params.png", "each parameter against balanced accuracy"),
-                        ("learning_curves.png", "learning curves of the top trials"),
-                        ("soft_vs_hard.png", "best soft vs best hard")):
+    metric = run.config.search.metric
+    for name, title in ((("trials.png", f"{metric} per trial"), ("importance.png", "parameter importance"),
+                         ("params.png", f"each parameter against {metric}"),
+                         ("learning_curves.png", "learning curves of the top trials"),
+                         ("soft_vs_hard.png", "best soft vs best hard"))):
         if (run.directory / "plots" / name).is_file():
             out += [f"![{title}](plots/{name})", ""]
+        elif name == "importance.png" and len(run.table):
+            full = int((run.table["status"] == TrialStatus.COMPLETED).sum())
+            out += [f"No parameter importance: Optuna's fANOVA reads the trials that ran all their epochs (those "
+                    f"stopped early are pruned in the study, their figures from earlier epochs), and needs 3; "
+                    f"{full} did.", ""]
     best = run.best
     picked = best.trial if best is not None else top.iloc[0]["trial"] if len(top) else None
     if picked:
@@ -190,11 +202,25 @@ def _reranking(run: Run) -> list[str]:
             "figure chose the candidates, so it flatters them (compare its column with the mean).", "",
             _table(["trial", "parameters", "why", f"{metric} in the search", "mean ± std over the seeds",
                     "per seed", ""], rows), ""]
+    if rr.judge_seeds and rr.against_points:
+        out += [f"Whether the winner beats a hand-picked point is judged on seeds that did not pick it: the winner "
+                f"and the points were retrained with seeds {rr.judge_seeds} too, and the winner beats a point when "
+                f"their paired difference in `{metric}` on the same held-out images is above 1.96 standard errors "
+                "(the standard error from resampling the images within each class: its 97.5% lower bound must be "
+                "above 0). Among equal candidates this claims a win fewer than one time in twenty; picking the best "
+                "of them and judging it on the seeds that picked it claimed one about one time in four.", ""]
     for c in rr.against_points:
-        out += [f"**Against hand-picked {c.point}** (`{c.trial}`): the search's winner {c.verdict.text}: "
-                f"paired difference {c.difference:+.4f} over {c.seeds} seeds (standard error "
-                f"{number(c.standard_error)}; it must exceed twice that)." if c.verdict != Verdict.SAME
-                else f"**Against hand-picked {c.point}**: the search's winner is that point itself.", ""]
+        if c.verdict == Verdict.SAME:
+            out += [f"**Against hand-picked {c.point}**: the search's winner is that point itself.", ""]
+        elif math.isnan(c.lower):  # an earlier version's rerank.json: the same seeds picked and judged
+            out += [f"**Against hand-picked {c.point}** (`{c.trial}`): the search's winner {c.verdict.text}: "
+                    f"paired difference {number(c.difference)} over {c.seeds} seeds (standard error "
+                    f"{number(c.standard_error)}; it had to exceed twice that, on the seeds that picked it).", ""]
+        else:
+            out += [f"**Against hand-picked {c.point}** (`{c.trial}`): the search's winner {c.verdict.text}: "
+                    f"paired difference {c.difference:+.4f} over {c.seeds} judging seeds, 97.5% lower bound "
+                    f"{c.lower:+.4f}. With this noise the test finds a true difference of {c.detectable:.4f} "
+                    "four times in five; smaller ones it would mostly miss.", ""]
     return out
 
 

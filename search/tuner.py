@@ -17,6 +17,7 @@ from typing import Any, cast
 import optuna
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from ray import tune
+from ray.tune.result import TRAINING_ITERATION
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
@@ -64,20 +65,35 @@ class Searcher(OptunaSearch):
     """Ray's OptunaSearch tells Optuna that every trial without an error completed, with its last figure: a trial
     ASHA stopped at epoch 2 would sit in the study beside full trials' epoch-8 figures, and TPE would model the
     schedule's cut as if it were the parameters' effect. Here a trial that ended before its last epoch without an
-    error is PRUNED (Optuna records its last intermediate value; the installed TPE ranks pruned trials below
-    complete ones, deeper ones first)."""
+    error is PRUNED, its last figure reported as the intermediate value of its last epoch first (Ray passes the
+    result that a scheduler stops on to no `on_trial_result`, and marks it done). Optuna takes the last intermediate
+    value as a pruned trial's value; the installed TPE ranks pruned trials below complete ones, deeper ones first."""
+
+    def __init__(self, *args: Any, epochs: int, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._epochs = epochs
+        self._reported: dict[str, int] = {}
+
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        super().on_trial_result(trial_id, result)
+        if trial_id not in self._completed_trials:
+            self._reported[trial_id] = result[TRAINING_ITERATION]
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
-        if result and not error and not result.get(tune.result.DONE) and trial_id in self._ot_trials \
-                and trial_id not in self._completed_trials:
-            ot_trial = self._ot_trials[trial_id]
-            try:
-                cast(optuna.Study, self._ot_study).tell(ot_trial, state=optuna.trial.TrialState.PRUNED)
-            except Exception as exc:  # as Ray's own: a study that refuses (a trial told twice) must not end the search
-                log.warning("could not tell Optuna that trial %s was stopped: %s", trial_id, exc)
-            self._completed_trials.add(trial_id)
+        step = result.get(TRAINING_ITERATION) if result else None
+        if error or result is None or step is None or step >= self._epochs or trial_id not in self._ot_trials \
+                or trial_id in self._completed_trials:
+            super().on_trial_complete(trial_id, result, error)
             return
-        super().on_trial_complete(trial_id, result, error)
+        ot_trial = self._ot_trials[trial_id]
+        try:
+            if self._reported.get(trial_id) != step and result.get(self.metric) is not None:
+                ot_trial.report(result[self.metric], step)
+            cast(optuna.Study, self._ot_study).tell(ot_trial, state=optuna.trial.TrialState.PRUNED)
+        except Exception as exc:  # as Ray's own: a study that refuses (a trial told twice) must not end the search
+            log.warning("could not tell Optuna that trial %s was stopped: %s", trial_id, exc)
+        self._completed_trials.add(trial_id)
+        self._reported.pop(trial_id, None)
 
 
 def _searcher(cfg: Config) -> OptunaSearch:
@@ -91,7 +107,7 @@ def _searcher(cfg: Config) -> OptunaSearch:
     # The study lives beside the results (not in remote storage): Optuna's own tools can load it from there.
     journal = run_dir_of(cfg) / JOURNAL
     storage = JournalStorage(JournalFileBackend(str(journal)))
-    return Searcher(space=DefineByRun(params, cfg), metric=s.metric, mode=s.direction,
+    return Searcher(epochs=cfg.train.epochs, space=DefineByRun(params, cfg), metric=s.metric, mode=s.direction,
                         points_to_evaluate=check_points(s.points, params, cfg) or None, sampler=sampler,
                         storage=storage, study_name=cfg.name)
 

@@ -1,7 +1,15 @@
 import numpy as np
 import pytest
 
-from kd.metrics import balanced_log_loss, compute_metrics, flatten, format_metrics, macro_auc, tune_threshold
+from kd.metrics import (
+    balanced_accuracy_ci,
+    balanced_log_loss,
+    compute_metrics,
+    flatten,
+    format_metrics,
+    macro_auc,
+    tune_threshold,
+)
 
 
 def test_metrics_by_hand():
@@ -55,3 +63,29 @@ def test_threshold_free_figures_by_hand():
     sharper[3] = [0.1, 0.9]
     assert balanced_log_loss(y, sharper) < balanced_log_loss(y, p)
     assert np.isnan(macro_auc(np.zeros(3, dtype=int), p[:3]))
+
+
+def test_the_test_figures_interval_is_a_stratified_bootstrap_of_the_images():
+    # 279 majority and 21 minority images, as in the second reference project's test split; 15 of 21 found
+    labels = np.array([0] * 279 + [1] * 21)
+    pred = labels.copy()
+    pred[:14] = 1          # 14 majority images called minority
+    pred[279:285] = 0      # 6 minority images missed
+    probs = np.eye(2)[pred]
+    full = compute_metrics(labels, probs, ["majority", "minority"], full=True)
+    lo, hi = full["balanced_accuracy_interval"]
+    assert full["balanced_accuracy"] == pytest.approx((265 / 279 + 15 / 21) / 2)
+    # brute force: resample the images of each class, recompute balanced accuracy
+    rng = np.random.default_rng(1)
+    draws = []
+    for _ in range(4000):
+        idx = np.concatenate([rng.choice(np.flatnonzero(labels == c), (labels == c).sum()) for c in (0, 1)])
+        right, truth = pred[idx] == labels[idx], labels[idx]
+        draws.append((right[truth == 0].mean() + right[truth == 1].mean()) / 2)
+    assert lo == pytest.approx(np.quantile(draws, 0.025), abs=0.01)
+    assert hi == pytest.approx(np.quantile(draws, 0.975), abs=0.01)
+    assert hi - lo > 0.15  # 21 rare images: the figure alone hides about ten points either way
+    assert "(95% interval" in format_metrics(full, ["majority", "minority"])
+    assert full["auc"] == pytest.approx(macro_auc(labels, probs)) and "balanced_log_loss" in full
+    assert balanced_accuracy_ci([[10, 0], [0, 10]]) == [1.0, 1.0]
+    assert "balanced_accuracy_interval" not in compute_metrics(labels, probs, ["majority", "minority"])

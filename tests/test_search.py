@@ -41,6 +41,7 @@ def search_config(tmp, cache, **extra):
     filesystem layer as s3://); the reliability and soak tests cover the default local storage."""
     cfg = load_config(None, tiny_overrides(cache, tmp / "results") + [f"search.storage=file://{tmp / 'remote'}",
         "name=tiny-search", "search.num_samples=5", "search.grace_period=1", "search.confirm_seeds=2",
+        "search.judge_seeds=1",
         "search.max_failures=1", "search.cpus_per_trial=1", "search.folds=3", "search.rerank=2"])
     return cfg.updated({"search.space": SPACE, "search.points": POINTS, **extra})
 
@@ -60,9 +61,13 @@ def test_every_output_is_written(finished_search):
     assert (run_dir.parent.parent / "remote" / "tiny-search" / "ray").is_dir()  # Ray wrote to the storage
     for name in ("trials.csv", "summary.md", "config.yaml", "teacher.json", "rerank.json", "optuna.journal",
                  "best/model.safetensors", "best/config.json", "best/metrics.json", "best/model.pt2",
-                 "plots/trials.png", "plots/params.png", "plots/learning_curves.png", "plots/importance.png",
+                 "plots/trials.png", "plots/params.png", "plots/learning_curves.png",
                  "plots/confusion_matrix_test.png"):
         assert (run_dir / name).is_file(), name
+    completed = (pd.read_csv(run_dir / "trials.csv")["status"] == "completed").sum()
+    # fANOVA reads complete trials only (stopped ones are pruned in the study): the plot, or the reason there is none
+    assert (run_dir / "plots/importance.png").is_file() == (completed >= 3)
+    assert (completed >= 3) or f"needs 3; {completed} did" in (run_dir / "summary.md").read_text()
     assert any("held-out test (evaluated once)" in line for line in lines)
 
 
@@ -94,12 +99,21 @@ def test_the_rerank_winner_is_refitted_and_ships_the_threshold_of_its_out_of_fol
     assert set(top["trial"].head(2)) <= set(chosen)  # the top trials are re-ranked, with the hand-picked points
     assert best["trial"] == rerank["winner"] == max(rerank["candidates"], key=lambda c: c["mean"])["trial"]
     assert all(len(c["values"]) == 2 for c in rerank["candidates"])
+    assert rerank["judge_seeds"] == [3]  # the winner is judged on a seed that did not pick it, beside the points
+    judged = {c["trial"] for c in rerank["candidates"] if c["judged"]}
+    assert judged == {rerank["winner"]} | {c["trial"] for c in rerank["candidates"] if c["hand_picked"]}
+    for c in rerank["against_points"]:
+        assert c["verdict"] == "same" or c["verdict"] == "unjudged" or (
+            (c["verdict"] == "beats") == (c["lower"] > 0) and c["detectable"] > 0)
     assert best["refit"] and best["train_images"] == 1077 + 360  # all of train + validation
     probs = load_tensors(run_dir / "rerank_probs.safetensors")[0]["probs"].numpy()  # the winner's, per seed
     from kd.crossval import pooled
     from kd.data import load_dataset
     labels = pooled(load_dataset(cfg.data, progress=False)).labels.numpy()
-    assert best["threshold"] == pytest.approx(tune_threshold(np.tile(labels, 2), probs.reshape(-1, 2)[:, 1]))
+    assert len(probs) == 3  # its two re-ranking seeds and its judging seed
+    assert best["threshold"] == pytest.approx(tune_threshold(np.tile(labels, 3), probs.reshape(-1, 2)[:, 1]))
+    lo, hi = best["test"]["balanced_accuracy_interval"]  # the test figure with its noise
+    assert lo < best["test"]["balanced_accuracy"] < hi and hi - lo > 0.02
     student = load_student(run_dir / "best")
     assert student.classes == ["other", "digit_8"] and student.threshold == pytest.approx(best["threshold"])
     assert student.info["config"]["distill"]["mode"] == table.set_index("trial").loc[best["trial"], "distill.mode"]
@@ -122,6 +136,8 @@ def test_summary_names_the_rule_and_sets_the_search_beside_its_reranking_and_tes
     assert "| best found by the search: " in summary
     assert "## Re-ranking over further seeds" in summary and "| re-ranking, mean ± std over seeds [1, 2] |" in summary
     assert "**Against hand-picked 1**" in summary  # said plainly, beaten beyond the noise or not
+    assert "judged on seeds that did not pick it" in summary
+    assert "balanced accuracy, 95% interval (resampling the test images by class)" in summary
 
 
 def test_teacher_ran_once_before_the_trials(finished_search):
@@ -135,6 +151,23 @@ def test_teacher_ran_once_before_the_trials(finished_search):
     assert len(reported) and (reported["teacher_forward_images"] == 0).all()
     assert f"the trials ran no teacher forward pass ({len(reported)} trials counted theirs)" in (
         run_dir / "summary.md").read_text()
+
+
+def test_optuna_holds_the_stopped_trials_as_pruned(finished_search):
+    import optuna
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    from search.records import TrialStatus
+    cfg, run_dir, _ = finished_search
+    study = optuna.load_study(study_name=cfg.name,
+                              storage=JournalStorage(JournalFileBackend(str(run_dir / "optuna.journal"))))
+    states = pd.Series([t.state.name for t in study.trials]).value_counts().to_dict()
+    status = pd.read_csv(run_dir / "trials.csv")["status"].value_counts().to_dict()
+    assert states.get("PRUNED", 0) == status.get(TrialStatus.STOPPED, 0)
+    assert states.get("COMPLETE", 0) == status.get("completed", 0)
+    assert states.get("FAIL", 0) == status.get("failed", 0)
+    pruned = [t for t in study.trials if t.state.name == "PRUNED"]
+    assert all(t.value == t.intermediate_values[t.last_step] for t in pruned)
 
 
 def test_failing_and_diverging_trials_are_recorded_and_the_search_goes_on(finished_search):

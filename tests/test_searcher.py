@@ -1,5 +1,9 @@
 """What Optuna learns from a search's trials (search.tuner.Searcher): a trial ASHA stopped is PRUNED in the study,
-with its epochs' figures, not a finished trial with its early figure."""
+with its epochs' figures, not a finished trial with its early figure.
+
+The calls are those Ray's Tune controller makes (ray/tune/execution/tune_controller.py): each result goes to
+`on_trial_result`, except the one a scheduler stops on (and the last), which goes marked done to
+`on_trial_complete` alone."""
 import math
 
 import numpy as np
@@ -25,16 +29,16 @@ def test_stopped_trials_are_pruned_with_their_last_figure_and_tpe_learns_from_th
         lrs.append(searcher.suggest(f"t{i}")["train.lr"])
         stopped = lrs[-1] > 0.01
         figures = [0.8, 0.9] if stopped else [0.5, 0.6, 0.65, 0.7]
-        for epoch, value in enumerate(figures, start=1):
+        for epoch, value in enumerate(figures[:-1], start=1):
             searcher.on_trial_result(f"t{i}", {"val_balanced_accuracy": value, TRAINING_ITERATION: epoch})
         searcher.on_trial_complete(f"t{i}", {"val_balanced_accuracy": figures[-1], TRAINING_ITERATION: len(figures),
-                                             DONE: not stopped})
+                                             DONE: True})
     journal = JournalStorage(JournalFileBackend(str(tmp_path / "study" / JOURNAL)))
     trials = optuna.load_study(study_name="study", storage=journal).trials
     assert len(trials) == 12 and 0 < sum(lr > 0.01 for lr in lrs) < 12
     for trial, lr in zip(trials, lrs, strict=True):
         if lr > 0.01:
-            assert trial.state == optuna.trial.TrialState.PRUNED and trial.value == 0.9
+            assert trial.state == optuna.trial.TrialState.PRUNED and trial.value == 0.9  # its epoch-2 figure
             assert trial.intermediate_values == {1: 0.8, 2: 0.9}
         else:
             assert trial.state == optuna.trial.TrialState.COMPLETE and trial.value == 0.7

@@ -1,0 +1,128 @@
+"""The re-ranking's verdict under the null: when every candidate is as good as the hand-picked point, "the winner
+beats it" is said at most one time in twenty (search.rerank: pick on some seeds, judge on others).
+
+Simulated through the same code the search runs (search.rerank.pick and compare, kd.selection's figures and test):
+four candidates of equal quality, each retrained with a few seeds on one fixed set of held-out images; a student's
+seed moves its probabilities image by image."""
+import math
+
+import numpy as np
+import pytest
+
+from kd.selection import THRESHOLD, held_out_metrics, image_terms, paired_difference, validation_parts
+from kd.train import HeldOut, Outcome
+from search.records import Candidate, TrialStatus, Verdict
+from search.rerank import compare, pick
+
+N_MAJORITY, N_MINORITY = 270, 30
+CLASSES = ["majority", "minority"]
+
+
+def held_out() -> HeldOut:
+    labels = np.array([0] * N_MAJORITY + [1] * N_MINORITY)
+    return HeldOut(labels, np.zeros(len(labels), dtype=np.int64), validation_parts(labels, seed=0), CLASSES,
+                   THRESHOLD)
+
+
+def student(held: HeldOut, difficulty: np.ndarray, rng: np.random.Generator, gain: float = 0.0) -> dict:
+    """One seed's held-out probabilities: the images' own difficulty (fixed) plus the seed's noise; `gain`
+    separates the classes further (a truly better student)."""
+    margin = (2.0 + gain) * (2 * held.labels - 1) - difficulty + rng.normal(0, 1.0, len(held.labels))
+    p = 1 / (1 + np.exp(-margin))
+    return {"status": Outcome.COMPLETED, "probs": np.stack([1 - p, p], axis=1)}
+
+
+def figure(metric: str, held: HeldOut, probs: np.ndarray) -> float:
+    """The figure a trial reports (kd.selection.held_out_metrics), as the sum over images it is (checked below)."""
+    weights, values = image_terms(metric, held.labels, probs, held.parts, held.rule)
+    return float(np.sum(weights * values))
+
+
+def search_once(held: HeldOut, metric: str, rng: np.random.Generator, gain: float = 0.0,
+                pick_seeds: int = 3, judge_seeds: int = 2) -> Verdict:
+    """Three top trials and one hand-picked point (the last), as a re-ranking sees them."""
+    difficulty = rng.normal(0, 1.5, len(held.labels)) * (2 * held.labels - 1)  # the same images for everyone
+    gains = [gain, gain, gain, 0.0]
+    entries, judged = [], []
+    for i, g in enumerate(gains):
+        runs = [student(held, difficulty, rng, g) for _ in range(pick_seeds)]
+        values = [figure(metric, held, r["probs"]) for r in runs]
+        entries.append(Candidate(trial=f"t{i}", params={}, hand_picked=4 if i == 3 else None, search_value=0.0,
+                                 status=TrialStatus.COMPLETED, values=values, mean=float(np.mean(values)),
+                                 std=float(np.std(values)), metrics={}))
+        judged.append([student(held, difficulty, rng, g) for _ in range(judge_seeds)])
+    sign = -1 if metric == "val_balanced_log_loss" else 1
+    best = pick(entries, {e.trial for e in entries}, sign)
+    return compare(entries[best], entries[3], held, metric, sign, judged[best], judged[3]).verdict
+
+
+@pytest.mark.parametrize("metric", ["val_balanced_accuracy", "val_balanced_log_loss"])
+def test_equal_candidates_are_said_to_beat_the_point_at_most_one_time_in_twenty(metric):
+    held, rng = held_out(), np.random.default_rng(7)
+    verdicts = [search_once(held, metric, rng) for _ in range(1000)]
+    judged = [v for v in verdicts if v != Verdict.SAME]
+    false_positives = sum(v == Verdict.BEATS for v in judged) / len(judged)
+    assert len(judged) > 650  # three times in four a top trial wins, and is judged
+    assert false_positives <= 0.05, false_positives  # measured: 0.041 and 0.028 (0.077 and 0.058 at 1.645 SE)
+
+
+def test_the_old_rule_said_beats_about_one_time_in_four():
+    """The rule this replaced, for the record: the winner's mean paired difference over the same three seeds that
+    picked it, above twice its standard error."""
+    held, rng = held_out(), np.random.default_rng(8)
+    said = 0
+    for _ in range(300):
+        difficulty = rng.normal(0, 1.5, len(held.labels)) * (2 * held.labels - 1)
+        values = np.array([[figure("val_balanced_accuracy", held, student(held, difficulty, rng)["probs"])
+                            for _ in range(3)] for _ in range(4)])
+        best = int(values.mean(axis=1).argmax())
+        if best != 3:
+            d = values[best] - values[3]
+            said += d.mean() > 2 * d.std(ddof=1) / math.sqrt(3)
+    assert said / 300 > 0.10
+
+
+def test_a_truly_better_winner_is_found_beyond_the_noise():
+    held, rng = held_out(), np.random.default_rng(9)
+    verdicts = [search_once(held, "val_balanced_log_loss", rng, gain=1.0) for _ in range(60)]
+    assert sum(v == Verdict.BEATS for v in verdicts) / len(verdicts) > 0.8
+
+
+@pytest.mark.parametrize("metric", ["val_balanced_accuracy", "val_balanced_log_loss", "val_accuracy",
+                                    "val_balanced_accuracy_argmax"])
+def test_the_per_image_terms_sum_to_the_reported_figure(metric):
+    held, rng = held_out(), np.random.default_rng(11)
+    probs = student(held, rng.normal(0, 1.5, len(held.labels)), rng)["probs"]
+    reported = held_out_metrics(held.labels, probs, CLASSES, held.parts, held.rule)[metric]
+    assert figure(metric, held, probs) == pytest.approx(reported)
+
+
+def test_a_figure_without_per_image_terms_is_judged_by_the_bootstrap():
+    held, rng = held_out(), np.random.default_rng(12)
+    difficulty = rng.normal(0, 1.5, len(held.labels)) * (2 * held.labels - 1)
+    better = paired_difference("val_auc", held, [student(held, difficulty, rng, 2.0)["probs"]],
+                               [student(held, difficulty, rng)["probs"]], sign=1, reps=100)
+    assert better.mean > 0 and better.standard_error > 0 and better.seeds == 1
+
+
+def test_the_standard_error_of_a_sum_over_images_is_that_of_resampling_them():
+    """The exact (per-image) standard error agrees with a brute-force stratified bootstrap of the images."""
+    held, rng = held_out(), np.random.default_rng(10)
+    difficulty = rng.normal(0, 1.5, len(held.labels)) * (2 * held.labels - 1)
+    a = [student(held, difficulty, rng, 0.5)["probs"] for _ in range(2)]
+    b = [student(held, difficulty, rng)["probs"] for _ in range(2)]
+    exact = paired_difference("val_balanced_log_loss", held, a, b, sign=-1)
+    # a stratified resampling keeps each class's count, so each image keeps its weight
+    terms = [(image_terms("val_balanced_log_loss", held.labels, pa, held.parts, held.rule),
+              image_terms("val_balanced_log_loss", held.labels, pb, held.parts, held.rule)) for pa, pb in
+             zip(a, b, strict=True)]
+    by_class = [np.flatnonzero(held.labels == c) for c in (0, 1)]
+    draws = []
+    for _ in range(4000):
+        idx = np.concatenate([rng.choice(m, len(m)) for m in by_class])
+        draws.append(-np.mean([np.sum(ta[0][idx] * ta[1][idx]) - np.sum(tb[0][idx] * tb[1][idx]) for ta, tb in terms]))
+    everyone = np.arange(len(held.labels))
+    assert exact.mean == pytest.approx(-np.mean([figure("val_balanced_log_loss", held, pa[everyone]) -
+                                                 figure("val_balanced_log_loss", held, pb[everyone])
+                                                 for pa, pb in zip(a, b, strict=True)]))
+    assert exact.standard_error == pytest.approx(np.std(draws), rel=0.08)
