@@ -49,7 +49,8 @@ class DataConfig:
     split_seed: int = 0
     digits_minority: int = 8          # digits: this digit is the rare class, every other digit the common one
     on_bad_image: Literal["warn", "error"] = "warn"
-    allow_leakage: bool = False       # the same image (by content) in two splits is an error unless true
+    groups: str = ""                  # column:NAME or pattern:REGEX: each image's subject, kept in one split/fold
+    allow_leakage: bool = False       # the same image (or subject) in two splits is an error unless true
     allow_external_links: bool = False  # follow symlinks that point outside the dataset folder
     max_image_pixels: int = MAX_IMAGE_PIXELS  # Pillow's decompression-bomb limit
     cache_dir: str = "results/cache"
@@ -69,6 +70,8 @@ class DataConfig:
             what = "a CSV file of file names and labels" if self.source == "csv" else "a folder of class folders"
             _require(self.train is not None and bool(self.train.path), "data.train",
                      f"is required for source '{self.source}': {what} (e.g. --set data.train=PATH)")
+        from kd.groups import check_spec
+        check_spec(self.groups, self.source)
         if self.classes is not None:
             _require(len(self.classes) >= 2, "data.classes", "needs at least two classes")
             _require(len(set(self.classes)) == len(self.classes), "data.classes", "has duplicate names")

@@ -1,8 +1,8 @@
 """The folds of cross-validation, and the pool a final student is refitted on.
 
-The train and validation splits are pooled and cut into K stratified folds (seeded; identical images stay
-in one fold); the test split is left alone. Fold f's dataset trains on the other folds and validates on
-fold f; how its students train and are judged is kd.schemes.CrossValidated.
+The train and validation splits are pooled and cut into K stratified folds (seeded; a subject's images, or
+identical images, stay in one fold: kd.groups); the test split is left alone. Fold f's dataset trains on the
+other folds and validates on fold f; how its students train and are judged is kd.schemes.CrossValidated.
 """
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ def pooled(data: Dataset) -> Split:
     """Train and validation as one split (train first)."""
     a, b = data.train, data.val
     images = torch.cat([a.images, b.images]) if a.images is not None and b.images is not None else None
-    return Split(torch.cat([a.labels, b.labels]), a.paths + b.paths, a.hashes + b.hashes, images)
+    subjects = a.subjects + b.subjects if a.subjects is not None and b.subjects is not None else None
+    return Split(torch.cat([a.labels, b.labels]), a.paths + b.paths, a.hashes + b.hashes, images, subjects)
 
 
 def _derived(fingerprint: str, *parts: Any) -> str:
@@ -46,7 +47,7 @@ def make_folds(data: Dataset, k: int, seed: int) -> Folds:
         rare = data.classes[int(counts.argmin())]
         raise DataError(f"search.folds is {k} but class '{rare}' has only {counts.min()} images in train + val: "
                         f"every fold needs one of each class (lower search.folds)")
-    ids = fold_ids(labels, pool.hashes, k, seed)
+    ids = fold_ids(labels, pool.groups(), k, seed)
     datasets = [replace(data, train=pool.subset(np.flatnonzero(ids != f)), val=pool.subset(np.flatnonzero(ids == f)),
                         fingerprint=_derived(data.fingerprint, "fold", f, k, seed)) for f in range(k)]
     return Folds(ids, labels, datasets)

@@ -21,6 +21,7 @@ import torch
 from kd.config import DataConfig, SplitSource
 from kd.errors import DataError
 from kd.files import CacheError, file_lock, load_tensors, save_tensors
+from kd.groups import check_leakage, column_of, subjects_of
 from kd.images import IMAGE_EXTENSIONS, MAX_IMAGE_PIXELS, decode_files, is_inside, list_images, resolve_workers
 
 log = logging.getLogger("kd")
@@ -35,6 +36,7 @@ class Split:
     paths: list[str]
     hashes: list[str]               # content hash per image: leakage detection and fingerprints
     images: torch.Tensor | None = None  # uint8 N x 3 x H x W; None in the streaming pipeline
+    subjects: list[str] | None = None   # the subject of each image (data.groups: kd.groups); None: not given
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -43,7 +45,12 @@ class Split:
         idx = np.asarray(idx, dtype=np.int64)
         images = self.images[torch.from_numpy(idx)] if self.images is not None else None
         return Split(self.labels[torch.from_numpy(idx)], [self.paths[i] for i in idx],
-                     [self.hashes[i] for i in idx], images)
+                     [self.hashes[i] for i in idx], images,
+                     [self.subjects[i] for i in idx] if self.subjects is not None else None)
+
+    def groups(self) -> list[str]:
+        """What must stay together in one split and one fold: the subjects where named, else identical images."""
+        return self.subjects if self.subjects is not None else self.hashes
 
 
 @dataclass
@@ -79,10 +86,13 @@ def load_dataset(cfg: DataConfig, progress: bool = True) -> Dataset:
     if cfg.source == "digits":
         classes, given = _digits(cfg)
     else:
-        entries = {name: _entries(cfg, name, src, skipped) for name, src in
+        subjects: dict[str, str] = {}  # file -> subject, from the CSV column data.groups names
+        entries = {name: _entries(cfg, name, src, skipped, subjects) for name, src in
                    (("train", cfg.train), ("val", cfg.val), ("test", cfg.test)) if src is not None}
         classes = _classes(cfg, entries)
         given = {name: _decode(cfg, name, ents, classes, skipped, progress) for name, ents in entries.items()}
+        for name, split in given.items():
+            split.subjects = subjects_of(cfg.groups, name, split.paths, subjects)
     _report_skipped(skipped, cfg)
     splits = _carve(given, classes, cfg)
     for name in SPLITS:
@@ -91,7 +101,7 @@ def load_dataset(cfg: DataConfig, progress: bool = True) -> Dataset:
         if empty:
             raise DataError(f"the {name} split has no images of class {', '.join(empty)}: "
                             "every class needs images in train, val and test")
-    _check_leakage(splits, cfg.allow_leakage)
+    check_leakage(splits, cfg.allow_leakage)
     fingerprint = _fingerprint(classes, cfg, splits)
     dataset = Dataset(classes, cfg.image_size, splits["train"], splits["val"], splits["test"], fingerprint, skipped,
                       resolve_workers(cfg.workers), cfg.max_image_pixels)
@@ -102,7 +112,7 @@ def load_dataset(cfg: DataConfig, progress: bool = True) -> Dataset:
 def load_labelled(cfg: DataConfig, src: SplitSource, classes: list[str], progress: bool = True) -> Split:
     """One labelled folder or CSV as a single split whose labels index `classes` (an exported model's)."""
     skipped: list[tuple[str, str]] = []
-    entries = _entries(cfg, "evaluate", src, skipped)
+    entries = _entries(cfg, "evaluate", src, skipped, {})
     unknown = sorted({label for _, label in entries if label not in classes
                       and not (_is_int(label) and 0 <= int(label) < len(classes))})
     if unknown:
@@ -129,11 +139,13 @@ def _digits(cfg: DataConfig) -> tuple[list[str], dict[str, Split]]:
     return ["other", f"digit_{cfg.digits_minority}"], {"train": Split(labels, paths, hashes, images)}
 
 
-def _entries(cfg: DataConfig, split: str, src: SplitSource, skipped: list) -> list[tuple[str, str]]:
-    """(file path, label text) for one split on disk, with every problem named."""
+def _entries(cfg: DataConfig, split: str, src: SplitSource, skipped: list,
+             subjects: dict[str, str]) -> list[tuple[str, str]]:
+    """(file path, label text) for one split on disk, with every problem named (and, from a CSV, each file's
+    subject into `subjects` where data.groups names a column)."""
     if cfg.source == "folder":
         return _folder_entries(cfg, split, src.path, skipped)
-    return _csv_entries(cfg, split, src)
+    return _csv_entries(cfg, split, src, subjects)
 
 
 def _folder_entries(cfg: DataConfig, split: str, root: str, skipped: list) -> list[tuple[str, str]]:
@@ -165,7 +177,7 @@ def _folder_entries(cfg: DataConfig, split: str, root: str, skipped: list) -> li
     return entries
 
 
-def _csv_entries(cfg: DataConfig, split: str, src: SplitSource) -> list[tuple[str, str]]:
+def _csv_entries(cfg: DataConfig, split: str, src: SplitSource, subjects: dict[str, str]) -> list[tuple[str, str]]:
     path = src.path
     image_dir = os.path.abspath(src.images or os.path.dirname(os.path.abspath(path)))
     file_col, label_col = src.file_column or cfg.file_column, src.label_column or cfg.label_column
@@ -183,6 +195,9 @@ def _csv_entries(cfg: DataConfig, split: str, src: SplitSource) -> list[tuple[st
     except csv.Error as e:
         raise DataError(f"{path}: malformed CSV ({e})") from None
     file_col, label_col = _csv_columns(path, list(columns), records, file_col, label_col)
+    group_col = column_of(cfg.groups)
+    if group_col is not None and group_col not in columns:
+        raise DataError(f"data.groups: {path} has no column '{group_col}' (columns: {', '.join(columns)})")
     rows = [(i + 2, (r.get(file_col) or "").strip(), (r.get(label_col) or "").strip()) for i, r in enumerate(records)]
     if not rows:
         raise DataError(f"{path} has a header but no rows")
@@ -210,6 +225,10 @@ def _csv_entries(cfg: DataConfig, split: str, src: SplitSource) -> list[tuple[st
             continue
         seen[full] = (line, label)
         entries.append((full, label))
+        if group_col is not None:
+            subjects[full] = (records[line - 2].get(group_col) or "").strip()
+            if not subjects[full]:
+                raise DataError(f"{path}, line {line}: no subject in column '{group_col}' (data.groups)")
     if duplicates:
         log.warning("%s: %d duplicate rows ignored (same file, same label)", path, duplicates)
     return entries
@@ -338,7 +357,8 @@ def _report_skipped(skipped: list[tuple[str, str]], cfg: DataConfig) -> None:
 # ------------------------------------------------------------------------------------ splits + checks
 
 def _carve(given: dict[str, Split], classes: list[str], cfg: DataConfig) -> dict[str, Split]:
-    """Carve the missing val/test splits out of train, stratified by class, duplicates kept together."""
+    """Carve the missing val/test splits out of train, stratified by class, each group (a subject's images, or
+    identical images) kept together."""
     missing = [s for s in ("val", "test") if s not in given]
     if not missing:
         return given
@@ -347,7 +367,7 @@ def _carve(given: dict[str, Split], classes: list[str], cfg: DataConfig) -> dict
     if len(missing) == 1:  # only one split carved: its fraction is of the pool that is left
         fractions = {missing[0]: fractions[missing[0]]}
     groups: dict[str, list[int]] = defaultdict(list)
-    for i, h in enumerate(pool.hashes):
+    for i, h in enumerate(pool.groups()):
         groups[h].append(i)
     rng = np.random.default_rng(cfg.split_seed)
     chosen: dict[str, list[int]] = {s: [] for s in ("train", *missing)}
@@ -357,7 +377,7 @@ def _carve(given: dict[str, Split], classes: list[str], cfg: DataConfig) -> dict
         n = len(keys)
         counts = {s: max(1, round(n * f)) for s, f in fractions.items()}
         if n - sum(counts.values()) < 1:
-            raise DataError(f"class '{name}' has only {n} distinct images: too few to split into "
+            raise DataError(f"class '{name}' has only {n} distinct images or subjects: too few to split into "
                             f"train/{'/'.join(missing)} (each needs at least one)")
         start = 0
         for s in missing:
@@ -370,29 +390,11 @@ def _carve(given: dict[str, Split], classes: list[str], cfg: DataConfig) -> dict
     return out
 
 
-def _check_leakage(splits: dict[str, Split], allow: bool) -> None:
-    where: dict[str, list[tuple[str, str]]] = defaultdict(list)
-    for name in SPLITS:
-        for path, h in zip(splits[name].paths, splits[name].hashes, strict=False):
-            where[h].append((name, path))
-    pairs: list[tuple[str, str, str, str]] = []
-    for places in where.values():
-        for i, (sa, pa) in enumerate(places):
-            pairs.extend((pa, sa, pb, sb) for sb, pb in places[i + 1:] if sb != sa)
-    if not pairs:
-        return
-    lines = "\n".join(f"  {sa}: {pa}  ==  {sb}: {pb}" for pa, sa, pb, sb in pairs[:MAX_LISTED])
-    more = f"\n  ... and {len(pairs) - MAX_LISTED} more" if len(pairs) > MAX_LISTED else ""
-    message = f"data leakage: {len(pairs)} identical images in two splits:\n{lines}{more}"
-    if not allow:
-        raise DataError(message + "\nRemove the copies, or set data.allow_leakage: true to go on regardless.")
-    log.warning("%s\n(allowed by data.allow_leakage)", message)
-
-
 def _fingerprint(classes: list[str], cfg: DataConfig, splits: dict[str, Split]) -> str:
     h = hashlib.sha256(json.dumps([CACHE_VERSION, classes, cfg.image_size, cfg.source]).encode())
     for name in SPLITS:
         h.update(name.encode())
         h.update("".join(splits[name].hashes).encode())
+        h.update("\0".join(splits[name].subjects or []).encode())
         h.update(splits[name].labels.numpy().tobytes())
     return h.hexdigest()[:24]
