@@ -17,7 +17,7 @@ from kd.errors import Diverged
 from kd.export import export_student
 from kd.files import atomic_path, atomic_write_json
 from kd.metrics import format_metrics
-from kd.models import check_models, known_class_count
+from kd.models import check_models, fetch_pretrained, known_class_count
 from kd.student import evaluate_model, new_student, train_student
 from kd.teacher import load_teacher_model, new_teacher, prepare_teacher
 from kd.timing import Phases, phases_text
@@ -79,6 +79,7 @@ def run_distill(cfg: Config, out_dir: str | Path | None = None, progress: bool =
     # Otherwise they are checked on the meta device and built once the data says how many classes there are.
     phases = Phases()
     with phases("models"):
+        fetch_pretrained(cfg)  # timm's weights, where pretrained is true: from the cache, else downloaded once
         classes = known_class_count(cfg.data)
         teacher_model = student = None
         if classes:

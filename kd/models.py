@@ -1,9 +1,8 @@
 """timm models as teacher or student: creation, weights, input normalisation, distillation heads.
 
-Pretrained weights never come from the network at run time: `pretrained: true` takes timm's weights
-from the Hugging Face hub cache (or torch's hub checkpoint folder) where an earlier download left them,
-and a path loads a local file. `check_model` tries all of it on the meta device before a run decodes an
-image or writes a file, so a typo costs a second, not a fine-tuned teacher.
+`pretrained: true` takes timm's weights as timm gets them (kd.hub: the hub cache, else one download, on the
+driver, when the model is checked), and a path loads a local file. `check_model` tries all of it on the meta
+device before a run decodes an image or writes a file, so a typo costs a second, not a fine-tuned teacher.
 """
 from __future__ import annotations
 
@@ -11,22 +10,21 @@ import difflib
 import logging
 import os
 from typing import Any
-from urllib.parse import urlparse
 
 import torch
 from torch import nn
 
 from kd.config import Config, DataConfig, ModelConfig, TeacherConfig
 from kd.errors import UserError
+from kd.hub import pretrained_file
 
 log = logging.getLogger("kd")
-HUB_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm publishes on the hub, preferred first
 
 
 def create_model(cfg: ModelConfig, num_classes: int, image_size: int, role: str = "") -> nn.Module:
     """A timm model with `num_classes` outputs; ViT-style models are built for `image_size`.
 
-    `cfg.pretrained`: false (random init), true (timm's own weights, from the local hub cache) or a local
+    `cfg.pretrained`: false (random init), true (timm's own weights: kd.hub, never downloaded here) or a local
     file (safetensors or a torch checkpoint, loaded with weights_only=True); a classifier whose shape does
     not match is left freshly initialised. A teacher used without fine-tuning (`train.epochs: 0`) is refused
     when its classifier would be one of those (see `check_teacher_head`). `role` ("teacher", "student")
@@ -34,7 +32,7 @@ def create_model(cfg: ModelConfig, num_classes: int, image_size: int, role: str 
     """
     if cfg.pretrained is True:
         check_teacher_head(cfg, num_classes)
-    hub_file = cached_pretrained_file(cfg.name, role) if cfg.pretrained is True else None
+    hub_file = pretrained_file(cfg.name, role, download=False) if cfg.pretrained is True else None
     model = _build(cfg, num_classes, image_size, hub_file, role)
     if isinstance(cfg.pretrained, str) and cfg.pretrained:
         state = read_weights(cfg.pretrained, cfg.name)
@@ -55,6 +53,15 @@ def check_models(cfg: Config, weights: bool = True, roles: tuple[str, ...] = ("t
     classes = num_classes or known_class_count(cfg.data)
     for role in roles:
         check_model(getattr(cfg, role), classes, cfg.data.image_size, role, weights)
+
+
+def fetch_pretrained(cfg: Config, roles: tuple[str, ...] = ("teacher", "student")) -> None:
+    """timm's weights for every model of `roles` with `pretrained: true`, downloaded now where they are not cached
+    (kd.hub): a command does this first, so the models it builds never reach for the network."""
+    for role in roles:
+        model: ModelConfig = getattr(cfg, role)
+        if model.pretrained is True:
+            pretrained_file(model.name, role)
 
 
 def known_class_count(data: DataConfig) -> int | None:
@@ -90,7 +97,7 @@ def check_model(cfg: ModelConfig, num_classes: int | None, image_size: int, role
     if not weights:
         return
     if cfg.pretrained is True:
-        cached_pretrained_file(cfg.name, role)
+        pretrained_file(cfg.name, role)  # downloaded here, once, if not cached
     elif isinstance(cfg.pretrained, str) and cfg.pretrained:
         state = read_weights(cfg.pretrained, cfg.name)
         _matching(state, model, cfg.pretrained, cfg.name)
@@ -115,7 +122,7 @@ def check_teacher_head(cfg: ModelConfig, num_classes: int, model: nn.Module | No
         pcfg = timm.models.get_pretrained_cfg(cfg.name)
         outputs = getattr(pcfg, "num_classes", None)
         if outputs is None or outputs == num_classes:
-            return  # no weights at all is cached_pretrained_file's error to give
+            return  # no weights at all is pretrained_file's error to give
         whose = f"the pretrained classifier of '{cfg.name}' has {outputs} outputs"
     else:
         if model is None or state is None:
@@ -177,42 +184,6 @@ def _build(cfg: ModelConfig, num_classes: int, image_size: int, hub_file: str | 
             raise UserError(f"'{cfg.name}' cuts images into {patch}-pixel patches: data.image_size ({image_size}) "
                             f"must be a multiple of {patch}")
     return model
-
-
-def cached_pretrained_file(name: str, role: str = "") -> str:
-    """The local file holding timm's pretrained weights for `name`; never downloads.
-
-    Looks where timm's own downloads land: the Hugging Face hub cache (HF_HOME / HF_HUB_CACHE), then
-    torch's hub checkpoint folder (TORCH_HOME) for weights timm fetches by URL.
-    """
-    import timm
-    from huggingface_hub import constants, try_to_load_from_cache
-
-    pcfg = timm.models.get_pretrained_cfg(name)
-    looked = []
-    if pcfg is not None and pcfg.hf_hub_id:
-        repo, _, revision = pcfg.hf_hub_id.partition("@")
-        for filename in ([pcfg.hf_hub_filename] if pcfg.hf_hub_filename else HUB_FILES):
-            found = try_to_load_from_cache(repo, filename, revision=revision or None)
-            if isinstance(found, str) and os.path.isfile(found):
-                return found
-        looked.append(f"the Hugging Face hub cache {constants.HF_HUB_CACHE} (repository {repo})")
-    if pcfg is not None and pcfg.url:
-        # timm's url is a URL, or a (URL, file name) pair that names the cached file itself
-        url = pcfg.url
-        filename = url[1] if isinstance(url, tuple) else os.path.basename(urlparse(url).path)
-        path = os.path.join(torch.hub.get_dir(), "checkpoints", filename)
-        if os.path.isfile(path):
-            return path
-        looked.append(path)
-    key = f"{role}.pretrained" if role else "pretrained"
-    if not looked:
-        raise UserError(f"{key}: timm has no pretrained weights for '{name}'; set it to false or to a weights file")
-    raise UserError(
-        f"{key} is true but timm's weights for '{name}' are not on this machine (looked in "
-        f"{' and '.join(looked)}); kd-search never downloads at run time. Fill the cache once where there is "
-        f"network (python -c \"import timm; timm.create_model('{name}', pretrained=True)\", then copy the cache "
-        f"here), or set {key} to a local weights file (.safetensors or .pth)")
 
 
 def read_weights(path: str, name: str) -> dict[str, torch.Tensor]:

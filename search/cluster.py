@@ -24,6 +24,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from kd.config import Config
 from kd.data import Dataset
 from kd.errors import UserError
+from kd.hub import provide, shipped
 from search.compat import swap_ray_printer
 from search.format import shown
 
@@ -184,8 +185,26 @@ def where() -> dict[str, str]:
     return {"node": context.get_node_id(), "gpus": ",".join(map(str, context.get_accelerator_ids().get("GPU", [])))}
 
 
+_SHIPPED: list[ray.ObjectRef | None] = []  # the weights files the search running here hands its tasks
+
+
+@contextlib.contextmanager
+def shipping(names: list[str]) -> Iterator[dict[str, tuple[str, bytes]]]:
+    """Within this block every Ray task (`remote`, `call`) gets the driver's timm weights files for `names`
+    (kd.hub.provide: a worker never downloads, and loads the very file the driver checked); the files are yielded
+    for the trials (which get them through tune.with_parameters)."""
+    files = shipped(names)
+    _SHIPPED.append(ray.put(files) if files else None)
+    try:
+        yield files
+    finally:
+        _SHIPPED.pop()
+
+
 @ray.remote
-def _task(fn: Callable[..., Any], threads: int, *args: Any, **kwargs: Any) -> Any:
+def _task(fn: Callable[..., Any], threads: int, weights: dict[str, tuple[str, bytes]] | None, *args: Any,
+          **kwargs: Any) -> Any:
+    provide(weights)
     torch.set_num_threads(threads)
     try:
         return fn(*args, **kwargs)
@@ -198,8 +217,9 @@ def _task(fn: Callable[..., Any], threads: int, *args: Any, **kwargs: Any) -> An
 def remote(fn: Callable[..., Any], resources: Resources, *args: Any, **kwargs: Any) -> ray.ObjectRef:
     """Run `fn(*args, **kwargs)` as a Ray task with `resources`, torch using as many threads as it has CPUs.
     Object references among the arguments arrive as their values (Ray resolves top-level arguments)."""
-    return _task.options(num_cpus=resources.cpus, num_gpus=resources.gpus).remote(fn, resources.threads, *args,
-                                                                                  **kwargs)
+    weights = _SHIPPED[-1] if _SHIPPED else None
+    return _task.options(num_cpus=resources.cpus, num_gpus=resources.gpus).remote(fn, resources.threads, weights,
+                                                                                  *args, **kwargs)
 
 
 def call(fn: Callable[..., Any], resources: Resources, *args: Any, **kwargs: Any) -> Any:

@@ -19,7 +19,7 @@ from kd.data import load_dataset
 from kd.errors import Interrupted
 from kd.schemes import Scheme
 from kd.selection import check_metric, decision_rule
-from search.cluster import check_resources, check_stream_files, ray_errors_to, start_ray, trial_slots
+from search.cluster import check_resources, check_stream_files, ray_errors_to, shipping, start_ray, trial_slots
 from search.finalize import finalize
 from search.format import shown
 from search.phases import RunPhases
@@ -36,7 +36,7 @@ def run_search(cfg: Config, address: str | None = None, storage: str | None = No
                quiet: bool = False, echo: Callable[[str], None] = print) -> Path:
     params = parse_space(cfg)  # a bad space, point or model is reported before anything starts
     check_points(cfg.search.points, params, cfg)
-    check_searched_models(cfg, params, weights=address is None)
+    hub_models = check_searched_models(cfg, params)  # timm weights downloaded here, once, where not cached
     check_loggers(cfg)
     run_dir = run_dir_of(cfg)
     exp_path = experiment_path(cfg, run_dir, storage)
@@ -55,23 +55,24 @@ def run_search(cfg: Config, address: str | None = None, storage: str | None = No
         # Ray's published errors go to ray-errors.log until Ray is stopped (its shutdown included)
         with ray_errors_to(run_dir / RAY_ERRORS, echo):
             try:  # written once the data is good and Ray is up: a search that cannot start leaves nothing behind
-                resources = check_resources(cfg)
-                check_stream_files(data, resources)
-                save_config(cfg, run_dir / CONFIG)
-                phases.start_record(RunRecord(experiment=exp_path, resumed=restore, classes=data.classes,
-                                              data=data.describe(), slots=cfg.search.max_concurrent or
-                                              trial_slots(resources)))
-                with phases("teachers"):
-                    prepared = prepare_teachers(cfg, split, echo)
-                prepared.record(seconds=phases.total).write(run_dir)
-                echo(("resuming" if restore else "starting") + f" the search: {cfg.search.num_samples} "
-                     f"{scheme.describe(cfg)} trials of {cfg.student.name}, optimising {cfg.search.metric} "
-                     f"({cfg.search.direction}); results in {shown(run_dir)}")
-                tuner = build_tuner(cfg, prepared.scheme, exp_path, restore, quiet)
-                with sigterm_as_interrupt(), exact_loggers(not restore), phases("trials"):
-                    tuner.fit()
-                _raise_if_interrupted(run_dir)
-                finalize(run_dir, prepared, phases, echo=echo)
+                with shipping(hub_models) as weights:  # the timm weights files every task and trial loads
+                    resources = check_resources(cfg)
+                    check_stream_files(data, resources)
+                    save_config(cfg, run_dir / CONFIG)
+                    phases.start_record(RunRecord(experiment=exp_path, resumed=restore, classes=data.classes,
+                                                  data=data.describe(), slots=cfg.search.max_concurrent or
+                                                  trial_slots(resources)))
+                    with phases("teachers"):
+                        prepared = prepare_teachers(cfg, split, echo)
+                    prepared.record(seconds=phases.total).write(run_dir)
+                    echo(("resuming" if restore else "starting") + f" the search: {cfg.search.num_samples} "
+                         f"{scheme.describe(cfg)} trials of {cfg.student.name}, optimising {cfg.search.metric} "
+                         f"({cfg.search.direction}); results in {shown(run_dir)}")
+                    tuner = build_tuner(cfg, prepared.scheme, exp_path, restore, quiet, weights)
+                    with sigterm_as_interrupt(), exact_loggers(not restore), phases("trials"):
+                        tuner.fit()
+                    _raise_if_interrupted(run_dir)
+                    finalize(run_dir, prepared, phases, echo=echo)
             finally:
                 if started:
                     ray.shutdown()

@@ -184,14 +184,19 @@ def check_points(points: list[dict[str, Any]], params: list[Param], base: Config
     return [dict(p) for p in points]
 
 
-def check_searched_models(base: Config, params: list[Param], weights: bool = True) -> None:
-    """The base config's teacher and student, and every student a searched choice can swap in, exist and load."""
+def check_searched_models(base: Config, params: list[Param], weights: bool = True) -> list[str]:
+    """The base config's teacher and student, and every student a searched choice can swap in, exist and load
+    (timm's pretrained weights downloaded here where they are not cached: kd.hub). The names of the models whose
+    timm weights the trials and teachers will load."""
     check_models(base, weights)
+    configs = [base.teacher, base.student]
     for p in params:
         if p.type == "choice" and p.key.startswith("student."):
             for value in p.values:
+                cfg = base.updated({p.key: value}, source=f"search.space['{p.key}']")
                 try:
-                    check_models(base.updated({p.key: value}, source=f"search.space['{p.key}']"), weights,
-                                 roles=("student",))  # the teacher was checked above
+                    check_models(cfg, weights, roles=("student",))  # the teacher was checked above
                 except UserError as e:
                     raise UserError(f"search.space['{p.key}'] offers {value!r}, which cannot work: {e}") from None
+                configs.append(cfg.student)
+    return list(dict.fromkeys(m.name for m in configs if m.pretrained is True))

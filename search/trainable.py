@@ -24,6 +24,7 @@ from ray import tune
 from kd.config import Config, from_dict
 from kd.cost import measure
 from kd.data import Dataset
+from kd.hub import provide
 from kd.infer import resolve_device
 from kd.metrics import scalars
 from kd.schemes import Scheme
@@ -68,8 +69,10 @@ class DistillTrainable(tune.Trainable):
     per member, judged on their pooled held-out predictions), one epoch per step."""
 
     def setup(self, config: dict[str, Any], base: dict[str, Any] | None = None, scheme: Scheme | None = None,
-              checkpoint_epochs: frozenset[int] = frozenset(), threads: int = 1) -> None:
+              checkpoint_epochs: frozenset[int] = frozenset(), threads: int = 1,
+              weights: dict[str, tuple[str, bytes]] | None = None) -> None:
         assert base is not None and scheme is not None, "DistillTrainable needs tune.with_parameters"
+        provide(weights)  # the driver's timm weights files: this node never downloads
         torch.set_num_threads(max(1, threads))
         self.base, self.scheme, self.checkpoint_epochs = base, scheme, checkpoint_epochs
         self._begin(config)

@@ -34,12 +34,15 @@ from search.trainable import DistillTrainable
 log = logging.getLogger("search")
 
 
-def build_tuner(cfg: Config, scheme: Scheme, exp_path: str, restore: bool, quiet: bool) -> tune.Tuner:
+def build_tuner(cfg: Config, scheme: Scheme, exp_path: str, restore: bool, quiet: bool,
+                weights: dict[str, tuple[str, bytes]] | None = None) -> tune.Tuner:
+    """`weights`: the driver's timm weights files the trials load (search.cluster.shipping)."""
     s = cfg.search
     resources = trial_resources(cfg)
     trainable = tune.with_resources(
         tune.with_parameters(DistillTrainable, base=cfg.to_dict(), scheme=scheme.for_trials(),
-                             checkpoint_epochs=checkpoint_epochs(cfg), threads=max(1, int(s.cpus_per_trial))),
+                             checkpoint_epochs=checkpoint_epochs(cfg), threads=max(1, int(s.cpus_per_trial)),
+                             weights=weights or None),
         resources.as_tune())
     if restore:  # the loggers are those the search started with (a search of an earlier version: Ray's own)
         return tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=False)

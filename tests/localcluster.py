@@ -76,6 +76,7 @@ class LocalCluster:
     worker_cpus: int = 2
     worker_gpus: int = 1
     head_cpus: int = 0
+    worker_env: dict[str, str] = field(default_factory=dict)  # set for the worker nodes' processes only
     nodes: list[Node] = field(default_factory=list)
     root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="kdc-", dir="/tmp")))  # short: sockets
 
@@ -97,7 +98,8 @@ class LocalCluster:
     def _ray_start(self, node: Node, *args: str) -> None:
         node.temp_dir.mkdir(parents=True)
         subprocess.run([RAY, "start", *args, f"--num-cpus={node.cpus}", f"--num-gpus={node.gpus}",
-                        f"--temp-dir={node.temp_dir}", "--disable-usage-stats"], check=True, env=token_env(),
+                        f"--temp-dir={node.temp_dir}", "--disable-usage-stats"], check=True,
+                       env={**token_env(), **(self.worker_env if node.name != "head" else {})},
                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=120)
 
     def start(self) -> None:

@@ -214,3 +214,29 @@ def test_streamed_images_must_be_readable_on_every_node(cluster, tmp_path):
                         r"files \(first: \S+\.png\)\. Put the images on a file system every node mounts at the same "
                         r"path, or use data.pipeline: memory .*", lines[1])
     assert re.search(r"\((\w{8})\)", lines[1]).group(1) in {n.node_id[:8] for n in workers}
+
+
+def test_workers_without_the_hub_load_the_drivers_weights_file(tmp_path):
+    """A worker node with its own empty hub cache and no hub at all (HF_HUB_OFFLINE) runs a search whose teacher
+    and students start from timm's pretrained weights: the driver downloads them once from the hub (a local
+    stand-in) and hands the file to the teacher's task and the trials."""
+    from tests.hub import StandInHub, timm_weights
+    worker_home = tmp_path / "worker-hf"
+    weights = "timm/test_resnet.r160_in1k/model.safetensors"
+    with StandInHub({weights: timm_weights("test_resnet", tmp_path / "served.safetensors")}) as hub, \
+            LocalCluster(workers=1, worker_cpus=2, worker_gpus=1,
+                         worker_env={"HF_HOME": str(worker_home), "HF_HUB_OFFLINE": "1"}) as one:
+        cfg = load_config(None, tiny_overrides(tmp_path / "cache", tmp_path / "results") + [
+            "name=hub", "search.num_samples=2", "search.confirm_seeds=0", "search.cpus_per_trial=1",
+            "teacher.pretrained=true", "student.pretrained=true", "teacher.train.epochs=1", "train.epochs=1"])
+        config = tmp_path / "hub.yaml"
+        config.write_text(cfg.to_yaml())
+        env = {**token_env(), "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "driver-hf")}
+        run = subprocess.run([sys.executable, "-m", "search.cli", "search", str(config), "--address", one.address,
+                              "--storage", str(tmp_path / "shared")], capture_output=True, text=True, cwd=tmp_path,
+                             env=env, timeout=600)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        assert hub.downloads[weights] == 1  # the driver's one download
+    assert not list(worker_home.rglob("*.safetensors"))  # the worker node neither downloaded nor cached a file
+    table = pd.read_csv(tmp_path / "results" / "hub" / "trials.csv")
+    assert (table["status"] == "completed").all() and set(table["node"]) == {one.nodes[1].node_id}

@@ -1,4 +1,5 @@
-"""Pretrained weights come from a local file or the existing hub cache, never the network; bad ones fail fast."""
+"""Pretrained weights come from a local file, the hub cache or one download on the driver (tests/test_hub.py: from
+a local stand-in for the hub); a model build never downloads; bad weights fail fast."""
 from __future__ import annotations
 
 import socket
@@ -69,14 +70,23 @@ def test_pretrained_true_loads_timms_weights_from_the_hub_cache(offline):
     check_model(ModelConfig("test_resnet", pretrained=True), 2, 32, "student")
 
 
-def test_pretrained_true_without_a_cache_fails_at_once_and_says_what_to_do(offline, network_attempts):
-    for check in (check_model, create_model):
-        with pytest.raises(UserError) as err:
-            check(ModelConfig("test_resnet", pretrained=True), 2, 32, "teacher")
-        message = str(err.value)
-        assert "teacher.pretrained" in message and "'test_resnet'" in message and "never downloads" in message
-        assert str(offline) in message  # where it looked
+def test_pretrained_true_offline_without_a_cache_fails_at_once_and_says_what_to_do(offline, network_attempts,
+                                                                                   monkeypatch):
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    with pytest.raises(UserError) as err:
+        check_model(ModelConfig("test_resnet", pretrained=True), 2, 32, "teacher")
+    message = str(err.value)
+    assert "teacher.pretrained" in message and "'test_resnet'" in message and "HF_HUB_OFFLINE is set" in message
+    assert str(offline) in message  # where it looked
+    assert "copy it here (HF_HOME), or set teacher.pretrained to a local weights file" in message  # the ways out
     assert network_attempts == []  # not one try, so no retries against an unreachable hub
+
+
+def test_a_model_build_never_downloads(offline, network_attempts):
+    """Only the check on the driver downloads; a build (in a Ray worker) takes the driver's file or the cache."""
+    with pytest.raises(UserError, match="none were handed over by the driver"):
+        create_model(ModelConfig("test_resnet", pretrained=True), 2, 32, "student")
+    assert network_attempts == []
 
 
 def test_local_weights_file_round_trips_and_a_wrong_one_is_named(tmp_path):

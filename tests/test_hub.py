@@ -1,0 +1,80 @@
+"""timm's pretrained weights as timm gets them (kd.hub), from a local stand-in for the Hugging Face hub
+(tests/hub.py): downloaded once, on the driver, then read from the cache; offline with an empty cache, one clear
+message. Nothing here reaches the internet: HF_ENDPOINT points at the stand-in."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.helpers import tiny_overrides
+from tests.hub import StandInHub, timm_weights
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
+WEIGHTS = "timm/test_resnet.r160_in1k/model.safetensors"  # where timm's test_resnet weights live on the hub
+
+
+def kdsearch(args, env, cwd):
+    return subprocess.run([sys.executable, "-m", "search.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          env={**env, "PYTHONPATH": str(ROOT)}, timeout=600)
+
+
+def sets(values):
+    return [x for v in values for x in ("--set", v)]
+
+
+@pytest.fixture
+def hub(tmp_path):
+    with StandInHub({WEIGHTS: timm_weights("test_resnet", tmp_path / "served.safetensors")}) as server:
+        yield server
+
+
+def hub_env(hub, home):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    return {**env, "HF_ENDPOINT": hub.url, "HF_HOME": str(home), "HF_HUB_DISABLE_TELEMETRY": "1"}
+
+
+def test_a_distillation_and_a_search_download_timms_weights_once_in_all(tmp_path, hub):
+    env, base = hub_env(hub, tmp_path / "hf"), [*tiny_overrides(tmp_path / "cache", tmp_path / "out"),
+                                                 "teacher.pretrained=true", "student.pretrained=true",
+                                                 "teacher.train.epochs=1", "train.epochs=1"]
+    first = kdsearch(["distill", "digits", *sets([*base, "name=one"])], env, tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert hub.downloads[WEIGHTS] == 1  # teacher and student are both test_resnet: one file, fetched once
+    cached = list((tmp_path / "hf" / "hub").rglob("model.safetensors"))
+    assert len(cached) == 1 and "downloading timm's weights for 'test_resnet'" in first.stderr
+    served = load_file(str(tmp_path / "served.safetensors"))
+    got = load_file(str(cached[0]))
+    assert got.keys() == served.keys() and all(torch.equal(got[k], served[k]) for k in served)
+
+    second = kdsearch(["distill", "digits", *sets([*base, "name=two"])], env, tmp_path)
+    search = kdsearch(["search", "digits", *sets([*base, "name=three", "search.num_samples=1",
+                                                  "search.confirm_seeds=0", "search.cpus_per_trial=1"])], env,
+                      tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert search.returncode == 0, search.stderr[-3000:]
+    assert hub.downloads[WEIGHTS] == 1  # the cache from then on: the teacher task and the trials too
+    assert "downloading" not in second.stderr + search.stderr
+
+
+def test_offline_with_an_empty_cache_fails_with_one_message_naming_the_way_out(tmp_path, hub):
+    env = {**hub_env(hub, tmp_path / "empty-hf"), "HF_HUB_OFFLINE": "1"}
+    run = kdsearch(["distill", "digits", *sets([*tiny_overrides(tmp_path / "cache", tmp_path / "out"),
+                                               "teacher.pretrained=true", "name=offline"])], env, tmp_path)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert "teacher.pretrained is true but timm's weights for 'test_resnet' are not cached" in run.stderr
+    assert "HF_HUB_OFFLINE is set" in run.stderr and "or set teacher.pretrained to a local weights file" in run.stderr
+    assert hub.downloads[WEIGHTS] == 0 and not (tmp_path / "out" / "offline").exists()  # nothing half-written
+
+
+def test_an_unreachable_hub_is_one_message_too(tmp_path, hub):
+    env = {**hub_env(hub, tmp_path / "empty-hf"), "HF_ENDPOINT": "http://127.0.0.1:9"}  # nothing listens there
+    run = kdsearch(["distill", "digits", *sets([*tiny_overrides(tmp_path / "cache", tmp_path / "out"),
+                                               "student.pretrained=true", "name=unreachable"])], env, tmp_path)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    assert "student.pretrained: could not download timm's weights for 'test_resnet' from http://127.0.0.1:9" \
+        in run.stderr
