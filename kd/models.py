@@ -46,7 +46,7 @@ def check_models(cfg: Config, weights: bool = True, roles: tuple[str, ...] = ("t
     """Fail fast on the teacher and the student of `cfg` (or those in `roles`), before any data is decoded or
     output written.
 
-    `weights=False` skips the pretrained weights (on a Ray cluster the workers, not the driver, load them).
+    `weights=False` skips the pretrained weights (true: they are downloaded here where not cached: kd.hub).
     `num_classes`: the data's class count where the caller knows it (a loaded dataset); otherwise it is taken
     from the config where that fixes it (`known_class_count`).
     """
