@@ -31,7 +31,7 @@ from kd.timing import Phases, phases_text
 from kd.train import load_state
 from search.cluster import trial_resources
 from search.experiment import latest_checkpoint
-from search.format import params_text, shown
+from search.format import params_text, shown, spread
 from search.records import BEST, RERANK_PROBS, BestRecord, Reranking, Verdict
 from search.report import write_report
 from search.rerank import candidates, rerank
@@ -158,6 +158,7 @@ def finalize(run_dir: Path, prepared: Prepared, phases: Phases, echo: Callable[[
 
 def _echo_reranking(record: Reranking, echo: Callable[[str], None]) -> None:
     for entry in record.candidates:
-        echo(f"  {entry.trial}: {record.metric} {entry.mean:.4f} ± {entry.std:.4f} over seeds {record.seeds} "
+        echo(f"  {entry.trial}: {record.metric} {spread(entry.mean, entry.std, len(entry.values))} over seeds "
+             f"{record.seeds} "
              f"(in the search {entry.search_value:.4f})" + (f", hand-picked {entry.hand_picked}"
                                                              if entry.hand_picked else ""))

@@ -38,3 +38,8 @@ def shown(path: str | Path) -> str:
     """A path as a person would type it: relative to the working directory when it lies below it."""
     rel = os.path.relpath(path)
     return str(path) if rel.startswith("..") else rel
+
+
+def spread(mean: float, std: float, n: int) -> str:
+    """`0.9312 ± 0.0120` over several values; over one, no spread to show: `0.9312 (1 seed)`."""
+    return f"{mean:.4f} ± {std:.4f}" if n > 1 else f"{mean:.4f} (1 seed)"

@@ -9,7 +9,7 @@ import pandas as pd
 
 from kd.metrics import flatten
 from kd.timing import phases_text
-from search.format import number, param_name, params_text
+from search.format import number, param_name, params_text, spread
 from search.records import TEACHER_WORK, BestRecord, TrialStatus, Verdict
 from search.run import Run
 
@@ -195,7 +195,7 @@ def _reranking(run: Run) -> list[str]:
     if rr is None:
         return out + ["Not run yet (it follows the search), or `search.confirm_seeds` is 0.", ""]
     rows = [[e.trial, params_text(e.params), f"hand-picked {e.hand_picked}" if e.hand_picked else "top",
-             e.search_value, f"{e.mean:.4f} ± {e.std:.4f}", " ".join(number(v) for v in e.values),
+             e.search_value, spread(e.mean, e.std, len(e.values)), " ".join(number(v) for v in e.values),
              "winner" if e.trial == rr.winner else ""] for e in rr.candidates]
     out += [f"The top {run.config.search.rerank} trials and the hand-picked points, each retrained with seeds "
             f"{rr.seeds} ({run.rule}). The winner is the best mean over these seeds alone: the search's own "
@@ -262,7 +262,7 @@ def _side_by_side(run: Run, best: BestRecord) -> list[str]:
     rows = [["in the search (one seed)", best.val_last_epoch.get(metric)]]
     if rr and entry and metric in entry.metrics:
         m = entry.metrics[metric]
-        rows.append([f"re-ranking, mean ± std over seeds {rr.seeds}", f"{m.mean:.4f} ± {m.std:.4f}"])
+        rows.append([f"re-ranking, mean ± std over seeds {rr.seeds}", spread(m.mean, m.std, len(rr.seeds))])
     # the same figure of the test split (a figure only held-out predictions have, like a fold spread, has none)
     rows.append(["held-out test, the exported student", flatten(best.test, "val").get(metric)])
     return [f"`{metric}` of the winner ({run.rule}), side by side:", "", _table(["where", metric], rows), ""]
