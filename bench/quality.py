@@ -156,15 +156,16 @@ def table(results: dict[str, dict[str, dict[str, dict[str, float]]]]) -> str:
         seeds = sorted(by_seed)
         methods = list(by_seed[seeds[0]])
         ref = np.array([by_seed[s]["reference 1: soft T 5, alpha 0.5"]["test"] for s in seeds])
+        w = max(36, *(len(m) + 1 for m in methods))
         lines += [f"\n{task} ({len(seeds)} split seeds: {', '.join(seeds)})",
-                  f"{'method':<36} {'test bal. acc':>15} {'vs reference 1 (paired)':>25} {'won':>5} {'wall s':>8}"]
+                  f"{'method':<{w}} {'test bal. acc':>15} {'vs reference 1 (paired)':>25} {'won':>5} {'wall s':>8}"]
         for m in methods:
             v = np.array([by_seed[s][m]["test"] for s in seeds])
             secs = np.mean([by_seed[s][m]["seconds"] for s in seeds])
             d = v - ref
             vs = "" if m.startswith("reference 1") else f"{d.mean():+.3f} ± {d.std(ddof=1) if len(d) > 1 else 0:.3f}"
             won = "" if m.startswith("reference 1") else f"{int((d > 0).sum())}/{len(d)}"
-            lines.append(f"{m:<36} {v.mean():>8.3f} ± {v.std(ddof=1) if len(v) > 1 else 0:.3f} {vs:>25} {won:>5} "
+            lines.append(f"{m:<{w}} {v.mean():>8.3f} ± {v.std(ddof=1) if len(v) > 1 else 0:.3f} {vs:>25} {won:>5} "
                          f"{secs:>8.0f}")
         if "search, holdout" in methods:
             cv = np.mean([by_seed[s]["search, cross-validated"]["seconds"] for s in seeds])

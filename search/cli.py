@@ -95,6 +95,12 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from search.compare import compare
+    print(compare(args.run_dirs, args.out))
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from search.finalize import export_command
     print(export_command(args.run_dir, args.trial, args.out))
@@ -160,6 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = quiet(sub.add_parser("analyze", help="rebuild tables and plots from a search directory"))
     p.add_argument("run_dir", metavar="RUN_DIR", help="results/<name> of a search (finished, running or interrupted)")
     p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("compare", help="several searches side by side: winners, test figures, cost, time")
+    p.add_argument("run_dirs", metavar="RUN_DIR", nargs="+", help="results/<name> of two or more searches")
+    p.add_argument("--out", default="results/compare", help="where compare.csv, .md and .png go")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("export", help="export a trial's student (default: the best)")
     p.add_argument("run_dir", metavar="RUN_DIR")

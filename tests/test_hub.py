@@ -38,7 +38,7 @@ def hub_env(hub, home):
     return {**env, "HF_ENDPOINT": hub.url, "HF_HOME": str(home), "HF_HUB_DISABLE_TELEMETRY": "1"}
 
 
-def test_a_distillation_and_a_search_download_timms_weights_once_in_all(tmp_path, hub):
+def test_two_distillations_download_timms_weights_once_in_all(tmp_path, hub):
     env, base = hub_env(hub, tmp_path / "hf"), [*tiny_overrides(tmp_path / "cache", tmp_path / "out"),
                                                  "teacher.pretrained=true", "student.pretrained=true",
                                                  "teacher.train.epochs=1", "train.epochs=1"]
@@ -52,13 +52,9 @@ def test_a_distillation_and_a_search_download_timms_weights_once_in_all(tmp_path
     assert got.keys() == served.keys() and all(torch.equal(got[k], served[k]) for k in served)
 
     second = kdsearch(["distill", "digits", *sets([*base, "name=two"])], env, tmp_path)
-    search = kdsearch(["search", "digits", *sets([*base, "name=three", "search.num_samples=1",
-                                                  "search.confirm_seeds=0", "search.cpus_per_trial=1"])], env,
-                      tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert search.returncode == 0, search.stderr[-3000:]
-    assert hub.downloads[WEIGHTS] == 1  # the cache from then on: the teacher task and the trials too
-    assert "downloading" not in second.stderr + search.stderr
+    assert hub.downloads[WEIGHTS] == 1 and "downloading" not in second.stderr  # the cache from then on
+    # a search, its teacher's task and its trials on a worker node that has no hub: tests/test_cluster.py
 
 
 def test_offline_with_an_empty_cache_fails_with_one_message_naming_the_way_out(tmp_path, hub):

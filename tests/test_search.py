@@ -198,6 +198,32 @@ def test_analyze_on_a_copy_reproduces_the_tables(finished_search, tmp_path, caps
     assert (copy / "plots" / "trials.png").is_file()
 
 
+def test_compare_sets_searches_side_by_side(finished_search, tmp_path, capsys):
+    _cfg, run_dir, _ = finished_search
+    other = tmp_path / "other"  # a second search: the same run, its exported student's test figure lowered
+    shutil.copytree(run_dir, other, ignore=shutil.ignore_patterns("ray", "plots", "best"))
+    (other / "best").mkdir()
+    best = json.loads((run_dir / "best" / "metrics.json").read_text())
+    (other / "best" / "metrics.json").write_text(json.dumps({**best, "test": {
+        **best["test"], "balanced_accuracy": 0.5, "balanced_accuracy_interval": [0.45, 0.55]}}))
+    assert main(["compare", str(run_dir), str(other), "--out", str(tmp_path / "side")]) == 0
+    said = capsys.readouterr().out
+    assert f"the highest test balanced accuracy: tiny-search ({best['test']['balanced_accuracy']:.4f}" in said
+    table = pd.read_csv(tmp_path / "side" / "compare.csv")
+    assert list(table["search"]) == ["tiny-search", "other"] and list(table["winner"]) == [best["trial"]] * 2
+    lo, hi = best["test"]["balanced_accuracy_interval"]
+    assert table.loc[0, "test balanced accuracy"] == pytest.approx(best["test"]["balanced_accuracy"])
+    assert table.loc[0, "95% interval"] == f"{lo:.3f}-{hi:.3f}"
+    trials = pd.read_csv(run_dir / "trials.csv").set_index("trial")
+    assert table.loc[0, "student params"] == trials.loc[best["trial"], "student_params"]
+    assert table.loc[0, "trial slot-hours"] > 0 and table.loc[0, "GPU-hours"] == 0  # CPU trials
+    assert table.loc[0, "wall s"] == pytest.approx(json.loads((run_dir / "run.json").read_text())["seconds"])
+    assert "| tiny-search | test_resnet |" in (tmp_path / "side" / "compare.md").read_text()
+    assert (tmp_path / "side" / "compare.png").stat().st_size > 5000
+    assert main(["compare", str(run_dir), str(tmp_path)]) == 2  # not a search: one message, nothing written
+    assert f"{tmp_path} is not a search directory" in capsys.readouterr().err
+
+
 def test_export_a_chosen_trial_and_reproduce_it_outside_ray(finished_search, tmp_path):
     _cfg, run_dir, _ = finished_search
     table = pd.read_csv(run_dir / "trials.csv")
