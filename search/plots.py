@@ -4,10 +4,11 @@ from __future__ import annotations
 import logging
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
-from matplotlib.ticker import MaxNLocator, NullFormatter
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from kd import plots as kplots
 from kd.plots import new_figure, save_figure
@@ -59,11 +60,25 @@ def trials_in_order(run: Run, path: Path) -> None:
         running = done[metric].cummax() if cfg.search.direction == "max" else done[metric].cummin()
         ax.step(done["number"], running, where="post", color="black", linewidth=1.2, label="best so far")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set(xlabel="trial (in order of start)", ylabel=f"{metric}\n({run.rule_label})",
-           title=f"{metric} per trial (last epoch run)")
+    ax.set(xlabel="trial (in order of start)", ylabel=metric,
+           title=f"{metric} per trial, its last epoch ({run.rule_label})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: no point hides behind it
     save_figure(fig, path)
+
+
+def log_axis(ax: Any, low: float, high: float) -> None:
+    """A log x axis labelled in plain numbers: its decades where it spans several, else a few values between
+    (matplotlib's default labels a narrow log axis "1.4x10^0 1.6x10^0 ...", overlapping)."""
+    ax.set_xscale("log")
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    ax.xaxis.set_major_formatter(plain)
+    if high / low < 100:
+        ax.xaxis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
+        ax.xaxis.set_minor_formatter(plain)
+        ax.tick_params(axis="x", which="minor", labelsize=7)
+    else:
+        ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 def params_vs_metric(run: Run, path: Path) -> None:
@@ -89,17 +104,17 @@ def params_vs_metric(run: Run, path: Path) -> None:
             many = len(values) > 2
             ax.set_xticks(range(len(values)), values, rotation=30 if many else 0, ha="right" if many else "center",
                           fontsize=8)
+            ax.set_xlim(-0.5, len(values) - 0.5)  # every choice in view, tried or not
         else:
             x = sub[key].astype(float)
             if spec.get("type") == "loguniform" or spec.get("log"):
-                ax.set_xscale("log")
-                ax.xaxis.set_minor_formatter(NullFormatter())
+                log_axis(ax, float(spec["low"]), float(spec["high"]))
         ax.scatter(x, sub[metric], c=colours, s=24, alpha=0.8, edgecolors="none")
-        ax.set(title=key, ylabel=f"{metric}\n({run.rule_label})" if ax in axes[:, 0] else "")
+        ax.set(title=key, ylabel=metric if ax in axes[:, 0] else "")
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
-    fig.suptitle("each searched parameter against the metric (blue: soft, green: hard)")
+    fig.suptitle(f"each searched parameter against {metric} ({run.rule_label}; blue: soft, green: hard)")
     fig.tight_layout()
     save_figure(fig, path)
 
@@ -190,11 +205,16 @@ def pareto(run: Run, path: Path) -> None:
             ax.scatter(mine[cost], mine[metric], label=name, s=28, alpha=0.8)
         front = run.pareto(cost)
         ax.step(front[cost], front[metric], where="post", color="black", linewidth=1.2, label="Pareto front")
-        ax.set(xlabel=label, ylabel=f"{metric}\n({run.rule_label})" if ax is axes[0] else "")
-        ax.set_xscale("log")
+        ax.set(xlabel=label, ylabel=metric if ax is axes[0] else "")
+        if cost == "student_params":  # 372,000 reads as 0.37M, and five ticks do not overlap
+            ax.xaxis.set_major_locator(MaxNLocator(5))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1e6:.2f}M"))
+        values = done[cost].dropna()
+        if len(values) and values.min() > 0 and values.max() / values.min() >= 10:  # a log axis spans decades
+            log_axis(ax, float(values.min()), float(values.max()))
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.suptitle("accuracy against what the student costs")
+    fig.suptitle(f"accuracy against what the student costs ({run.rule_label})")
     fig.tight_layout()
     save_figure(fig, path)
 
