@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from kd.files import atomic_path
 
@@ -39,10 +40,12 @@ def learning_curves(histories: dict[str, list[dict[str, Any]]], path: str | Path
     ax_acc.axhline(0.5, color="grey", linestyle=":", linewidth=1)
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
     if len(histories) > 1 or next(iter(histories), ""):
         ax_acc.legend(fontsize=8, loc="lower right")
     if title:
         fig.suptitle(title)
+    fig.tight_layout()
     save_figure(fig, path)
 
 
