@@ -137,8 +137,9 @@ def soft_vs_hard(run: Run, path: Path) -> None:
         bars = ax.bar(x + (i - 0.5) * 0.38, values, 0.38, label=f"best {mode} (trial {b.iloc[0]['trial']})")
         ax.bar_label(bars, fmt="%.3f", fontsize=7)
     ax.set_xticks(x, [n.removeprefix("val_").replace("_", " ") for n in names], fontsize=8)
-    ax.set(ylim=(0, 1.1), title="best soft vs best hard distillation (validation)")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.set(ylim=(0, 1.1), title=f"best soft vs best hard distillation, by {run.config.search.metric} "
+           f"({run.rule_label})")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2)  # below: it hides no bar
     save_figure(fig, path)
 
 
