@@ -47,7 +47,14 @@ def make_folds(data: Dataset, k: int, seed: int) -> Folds:
         rare = data.classes[int(counts.argmin())]
         raise DataError(f"search.folds is {k} but class '{rare}' has only {counts.min()} images in train + val: "
                         f"every fold needs one of each class (lower search.folds)")
-    ids = fold_ids(labels, pool.groups(), k, seed)
+    groups = pool.groups()
+    for c, name in enumerate(data.classes):  # folds keep a group whole: each needs k groups of every class
+        distinct = len({g for g, y in zip(groups, labels, strict=True) if y == c})
+        if distinct < k:
+            raise DataError(f"search.folds is {k} but class '{name}' has only {distinct} distinct "
+                            f"{'subjects (data.groups)' if pool.subjects is not None else 'images'} in train + val: "
+                            "every fold needs one of each class (lower search.folds)")
+    ids = fold_ids(labels, groups, k, seed)
     datasets = [replace(data, train=pool.subset(np.flatnonzero(ids != f)), val=pool.subset(np.flatnonzero(ids == f)),
                         fingerprint=_derived(data.fingerprint, "fold", f, k, seed)) for f in range(k)]
     return Folds(ids, labels, datasets)

@@ -39,7 +39,8 @@ def pretrained_file(name: str, role: str = "", download: bool = True) -> str:
         return found
     if not download:
         raise UserError(f"{key}: timm's weights for '{name}' are not on this machine (looked in {looked}) and "
-                        "none were handed over by the driver")
+                        "none were handed over by the driver (the command that runs here fetches them first: "
+                        "kd.models.fetch_pretrained)")
     return _download(pcfg, name, key, looked)
 
 
@@ -74,7 +75,7 @@ def _url_path(url: str | tuple[str, str], hub_dir: str) -> str:
 def _download(pcfg: object, name: str, key: str, looked: str) -> str:
     import torch
     from huggingface_hub import constants, hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.errors import RemoteEntryNotFoundError
 
     hub_id, hub_file, url = (getattr(pcfg, k, None) for k in ("hf_hub_id", "hf_hub_filename", "url"))
     ways_out = (f"fill the cache where there is network (python -c \"import timm; timm.create_model('{name}', "
@@ -91,7 +92,7 @@ def _download(pcfg: object, name: str, key: str, looked: str) -> str:
                          constants.ENDPOINT)
                 try:
                     return hf_hub_download(repo, filename, revision=revision or None)
-                except EntryNotFoundError:
+                except RemoteEntryNotFoundError:  # the repository lacks this file: timm's next choice
                     if filename == files[-1]:
                         raise
         assert url
@@ -100,7 +101,7 @@ def _download(pcfg: object, name: str, key: str, looked: str) -> str:
         log.info("downloading timm's weights for '%s' from %s", name, url[0] if isinstance(url, tuple) else url)
         torch.hub.download_url_to_file(url[0] if isinstance(url, tuple) else url, path, progress=True)
         return path
-    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as e:
+    except Exception as e:  # whatever the HTTP stack raises (httpx, the hub's errors, OSError): one message
         first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
         where = f"{constants.ENDPOINT} ({hub_id})" if hub_id else str(url)
         raise UserError(f"{key}: could not download timm's weights for '{name}' from {where}: {first}; "
@@ -120,12 +121,20 @@ def shipped(names: list[str]) -> dict[str, tuple[str, bytes]]:
 def provide(files: dict[str, tuple[str, bytes]] | None) -> None:
     """Make the driver's weights files this process's own (written once per machine, by content)."""
     for name, (filename, data) in (files or {}).items():
-        digest = hashlib.sha256(data).hexdigest()[:16]
-        path = os.path.join(tempfile.gettempdir(), "kd-weights", digest, filename)
-        if not os.path.isfile(path) or os.path.getsize(path) != len(data):
+        digest = hashlib.sha256(data).hexdigest()
+        path = os.path.join(tempfile.gettempdir(), f"kd-weights-{os.getuid()}", digest[:16], filename)
+        if not os.path.isfile(path) or _digest(path) != digest:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path))
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             os.replace(tmp, path)
         _PROVIDED[name] = path
+
+
+def _digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -62,7 +62,7 @@ def macro_auc(labels: np.ndarray, probs: np.ndarray) -> float:
     above the others. NaN where fewer than two classes are present."""
     labels, probs = np.asarray(labels, dtype=np.int64), np.asarray(probs, dtype=np.float64)
     present = np.unique(labels)
-    if len(present) < 2:
+    if len(present) < 2 or not np.isfinite(probs).all():  # NaN probabilities (a diverging model): no figure
         return float("nan")
     if probs.shape[1] == 2:
         return float(roc_auc_score(labels, probs[:, 1]))
@@ -73,7 +73,7 @@ def balanced_log_loss(labels: np.ndarray, probs: np.ndarray) -> float:
     """The log-loss of the true class with each class weighted equally: the mean over the classes present of
     their images' mean -log p(true class). Lower is better; 0 for certain and right."""
     labels, probs = np.asarray(labels, dtype=np.int64), np.asarray(probs, dtype=np.float64)
-    if not len(labels):
+    if not len(labels) or not np.isfinite(probs).all():
         return float("nan")
     weights = 1.0 / np.bincount(labels)[labels]
     probs = probs / probs.sum(axis=1, keepdims=True)  # float32 softmax rows sum to 1 only up to rounding

@@ -31,7 +31,7 @@ from kd.errors import ConfigError
 from kd.metrics import balanced_log_loss, compute_metrics, flatten, macro_auc, tune_threshold
 
 THRESHOLD, ARGMAX = "threshold", "argmax"
-LOWER_IS_BETTER = frozenset({"val_balanced_log_loss"})  # every other figure a search may rank by: higher is better
+LOWER_IS_BETTER = frozenset({"val_balanced_log_loss", "val_balanced_accuracy_fold_std"})  # the rest: higher is better
 
 
 def decision_rule(num_classes: int, tune: bool = True) -> str:
@@ -150,8 +150,8 @@ Z_POWER_80 = 0.8416  # the extra standard errors a true difference needs to be f
 def image_terms(metric: str, labels: np.ndarray, probs: np.ndarray, parts: np.ndarray,
                 rule: str) -> tuple[np.ndarray, np.ndarray] | None:
     """Weights w and per-image values v with figure = sum(w * v), equal weights within a class, for the figures
-    that are such a sum (balanced accuracy and accuracy under `rule`, a class's recall, the balanced log-loss);
-    None for the others (AUC, macro F1)."""
+    that are such a sum (balanced accuracy and accuracy under `rule`, the balanced log-loss); None for the others
+    (AUC, macro F1, a class's recall, the spread across folds)."""
     labels, probs = np.asarray(labels, dtype=np.int64), np.asarray(probs, dtype=np.float64)
     counts = np.bincount(labels, minlength=probs.shape[1])
     balanced = 1.0 / (np.count_nonzero(counts) * counts[labels])
@@ -172,7 +172,7 @@ def image_terms(metric: str, labels: np.ndarray, probs: np.ndarray, parts: np.nd
 class Difference:
     """A paired difference of one figure between two models on the same images, in the better direction."""
     mean: float
-    standard_error: float   # from the images' spread (and the seeds' where several), stratified by class
+    standard_error: float   # of a resampling of the images by class (NaN: a class of one image)
     seeds: int
 
     @property
@@ -199,8 +199,8 @@ def paired_difference(metric: str, held: Any, a: list[np.ndarray], b: list[np.nd
     bootstrap of `reps` resamplings (images stratified by class, seeds resampled too)."""
     labels, parts, rule = np.asarray(held.labels), np.asarray(held.parts), held.rule
     pairs = list(zip(a, b, strict=True))
-    if not pairs:
-        return Difference(math.nan, math.nan, 0)
+    if not pairs or np.bincount(labels)[np.unique(labels)].min(initial=len(labels)) < 2:
+        return Difference(math.nan, math.nan, len(pairs))  # a class of one image: its spread is unknown
     weights, differences = np.zeros(len(labels)), []
     for pa, pb in pairs:
         ta, tb = image_terms(metric, labels, pa, parts, rule), image_terms(metric, labels, pb, parts, rule)
@@ -214,10 +214,13 @@ def paired_difference(metric: str, held: Any, a: list[np.ndarray], b: list[np.nd
                   for c in np.unique(labels) if (labels == c).sum() > 1)
         return Difference(float(np.sum(weights * d)), float(math.sqrt(var)), len(pairs))
 
+    members = np.asarray(held.member) if getattr(held, "spread", False) else None
+
     def figure(probs: np.ndarray, idx: np.ndarray) -> float:
         if metric == "val_auc":
             return macro_auc(labels[idx], probs[idx])
-        return float(held_out_metrics(labels[idx], probs[idx], list(held.classes), parts[idx], rule)[metric])
+        return float(held_out_metrics(labels[idx], probs[idx], list(held.classes), parts[idx], rule,
+                                      folds=members[idx] if members is not None else None)[metric])
 
     everyone = np.arange(len(labels))
     mean = sign * float(np.mean([figure(pa, everyone) - figure(pb, everyone) for pa, pb in pairs]))

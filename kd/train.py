@@ -13,6 +13,7 @@ cross-validated one.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -243,6 +244,10 @@ class HeldOut:
         labels = data.val.labels.numpy()
         return cls(labels, np.zeros(len(labels), dtype=np.int64), validation_parts(labels, seed=0), data.classes,
                    decision_rule(len(data.classes), tune_threshold))
+
+    def subset(self, idx: np.ndarray) -> HeldOut:
+        """The same held-out images, only those of `idx` (a half that judges what the other half picked)."""
+        return dataclasses.replace(self, labels=self.labels[idx], member=self.member[idx], parts=self.parts[idx])
 
     def pool(self, trainings: list[Training]) -> np.ndarray:
         """Every held-out image's probabilities, each from the member that holds it out."""

@@ -29,7 +29,8 @@ def row_of(run: Run) -> dict[str, Any]:
     cfg, best = run.config, run.best
     table = run.table
     row: dict[str, Any] = {
-        "search": run.directory.name, "teacher": cfg.teacher.name, "student": cfg.student.name,
+        "search": run.directory.name, "teacher": cfg.teacher.name,
+        "student": (best.params.get("student.name") if best else None) or cfg.student.name,
         "trials": len(table), "how": run.scheme.describe(cfg), "metric": cfg.search.metric,
         "winner": best.trial if best else "not exported yet", "parameters": params_text(best.params) if best else "",
     }

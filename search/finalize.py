@@ -24,6 +24,7 @@ from kd.errors import UserError
 from kd.export import export_student
 from kd.files import save_tensors
 from kd.metrics import interval_text, scalars
+from kd.models import fetch_pretrained
 from kd.schemes import Final, Scheme
 from kd.student import evaluate_model
 from kd.teacher import load_teacher_model
@@ -86,6 +87,7 @@ def export_command(run_dir: str | Path, trial: str | None, out: str | Path) -> s
         if top.empty:
             raise UserError(f"no finished trial within the budget in {run_dir} to export")
         row = top.iloc[0]
+    fetch_pretrained(run.trial_config(row))  # a refit on this machine: timm's weights from its cache, or the hub
     data = load_dataset(run.config.data, progress=False)
     # the re-ranked winner's threshold comes from its further seeds, as best/'s did
     probs = run.rerank_probs() if run.reranking is not None and run.reranking.winner == row["trial"] else []
@@ -133,8 +135,9 @@ def finalize(run_dir: Path, prepared: Prepared, phases: Phases, echo: Callable[[
         echo(f"winner: {row['trial']} (the best mean over the further seeds)")
         for c in record.against_points:
             echo(f"  against hand-picked {c.point}: the winner {c.verdict.text}" + (
-                f" ({c.difference:+.4f} paired over {c.seeds} judging seeds; 97.5% lower bound {c.lower:+.4f}, "
-                f"it could find {c.detectable:.4f})" if c.verdict in (Verdict.BEATS, Verdict.WITHIN_NOISE) else ""))
+                f" ({c.difference:+.4f} paired, on halves of the images that did not pick, over {c.seeds} judging "
+                f"seeds; 97.5% lower bound {c.lower:+.4f}, it could find {c.detectable:.4f})"
+                if c.verdict in (Verdict.BEATS, Verdict.WITHIN_NOISE) else ""))
     best = run.best
     if best is None or best.trial != row["trial"]:
         if prepared.scheme.making_final:

@@ -123,14 +123,15 @@ class Verdict(Vocabulary):
     SAME = "same"                 # the winner is the hand-picked point itself
     BEATS = "beats"               # beats it beyond the noise
     WITHIN_NOISE = "within_noise"  # does not beat it beyond the noise
-    UNJUDGED = "unjudged"          # no seed was left to judge on (search.judge_seeds 0, or its runs diverged)
+    UNJUDGED = "unjudged"          # not judged: no judging seeds, their runs diverged, or a class of one image
 
 
     @property
     def text(self) -> str:
         return {"same": "is the hand-picked point itself", "beats": "beats it beyond the noise",
                 "within_noise": "does not beat it beyond the noise",
-                "unjudged": "was not judged against it (no judging seeds)"}[self.value]
+                "unjudged": "was not judged against it (no judging seeds ran both, or a class has one image)"
+                }[self.value]
 
     @classmethod
     def _missing_(cls, value: object) -> Verdict | None:  # rerank.json of an earlier version kept the sentence
@@ -169,6 +170,8 @@ class Comparison:
     verdict: Verdict
     lower: float = math.nan           # the 97.5% lower bound: the winner beats the point when it is above 0
     detectable: float = math.nan      # the true difference this noise would find 4 times in 5
+    judged: list[str] = field(default_factory=list)  # the trial each half of the held-out images judged (the
+    #                                                  other half's pick)
 
 
 @dataclass(frozen=True)

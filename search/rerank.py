@@ -5,11 +5,14 @@ The best of many trials on small data is mostly the luckiest, so the `search.rer
 ran: cross-validated when the search is) and the winner is the best mean over those seeds alone (the
 search's own figure picked the candidates, so counting it again would favour the luckiest).
 
-Whether the winner beats a hand-picked point is judged on seeds that did not pick it: the winner and every point
-are retrained with `search.judge_seeds` seeds more, and the winner beats the point when their paired difference on
-the held-out images is above 1.96 standard errors (kd.selection.paired_difference: the images resampled by class,
-the seeds averaged). Judged on the seeds that chose it, the best of four equal candidates "beat" a point about one
-time in four; judged on fresh seeds, fewer than one time in twenty (tests/test_verdict.py simulates it).
+Whether the search beats a hand-picked point is judged on images and seeds that did not pick: the held-out
+images are cut into two stratified halves; on each half, the candidate that the other half's re-ranking figures
+pick is set against the point, both retrained with `search.judge_seeds` seeds more, and their paired differences
+on the two halves are averaged (kd.selection.paired_difference: the images resampled by class, the seeds
+averaged). The search beats the point when that difference is above 1.96 standard errors. Judged on the seeds
+and images that chose it, the best of four equal candidates "beat" a point about one time in four; on fresh seeds
+but the same images, 6 to 10 times in a hundred once candidates differ image by image; on fresh seeds and fresh
+images, fewer than one time in twenty (tests/test_verdict.py simulates all three).
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ import ray
 from kd.config import Config
 from kd.metrics import scalars
 from kd.schemes import Scheme
-from kd.selection import paired_difference
+from kd.selection import Difference, held_out_metrics, image_terms, paired_difference, validation_parts
 from kd.train import HeldOut, Outcome
 from search.cluster import remote, trial_resources
 from search.records import RANKED, Candidate, Comparison, Reranking, Spread, TrialStatus, Verdict
@@ -65,23 +68,26 @@ def rerank(run: Run, prepared: Prepared, seeds: list[int], judge_seeds: list[int
                 for s in some]
 
     jobs = [start(row, seeds) for row, _ in chosen]
-    judging = {row["trial"]: start(row, judge_seeds) for row, point in chosen if point}  # needed whoever wins
+    judging = {i: start(row, judge_seeds) for i, (row, point) in enumerate(chosen) if point}  # whoever wins
     results = [ray.get(j) for j in jobs]
     entries = [candidate(run, row, point, runs, metric) for (row, point), runs in zip(chosen, results, strict=True)]
     sign = 1 if cfg.search.direction == "max" else -1
-    allowed = set(run.table.loc[run.within_budget(run.table), "trial"])  # a point over budget: compared only
-    best = pick(entries, allowed, sign)
-    winner = entries[best]
-    if winner.trial not in judging:
-        judging[winner.trial] = start(chosen[best][0], judge_seeds)
-    judged = {trial: ray.get(j) for trial, j in judging.items()}
-    entries = [dataclasses.replace(e, judged=[_value(r, metric) for r in judged.get(e.trial, [])]) for e in entries]
-    winner = entries[best]
+    within = set(run.table.loc[run.within_budget(run.table), "trial"])  # a point over budget: compared only
+    allowed = [e.trial in within for e in entries]
+    best = pick(entries, {e.trial for e, ok in zip(entries, allowed, strict=True) if ok}, sign)
     held = prepared.scheme.held
-    record = Reranking(metric=metric, seeds=seeds, judge_seeds=judge_seeds, winner=winner.trial, candidates=entries,
-                       against_points=[compare(winner, e, held, metric, sign, judged[winner.trial], judged[e.trial])
-                                       for e in entries if e.hand_picked])
-    probs = [r["probs"] for r in [*results[best], *judged[winner.trial]] if r["status"] == Outcome.COMPLETED]
+    halves = judging_halves(held)
+    winners = half_winners(results, allowed, held, halves, metric, sign) if held is not None and judge_seeds else []
+    for i in {best, *winners} - set(judging):
+        judging[i] = start(chosen[i][0], judge_seeds)
+    judged = {i: ray.get(j) for i, j in judging.items()}
+    entries = [dataclasses.replace(e, judged=[_value(r, metric) for r in judged.get(i, [])])
+               for i, e in enumerate(entries)]
+    comparisons = [compare(best, winners, i, entries, judged, held, halves, metric, sign)
+                   for i, e in enumerate(entries) if e.hand_picked]
+    record = Reranking(metric=metric, seeds=seeds, judge_seeds=judge_seeds, winner=entries[best].trial,
+                       candidates=entries, against_points=comparisons)
+    probs = [r["probs"] for r in [*results[best], *judged.get(best, [])] if r["status"] == Outcome.COMPLETED]
     return record, probs
 
 
@@ -99,23 +105,69 @@ def pick(entries: list[Candidate], allowed: set[str], sign: int) -> int:
     return ranked[0]
 
 
-def compare(best: Candidate, point: Candidate, held: HeldOut | None, metric: str, sign: int,
-            best_runs: list[dict[str, Any]], point_runs: list[dict[str, Any]]) -> Comparison:
-    """The winner against one hand-picked point, each retrained on the judging seeds (seeds that did not pick the
-    winner): their paired difference on the held-out images and whether its 97.5% lower bound is above 0."""
-    assert point.hand_picked is not None
-    if best.trial == point.trial:
-        return Comparison(point=point.hand_picked, trial=point.trial, difference=0.0, standard_error=0.0, seeds=0,
+def judging_halves(held: HeldOut | None) -> np.ndarray:
+    """Two stratified halves of the held-out images (0/1 per image, fixed): each half judges what the other
+    picked."""
+    return validation_parts(held.labels, seed=1) if held is not None else np.zeros(0, dtype=np.int64)
+
+
+def half_figure(metric: str, held: HeldOut, probs: np.ndarray, idx: np.ndarray) -> float:
+    """`metric` of the held-out images `idx` under the search's rule (kd.selection.held_out_metrics)."""
+    sub = held.subset(idx)
+    terms = image_terms(metric, sub.labels, probs[idx], sub.parts, sub.rule)
+    if terms is not None:  # a sum over images (the same figure, without the rest of the report)
+        return float(np.sum(terms[0] * terms[1]))
+    return float(held_out_metrics(sub.labels, probs[idx], sub.classes, sub.parts, sub.rule,
+                                  folds=sub.member if sub.spread else None).get(metric, math.nan))
+
+
+def half_winners(results: list[list[dict[str, Any]]], allowed: list[bool], held: HeldOut, halves: np.ndarray,
+                 metric: str, sign: int) -> list[int]:
+    """For each half h, the candidate the other half picks: the best mean over the re-ranking seeds of `metric` on
+    the other half's images (among the candidates within the budget)."""
+    winners = []
+    for h in (0, 1):
+        other = np.flatnonzero(halves != h)
+        means = [_mean([half_figure(metric, held, r["probs"], other) if r["status"] == Outcome.COMPLETED
+                        else math.nan for r in runs]) if ok else math.nan
+                 for runs, ok in zip(results, allowed, strict=True)]
+        order = sorted(range(len(means)), key=lambda i: -sign * means[i] if not math.isnan(means[i]) else math.inf)
+        winners.append(order[0])
+    return winners
+
+
+def compare(best: int, winners: list[int], point: int, entries: list[Candidate],
+            judged: dict[int, list[dict[str, Any]]], held: HeldOut | None, halves: np.ndarray, metric: str,
+            sign: int) -> Comparison:
+    """The search against hand-picked point `point` (indices into `entries`): on each half of the held-out images,
+    the candidate the other half picked (`winners`) against the point, both retrained on the judging seeds; the
+    two halves' paired differences averaged, and whether the 97.5% lower bound is above 0."""
+    mine = entries[point]
+    assert mine.hand_picked is not None
+    if best == point:
+        return Comparison(point=mine.hand_picked, trial=mine.trial, difference=0.0, standard_error=0.0, seeds=0,
                           verdict=Verdict.SAME)
-    pairs = [(a["probs"], b["probs"]) for a, b in zip(best_runs, point_runs, strict=True)
-             if a["status"] == Outcome.COMPLETED and b["status"] == Outcome.COMPLETED]
-    if held is None or not pairs:
-        return Comparison(point=point.hand_picked, trial=point.trial, difference=math.nan, standard_error=math.nan,
+    parts: list[Difference] = []
+    for h, winner in enumerate(winners):
+        if winner == point:  # this half's pick is the point itself: no difference, and no noise in it
+            parts.append(Difference(0.0, 0.0, len(judged.get(point, []))))
+            continue
+        pairs = [(a["probs"], b["probs"]) for a, b in zip(judged.get(winner, []), judged.get(point, []), strict=True)
+                 if a["status"] == Outcome.COMPLETED and b["status"] == Outcome.COMPLETED]
+        idx = np.flatnonzero(halves == h)
+        if held is None or not pairs:
+            break
+        parts.append(paired_difference(metric, held.subset(idx), [a[idx] for a, _ in pairs], [b[idx] for _, b in pairs],
+                                       sign))
+    if len(parts) < 2 or any(math.isnan(d.standard_error) for d in parts):
+        return Comparison(point=mine.hand_picked, trial=mine.trial, difference=math.nan, standard_error=math.nan,
                           seeds=0, verdict=Verdict.UNJUDGED)
-    d = paired_difference(metric, held, [a for a, _ in pairs], [b for _, b in pairs], sign)
-    return Comparison(point=point.hand_picked, trial=point.trial, difference=d.mean, standard_error=d.standard_error,
+    d = Difference((parts[0].mean + parts[1].mean) / 2, math.hypot(parts[0].standard_error,
+                                                                   parts[1].standard_error) / 2,
+                   min(p.seeds for p in parts))
+    return Comparison(point=mine.hand_picked, trial=mine.trial, difference=d.mean, standard_error=d.standard_error,
                       seeds=d.seeds, verdict=Verdict.BEATS if d.beats else Verdict.WITHIN_NOISE, lower=d.lower,
-                      detectable=d.detectable)
+                      detectable=d.detectable, judged=[entries[w].trial for w in winners])
 
 
 def _value(run: dict[str, Any], metric: str) -> float:

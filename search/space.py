@@ -17,6 +17,7 @@ from typing import Any
 
 from kd.config import Config, config_keys
 from kd.errors import ConfigError, UserError
+from kd.hub import pretrained_file
 from kd.models import check_models
 
 TYPES = ("uniform", "loguniform", "int", "choice")
@@ -199,4 +200,14 @@ def check_searched_models(base: Config, params: list[Param], weights: bool = Tru
                 except UserError as e:
                     raise UserError(f"search.space['{p.key}'] offers {value!r}, which cannot work: {e}") from None
                 configs.append(cfg.student)
-    return list(dict.fromkeys(m.name for m in configs if m.pretrained is True))
+    names = [m.name for m in configs if m.pretrained is True]
+    searched = {p.key: p.values for p in params if p.type == "choice"}
+    if True in searched.get("student.pretrained", []):  # a searched pretrained flag meets every searched student
+        for name in [str(n) for n in searched.get("student.name", [base.student.name])]:
+            try:
+                pretrained_file(name, "student")  # downloaded now: the trials find it among the driver's files
+            except UserError as e:
+                raise UserError(f"search.space offers student.pretrained true with student.name {name!r}, which "
+                                f"cannot work: {e}") from None
+            names.append(name)
+    return list(dict.fromkeys(names))

@@ -196,28 +196,35 @@ def _reranking(run: Run) -> list[str]:
         return out + ["Not run yet (it follows the search), or `search.confirm_seeds` is 0.", ""]
     rows = [[e.trial, params_text(e.params), f"hand-picked {e.hand_picked}" if e.hand_picked else "top",
              e.search_value, spread(e.mean, e.std, len(e.values)), " ".join(number(v) for v in e.values),
+             " ".join(number(v) for v in e.judged),
              "winner" if e.trial == rr.winner else ""] for e in rr.candidates]
     out += [f"The top {run.config.search.rerank} trials and the hand-picked points, each retrained with seeds "
             f"{rr.seeds} ({run.rule}). The winner is the best mean over these seeds alone: the search's own "
             "figure chose the candidates, so it flatters them (compare its column with the mean).", "",
             _table(["trial", "parameters", "why", f"{metric} in the search", "mean ± std over the seeds",
-                    "per seed", ""], rows), ""]
+                    "per seed", "judging seeds", ""], rows), ""]
     if rr.judge_seeds and rr.against_points:
-        out += [f"Whether the winner beats a hand-picked point is judged on seeds that did not pick it: the winner "
-                f"and the points were retrained with seeds {rr.judge_seeds} too, and the winner beats a point when "
-                f"their paired difference in `{metric}` on the same held-out images is above 1.96 standard errors "
-                "(the standard error from resampling the images within each class: its 97.5% lower bound must be "
-                "above 0). Among equal candidates this claims a win fewer than one time in twenty; picking the best "
-                "of them and judging it on the seeds that picked it claimed one about one time in four.", ""]
+        out += ["Whether the search beats a hand-picked point is judged on images and seeds that did not pick: "
+                "the held-out images are cut into two stratified halves; on each half the candidate the other "
+                f"half picks is set against the point, both retrained with seeds {rr.judge_seeds}, and the two "
+                f"halves' paired differences in `{metric}` are averaged. The search beats the point when that "
+                "difference is above 1.96 standard errors (from resampling the images within each class: its "
+                "97.5% lower bound must be above 0). Among equal candidates this says \"beats\" fewer than one "
+                "time in twenty (simulated: 4%); judged on the images and seeds that picked it, about one time in "
+                "four.", ""]
     for c in rr.against_points:
         if c.verdict == Verdict.SAME:
             out += [f"**Against hand-picked {c.point}**: the search's winner is that point itself.", ""]
+        elif c.verdict == Verdict.UNJUDGED:
+            out += [f"**Against hand-picked {c.point}** (`{c.trial}`): the search's winner {c.verdict.text}; "
+                    "`search.judge_seeds` sets how many seeds judge it.", ""]
         elif math.isnan(c.lower):  # an earlier version's rerank.json: the same seeds picked and judged
             out += [f"**Against hand-picked {c.point}** (`{c.trial}`): the search's winner {c.verdict.text}: "
                     f"paired difference {number(c.difference)} over {c.seeds} seeds (standard error "
                     f"{number(c.standard_error)}; it had to exceed twice that, on the seeds that picked it).", ""]
         else:
-            out += [f"**Against hand-picked {c.point}** (`{c.trial}`): the search's winner {c.verdict.text}: "
+            picks = f" (the halves' picks: {', '.join(f'`{t}`' for t in c.judged)})" if c.judged else ""
+            out += [f"**Against hand-picked {c.point}** (`{c.trial}`): the search {c.verdict.text}{picks}: "
                     f"paired difference {c.difference:+.4f} over {c.seeds} judging seeds, 97.5% lower bound "
                     f"{c.lower:+.4f}. With this noise the test finds a true difference of {c.detectable:.4f} "
                     "four times in five; smaller ones it would mostly miss.", ""]
