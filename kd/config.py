@@ -213,7 +213,7 @@ def default_space() -> dict[str, dict[str, Any]]:
 @dataclass
 class SearchConfig:
     num_samples: int = 16
-    metric: str = "val_balanced_accuracy"
+    metric: str = "val_auc"        # the ranking figure bench/quality.py chose (README: which figure ranks)
     mode: Literal["auto", "max", "min"] = "auto"  # auto: min for a loss (kd.selection.LOWER_IS_BETTER), else max
     scheduler: Literal["asha", "none"] = "asha"
     grace_period: int = 2          # ASHA: epochs every trial gets before it can be stopped

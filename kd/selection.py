@@ -214,6 +214,8 @@ def paired_difference(metric: str, held: Any, a: list[np.ndarray], b: list[np.nd
                   for c in np.unique(labels) if (labels == c).sum() > 1)
         return Difference(float(np.sum(weights * d)), float(math.sqrt(var)), len(pairs))
 
+    if metric == "val_auc" and all(pa.shape[1] == 2 for pa, _ in pairs):  # DeLong's paired test, per image
+        return _delong(labels, pairs, sign)
     members = np.asarray(held.member) if getattr(held, "spread", False) else None
 
     def figure(probs: np.ndarray, idx: np.ndarray) -> float:
@@ -232,3 +234,26 @@ def paired_difference(metric: str, held: Any, a: list[np.ndarray], b: list[np.nd
         chosen = rng.choice(len(pairs), len(pairs)) if len(pairs) > 1 else [0]
         draws.append(sign * np.mean([figure(pairs[s][0], idx) - figure(pairs[s][1], idx) for s in chosen]))
     return Difference(mean, float(np.std(draws, ddof=1)), len(pairs))
+
+
+def _placements(labels: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """DeLong's structural components of the AUC of `score`: for each positive, the share of negatives it outranks
+    (ties half); for each negative, the share of positives that outrank it. AUC is the mean of either."""
+    pos, neg = score[labels == 1], score[labels == 0]
+    neg_sorted, pos_sorted = np.sort(neg), np.sort(pos)
+    below = np.searchsorted(neg_sorted, pos, side="left")
+    tied = np.searchsorted(neg_sorted, pos, side="right") - below
+    above = len(pos) - np.searchsorted(pos_sorted, neg, side="right")
+    tied_neg = np.searchsorted(pos_sorted, neg, side="right") - np.searchsorted(pos_sorted, neg, side="left")
+    return (below + 0.5 * tied) / len(neg), (above + 0.5 * tied_neg) / len(pos)
+
+
+def _delong(labels: np.ndarray, pairs: list[tuple[np.ndarray, np.ndarray]], sign: int) -> Difference:
+    """The paired difference of two models' AUC with DeLong's standard error (DeLong et al. 1988): each image's
+    structural component, averaged over the seeds, differenced between the models; the variance of a resampling
+    of the positives and of the negatives."""
+    comps = [(_placements(labels, a[:, 1]), _placements(labels, b[:, 1])) for a, b in pairs]
+    d_pos = sign * np.mean([ca[0] - cb[0] for ca, cb in comps], axis=0)
+    d_neg = sign * np.mean([ca[1] - cb[1] for ca, cb in comps], axis=0)
+    var = d_pos.var(ddof=1) / len(d_pos) + d_neg.var(ddof=1) / len(d_neg)
+    return Difference(float(d_pos.mean()), float(math.sqrt(var)), len(pairs))

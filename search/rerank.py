@@ -25,7 +25,7 @@ import pandas as pd
 import ray
 
 from kd.config import Config
-from kd.metrics import scalars
+from kd.metrics import macro_auc, scalars
 from kd.schemes import Scheme
 from kd.selection import Difference, held_out_metrics, image_terms, paired_difference, validation_parts
 from kd.train import HeldOut, Outcome
@@ -114,6 +114,8 @@ def judging_halves(held: HeldOut | None) -> np.ndarray:
 def half_figure(metric: str, held: HeldOut, probs: np.ndarray, idx: np.ndarray) -> float:
     """`metric` of the held-out images `idx` under the search's rule (kd.selection.held_out_metrics)."""
     sub = held.subset(idx)
+    if metric == "val_auc":
+        return macro_auc(sub.labels, probs[idx])
     terms = image_terms(metric, sub.labels, probs[idx], sub.parts, sub.rule)
     if terms is not None:  # a sum over images (the same figure, without the rest of the report)
         return float(np.sum(terms[0] * terms[1]))
