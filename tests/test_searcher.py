@@ -18,6 +18,7 @@ from search.tuner import _searcher
 
 def test_stopped_trials_are_pruned_with_their_last_figure_and_tpe_learns_from_the_finished_ones(tmp_path):
     cfg = load_config(None, [f"output_dir={tmp_path}", "name=study", "search.num_samples=20", "train.epochs=4",
+                             "search.metric=val_balanced_accuracy",
                              "search.seed=3"])
     (tmp_path / "study").mkdir()  # the run directory, which the driver makes before the searcher
     searcher = _searcher(cfg.updated({"search.space": {"train.lr": {"type": "loguniform", "low": 1e-4,
@@ -49,7 +50,8 @@ def test_stopped_trials_are_pruned_with_their_last_figure_and_tpe_learns_from_th
 
 
 def test_a_failed_trial_is_failed_and_a_finished_one_complete(tmp_path):
-    cfg = load_config(None, [f"output_dir={tmp_path}", "name=study", "train.epochs=2"])
+    cfg = load_config(None, [f"output_dir={tmp_path}", "name=study", "train.epochs=2",
+                             "search.metric=val_balanced_accuracy"])
     (tmp_path / "study").mkdir()
     searcher = _searcher(cfg)
     searcher.suggest("a")
