@@ -14,12 +14,9 @@ import logging
 import os
 import re
 from collections import defaultdict
-from typing import TYPE_CHECKING
+from typing import Any
 
 from kd.errors import ConfigError, DataError
-
-if TYPE_CHECKING:
-    from kd.data import Split
 
 log = logging.getLogger("kd")
 COLUMN, PATTERN = "column:", "pattern:"
@@ -78,9 +75,10 @@ def subjects_by_name(spec: str, split: str, paths: list[str]) -> list[str]:
     return out
 
 
-def check_leakage(splits: dict[str, Split], allow: bool) -> None:
+def check_leakage(splits: dict[str, Any], allow: bool) -> None:
     """The same image (by content) in two splits, or one subject's images in two splits, is an error (a warning
-    with `data.allow_leakage`), listed pair by pair."""
+    with `data.allow_leakage`), listed pair by pair. `splits`: kd.data's Split by name (its paths, hashes and
+    subjects; not imported here, which kd.data imports)."""
     found = []
     images = _shared({name: (splits[name].hashes, splits[name].paths) for name in SPLITS})
     if images:

@@ -17,7 +17,7 @@ from kd.errors import UserError
 from kd.files import atomic_write_text
 from kd.plots import new_figure, save_figure
 from search.format import number, params_text
-from search.run import Run
+from search.run import Run, attempt_spans
 
 COLUMNS = ["search", "teacher", "student", "trials", "how", "metric", "winner", "parameters", "test balanced accuracy",
            "95% interval", "test AUC", "student params", "student MFLOPs", "student latency ms", "wall s",
@@ -54,15 +54,7 @@ def row_of(run: Run) -> dict[str, Any]:
 
 def _trial_seconds(run: Run) -> float:
     """Seconds the trials' attempts ran, summed (each attempt from its start to its last report)."""
-    total = 0.0
-    for history in run.histories.values():
-        spans: dict[Any, list[float]] = {}
-        for h in history:
-            if h.get("attempt_started") is not None and h.get("reported_at") is not None:
-                span = spans.setdefault((h.get("pid"), h["attempt_started"]), [h["attempt_started"], h["reported_at"]])
-                span[1] = max(span[1], h["reported_at"])
-        total += sum(end - start for start, end in spans.values())
-    return total
+    return sum(end - start for start, end in attempt_spans(run.histories).values())
 
 
 def compare(run_dirs: list[str], out: str | Path) -> str:

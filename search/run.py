@@ -48,11 +48,9 @@ class SlotUse:
         return float(np.median(self.idle)) if self.idle else None
 
 
-def slot_use(histories: dict[str, list[dict[str, Any]]], slots: int | None) -> SlotUse | None:
-    """How busy `slots` trial slots were while the trials of `histories` ran, and how long a slot (a trial's process:
-    a reused actor runs several) waited between one trial and the next. Read per attempt, from each epoch's report
-    of its process and start: a trial retried after its node was lost ran twice, in two processes."""
-    attempts: dict[tuple[Any, ...], list[float]] = {}  # (node, pid, start) -> [start, last report]
+def attempt_spans(histories: dict[str, list[dict[str, Any]]]) -> dict[tuple[Any, ...], list[float]]:
+    """(node, pid, start) -> [start, last report] of every attempt of every trial, from its epochs' reports."""
+    attempts: dict[tuple[Any, ...], list[float]] = {}
     for history in histories.values():
         for h in history:
             if h.get("attempt_started") is None or h.get("reported_at") is None:
@@ -60,6 +58,14 @@ def slot_use(histories: dict[str, list[dict[str, Any]]], slots: int | None) -> S
             key = (h.get("node"), h.get("pid"), h["attempt_started"])
             span = attempts.setdefault(key, [h["attempt_started"], h["reported_at"]])
             span[1] = max(span[1], h["reported_at"])
+    return attempts
+
+
+def slot_use(histories: dict[str, list[dict[str, Any]]], slots: int | None) -> SlotUse | None:
+    """How busy `slots` trial slots were while the trials of `histories` ran, and how long a slot (a trial's process:
+    a reused actor runs several) waited between one trial and the next. Read per attempt, from each epoch's report
+    of its process and start: a trial retried after its node was lost ran twice, in two processes."""
+    attempts = attempt_spans(histories)
     if not attempts:
         return None
     spans = list(attempts.values())
