@@ -20,7 +20,9 @@ import pytest
 import torch
 
 from kd.config import load_config
+from kd.files import read_jsonl
 from search.cli import main
+from search.records import STATE_FILE
 from tests.helpers import digits_folder, tiny_overrides, trial_results
 from tests.localcluster import LocalCluster, token_env
 
@@ -64,15 +66,16 @@ def lost_node_search(cluster, tmp_path_factory):
     experiment = storage / "lost-node" / "ray"
     try:
         deadline = time.time() + 300
-        while not any(r.get("node") == victim.node_id for rows in trial_results(experiment).values() for r in rows):
+        while not checkpointed_on(experiment, victim.node_id):
             if proc.poll() is not None:
-                pytest.fail(f"the search ended (exit {proc.returncode}) before a trial on worker node 1 reported an "
-                            f"epoch:\n{proc.stdout.read()}")
+                pytest.fail(f"the search ended (exit {proc.returncode}) before a trial on worker node 1 saved a "
+                            f"checkpoint:\n{proc.stdout.read()}")
             if time.time() > deadline:
                 proc.kill()
-                pytest.fail(f"no trial on worker node 1 ({victim.node_id[:8]}) reported an epoch within 300 s, so the "
-                            f"node was not killed; the search said:\n{proc.communicate()[0]}")
+                pytest.fail(f"no trial on worker node 1 ({victim.node_id[:8]}) saved a checkpoint within 300 s, so "
+                            f"the node was not killed; the search said:\n{proc.communicate()[0]}")
             time.sleep(0.2)
+        time.sleep(0.5)  # the checkpoint's folder is written before Ray's controller hears of it
         cluster.kill(1)
         try:
             output, _ = proc.communicate(timeout=600)
@@ -84,6 +87,18 @@ def lost_node_search(cluster, tmp_path_factory):
             proc.kill()
     return {"returncode": proc.returncode, "output": output, "run_dir": tmp / "results" / "lost-node",
             "experiment": experiment, "victim": victim, "survivor": cluster.nodes[2]}
+
+
+def checkpointed_on(experiment: Path, node_id: str) -> bool:
+    """Whether a trial still running on node `node_id` has an epoch's checkpoint in shared storage. The node is
+    killed only then: an epoch reported is checkpointed by a later call to the trial's actor, so a node killed
+    between the two loses that epoch by design and the trial rightly starts again from epoch 1."""
+    for trial_dir in experiment.glob("*/"):
+        rows = read_jsonl(trial_dir / "result.json") if (trial_dir / "result.json").exists() else []
+        if (rows and rows[-1].get("node") == node_id and rows[-1].get("epoch", EPOCHS) < EPOCHS
+                and any(trial_dir.glob(f"checkpoint_*/{STATE_FILE}"))):
+            return True
+    return False
 
 
 def max_overlap(intervals: list[tuple[float, float]]) -> int:
