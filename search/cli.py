@@ -72,7 +72,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_search(args: argparse.Namespace) -> int:
     from search.driver import run_search
-    run_search(load(args), address=args.address, storage=args.storage, resume=args.resume, quiet=args.quiet)
+    run_search(load(args), address=args.address, storage=args.storage, resume=args.resume, quiet=args.quiet,
+               resume_command=resume_hint(args))
     return 0
 
 
@@ -81,7 +82,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from search.driver import run_search
     print("kd-search demo: a search over distillation hyperparameters on scikit-learn's handwritten digits "
           "('8' vs the rest, ~10% minority)")
-    run_dir = run_search(load_config(presets.config_path("digits"), args.set), quiet=args.quiet)
+    run_dir = run_search(load_config(presets.config_path("digits"), args.set), quiet=args.quiet,
+                         resume_command=resume_hint(args))
     best = shown(run_dir / "best")
     print(f"\nDone. Read {shown(run_dir / 'summary.md')} (tables and plots), {shown(run_dir / 'trials.csv')} "
           f"(every trial), and use the best student in {best}:\n"

@@ -11,6 +11,8 @@ import gc
 import logging
 import os
 import re
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -57,6 +59,50 @@ def start_ray(address: str | None) -> bool:
     else:
         ray.init(address="local", num_cpus=os.cpu_count(), **kwargs)  # its own Ray, even beside a running head
     return True
+
+
+@contextlib.contextmanager
+def ended_if_ray_dies(started: bool, message: Callable[[str], str], poll_s: float = 0.5) -> Iterator[None]:
+    """A Ray runtime this process started (`started`) whose GCS server or raylet dies under it (killed from
+    outside, the machine's OOM killer) would leave the driver waiting on the lost GCS, then ended by Ray's own
+    "Failed to connect to GCS within 60 seconds ... The program will terminate", exit 1. Within this block a
+    watcher thread sees either process end within `poll_s`; it then stops what is left of that runtime, prints
+    `message(cause)` to stderr and exits 130, as an interrupted search does: the trials' reports and
+    checkpoints are on disk, so the search resumes as after a killed driver. (Nothing in the driver can be
+    trusted to return once the GCS is gone, so the watcher exits the process itself.) A joined cluster's GCS
+    is another machine's and not watched."""
+    node = getattr(ray._private.worker, "_global_node", None) if started else None
+    if node is None:
+        yield
+        return
+    watched = [(kind, info.process) for kind in ("gcs_server", "raylet") for info in node.all_processes.get(kind, [])]
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(poll_s):
+            dead = [(kind, p) for kind, p in watched if p.poll() is not None]
+            if not dead or stop.is_set():
+                continue
+            kind, process = dead[0]
+            with contextlib.suppress(Exception):
+                node.kill_all_processes(check_alive=False, allow_graceful=False)
+            cause = f"the Ray runtime this search started went away (its {kind}, pid {process.pid}, ended)"
+            try:
+                text = message(cause)
+            except Exception as e:  # the records may be mid-write: the exit must still happen
+                text = f"search interrupted: {cause} ({type(e).__name__} reading what finished)"
+            sys.stdout.flush()
+            sys.stderr.write(text + "\n")
+            sys.stderr.flush()
+            os._exit(130)
+
+    thread = threading.Thread(target=watch, name="kd-search-ray-watch", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 @ray.remote(num_cpus=0)

@@ -19,7 +19,15 @@ from kd.data import load_dataset
 from kd.errors import Interrupted
 from kd.schemes import Scheme
 from kd.selection import check_metric, decision_rule
-from search.cluster import check_resources, check_stream_files, ray_errors_to, shipping, start_ray, trial_slots
+from search.cluster import (
+    check_resources,
+    check_stream_files,
+    ended_if_ray_dies,
+    ray_errors_to,
+    shipping,
+    start_ray,
+    trial_slots,
+)
 from search.finalize import finalize
 from search.format import shown
 from search.phases import RunPhases
@@ -33,7 +41,8 @@ from search.tuner import build_tuner
 
 
 def run_search(cfg: Config, address: str | None = None, storage: str | None = None, resume: bool = False,
-               quiet: bool = False, echo: Callable[[str], None] = print) -> Path:
+               quiet: bool = False, echo: Callable[[str], None] = print, resume_command: str | None = None) -> Path:
+    """`resume_command`: the command that continues this search, told when it is interrupted."""
     params = parse_space(cfg)  # a bad space, point or model is reported before anything starts
     check_points(cfg.search.points, params, cfg)
     hub_models = check_searched_models(cfg, params)  # timm weights downloaded here, once, where not cached
@@ -53,9 +62,10 @@ def run_search(cfg: Config, address: str | None = None, storage: str | None = No
         split = scheme.split(cfg, data)  # the folds (or the holdout) before anything starts
         started = start_ray(address)
         # Ray's published errors go to ray-errors.log until Ray is stopped (its shutdown included)
+        lost = ended_if_ray_dies(started, lambda cause: interrupted(run_dir, cause, resume_command))
         with ray_errors_to(run_dir / RAY_ERRORS, echo):
             try:  # written once the data is good and Ray is up: a search that cannot start leaves nothing behind
-                with shipping(hub_models) as weights:  # the timm weights files every task and trial loads
+                with lost, shipping(hub_models) as weights:  # the timm weights files every task and trial loads
                     resources = check_resources(cfg)
                     check_stream_files(data, resources)
                     save_config(cfg, run_dir / CONFIG)
@@ -83,5 +93,13 @@ def _raise_if_interrupted(run_dir: Path) -> None:
     """Tune returns normally after Ctrl-C; an unfinished experiment must not be reported as a finished one."""
     run = Run(run_dir)  # a local copy when the experiment lives in remote storage
     if run.finished() < run.config.search.num_samples:
-        raise Interrupted(f"search interrupted: {run.finished()} of {run.config.search.num_samples} trials finished "
-                          f"and saved in {run_dir}; unfinished trials resume from their last checkpoint")
+        raise Interrupted(interrupted(run_dir))
+
+
+def interrupted(run_dir: Path, cause: str | None = None, resume_command: str | None = None) -> str:
+    """What an interrupted search says: why (if not the user), what finished and is kept, and (where the caller
+    cannot add it) how to resume."""
+    run = Run(run_dir)
+    text = (f"search interrupted{': ' + cause if cause else ''}; {run.finished()} of {run.config.search.num_samples} "
+            f"trials finished and saved in {run_dir}; unfinished trials resume from their last checkpoint")
+    return text + (f"\nresume with: {resume_command}" if resume_command else "")

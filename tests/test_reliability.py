@@ -235,3 +235,47 @@ def test_a_busy_node_cannot_fail_the_next_trial_through_actor_reuse(tmp_path, sh
     table = pd.read_csv(run_dir / "trials.csv")
     assert (table["status"] == "completed").all() and len(table) == 3, table[["status", "error"]]
     assert table["pid"].nunique() == 1, table[["trial", "pid"]]  # one trial at a time, in one warm actor
+
+
+def test_a_search_whose_ray_dies_says_so_and_resumes(tmp_path, shared_cache):
+    """The GCS server of the search's own Ray, killed from outside mid-trial: the search ends within seconds (not
+    after Ray's 60 s wait for the GCS and its own exit 1) with kd-search's interrupted message, what finished and
+    the command that resumes it, exit 130 and no process of that Ray left; the resume completes every trial."""
+    import psutil
+    config = write_config(tmp_path, shared_cache, "gcs", "search.num_samples=2")
+    exp = tmp_path / "results" / "gcs" / "ray"
+    first = start(config)
+    try:
+        wait_for(exp, done=1, partial_epochs=1)
+        ray_processes = psutil.Process(first.pid).children(recursive=True)
+        names = {}
+        for p in ray_processes:
+            with contextlib.suppress(psutil.NoSuchProcess):  # a short-lived helper may be gone already
+                names[p] = p.name()
+        gcs = [p for p, name in names.items() if name == "gcs_server"]
+        assert len(gcs) == 1, names
+        killed_at = time.time()
+        gcs[0].send_signal(signal.SIGKILL)
+        _, err = first.communicate(timeout=60)
+        ended_in = time.time() - killed_at
+    finally:
+        stop_group(first)
+    assert first.returncode == 130, err
+    assert ended_in < 15, ended_in
+    message = err.strip().splitlines()
+    assert message[-2].startswith("search interrupted: the Ray runtime this search started went away (its "
+                                  f"gcs_server, pid {gcs[0].pid}, ended); 1 of 2 trials finished"), err
+    assert message[-1] == f"resume with: kdsearch search {config} --resume"
+    assert "Traceback" not in err and "Failed to connect to GCS" not in err
+    _, alive = psutil.wait_procs(ray_processes, timeout=15)
+    assert not alive, [p.name() for p in alive]
+
+    second = start(config, "--resume")
+    try:
+        _, err = second.communicate(timeout=240)
+    finally:
+        stop_group(second)
+    assert second.returncode == 0, err
+    table = pd.read_csv(tmp_path / "results" / "gcs" / "trials.csv")
+    assert len(table) == 2 and (table["status"] == "completed").all() and (table["epochs"] == EPOCHS).all()
+    assert (tmp_path / "results" / "gcs" / "best" / "model.safetensors").is_file()
