@@ -210,11 +210,15 @@ def default_space() -> dict[str, dict[str, Any]]:
     }
 
 
+COSTS = ("student_params", "student_mflops", "student_latency_ms")  # what a student costs, lower is better
+
+
 @dataclass
 class SearchConfig:
     num_samples: int = 16
     metric: str = "val_auc"        # the ranking figure bench/quality.py chose (README: which figure ranks)
     mode: Literal["auto", "max", "min"] = "auto"  # auto: min for a loss (kd.selection.LOWER_IS_BETTER), else max
+    objectives: list[str] = field(default_factory=list)  # [metric, a cost, ...]: a multi-objective search
     scheduler: Literal["asha", "none"] = "asha"
     grace_period: int = 2          # ASHA: epochs every trial gets before it can be stopped
     reduction_factor: int = 2
@@ -244,9 +248,30 @@ class SearchConfig:
             return self.mode
         return "min" if self.metric in LOWER_IS_BETTER else "max"
 
+    def direction_of(self, name: str) -> Literal["max", "min"]:
+        """Whether a higher `name` is better: the metric's `direction`; min for a cost or a loss, else max."""
+        from kd.selection import LOWER_IS_BETTER
+        if name == self.metric:
+            return self.direction
+        return "min" if name in COSTS or name in LOWER_IS_BETTER else "max"
+
+    @property
+    def directions(self) -> list[Literal["max", "min"]]:
+        return [self.direction_of(name) for name in self.objectives]
+
     def check(self) -> None:
         from kd.selection import LOWER_IS_BETTER
         _require(self.num_samples >= 1, "search.num_samples", "must be >= 1")
+        if self.objectives:
+            _require(len(self.objectives) >= 2 and len(set(self.objectives)) == len(self.objectives),
+                     "search.objectives", "must name two or more different figures (or none: a single-objective "
+                     "search on search.metric)")
+            _require(self.objectives[0] == self.metric, "search.objectives",
+                     f"starts with {self.objectives[0]!r}, but search.metric is {self.metric!r}: the first objective "
+                     "is the figure ASHA stops on and the re-ranking ranks by, so it must be search.metric (set "
+                     f"search.metric: {self.objectives[0]}, or put {self.metric} first)")
+            _require(any(name in COSTS for name in self.objectives), "search.objectives",
+                     f"names no cost: add one of {', '.join(COSTS)}")
         _require(self.mode == "auto" or (self.mode == "min") == (self.metric in LOWER_IS_BETTER), "search.mode",
                  f"is {self.mode}, but a {'lower' if self.metric in LOWER_IS_BETTER else 'higher'} "
                  f"{self.metric} is better (auto picks the direction)")

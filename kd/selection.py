@@ -115,15 +115,15 @@ def held_out_metrics(labels: np.ndarray, probs: np.ndarray, classes: list[str], 
     return out
 
 
-def check_metric(metric: str, classes: list[str], rule: str, extra: list[str]) -> None:
-    """`search.metric` must name a figure this task reports (`extra`: those only its scheme reports): refused before
-    anything is trained."""
+def check_metric(metric: str, classes: list[str], rule: str, extra: list[str], key: str = "search.metric") -> None:
+    """`search.metric` (or another `key` naming a figure) must name a figure this task reports (`extra`: those only
+    its scheme reports): refused before anything is trained."""
     names = reported_metrics(classes, rule, extra)
     if metric not in names:
         import difflib
         close = difflib.get_close_matches(metric, names, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ConfigError(f"search.metric '{metric}' is not reported by this search{hint}; it reports: "
+        raise ConfigError(f"{key} '{metric}' is not reported by this search{hint}; it reports: "
                           f"{', '.join(names)}")
 
 

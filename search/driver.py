@@ -14,7 +14,7 @@ from pathlib import Path
 
 import ray
 
-from kd.config import Config, save_config
+from kd.config import COSTS, Config, save_config
 from kd.data import load_dataset
 from kd.errors import Interrupted
 from kd.schemes import Scheme
@@ -28,6 +28,7 @@ from search.cluster import (
     start_ray,
     trial_slots,
 )
+from search.costs import described, searched_students, student_costs
 from search.finalize import finalize
 from search.format import shown
 from search.phases import RunPhases
@@ -46,6 +47,7 @@ def run_search(cfg: Config, address: str | None = None, storage: str | None = No
     params = parse_space(cfg)  # a bad space, point or model is reported before anything starts
     check_points(cfg.search.points, params, cfg)
     hub_models = check_searched_models(cfg, params)  # timm weights downloaded here, once, where not cached
+    students = searched_students(cfg, params)
     check_loggers(cfg)
     run_dir = run_dir_of(cfg)
     exp_path = experiment_path(cfg, run_dir, storage)
@@ -57,8 +59,11 @@ def run_search(cfg: Config, address: str | None = None, storage: str | None = No
         with phases("decode"):
             data = load_dataset(cfg.data, progress=not quiet)
         scheme = Scheme.of(cfg)
-        check_metric(cfg.search.metric, data.classes, decision_rule(len(data.classes), cfg.train.tune_threshold),
-                     scheme.extra_metrics())
+        rule = decision_rule(len(data.classes), cfg.train.tune_threshold)
+        check_metric(cfg.search.metric, data.classes, rule, scheme.extra_metrics())
+        for name in cfg.search.objectives:
+            if name not in COSTS:
+                check_metric(name, data.classes, rule, scheme.extra_metrics(), key="search.objectives")
         split = scheme.split(cfg, data)  # the folds (or the holdout) before anything starts
         started = start_ray(address)
         # Ray's published errors go to ray-errors.log until Ray is stopped (its shutdown included)
@@ -72,13 +77,16 @@ def run_search(cfg: Config, address: str | None = None, storage: str | None = No
                     phases.start_record(RunRecord(experiment=exp_path, resumed=restore, classes=data.classes,
                                                   data=data.describe(), slots=cfg.search.max_concurrent or
                                                   trial_slots(resources)))
+                    with phases("costs"):  # before the teachers fill the slots: a quiet device times truly
+                        costs = student_costs(cfg, students, len(data.classes), data.image_size)
+                    echo(f"students' cost on a trial's device: {described(costs)}")
                     with phases("teachers"):
                         prepared = prepare_teachers(cfg, split, echo)
                     prepared.record(seconds=phases.total).write(run_dir)
                     echo(("resuming" if restore else "starting") + f" the search: {cfg.search.num_samples} "
                          f"{scheme.describe(cfg)} trials of {cfg.student.name}, optimising {cfg.search.metric} "
                          f"({cfg.search.direction}); results in {shown(run_dir)}")
-                    tuner = build_tuner(cfg, prepared.scheme, exp_path, restore, quiet, weights)
+                    tuner = build_tuner(cfg, prepared.scheme, costs, exp_path, restore, quiet, weights)
                     with sigterm_as_interrupt(), exact_loggers(not restore), phases("trials"):
                         tuner.fit()
                     _raise_if_interrupted(run_dir)

@@ -121,7 +121,8 @@ def finalize(run_dir: Path, prepared: Prepared, phases: Phases, echo: Callable[[
             chosen = candidates(run)
             judging = f", then the winner against them with {len(judge_seeds)} more" if judge_seeds and any(
                 point for _, point in chosen) else ""
-            echo(f"re-ranking {len(chosen)} candidates (the top {cfg.search.rerank} and the hand-picked points) "
+            top_text = "the front's members" if cfg.search.objectives else f"the top {cfg.search.rerank}"
+            echo(f"re-ranking {len(chosen)} candidates ({top_text} and the hand-picked points) "
                  f"with {len(seeds)} further seeds{judging} ...")
             with phases("re-ranking"):
                 record, probs = rerank(run, prepared, seeds, judge_seeds, chosen)

@@ -11,6 +11,7 @@ import pandas as pd
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from kd import plots as kplots
+from kd.config import COSTS
 from kd.plots import new_figure, save_figure
 from search.records import JOURNAL, RANKED, TrialStatus
 from search.run import Run
@@ -161,20 +162,22 @@ def importance(run: Run, path: Path) -> None:
         if len(trials) < 3:
             return
         common = set.intersection(*(set(t.params) for t in trials))
+        # for search.metric: a multi-objective study's first objective (its costs follow from student.name alone)
+        target = (lambda t: t.values[0]) if len(study.directions) > 1 else None
         scores: dict[str, float] = {}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if len(common) >= 1:
                 scores.update(get_param_importances(study, evaluator=FanovaImportanceEvaluator(seed=0),
-                                                    params=sorted(common)))
+                                                    params=sorted(common), target=target))
             for name in sorted(set().union(*(t.params for t in trials)) - common):
                 subset = [t for t in trials if name in t.params]
                 if len(subset) < 3:
                     continue
-                sub = optuna.create_study(direction=study.direction)
+                sub = optuna.create_study(directions=study.directions)
                 sub.add_trials(subset)
                 local = get_param_importances(sub, evaluator=FanovaImportanceEvaluator(seed=0),
-                                              params=sorted(common | {name}))
+                                              params=sorted(common | {name}), target=target)
                 scores[f"{name} (where it applies)"] = local[name]
     except Exception as e:  # importance needs variety among trials; say so rather than fail the report
         log.warning("parameter importance not computed: %s", e)
@@ -190,23 +193,35 @@ def importance(run: Run, path: Path) -> None:
     save_figure(fig, path)
 
 
+COST_LABELS = {"student_latency_ms": "latency at batch 1 (ms)", "student_params": "parameters",
+               "student_mflops": "MFLOPs (torch's flop counter)"}
+
+
 def pareto(run: Run, path: Path) -> None:
-    """The metric against the student's latency and parameters, each trial a point, the Pareto front joined."""
+    """The metric against what the student costs (the search's cost objectives, else latency and parameters), each
+    trial a point (hollow: stopped early, so off the front), the front of the trials that ran every epoch joined."""
     metric = run.config.search.metric
     done = run.best_trials(len(run.table))
     if not len(done) or "student_latency_ms" not in done or done["student_latency_ms"].isna().all():
         return
+    costs = list(dict.fromkeys([n for n in run.objectives if n in COSTS] + ["student_latency_ms", "student_params"]))
     students = done.get("student.name", pd.Series([run.config.student.name] * len(done), index=done.index))
+    full = done["status"] == TrialStatus.COMPLETED
     fig = new_figure((11, 4))
     axes = fig.subplots(1, 2)
-    for ax, cost, label in ((axes[0], "student_latency_ms", "latency at batch 1 (ms, measured in the trial)"),
-                            (axes[1], "student_params", "parameters")):
-        for name in sorted(set(students)):
-            mine = done[students == name]
-            ax.scatter(mine[cost], mine[metric], label=name, s=28, alpha=0.8)
-        front = run.pareto(cost)
-        ax.step(front[cost], front[metric], where="post", color="black", linewidth=1.2, label="Pareto front")
-        ax.set(xlabel=label, ylabel=metric if ax is axes[0] else "")
+    for ax, cost in zip(axes, costs, strict=False):
+        for k, name in enumerate(sorted(set(students))):
+            colour = f"C{k}"
+            mine = done[(students == name) & full]
+            ax.scatter(mine[cost], mine[metric], label=name, s=28, alpha=0.8, color=colour)
+            stopped = done[(students == name) & ~full]
+            ax.scatter(stopped[cost], stopped[metric], s=28, facecolors="none", edgecolors=colour,
+                       label=f"{name}, stopped early" if len(stopped) else None)
+        front = run.front([metric, cost])
+        ax.step(front[cost], front[metric], where="post", color="black", linewidth=1.2)
+        ax.scatter(front[cost], front[metric], s=90, facecolors="none", edgecolors="black", linewidths=1.2,
+                   label="front (trials that ran every epoch)")
+        ax.set(xlabel=COST_LABELS[cost], ylabel=metric if ax is axes[0] else "")
         if cost == "student_params":  # 372,000 reads as 0.37M, and five ticks do not overlap
             ax.xaxis.set_major_locator(MaxNLocator(5))
             ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1e6:.2f}M"))
@@ -215,7 +230,9 @@ def pareto(run: Run, path: Path) -> None:
             log_axis(ax, float(values.min()), float(values.max()))
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.suptitle(f"accuracy against what the student costs ({run.rule_label})")
+    searched = ", the search's objectives" if run.config.search.objectives else ""
+    fig.suptitle(f"accuracy against what the student costs{searched} ({run.rule_label})\n"
+                 "each student's cost measured once before the trials, on a trial's device", fontsize=10)
     fig.tight_layout()
     save_figure(fig, path)
 

@@ -202,18 +202,26 @@ class Run:
             ok &= table["student_latency_ms"] <= s.max_latency_ms
         return ok
 
-    def pareto(self, cost: str = "student_latency_ms") -> pd.DataFrame:
-        """The ranked trials no other trial beats on both the search's metric and `cost` (lower is better)."""
-        metric, sign = self.config.search.metric, (1 if self.config.search.direction == "max" else -1)
+    @property
+    def objectives(self) -> list[str]:
+        """What the front is over: `search.objectives`, or the metric against the student's latency."""
+        return self.config.search.objectives or [self.config.search.metric, "student_latency_ms"]
+
+    def front(self, objectives: list[str] | None = None) -> pd.DataFrame:
+        """The trials that ran every epoch (an early-stopped trial's figure is not comparable) and that no other such
+        trial beats on all of `objectives` (default: `self.objectives`), cheapest first. Optuna's study of a
+        multi-objective search holds the same front (its stopped trials are PRUNED, the rest COMPLETE)."""
+        names = objectives or self.objectives
+        directions = [self.config.search.direction_of(n) for n in names]
         done = self.best_trials(len(self.table)) if len(self.table) else self.table
-        if not len(done) or cost not in done:
+        if not len(done) or any(n not in done for n in names):
             return done.iloc[:0]
-        done = done[done[cost].notna()]
-        value, price = sign * done[metric].to_numpy(), done[cost].to_numpy()
-        front = [i for i in range(len(done)) if not any(
-            value[j] >= value[i] and price[j] <= price[i] and (value[j] > value[i] or price[j] < price[i])
-            for j in range(len(done)))]
-        return done.iloc[front].sort_values(cost)
+        done = done[(done["status"] == TrialStatus.COMPLETED) & done[names].notna().all(axis=1)]
+        loss = np.column_stack([done[n].to_numpy(float) * (-1 if d == "max" else 1)
+                                for n, d in zip(names, directions, strict=True)]) if len(done) else np.zeros((0, 0))
+        kept = [i for i in range(len(done)) if not any(
+            (loss[j] <= loss[i]).all() and (loss[j] < loss[i]).any() for j in range(len(done)))]
+        return done.iloc[kept].sort_values(names[1:] + names[:1])
 
     def slot_use(self) -> SlotUse | None:
         """How busy the trial slots were while trials ran, and how long a slot waited between trials."""

@@ -7,6 +7,7 @@ from typing import Any
 
 import pandas as pd
 
+from kd.config import COSTS
 from kd.metrics import flatten
 from kd.timing import phases_text
 from search.format import number, param_name, params_text, spread
@@ -168,24 +169,34 @@ def _soft_vs_hard(run: Run, top: pd.DataFrame) -> list[str]:
 
 
 def _pareto(run: Run) -> list[str]:
-    """Accuracy against what the student costs: the trials no other beats on both, and the budget."""
-    front = run.pareto()
+    """Accuracy against what the student costs: the trials no other beats on all objectives, and the budget."""
+    front = run.front()
     if not len(front):
         return []
-    metric, s = run.config.search.metric, run.config.search
+    s = run.config.search
+    figures = [n for n in run.objectives if n not in COSTS]
     budget = [f"at most {s.max_params:,} parameters" if s.max_params else "",
               f"at most {s.max_latency_ms:g} ms at batch 1" if s.max_latency_ms else ""]
     budget_text = " and ".join(b for b in budget if b)
     fits = run.within_budget(front)
     rows = [[r["trial"], r.get("student.name", run.config.student.name), f"{r['student_params'] / 1e6:.2f}M",
-             r["student_mflops"], r["student_latency_ms"], r[metric], "yes" if fit else "no"]
+             r["student_mflops"], r["student_latency_ms"], *[r[n] for n in figures], "yes" if fit else "no"]
             for fit, (_, r) in zip(fits, front.iterrows(), strict=True)]
-    device = "measured in each trial on its own device, median of repeats after warm-up"
+    over = ", ".join(f"{n} ({d})" for n, d in zip(run.objectives, [s.direction_of(n) for n in run.objectives],
+                                                     strict=True))
+    if s.objectives:
+        what = (f"A multi-objective search over {over}: Optuna's TPE in its multi-objective mode proposed the trials, "
+                "and the study in optuna.journal holds this front as its best trials. The re-ranking retrains the "
+                "front's members (within the budget). ")
+    else:
+        what = f"Not searched for (`search.objectives` is not set): the trials no other beats on {over}. "
     return ["## Accuracy against cost (Pareto front)", "",
-            f"The trials that no other trial beats on both {metric} and the student's latency ({device}). "
+            what + "Only trials that ran every epoch are on the front (a stopped trial's figure is from an earlier "
+            "epoch). Each student's cost was measured once before the trials, on a trial's device (median of "
+            "repeats after warm-up), so students of one architecture cost the same. "
             + (f"The exported student must fit the budget: {budget_text}." if budget_text else
                "No budget is set (`search.max_params`, `search.max_latency_ms`)."), "",
-            _table(["trial", "student", "params", "MFLOPs", "latency ms (batch 1)", metric, "within budget"], rows),
+            _table(["trial", "student", "params", "MFLOPs", "latency ms (batch 1)", *figures, "within budget"], rows),
             "", "![accuracy against cost](plots/pareto.png)", ""]
 
 
@@ -194,11 +205,13 @@ def _reranking(run: Run) -> list[str]:
     rr, metric = run.reranking, run.config.search.metric
     if rr is None:
         return out + ["Not run yet (it follows the search), or `search.confirm_seeds` is 0.", ""]
-    rows = [[e.trial, params_text(e.params), f"hand-picked {e.hand_picked}" if e.hand_picked else "top",
+    why = "front" if run.config.search.objectives else "top"
+    rows = [[e.trial, params_text(e.params), f"hand-picked {e.hand_picked}" if e.hand_picked else why,
              e.search_value, spread(e.mean, e.std, len(e.values)), " ".join(number(v) for v in e.values),
              " ".join(number(v) for v in e.judged),
              "winner" if e.trial == rr.winner else ""] for e in rr.candidates]
-    out += [f"The top {run.config.search.rerank} trials and the hand-picked points, each retrained with seeds "
+    top = "The front's members" if run.config.search.objectives else f"The top {run.config.search.rerank} trials"
+    out += [f"{top} and the hand-picked points, each retrained with seeds "
             f"{rr.seeds} ({run.rule}). The winner is the best mean over these seeds alone: the search's own "
             "figure chose the candidates, so it flatters them (compare its column with the mean).", "",
             _table(["trial", "parameters", "why", f"{metric} in the search", "mean ± std over the seeds",

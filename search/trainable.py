@@ -21,40 +21,20 @@ from typing import Any
 import torch
 from ray import tune
 
-from kd.config import Config, from_dict
-from kd.cost import measure
-from kd.data import Dataset
+from kd.config import from_dict
 from kd.hub import provide
 from kd.infer import resolve_device
 from kd.metrics import scalars
 from kd.schemes import Scheme
-from kd.student import student_shell
 from kd.teacher import forwarded_images
 from kd.train import Fitting, Outcome, load_state, save_state
 from search.cluster import where
+from search.costs import Costs
 from search.records import STATE_FILE, TEACHER_WORK
 
 
 class TrialDiverged(RuntimeError):
     """Raised inside a trial so Ray records it as failed, with this message as its error."""
-
-
-_COSTS: dict[tuple[str, int, int, str], dict[str, float]] = {}  # this actor's measurements, by student and input
-
-
-def student_cost(cfg: Config, data: Dataset) -> dict[str, float]:
-    """What this trial's student costs, measured on its own device (kd.cost: parameters, FLOPs from torch's flop
-    counter, median latency at batch 1 after warm-up, throughput at a large batch); once per architecture, input
-    size and device in a reused actor."""
-    device = resolve_device(cfg.train.device)
-    key = (cfg.student.name, len(data.classes), data.image_size, str(device))
-    if key not in _COSTS:
-        model = student_shell(cfg, len(data.classes), data.image_size)
-        report = measure(model, data.image_size, device)
-        _COSTS[key] = {"student_params": report["parameters"], "student_mflops": report["flops"] / 1e6,
-                       "student_latency_ms": report["latency_ms_batch1"],
-                       "student_images_per_s": report["images_per_s_batch"]}
-    return _COSTS[key]
 
 
 def placement(device: str) -> dict[str, Any]:
@@ -70,16 +50,17 @@ class DistillTrainable(tune.Trainable):
 
     def setup(self, config: dict[str, Any], base: dict[str, Any] | None = None, scheme: Scheme | None = None,
               checkpoint_epochs: frozenset[int] = frozenset(), threads: int = 1,
-              weights: dict[str, tuple[str, bytes]] | None = None) -> None:
-        assert base is not None and scheme is not None, "DistillTrainable needs tune.with_parameters"
+              weights: dict[str, tuple[str, bytes]] | None = None, costs: Costs | None = None) -> None:
+        """`costs`: each searched student's cost, measured once before the trials (search.costs)."""
+        assert base is not None and scheme is not None and costs, "DistillTrainable needs tune.with_parameters"
         provide(weights)  # the driver's timm weights files: this node never downloads
         torch.set_num_threads(max(1, threads))
-        self.base, self.scheme, self.checkpoint_epochs = base, scheme, checkpoint_epochs
+        self.base, self.scheme, self.checkpoint_epochs, self.costs = base, scheme, checkpoint_epochs, costs
         self._begin(config)
 
     def _begin(self, config: dict[str, Any]) -> None:
         """A new trial (or a restarted one) in this actor. Nothing here may fail (a reset that raises breaks Ray's
-        reuse of the actor): the trial's own work, its cost measured and its fit started (from a checkpoint if one
+        reuse of the actor): the trial's own work, its cost looked up and its fit started (from a checkpoint if one
         is loaded first), happens in its first step, where a failure fails that trial alone."""
         self.trial_config = config
         self.forwarded = forwarded_images()  # the trial reports any teacher forward pass it makes (by design: none)
@@ -91,7 +72,9 @@ class DistillTrainable(tune.Trainable):
         if self.fitting is None:
             self.cfg = from_dict(self.base, "search base config").updated(self.trial_config,
                                                                            source="sampled trial config")
-            self.cost = student_cost(self.cfg, self.scheme.data)  # on the device it trains on, before it trains
+            self.cost = self.costs[self.cfg.student.name]
+            if "error" in self.cost:  # measured before the trials: this student cannot run on these images
+                raise RuntimeError(f"student {self.cfg.student.name}: {self.cost['error']}")
             self.placed = {**placement(self.cfg.train.device), "attempt_started": self.placed["attempt_started"]}
             self.fitting = self.scheme.start(self.cfg, resume=self.resume)
         row = self.fitting.step()
@@ -115,7 +98,7 @@ class DistillTrainable(tune.Trainable):
         self.resume = load_state(os.path.join(checkpoint, STATE_FILE))
 
     def reset_config(self, new_config: dict[str, Any]) -> bool:
-        """The next trial in this actor: nothing of the last one is kept but the scheme and the cost measurements."""
+        """The next trial in this actor: nothing of the last one is kept but the scheme and the costs."""
         self._release()
         self._begin(new_config)
         return True

@@ -24,6 +24,7 @@ from ray.tune.search.optuna import OptunaSearch
 from kd.config import Config
 from kd.schemes import Scheme
 from search.cluster import trial_resources, trial_slots
+from search.costs import Costs
 from search.progress import TrialLog
 from search.records import JOURNAL
 from search.session import run_dir_of
@@ -34,15 +35,16 @@ from search.trainable import DistillTrainable
 log = logging.getLogger("search")
 
 
-def build_tuner(cfg: Config, scheme: Scheme, exp_path: str, restore: bool, quiet: bool,
+def build_tuner(cfg: Config, scheme: Scheme, costs: Costs, exp_path: str, restore: bool, quiet: bool,
                 weights: dict[str, tuple[str, bytes]] | None = None) -> tune.Tuner:
-    """`weights`: the driver's timm weights files the trials load (search.cluster.shipping)."""
+    """`costs`: each student's, measured once (search.costs); `weights`: the driver's timm weights files the trials
+    load (search.cluster.shipping)."""
     s = cfg.search
     resources = trial_resources(cfg)
     trainable = tune.with_resources(
         tune.with_parameters(DistillTrainable, base=cfg.to_dict(), scheme=scheme.for_trials(),
                              checkpoint_epochs=checkpoint_epochs(cfg), threads=max(1, int(s.cpus_per_trial)),
-                             weights=weights or None),
+                             weights=weights or None, costs=costs),
         resources.as_tune())
     if restore:  # the loggers are those the search started with (a search of an earlier version: Ray's own)
         return tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=False)
@@ -89,8 +91,9 @@ class Searcher(OptunaSearch):
             super().on_trial_complete(trial_id, result, error)
             return
         ot_trial = self._ot_trials[trial_id]
-        try:
-            if self._reported.get(trial_id) != step and result.get(self.metric) is not None:
+        try:  # a multi-objective study takes no intermediate values: there, a pruned trial has none
+            if not isinstance(self.metric, list) and self._reported.get(trial_id) != step \
+                    and result.get(self.metric) is not None:
                 ot_trial.report(result[self.metric], step)
             cast(optuna.Study, self._ot_study).tell(ot_trial, state=optuna.trial.TrialState.PRUNED)
         except Exception as exc:  # as Ray's own: a study that refuses (a trial told twice) must not end the search
@@ -110,7 +113,9 @@ def _searcher(cfg: Config) -> OptunaSearch:
     # The study lives beside the results (not in remote storage): Optuna's own tools can load it from there.
     journal = run_dir_of(cfg) / JOURNAL
     storage = JournalStorage(JournalFileBackend(str(journal)))
-    return Searcher(epochs=cfg.train.epochs, space=DefineByRun(params, cfg), metric=s.metric, mode=s.direction,
+    # several objectives (search.objectives): the same TPE in its multi-objective mode (README: accuracy against cost)
+    metric, mode = (s.objectives, s.directions) if s.objectives else (s.metric, s.direction)
+    return Searcher(epochs=cfg.train.epochs, space=DefineByRun(params, cfg), metric=metric, mode=mode,
                         points_to_evaluate=check_points(s.points, params, cfg) or None, sampler=sampler,
                         storage=storage, study_name=cfg.name)
 
