@@ -235,10 +235,10 @@ def compression_report(teacher_model: nn.Module | None, student_model: nn.Module
 
 
 def distill_report(cfg: Any, student_model: nn.Module, teacher_model: nn.Module | None,
-                   teacher_metrics: dict[str, Any] | None, student_metrics: dict[str, Any] | None) -> dict[str, Any]:
+                   teacher_metrics: dict[str, Any] | None, student_metrics: dict[str, Any] | None,
+                   metric_name: str = "validation balanced accuracy") -> dict[str, Any]:
     """The compression report of a finished distillation, on its training device (`cfg.train.device`),
-    comparing validation balanced accuracy. Run after training, never inside it."""
+    comparing the two balanced accuracies given (`metric_name` says which). Run after training, never inside it."""
     metric = "balanced_accuracy"
     return compression_report(teacher_model, student_model, cfg.data.image_size, resolve_device(cfg.train.device),
-                              (teacher_metrics or {}).get(metric), (student_metrics or {}).get(metric),
-                              "validation balanced accuracy")
+                              (teacher_metrics or {}).get(metric), (student_metrics or {}).get(metric), metric_name)

@@ -25,27 +25,46 @@ def save_figure(fig: Figure, path: str | Path) -> None:
         fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
 
 
+def chance_level(metric: str, classes: int) -> float | None:
+    """What a model that knows nothing scores on `metric` (val_ or test figure names): AUC 0.5, balanced accuracy
+    and recall 1/K, a balanced log-loss of uniform probabilities ln K; None where it depends on the class counts."""
+    name = metric.removeprefix("val_").removeprefix("test_")
+    if name == "auc":
+        return 0.5
+    if name.startswith(("balanced_accuracy", "recall_")):
+        return 1 / classes
+    if name == "balanced_log_loss":
+        return float(np.log(classes))
+    return None
+
+
 def learning_curves(histories: dict[str, list[dict[str, Any]]], path: str | Path, title: str = "",
-                    rule: str = "") -> None:
-    """Training loss and validation balanced accuracy per epoch, one line per run."""
-    fig = new_figure((11, 4))
-    ax_loss, ax_acc = fig.subplots(1, 2)
+                    rule: str = "", metric: str = "val_balanced_accuracy", classes: int = 2) -> None:
+    """Training loss and the held-out `metric` per epoch, one line per run, with its chance level dotted."""
+    fig = new_figure((11, 4.4))
+    ax_loss, ax_metric = fig.subplots(1, 2)
     for label, history in histories.items():
         epochs = [h["epoch"] for h in history]
         ax_loss.plot(epochs, [h.get("train_loss", np.nan) for h in history], marker=".", label=label)
-        ax_acc.plot(epochs, [h.get("val_balanced_accuracy", np.nan) for h in history], marker=".", label=label)
+        ax_metric.plot(epochs, [h.get(metric, np.nan) for h in history], marker=".", label=label)
     ax_loss.set(xlabel="epoch", ylabel="training loss", title="training loss")
-    ax_acc.set(xlabel="epoch", ylabel="balanced accuracy", ylim=(0.0, 1.02),
-               title="validation balanced accuracy" + (f"\n({rule})" if rule else ""))
-    ax_acc.axhline(0.5, color="grey", linestyle=":", linewidth=1)
-    for ax in (ax_loss, ax_acc):
+    name = metric.removeprefix("val_").replace("_", " ").replace("auc", "AUC")
+    ax_metric.set(xlabel="epoch", ylabel=name, title=f"validation {name}" + (f"\n({rule})" if rule else ""))
+    if "log_loss" not in metric:
+        ax_metric.set_ylim(0.0, 1.02)
+    chance = chance_level(metric, classes)
+    if chance is not None:
+        ax_metric.axhline(chance, color="grey", linestyle=":", linewidth=1, label=f"chance ({chance:.2f})")
+    for ax in (ax_loss, ax_metric):
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
-    if len(histories) > 1 or next(iter(histories), ""):
-        ax_acc.legend(fontsize=8, loc="lower right")
+    handles, labels = ax_metric.get_legend_handles_labels()
+    rows = -(-len(labels) // 3)
+    if len(histories) > 1 or next(iter(histories), ""):  # below the panels, where it hides no line
+        fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=min(3, len(labels)), frameon=False)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.045 * rows + 0.01, 1, 1))
     save_figure(fig, path)
 
 

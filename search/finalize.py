@@ -61,10 +61,15 @@ def _evaluate_and_export(run: Run, row: pd.Series, tcfg: Config, state: dict[str
                          out_dir: Path) -> BestRecord:
     judged = {k: v for k, v in scalars(state["history"][-1]).items() if k.startswith("val_")}
     teacher_model = load_teacher_model(tcfg, final.teacher_data, final.teacher.directory)[0]
-    cost = distill_report(tcfg, final.model, teacher_model, run.teacher.metrics if run.teacher else None,
-                          {"balanced_accuracy": judged.get("val_balanced_accuracy")})
+    # the student against the teacher it learned from, under one rule (argmax) on the same images (the test split)
+    as_teacher = dataclasses.replace(tcfg, train=tcfg.teacher.train)  # its own forward settings (amp, channels_last)
+    teacher_test = evaluate_model(teacher_model, data, "test", None, as_teacher)
+    student_argmax = evaluate_model(final.model, data, "test", None, tcfg)
+    cost = distill_report(tcfg, final.model, teacher_model, teacher_test, student_argmax,
+                          "test balanced accuracy at argmax (both)")
     best = BestRecord(trial=row["trial"], classes=data.classes, threshold=final.threshold, epoch=final.epoch,
-                      params=run.params(row), val_last_epoch=judged,
+                      params=run.params(row), val_last_epoch=judged, teacher_test=teacher_test,
+                      test_argmax=student_argmax,
                       test=evaluate_model(final.model, data, "test", final.threshold, tcfg), refit=final.refit,
                       train_images=final.train_images,
                       val={} if final.sees_validation else evaluate_model(final.model, data, "val", final.threshold,

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from kd import plots as kplots
@@ -34,9 +35,10 @@ def draw_all(run: Run) -> None:
         params_vs_metric(run, out / "params.png")
         top = run.best_trials(5)
         if len(top):
+            metric = run.config.search.metric
             kplots.learning_curves({f"{r['trial']} ({r['status']})": run.histories[r["trial"]]
-                                    for _, r in top.iterrows()}, out / "learning_curves.png", "top trials",
-                                   run.rule_label)
+                                    for _, r in top.iterrows()}, out / "learning_curves.png",
+                                   f"the top trials by {metric}", run.rule_label, metric, len(run.classes))
         soft_vs_hard(run, out / "soft_vs_hard.png")
         pareto(run, out / "pareto.png")
         importance(run, out / "importance.png")
@@ -188,7 +190,8 @@ def importance(run: Run, path: Path) -> None:
     fig = new_figure((7, 0.45 * len(names) + 1.4))
     ax = fig.subplots()
     ax.barh(names, [scores[n] for n in names], color=["tab:purple" if "applies" in n else "tab:blue" for n in names])
-    ax.set(xlabel="fANOVA importance (share of variance)", title=f"parameter importance for {cfg.search.metric}")
+    ax.set(xlabel="fANOVA importance (share of variance)", title=f"parameter importance for {cfg.search.metric} "
+           f"(fANOVA over the {len(trials)} trials that ran every epoch)")
     ax.grid(alpha=0.3, axis="x")
     save_figure(fig, path)
 
@@ -256,7 +259,9 @@ def timeline(run: Run, path: Path) -> None:
                 color=colour_of(trial["status"]), alpha=0.8)
         ax.text(trial["ended"] - t0, row, f" {trial['trial']} · {trial['slot']}", va="center", fontsize=7)
     ax.set_yticks([])
-    ax.set(xlabel="seconds since the first trial started", title=f"trials over time on {len(slots)} node/GPU "
-           "combinations (colour: status)")
+    where = f"{len(slots)} slots (node, GPU)" if len(slots) > 1 else "one node"
+    ax.set(xlabel="seconds since the first trial started", title=f"trials over time, on {where}")
+    ax.legend(handles=[Patch(color=colour_of(status), alpha=0.8, label=str(status))
+                       for status in dict.fromkeys(ran["status"])], fontsize=8, loc="upper left")
     ax.grid(axis="x", alpha=0.3)
     save_figure(fig, path)

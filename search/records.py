@@ -205,3 +205,5 @@ class BestRecord(Record):
     val: dict[str, Any] = field(default_factory=dict)  # the exported model on the validation split (a holdout's)
     cost: dict[str, Any] = field(default_factory=dict)  # the compression report against the teacher (kd.cost)
     teacher: TeacherInfo | None = None           # the teacher the exported student learned from
+    teacher_test: dict[str, Any] = field(default_factory=dict)  # that teacher on the test split, at argmax ...
+    test_argmax: dict[str, Any] = field(default_factory=dict)   # ... and the exported student, at argmax too

@@ -270,8 +270,20 @@ def _best_student(run: Run) -> list[str]:
     how = run.scheme.final_text(best.epoch, best.train_images)
     side = _side_by_side(run, best)
     return out + [f"Trial `{best.trial}`, {how}, exported to `best/`{thr}.", "",
-                  _table(["test", "value"], _metric_rows(best.test, classes)), "", *side,
+                  _table(["test", "value"], _metric_rows(best.test, classes)), "", *side, *_against_teacher(best),
                   "![confusion matrix](plots/confusion_matrix_test.png)", ""]
+
+
+def _against_teacher(best: BestRecord) -> list[str]:
+    """The exported student and the teacher it learned from, under one rule (argmax) on the test images."""
+    if not best.teacher_test or not best.test_argmax:
+        return []
+    rows = []
+    for who, m in (("the teacher it learned from", best.teacher_test), ("the exported student", best.test_argmax)):
+        lo_hi = m.get("balanced_accuracy_interval")
+        rows.append([who, m["balanced_accuracy"], f"{lo_hi[0]:.3f}-{lo_hi[1]:.3f}" if lo_hi else "", m.get("auc")])
+    return ["Student and teacher on the same test images under the same rule (argmax, whatever the student ships "
+            "with):", "", _table(["test, argmax", "balanced accuracy", "95% interval", "AUC"], rows), ""]
 
 
 def _side_by_side(run: Run, best: BestRecord) -> list[str]:
