@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from PIL import Image
 
 from kd.files import read_jsonl
@@ -32,6 +33,13 @@ def tiny_overrides(cache_dir: Path | str, out_dir: Path | str | None = None) -> 
     if out_dir is not None:
         sets.append(f"output_dir={out_dir}")
     return sets
+
+
+def read_table(path: Path | str, **kwargs) -> pd.DataFrame:
+    """A table kd-search wrote (trials.csv, compare.csv), its id columns as text: a Ray trial id is 8 hex digits,
+    which pandas reads as a number when they are all digits (29653240) or look like one (1234e567)."""
+    ids = {"trial": str, "winner": str, "node": str, "gpus": str}
+    return pd.read_csv(path, dtype={**ids, **kwargs.pop("dtype", {})}, **kwargs)
 
 
 def trial_results(experiment: Path) -> dict[str, list[dict]]:

@@ -23,7 +23,7 @@ from kd.config import load_config
 from kd.files import read_jsonl
 from search.cli import main
 from search.records import STATE_FILE
-from tests.helpers import digits_folder, tiny_overrides, trial_results
+from tests.helpers import digits_folder, read_table, tiny_overrides, trial_results
 from tests.localcluster import LocalCluster, token_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster,
@@ -114,7 +114,7 @@ def max_overlap(intervals: list[tuple[float, float]]) -> int:
 def test_a_worker_node_killed_mid_search_loses_nothing(lost_node_search):
     s = lost_node_search
     assert s["returncode"] == 0, s["output"]
-    table = pd.read_csv(s["run_dir"] / "trials.csv", dtype={"node": str, "gpus": str})
+    table = read_table(s["run_dir"] / "trials.csv")
     assert len(table) == TRIALS and (table["status"] == "completed").all(), table[["trial", "status", "error"]]
     runs = trial_results(s["experiment"])
     victim, survivor = s["victim"].node_id, s["survivor"].node_id
@@ -189,7 +189,7 @@ def test_results_land_where_storage_says_and_analyze_works_from_a_copy(lost_node
     (copy / "run.json").write_text(json.dumps({**json.loads((copy / "run.json").read_text()),
                                                "experiment": str(tmp_path / "gone")}))
     assert main(["analyze", str(copy)]) == 0
-    pd.testing.assert_frame_equal(pd.read_csv(run_dir / "trials.csv"), pd.read_csv(copy / "trials.csv"))
+    pd.testing.assert_frame_equal(read_table(run_dir / "trials.csv"), read_table(copy / "trials.csv"))
 
 
 STREAM_CHECK = """
@@ -253,5 +253,5 @@ def test_workers_without_the_hub_load_the_drivers_weights_file(tmp_path):
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
         assert hub.downloads[weights] == 1  # the driver's one download
     assert not list(worker_home.rglob("*.safetensors"))  # the worker node neither downloaded nor cached a file
-    table = pd.read_csv(tmp_path / "results" / "hub" / "trials.csv")
+    table = read_table(tmp_path / "results" / "hub" / "trials.csv")
     assert (table["status"] == "completed").all() and set(table["node"]) == {one.nodes[1].node_id}

@@ -19,7 +19,7 @@ import pytest
 
 from kd.config import load_config
 from kd.files import read_jsonl
-from tests.helpers import tiny_overrides
+from tests.helpers import read_table, tiny_overrides
 
 pytestmark = pytest.mark.slow
 EPOCHS = 4
@@ -112,7 +112,7 @@ def test_killed_then_interrupted_search_finishes_with_every_trial_once(tmp_path,
     finally:
         stop_group(third)
     assert third.returncode == 0, err
-    table = pd.read_csv(tmp_path / "results" / "kills" / "trials.csv")
+    table = read_table(tmp_path / "results" / "kills" / "trials.csv")
     assert len(table) == 3 and table["trial"].is_unique and (table["status"] == "completed").all()
     final = epochs_by_trial(exp)
     for trial, epochs in final.items():
@@ -213,7 +213,7 @@ def test_killed_trial_processes_are_retried_then_recorded_as_failed(tmp_path, sh
         thread.join()
     assert answered, "no trial's report reached the test's gate (gate_trial_reports not run in Ray's workers?)"
     assert {n: len(p) for n, p in killed.items() if p} == plan, (killed, answered)
-    table = pd.read_csv(run_dir / "trials.csv").set_index("number")
+    table = read_table(run_dir / "trials.csv").set_index("number")
     assert table.loc[1, "status"] == "completed" and table.loc[1, "failures"] == 1
     assert table.loc[1, "epochs"] == 5 and pd.isna(table.loc[1, "error"])
     assert table.loc[2, "status"] == "failed" and table.loc[2, "failures"] == 2
@@ -232,7 +232,7 @@ def test_a_busy_node_cannot_fail_the_next_trial_through_actor_reuse(tmp_path, sh
     cfg = load_config(write_config(tmp_path, shared_cache, "busy", "search.num_samples=3", "train.epochs=1",
                                    "search.max_failures=0"))
     run_dir = run_search(cfg, quiet=True, echo=lambda s: None)
-    table = pd.read_csv(run_dir / "trials.csv")
+    table = read_table(run_dir / "trials.csv")
     assert (table["status"] == "completed").all() and len(table) == 3, table[["status", "error"]]
     assert table["pid"].nunique() == 1, table[["trial", "pid"]]  # one trial at a time, in one warm actor
 
@@ -276,6 +276,6 @@ def test_a_search_whose_ray_dies_says_so_and_resumes(tmp_path, shared_cache):
     finally:
         stop_group(second)
     assert second.returncode == 0, err
-    table = pd.read_csv(tmp_path / "results" / "gcs" / "trials.csv")
+    table = read_table(tmp_path / "results" / "gcs" / "trials.csv")
     assert len(table) == 2 and (table["status"] == "completed").all() and (table["epochs"] == EPOCHS).all()
     assert (tmp_path / "results" / "gcs" / "best" / "model.safetensors").is_file()

@@ -16,7 +16,8 @@ from kd.export import load_student
 from kd.files import read_jsonl
 from search.cli import main
 from search.driver import run_search
-from tests.helpers import tiny_overrides, trial_results
+from search.format import number
+from tests.helpers import read_table, tiny_overrides, trial_results
 
 pytestmark = pytest.mark.slow
 
@@ -64,7 +65,7 @@ def test_every_output_is_written(finished_search):
                  "plots/trials.png", "plots/params.png", "plots/learning_curves.png",
                  "plots/confusion_matrix_test.png"):
         assert (run_dir / name).is_file(), name
-    completed = (pd.read_csv(run_dir / "trials.csv")["status"] == "completed").sum()
+    completed = (read_table(run_dir / "trials.csv")["status"] == "completed").sum()
     # fANOVA reads complete trials only (stopped ones are pruned in the study): the plot, or the reason there is none
     assert (run_dir / "plots/importance.png").is_file() == (completed >= 3)
     assert (completed >= 3) or f"needs 3; {completed} did" in (run_dir / "summary.md").read_text()
@@ -73,7 +74,7 @@ def test_every_output_is_written(finished_search):
 
 def test_trials_table_has_a_row_per_trial_with_its_parameters_and_metrics(finished_search):
     cfg, run_dir, _ = finished_search
-    table = pd.read_csv(run_dir / "trials.csv")
+    table = read_table(run_dir / "trials.csv")
     assert len(table) == cfg.search.num_samples and table["trial"].is_unique
     for column in ("distill.mode", "distill.temperature", "train.lr", "val_balanced_accuracy", "val_accuracy",
                    "val_macro_f1", "val_recall_other", "val_recall_digit_8", "epochs", "seconds", "status", "error"):
@@ -91,7 +92,7 @@ def test_the_rerank_winner_is_refitted_and_ships_the_threshold_of_its_out_of_fol
     cfg, run_dir, _ = finished_search
     from kd.files import load_tensors
     from kd.metrics import tune_threshold
-    table = pd.read_csv(run_dir / "trials.csv")
+    table = read_table(run_dir / "trials.csv")
     rerank = json.loads((run_dir / "rerank.json").read_text())
     best = json.loads((run_dir / "best" / "metrics.json").read_text())
     top = table[table["status"] == "completed"].sort_values(cfg.search.metric, ascending=False)
@@ -123,9 +124,29 @@ def test_the_rerank_winner_is_refitted_and_ships_the_threshold_of_its_out_of_fol
     assert set(table["rule"]) == {"cross-fitted threshold, 3-fold out-of-fold"}
 
 
+def test_the_student_is_set_against_its_own_teacher_on_the_same_test_images_and_rule(finished_search):
+    """Not the fold teachers' validation argmax against the student's cross-fitted figure: the teacher the exported
+    student learned from (the refit's) and the student, both at argmax, on the test split."""
+    _cfg, run_dir, _ = finished_search
+    best = json.loads((run_dir / "best" / "metrics.json").read_text())
+    teacher, student = best["teacher_test"], best["test_argmax"]
+    test_counts = np.asarray(best["test"]["confusion_matrix"]).sum(axis=1)
+    for m in (teacher, student):
+        cm = np.asarray(m["confusion_matrix"])
+        assert (cm.sum(axis=1) == test_counts).all() and m["threshold"] is None  # the same images, argmax
+        assert m["balanced_accuracy"] == pytest.approx(np.mean(np.diag(cm) / cm.sum(axis=1)))
+    assert teacher["balanced_accuracy"] > 0.6 and teacher["auc"] > 0.8  # a real teacher, not a placeholder
+    comparison = best["cost"]["comparison"]
+    assert comparison["teacher_metric"] == teacher["balanced_accuracy"]
+    assert comparison["student_metric"] == student["balanced_accuracy"]
+    assert "test balanced accuracy at argmax (both)" in best["cost"]["summary"]
+    summary = (run_dir / "summary.md").read_text()
+    assert f"| the teacher it learned from | {number(teacher['balanced_accuracy'])} |" in summary
+
+
 def test_summary_names_the_rule_and_sets_the_search_beside_its_reranking_and_test(finished_search):
     _cfg, run_dir, _ = finished_search
-    table = pd.read_csv(run_dir / "trials.csv")
+    table = read_table(run_dir / "trials.csv")
     best = json.loads((run_dir / "best" / "metrics.json").read_text())
     summary = (run_dir / "summary.md").read_text()
     assert "Figures: threshold on p(class 1) cross-fitted" in summary
@@ -148,7 +169,7 @@ def test_teacher_ran_once_before_the_trials(finished_search):
     assert teacher["teachers"] == 3  # one per fold, each trained on the other two folds (2/3 of 1437 images)
     assert teacher["info"]["forward_images"] in (0, cfg.train.epochs * 3 * 958)  # 0 when the cache already had it
     # every trial counted the images it ran through a teacher itself, in its own process: none
-    table = pd.read_csv(run_dir / "trials.csv")
+    table = read_table(run_dir / "trials.csv")
     reported = table[table["epochs"] > 0]
     assert len(reported) and (reported["teacher_forward_images"] == 0).all()
     assert f"the trials ran no teacher forward pass ({len(reported)} trials counted theirs)" in (
@@ -164,7 +185,7 @@ def test_optuna_holds_the_stopped_trials_as_pruned(finished_search):
     study = optuna.load_study(study_name=cfg.name,
                               storage=JournalStorage(JournalFileBackend(str(run_dir / "optuna.journal"))))
     states = pd.Series([t.state.name for t in study.trials]).value_counts().to_dict()
-    status = pd.read_csv(run_dir / "trials.csv")["status"].value_counts().to_dict()
+    status = read_table(run_dir / "trials.csv")["status"].value_counts().to_dict()
     assert states.get("PRUNED", 0) == status.get(TrialStatus.STOPPED, 0)
     assert states.get("COMPLETE", 0) == status.get("completed", 0)
     assert states.get("FAIL", 0) == status.get("failed", 0)
@@ -174,7 +195,7 @@ def test_optuna_holds_the_stopped_trials_as_pruned(finished_search):
 
 def test_failing_and_diverging_trials_are_recorded_and_the_search_goes_on(finished_search):
     _cfg, run_dir, _ = finished_search
-    table = pd.read_csv(run_dir / "trials.csv")
+    table = read_table(run_dir / "trials.csv")
     failed = table[table["status"] == "failed"]
     assert set(failed["student.name"]) >= {"inception_v3"}
     errors = " ".join(failed["error"].astype(str))
@@ -194,7 +215,7 @@ def test_analyze_on_a_copy_reproduces_the_tables(finished_search, tmp_path, caps
     shutil.rmtree(copy / "plots")
     assert main(["analyze", str(copy)]) == 0
     assert "5 trials" in capsys.readouterr().out
-    original, rebuilt = pd.read_csv(run_dir / "trials.csv"), pd.read_csv(copy / "trials.csv")
+    original, rebuilt = read_table(run_dir / "trials.csv"), read_table(copy / "trials.csv")
     pd.testing.assert_frame_equal(original, rebuilt)
     assert (copy / "summary.md").read_text() == (run_dir / "summary.md").read_text().replace(str(run_dir), str(copy))
     assert (copy / "plots" / "trials.png").is_file()
@@ -211,12 +232,12 @@ def test_compare_sets_searches_side_by_side(finished_search, tmp_path, capsys):
     assert main(["compare", str(run_dir), str(other), "--out", str(tmp_path / "side")]) == 0
     said = capsys.readouterr().out
     assert f"the highest test balanced accuracy: tiny-search ({best['test']['balanced_accuracy']:.4f}" in said
-    table = pd.read_csv(tmp_path / "side" / "compare.csv")
+    table = read_table(tmp_path / "side" / "compare.csv")
     assert list(table["search"]) == ["tiny-search", "other"] and list(table["winner"]) == [best["trial"]] * 2
     lo, hi = best["test"]["balanced_accuracy_interval"]
     assert table.loc[0, "test balanced accuracy"] == pytest.approx(best["test"]["balanced_accuracy"])
     assert table.loc[0, "95% interval"] == f"{lo:.3f}-{hi:.3f}"
-    trials = pd.read_csv(run_dir / "trials.csv").set_index("trial")
+    trials = read_table(run_dir / "trials.csv").set_index("trial")
     assert table.loc[0, "student params"] == trials.loc[best["trial"], "student_params"]
     assert table.loc[0, "trial slot-hours"] > 0 and table.loc[0, "GPU-hours"] == 0  # CPU trials
     assert table.loc[0, "wall s"] == pytest.approx(json.loads((run_dir / "run.json").read_text())["seconds"])
@@ -228,7 +249,7 @@ def test_compare_sets_searches_side_by_side(finished_search, tmp_path, capsys):
 
 def test_export_a_chosen_trial_and_reproduce_it_outside_ray(finished_search, tmp_path):
     _cfg, run_dir, _ = finished_search
-    table = pd.read_csv(run_dir / "trials.csv")
+    table = read_table(run_dir / "trials.csv")
     row = table[table["status"] == "completed"].iloc[-1]
     assert main(["export", str(run_dir), "--trial", row["trial"], "--out", str(tmp_path / "exp")]) == 0
     student = load_student(tmp_path / "exp")
@@ -284,7 +305,7 @@ def test_mlflow_holds_a_run_per_trial_with_its_parameters_metrics_and_outcome(fi
     cfg, run_dir, _ = finished_search
     client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name(cfg.name).experiment_id])
-    table = pd.read_csv(run_dir / "trials.csv").set_index("trial")
+    table = read_table(run_dir / "trials.csv").set_index("trial")
     assert len(runs) == cfg.search.num_samples
     histories = _histories(run_dir.parent.parent / "remote" / "tiny-search" / "ray")
     for run in runs:
@@ -333,7 +354,7 @@ def test_optuna_dashboard_serves_the_study_over_http(finished_search):
         server.terminate()
         server.wait(timeout=30)
     assert len(detail["trials"]) == cfg.search.num_samples
-    table = pd.read_csv(run_dir / "trials.csv")
+    table = read_table(run_dir / "trials.csv")
     completed = table[table["status"] == "completed"]  # Optuna's best is among complete trials (stopped: pruned)
     best_value = detail["best_trials"][0]["values"][0]
     assert best_value == pytest.approx(completed[cfg.search.metric].max())
@@ -379,7 +400,7 @@ def test_a_fresh_search_sets_an_old_study_aside_and_exports_the_epoch_that_ranke
     assert len(study.trials) == 3  # this search's trials only: the hand-picked points ran once, the old ones are gone
     assert sum(t.params["train.lr"] == 1e-7 for t in study.trials) == 1
     assert len(list(run_dir.glob("stale-*/optuna.journal"))) == 1  # set aside, not deleted
-    table = pd.read_csv(run_dir / "trials.csv")
+    table = read_table(run_dir / "trials.csv")
     stopped = table[table["status"] == "stopped early"]
     assert len(stopped), "the lr 1e-7 trial is stopped by ASHA at epoch 1, below the first trial"
     for _, row in stopped.iterrows():  # checkpoint_every=3, yet the export is the epoch that ranked the trial
@@ -400,7 +421,7 @@ def test_students_of_several_sizes_on_a_pareto_front_and_a_budget_on_the_export(
                        "search.points": [{"student.name": "test_resnet", "train.lr": 0.003},
                                          {"student.name": "test_efficientnet", "train.lr": 0.003}]})
     run_dir = run_search(cfg, quiet=True, echo=lambda s: None)
-    table = pd.read_csv(run_dir / "trials.csv").set_index("student.name")
+    table = read_table(run_dir / "trials.csv").set_index("student.name")
     params = table["student_params"].groupby(level=0).first()
     assert params["test_resnet"] == 372_882 and params["test_efficientnet"] == 99_710  # each trial measured its own
     assert (table["student_latency_ms"] > 0).all() and (table["student_mflops"] > 0).all()

@@ -11,11 +11,10 @@ import sys
 import time
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
 from kd.config import load_config
-from tests.helpers import tiny_overrides
+from tests.helpers import read_table, tiny_overrides
 
 pytestmark = pytest.mark.slow
 TRIALS = int(os.environ.get("KDSEARCH_SOAK_TRIALS", "8"))
@@ -62,7 +61,7 @@ def test_soak_many_trials(tmp_path, shared_cache):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, 9)
     assert proc.returncode == 0, err
-    table = pd.read_csv(tmp_path / "results" / "soak" / "trials.csv")
+    table = read_table(tmp_path / "results" / "soak" / "trials.csv")
     assert len(table) == TRIALS and (table["status"] == "completed").all()
 
     early = max(r for n, r in samples if n <= TRIALS // 4)  # driver RSS once the first quarter has finished
