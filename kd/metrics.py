@@ -15,6 +15,20 @@ def predict(probs: np.ndarray, threshold: float | None = None) -> np.ndarray:
     return probs.argmax(axis=1)
 
 
+def calibration_shift(shipped: np.ndarray, tuned_on: list[np.ndarray], threshold: float) -> dict[str, Any]:
+    """How far a shipped model's p(class 1) lies from that of the models whose predictions its threshold was tuned on,
+    on the same images (their labels unused): the share each calls class 1 at `threshold`, and the median p(class 1).
+    A refit that is sharper than the fold students, or whose minority logit moved, calls fewer (or more) images
+    class 1 at their threshold: balanced accuracy pays for it, and no held-out figure of the refit can show it."""
+    members = [float(np.mean(p[:, 1] >= threshold)) for p in tuned_on]
+    return {"images": len(shipped), "threshold": float(threshold),
+            "called_class_1_shipped": float(np.mean(shipped[:, 1] >= threshold)),
+            "called_class_1_tuned_on": float(np.mean(members)),
+            "median_p1_shipped": float(np.median(shipped[:, 1])),
+            "median_p1_tuned_on": float(np.mean([np.median(p[:, 1]) for p in tuned_on])),
+            "models_tuned_on": len(tuned_on)}
+
+
 def compute_metrics(labels: np.ndarray, probs: np.ndarray, classes: list[str],
                     threshold: float | None = None, full: bool = False) -> dict[str, Any]:
     """Accuracy, balanced accuracy (mean recall over the classes present), macro F1, recall per class, confusion;

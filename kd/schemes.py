@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Protocol, TypeVar
 
 import numpy as np
@@ -62,6 +62,9 @@ class Final:
     train_images: int
     teacher: Teacher
     teacher_data: Dataset       # the data that teacher was fine-tuned on
+    # models of the same config whose held-out predictions the threshold was tuned on, where the shipped model is
+    # not one of them (a refit: the winner's fold students): its calibration against theirs is measured on export
+    tuned_on: list[nn.Module] = field(default_factory=list)
 
 
 @dataclass
@@ -239,11 +242,15 @@ class CrossValidated(Scheme):
         if not probs:  # no further seeds: the trial's own, saved with its last checkpoint (by an earlier version too)
             saved = state.get("probs", state.get("oof_probs"))
             probs = [saved.numpy()] if saved is not None else []
-        threshold = None
+        threshold, folds = None, []
         if decision_rule(len(self.classes), cfg.train.tune_threshold) == THRESHOLD and probs:
             labels = np.tile(pooled(self.data).labels.numpy(), len(probs))
             threshold = tune_threshold(labels, np.concatenate(probs)[:, 1])
-        return Final(model, threshold, cfg.train.epochs, True, True, len(pool.train), teacher, pool)
+            for member in member_states(state, len(self.members)):  # the winner's fold students, as it ranked
+                fold = student_shell(cfg, len(self.classes), self.data.image_size)
+                fold.load_state_dict(member["model"])  # type: ignore[index]
+                folds.append(fold.eval())
+        return Final(model, threshold, cfg.train.epochs, True, True, len(pool.train), teacher, pool, folds)
 
     @classmethod
     def where(cls, cfg: Config) -> str:

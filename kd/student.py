@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import numpy as np
 import torch
 
 from kd.config import Config
@@ -46,11 +47,15 @@ def train_student(cfg: Config, data: Dataset, teacher_logits: torch.Tensor | Non
                progress=progress, desc=f"student {cfg.student.name}")
 
 
+def split_probs(model: torch.nn.Module, data: Dataset, split: str, cfg: Config) -> np.ndarray:
+    """An in-memory model's class probabilities for every image of one split, on `cfg.train`'s device."""
+    device = resolve_device(cfg.train.device)
+    return Runner.for_config(model, cfg.train, device).split_probs(data, split, cfg.train.eval_batch_size)
+
+
 def evaluate_model(model: torch.nn.Module, data: Dataset, split: str, threshold: float | None,
                    cfg: Config) -> dict[str, Any]:
     """Metrics of an in-memory model on one split, at the given decision threshold; on the test split, the full
     report (balanced accuracy's interval, AUC and balanced log-loss: kd.metrics.compute_metrics)."""
-    device = resolve_device(cfg.train.device)
-    probs = Runner.for_config(model, cfg.train, device).split_probs(data, split, cfg.train.eval_batch_size)
-    return compute_metrics(data.split(split).labels.numpy(), probs, data.classes, threshold,
-                           full=split == "test")
+    return compute_metrics(data.split(split).labels.numpy(), split_probs(model, data, split, cfg), data.classes,
+                           threshold, full=split == "test")

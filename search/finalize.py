@@ -23,10 +23,10 @@ from kd.data import Dataset, load_dataset
 from kd.errors import UserError
 from kd.export import export_student
 from kd.files import save_tensors
-from kd.metrics import interval_text, scalars
+from kd.metrics import calibration_shift, compute_metrics, interval_text, scalars
 from kd.models import fetch_pretrained
 from kd.schemes import Final, Scheme
-from kd.student import evaluate_model
+from kd.student import evaluate_model, split_probs
 from kd.teacher import load_teacher_model
 from kd.timing import Phases, phases_text
 from kd.train import load_state
@@ -67,10 +67,14 @@ def _evaluate_and_export(run: Run, row: pd.Series, tcfg: Config, state: dict[str
     student_argmax = evaluate_model(final.model, data, "test", None, tcfg)
     cost = distill_report(tcfg, final.model, teacher_model, teacher_test, student_argmax,
                           "test balanced accuracy at argmax (both)")
+    shipped = split_probs(final.model, data, "test", tcfg)
+    shift = calibration_shift(shipped, [split_probs(m, data, "test", tcfg) for m in final.tuned_on],
+                              final.threshold) if final.threshold is not None and final.tuned_on else {}
     best = BestRecord(trial=row["trial"], classes=data.classes, threshold=final.threshold, epoch=final.epoch,
                       params=run.params(row), val_last_epoch=judged, teacher_test=teacher_test,
-                      test_argmax=student_argmax,
-                      test=evaluate_model(final.model, data, "test", final.threshold, tcfg), refit=final.refit,
+                      test_argmax=student_argmax, calibration_shift=shift,
+                      test=compute_metrics(data.test.labels.numpy(), shipped, data.classes, final.threshold,
+                                           full=True), refit=final.refit,
                       train_images=final.train_images,
                       val={} if final.sees_validation else evaluate_model(final.model, data, "val", final.threshold,
                                                                           tcfg),
@@ -155,6 +159,8 @@ def finalize(run_dir: Path, prepared: Prepared, phases: Phases, echo: Callable[[
          + ", ".join(f"recall {c} {r:.3f}" for c, r in t["recall"].items()))
     if best.cost:
         echo(best.cost["summary"])
+    if best.shift_text():
+        echo(best.shift_text()[0].upper() + best.shift_text()[1:])
     write_report(run)
     use = run.slot_use()
     busy = {"trials": f"slots {use.busy:.0%} busy"} if use and use.busy is not None else {}

@@ -207,3 +207,16 @@ class BestRecord(Record):
     teacher: TeacherInfo | None = None           # the teacher the exported student learned from
     teacher_test: dict[str, Any] = field(default_factory=dict)  # that teacher on the test split, at argmax ...
     test_argmax: dict[str, Any] = field(default_factory=dict)   # ... and the exported student, at argmax too
+    # a refit against the fold students its threshold was tuned on, on the test images (kd.metrics.calibration_shift)
+    calibration_shift: dict[str, Any] = field(default_factory=dict)
+
+    def shift_text(self) -> str:
+        """The calibration shift in a sentence ("" where the threshold was tuned on the shipped model itself)."""
+        c = self.calibration_shift
+        if not c:
+            return ""
+        return (f"calibration against the {c['models_tuned_on']} fold students whose out-of-fold predictions tuned "
+                f"the threshold {c['threshold']:.4f}, on the {c['images']} test images (labels unused): at it they "
+                f"call {c['called_class_1_tuned_on']:.1%} of the images {self.classes[1]}, the exported refit "
+                f"{c['called_class_1_shipped']:.1%}; median p({self.classes[1]}) {c['median_p1_tuned_on']:.3g} "
+                f"against {c['median_p1_shipped']:.3g}")

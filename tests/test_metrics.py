@@ -4,6 +4,7 @@ import pytest
 from kd.metrics import (
     balanced_accuracy_ci,
     balanced_log_loss,
+    calibration_shift,
     compute_metrics,
     flatten,
     format_metrics,
@@ -89,3 +90,17 @@ def test_the_test_figures_interval_is_a_stratified_bootstrap_of_the_images():
     assert full["auc"] == pytest.approx(macro_auc(labels, probs)) and "balanced_log_loss" in full
     assert balanced_accuracy_ci([[10, 0], [0, 10]]) == [1.0, 1.0]
     assert "balanced_accuracy_interval" not in compute_metrics(labels, probs, ["majority", "minority"])
+
+
+def test_calibration_shift_by_hand():
+    """A refit sharper than its fold students: at their threshold it calls fewer images class 1."""
+    def two(p1):
+        p1 = np.asarray(p1, dtype=float)
+        return np.stack([1 - p1, p1], axis=1)
+    folds = [two([0.1, 0.3, 0.45, 0.6, 0.9]), two([0.2, 0.35, 0.5, 0.55, 0.8])]
+    refit = two([0.01, 0.05, 0.2, 0.35, 0.99])
+    c = calibration_shift(refit, folds, threshold=0.4)
+    assert c["images"] == 5 and c["models_tuned_on"] == 2 and c["threshold"] == 0.4
+    assert c["called_class_1_tuned_on"] == pytest.approx((3 / 5 + 3 / 5) / 2)
+    assert c["called_class_1_shipped"] == pytest.approx(1 / 5)
+    assert c["median_p1_tuned_on"] == pytest.approx((0.45 + 0.5) / 2) and c["median_p1_shipped"] == pytest.approx(0.2)

@@ -144,6 +144,22 @@ def test_the_student_is_set_against_its_own_teacher_on_the_same_test_images_and_
     assert f"| the teacher it learned from | {number(teacher['balanced_accuracy'])} |" in summary
 
 
+def test_the_refit_is_set_against_the_fold_students_its_threshold_was_tuned_on(finished_search):
+    """The calibration shift of the shipped refit, on the test images: its side recomputed from the export itself."""
+    cfg, run_dir, _ = finished_search
+    from kd.data import load_dataset
+    best = json.loads((run_dir / "best" / "metrics.json").read_text())
+    shift = best["calibration_shift"]
+    assert shift["models_tuned_on"] == 3 and shift["threshold"] == best["threshold"]
+    test = load_dataset(cfg.data, progress=False).test
+    probs = load_student(run_dir / "best").probs(test.images)
+    assert shift["images"] == len(test) == len(probs)  # an image on the threshold may round either way
+    called = np.mean(probs[:, 1] >= best["threshold"])
+    assert shift["called_class_1_shipped"] == pytest.approx(called, abs=1.5 / len(test))
+    assert 0 < shift["called_class_1_tuned_on"] < 1 and 0 < shift["median_p1_tuned_on"] < 1
+    assert "fold students whose out-of-fold predictions tuned the threshold" in (run_dir / "summary.md").read_text()
+
+
 def test_summary_names_the_rule_and_sets_the_search_beside_its_reranking_and_test(finished_search):
     _cfg, run_dir, _ = finished_search
     table = read_table(run_dir / "trials.csv")
