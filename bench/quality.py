@@ -12,7 +12,9 @@ exported student is evaluated once on the held-out test split:
 `--study ranking` asks which figure the search should rank its trials by (search.metric): the same
 cross-validated search ranked by balanced accuracy under the shipped rule, by AUC and by a class-balanced
 log-loss (both threshold-free), beside the first reference project's settings. The default is the one whose
-searches give the higher mean test balanced accuracy.
+searches give the higher mean test balanced accuracy. `--study final` ships each search's winner two ways
+(search.final: refit, or its fold students averaged) and sets their test balanced accuracy and latency side by
+side, with the teacher's own test figure.
 
 Each run is the command a user types, in its own process. The table gives test balanced accuracy mean ± std
 over the split seeds, each search's paired difference against the first reference project's settings with
@@ -21,6 +23,7 @@ the number of splits it won, and wall times. Results go to bench/results-quality
     .venv/bin/python bench/quality.py                     # 3 tasks x 5 split seeds (about an hour on 2 cores)
     .venv/bin/python bench/quality.py --tasks rare-9 --seeds 0 1
     .venv/bin/python bench/quality.py --study ranking --tasks rare-9 rare-8 --folds 3
+    .venv/bin/python bench/quality.py --study final --tasks rare-9 rare-8 --folds 3
 """
 from __future__ import annotations
 
@@ -150,6 +153,36 @@ def ranking(task: str, data: list[str], seed: int, work: Path, folds: int) -> di
     return out
 
 
+FINALS = ("refit", "ensemble")
+
+
+def finals(task: str, data: list[str], seed: int, work: Path, folds: int) -> dict[str, dict[str, float]]:
+    """One cross-validated search, its winner shipped each way of FINALS (the refit is the search's own export;
+    the ensemble of its fold students comes from `kdsearch export --final ensemble`), and the first reference
+    project's settings: test balanced accuracy, the shipped model's latency at batch 1 and wall seconds (the
+    ensemble's: its export alone)."""
+    common = [*BASE, *data, f"data.split_seed={seed}", f"data.cache_dir={work / 'cache'}", f"output_dir={work}",
+              f"search.folds={folds}", SPACE, POINTS]
+    name = f"{task}-{seed}-finals"
+    out = {}
+    seconds = run(["search", "digits", *sets([*common, f"name={name}"])], work)
+    for final in FINALS:
+        folder = work / name / ("best" if final == "refit" else f"best-{final}")
+        if final != "refit":
+            seconds = run(["export", str(work / name), "--final", final, "--out", str(folder)], work)
+        best = json.loads((folder / "metrics.json").read_text())
+        out[f"search, shipped as {final}"] = {"test": best["test"]["balanced_accuracy"], "seconds": seconds,
+                                              "latency_ms": best["cost"]["student"]["latency_ms_batch1"],
+                                              "teacher_test": best["teacher_test"]["balanced_accuracy"]}
+    ref = f"{task}-{seed}-reference-1"
+    seconds = run(["distill", "digits", *sets([*BASE, *data, f"data.split_seed={seed}",
+                                               f"data.cache_dir={work / 'cache'}", f"output_dir={work}",
+                                               *[f"{k}={v}" for k, v in REFERENCE_1.items()], f"name={ref}"])], work)
+    metrics = json.loads((work / ref / "distill" / "metrics.json").read_text())
+    out["reference 1: soft T 5, alpha 0.5"] = {"test": metrics["test"]["balanced_accuracy"], "seconds": seconds}
+    return out
+
+
 def table(results: dict[str, dict[str, dict[str, dict[str, float]]]]) -> str:
     lines = []
     for task, by_seed in results.items():
@@ -167,6 +200,12 @@ def table(results: dict[str, dict[str, dict[str, dict[str, float]]]]) -> str:
             won = "" if m.startswith("reference 1") else f"{int((d > 0).sum())}/{len(d)}"
             lines.append(f"{m:<{w}} {v.mean():>8.3f} ± {v.std(ddof=1) if len(v) > 1 else 0:.3f} {vs:>25} {won:>5} "
                          f"{secs:>8.0f}")
+        for m in methods:
+            if "latency_ms" in by_seed[seeds[0]][m]:
+                lat = np.mean([by_seed[s][m]["latency_ms"] for s in seeds])
+                teacher = np.array([by_seed[s][m]["teacher_test"] for s in seeds])
+                lines.append(f"  {m}: latency at batch 1 {lat:.2f} ms; its teacher's own test balanced accuracy "
+                             f"(argmax) {teacher.mean():.3f} ± {teacher.std(ddof=1) if len(teacher) > 1 else 0:.3f}")
         if "search, holdout" in methods:
             cv = np.mean([by_seed[s]["search, cross-validated"]["seconds"] for s in seeds])
             hold = np.mean([by_seed[s]["search, holdout"]["seconds"] for s in seeds])
@@ -180,12 +219,13 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--folds", type=int, default=5, help="search.folds of the cross-validated search")
     parser.add_argument("--work", default="/tmp/kd-quality", help="where runs write (default: /tmp/kd-quality)")
-    parser.add_argument("--study", choices=["search", "ranking"], default="search",
-                        help="search: the search against fixed settings; ranking: which figure to rank trials by")
-    parser.add_argument("--out", help="default: bench/results-quality.json (results-ranking.json)")
+    parser.add_argument("--study", choices=["search", "ranking", "final"], default="search",
+                        help="search: the search against fixed settings; ranking: which figure to rank trials by; "
+                        "final: the winner shipped as a refit or as its fold students averaged")
+    parser.add_argument("--out", help="default: bench/results-quality.json (results-ranking.json, results-final.json)")
     args = parser.parse_args()
-    study = one if args.study == "search" else ranking
-    args.out = args.out or str(ROOT / "bench" / f"results-{'quality' if args.study == 'search' else 'ranking'}.json")
+    study = {"search": one, "ranking": ranking, "final": finals}[args.study]
+    args.out = args.out or str(ROOT / "bench" / f"results-{'quality' if args.study == 'search' else args.study}.json")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     data = tasks(work / "data")

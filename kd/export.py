@@ -34,6 +34,7 @@ from torch import nn
 from kd.augment import Normalize, to_float
 from kd.compat import save_timm_config
 from kd.config import Config, ModelConfig
+from kd.ensemble import Ensemble
 from kd.errors import UserError
 from kd.files import atomic_dir, atomic_write_json
 from kd.images import MAX_IMAGE_PIXELS
@@ -77,18 +78,22 @@ def export_student(out_dir: str | Path, model: torch.nn.Module, cfg: Config, cla
     """
     out_dir = Path(out_dir)
     model = model.cpu().eval()
-    mean, std = mean_std(model)
+    one = model.members[0] if isinstance(model, Ensemble) else model  # an ensemble's members share one architecture
+    mean, std = mean_std(one)
     size = cfg.data.image_size
     info: dict[str, Any] = {
         "format": EXPORT_FORMAT,
         "architecture": cfg.student.name,
+        # K: the weights hold K students (members.0. ...), each loads in timm with its prefix stripped, and the
+        # graphs and the PyTorch model output the log of their mean probability (kd.ensemble)
+        "ensemble": len(model) if isinstance(model, Ensemble) else 0,
         "classes": classes,
         "image_size": size,
         "mean": list(mean), "std": list(std),
         "interpolation": INTERPOLATION,
         "threshold": threshold,
         "positive_class": classes[1] if threshold is not None else None,
-        "distilled_heads": is_distilled(model),
+        "distilled_heads": is_distilled(one),
         "hyperparameters": {"distill": vars(cfg.distill), "imbalance": vars(cfg.imbalance),
                             "train": {k: v for k, v in vars(cfg.train).items() if k != "device"},
                             "student": vars(cfg.student), "teacher": cfg.teacher.name},
@@ -105,7 +110,7 @@ def export_student(out_dir: str | Path, model: torch.nn.Module, cfg: Config, cla
         state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": EXPORT_FORMAT})
         info["weights_bytes"] = (tmp / WEIGHTS_FILE).stat().st_size
-        write_timm_config(model, tmp / TIMM_CONFIG_FILE, classes, size)
+        write_timm_config(one, tmp / TIMM_CONFIG_FILE, classes, size)
         if graph or onnx:
             deploy = Preprocessed(model, mean, std).eval()
             check = torch.rand(3, 3, size, size, generator=torch.Generator().manual_seed(0))  # not the export batch
@@ -322,6 +327,9 @@ def load_student(path: str | Path, device: str | torch.device = "cpu") -> Studen
     student_cfg = ModelConfig(name=info["architecture"], pretrained=False,
                               drop_rate=info["hyperparameters"]["student"].get("drop_rate", 0.0))
     model = create_model(student_cfg, info["num_classes"], info["image_size"])
+    if info.get("ensemble"):
+        model = Ensemble([model, *(create_model(student_cfg, info["num_classes"], info["image_size"])
+                                   for _ in range(info["ensemble"] - 1))])
     try:
         model.load_state_dict(load_file(str(weights)))
     except Exception as e:

@@ -29,6 +29,7 @@ from torch import nn
 from kd.config import Config
 from kd.crossval import make_folds, pooled, refit_data
 from kd.data import Dataset
+from kd.ensemble import Ensemble
 from kd.errors import Diverged
 from kd.metrics import tune_threshold
 from kd.selection import THRESHOLD, decision_rule
@@ -65,6 +66,7 @@ class Final:
     # models of the same config whose held-out predictions the threshold was tuned on, where the shipped model is
     # not one of them (a refit: the winner's fold students): its calibration against theirs is measured on export
     tuned_on: list[nn.Module] = field(default_factory=list)
+    teacher_label: str = "the teacher it learned from"  # how the teacher set beside it is named
 
 
 @dataclass
@@ -165,8 +167,9 @@ class Scheme(ABC):
 
     @classmethod
     @abstractmethod
-    def final_text(cls, epoch: int, train_images: int) -> str:
-        """What its shipped student is: 'its checkpoint of epoch 8'."""
+    def final_text(cls, epoch: int, train_images: int, ensemble: int = 0) -> str:
+        """What its shipped student is: 'its checkpoint of epoch 8' (`ensemble`: how many fold students it
+        averages, 0 for one student)."""
 
     @classmethod
     @abstractmethod
@@ -209,7 +212,7 @@ class Holdout(Scheme):
         return "prepared once before the trials"
 
     @classmethod
-    def final_text(cls, epoch: int, train_images: int) -> str:
+    def final_text(cls, epoch: int, train_images: int, ensemble: int = 0) -> str:
         return f"its checkpoint of epoch {epoch}"
 
     @classmethod
@@ -232,25 +235,32 @@ class CrossValidated(Scheme):
         return refit_data(self.data)
 
     def final(self, cfg: Config, state: dict[str, Any], probs: list[np.ndarray], compute: Compute) -> Final:
-        """The winner's config refitted on all of train + validation (its teacher fine-tuned on the same pool), its
-        threshold tuned on the winner's out-of-fold predictions."""
+        """`search.final` refit: the winner's config refitted on all of train + validation (its teacher fine-tuned on
+        the same pool); ensemble: the winner's K fold students at the epoch that ranked it, their probabilities
+        averaged (kd.ensemble). Either way the threshold is tuned on the winner's out-of-fold predictions."""
         pool = self.final_teacher_data()
         teacher = compute.teacher(cfg, pool)
-        weights = compute.run(refit, cfg, pool, teacher.logits)
-        model = student_shell(cfg, len(self.classes), self.data.image_size)
-        model.load_state_dict(weights)
+        folds = []
+        for member in member_states(state, len(self.members)):  # the winner's fold students, as it ranked
+            fold = student_shell(cfg, len(self.classes), self.data.image_size)
+            fold.load_state_dict(member["model"])  # type: ignore[index]
+            folds.append(fold.eval())
         if not probs:  # no further seeds: the trial's own, saved with its last checkpoint (by an earlier version too)
             saved = state.get("probs", state.get("oof_probs"))
             probs = [saved.numpy()] if saved is not None else []
-        threshold, folds = None, []
+        threshold = None
         if decision_rule(len(self.classes), cfg.train.tune_threshold) == THRESHOLD and probs:
             labels = np.tile(pooled(self.data).labels.numpy(), len(probs))
             threshold = tune_threshold(labels, np.concatenate(probs)[:, 1])
-            for member in member_states(state, len(self.members)):  # the winner's fold students, as it ranked
-                fold = student_shell(cfg, len(self.classes), self.data.image_size)
-                fold.load_state_dict(member["model"])  # type: ignore[index]
-                folds.append(fold.eval())
-        return Final(model, threshold, cfg.train.epochs, True, True, len(pool.train), teacher, pool, folds)
+        tuned_on = folds if threshold is not None else []
+        if cfg.search.final == "ensemble":
+            return Final(Ensemble(folds).eval(), threshold, state["history"][-1]["epoch"], False, True,
+                         len(pool.train), teacher, pool, tuned_on,
+                         "a teacher fine-tuned on all of train + validation (the fold students learned from the "
+                         "fold teachers)")
+        model = student_shell(cfg, len(self.classes), self.data.image_size)
+        model.load_state_dict(compute.run(refit, cfg, pool, teacher.logits))
+        return Final(model, threshold, cfg.train.epochs, True, True, len(pool.train), teacher, pool, tuned_on)
 
     @classmethod
     def where(cls, cfg: Config) -> str:
@@ -278,7 +288,10 @@ class CrossValidated(Scheme):
         return f"fold {m + 1}/{k}"
 
     @classmethod
-    def final_text(cls, epoch: int, train_images: int) -> str:
+    def final_text(cls, epoch: int, train_images: int, ensemble: int = 0) -> str:
+        if ensemble:
+            return (f"its {ensemble} fold students at epoch {epoch} (each trained on the other folds of the "
+                    f"{train_images} train + validation images), their probabilities averaged")
         return f"refitted on all {train_images} train + validation images with its config and {epoch} epochs"
 
     @classmethod

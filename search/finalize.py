@@ -20,6 +20,7 @@ import torch
 from kd.config import Config
 from kd.cost import distill_report
 from kd.data import Dataset, load_dataset
+from kd.ensemble import Ensemble
 from kd.errors import UserError
 from kd.export import export_student
 from kd.files import save_tensors
@@ -41,20 +42,22 @@ from search.teachers import Prepared, RayCompute
 
 
 def export_best(run: Run, row: pd.Series, scheme: Scheme, probs: list[np.ndarray], out_dir: Path,
-                prepared: Prepared | None = None, phases: Phases | None = None) -> BestRecord:
-    """The student `scheme` makes of trial `row` (`Scheme.final`; `probs`: its held-out probabilities over further
-    seeds), evaluated once on the test split, with its compression report against its teacher, exported to
-    `out_dir`."""
+                prepared: Prepared | None = None, phases: Phases | None = None, final: str | None = None) -> BestRecord:
+    """The student `scheme` makes of trial `row` (`Scheme.final`, as `final` or the search's `search.final` says;
+    `probs`: its held-out probabilities over further seeds), evaluated once on the test split, with its compression
+    report against its teacher, exported to `out_dir`."""
     ckpt = latest_checkpoint(row["path"])
     if ckpt is None:
         raise UserError(f"trial {row['trial']} has no checkpoint to export (status: {row['status']})")
     tcfg = run.trial_config(row)
+    if final:
+        tcfg = tcfg.updated({"search.final": final}, source="--final")
     state = load_state(ckpt)
     phases = phases or Phases()  # not recorded: `kdsearch export` is no phase of the search
     with phases("final student"):
-        final = scheme.final(tcfg, state, probs, RayCompute(trial_resources(run.config), prepared))
+        made = scheme.final(tcfg, state, probs, RayCompute(trial_resources(run.config), prepared))
     with phases("export"):
-        return _evaluate_and_export(run, row, tcfg, state, final, scheme.data, out_dir)
+        return _evaluate_and_export(run, row, tcfg, state, made, scheme.data, out_dir)
 
 
 def _evaluate_and_export(run: Run, row: pd.Series, tcfg: Config, state: dict[str, Any], final: Final, data: Dataset,
@@ -72,7 +75,8 @@ def _evaluate_and_export(run: Run, row: pd.Series, tcfg: Config, state: dict[str
                               final.threshold) if final.threshold is not None and final.tuned_on else {}
     best = BestRecord(trial=row["trial"], classes=data.classes, threshold=final.threshold, epoch=final.epoch,
                       params=run.params(row), val_last_epoch=judged, teacher_test=teacher_test,
-                      test_argmax=student_argmax, calibration_shift=shift,
+                      test_argmax=student_argmax, calibration_shift=shift, teacher_label=final.teacher_label,
+                      ensemble=len(final.model) if isinstance(final.model, Ensemble) else 0,
                       test=compute_metrics(data.test.labels.numpy(), shipped, data.classes, final.threshold,
                                            full=True), refit=final.refit,
                       train_images=final.train_images,
@@ -83,7 +87,7 @@ def _evaluate_and_export(run: Run, row: pd.Series, tcfg: Config, state: dict[str
     return best
 
 
-def export_command(run_dir: str | Path, trial: str | None, out: str | Path) -> str:
+def export_command(run_dir: str | Path, trial: str | None, out: str | Path, final: str | None = None) -> str:
     """`kdsearch export`: a chosen trial (default: the search's own pick) exported to `out` as the search exports its
     winner (its scheme's final student), evaluated on the test split again."""
     run = Run(run_dir)
@@ -100,8 +104,8 @@ def export_command(run_dir: str | Path, trial: str | None, out: str | Path) -> s
     data = load_dataset(run.config.data, progress=False)
     # the re-ranked winner's threshold comes from its further seeds, as best/'s did
     probs = run.rerank_probs() if run.reranking is not None and run.reranking.winner == row["trial"] else []
-    best = export_best(run, row, run.scheme.split(run.config, data), probs, Path(out))
-    how = run.scheme.final_text(best.epoch, best.train_images)
+    best = export_best(run, row, run.scheme.split(run.config, data), probs, Path(out), final=final)
+    how = run.scheme.final_text(best.epoch, best.train_images, best.ensemble)
     return (f"exported trial {row['trial']} ({how}; validation {run.config.search.metric} "
             f"{row[run.config.search.metric]:.4f}, {run.rule_label}) to {out}; the test split evaluated again: "
             f"balanced accuracy {best.test['balanced_accuracy']:.4f}")
@@ -150,7 +154,9 @@ def finalize(run_dir: Path, prepared: Prepared, phases: Phases, echo: Callable[[
                 if c.verdict in (Verdict.BEATS, Verdict.WITHIN_NOISE) else ""))
     best = run.best
     if best is None or best.trial != row["trial"]:
-        if prepared.scheme.making_final:
+        if cfg.search.final == "ensemble":
+            echo(f"the winner ships as its {cfg.search.folds} fold students, averaged ...")
+        elif prepared.scheme.making_final:
             echo(prepared.scheme.making_final)
         best = export_best(run, row, prepared.scheme, probs, run_dir / BEST, prepared, phases)
     t = best.test

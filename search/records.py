@@ -201,6 +201,7 @@ class BestRecord(Record):
     val_last_epoch: dict[str, Any]               # the trial's held-out figures at its last reported epoch
     test: dict[str, Any]
     refit: bool = False                          # refitted on train + validation (not the trial's checkpoint)
+    ensemble: int = 0                            # the fold students it averages (search.final: ensemble), or 0
     train_images: int = 0
     val: dict[str, Any] = field(default_factory=dict)  # the exported model on the validation split (a holdout's)
     cost: dict[str, Any] = field(default_factory=dict)  # the compression report against the teacher (kd.cost)
@@ -209,14 +210,16 @@ class BestRecord(Record):
     test_argmax: dict[str, Any] = field(default_factory=dict)   # ... and the exported student, at argmax too
     # a refit against the fold students its threshold was tuned on, on the test images (kd.metrics.calibration_shift)
     calibration_shift: dict[str, Any] = field(default_factory=dict)
+    teacher_label: str = "the teacher it learned from"  # what teacher_test's teacher is to the exported model
 
     def shift_text(self) -> str:
         """The calibration shift in a sentence ("" where the threshold was tuned on the shipped model itself)."""
         c = self.calibration_shift
         if not c:
             return ""
+        shipped = f"the exported ensemble of {self.ensemble}" if self.ensemble else "the exported refit"
         return (f"calibration against the {c['models_tuned_on']} fold students whose out-of-fold predictions tuned "
                 f"the threshold {c['threshold']:.4f}, on the {c['images']} test images (labels unused): at it they "
-                f"call {c['called_class_1_tuned_on']:.1%} of the images {self.classes[1]}, the exported refit "
+                f"call {c['called_class_1_tuned_on']:.1%} of the images {self.classes[1]}, {shipped} "
                 f"{c['called_class_1_shipped']:.1%}; median p({self.classes[1]}) {c['median_p1_tuned_on']:.3g} "
                 f"against {c['median_p1_shipped']:.3g}")

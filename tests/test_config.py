@@ -150,3 +150,11 @@ def test_by_default_images_over_pillows_own_bomb_limit_are_refused_in_training_a
     rows = predict_files(load_predictor(out), [str(root / "B" / "huge.png"), str(root / "B" / "B_0.png")],
                          progress=False)
     assert rows[0]["error"].split(" (")[0] == refused and not rows[1]["error"]
+
+
+def test_an_ensemble_final_needs_folds():
+    with pytest.raises(ConfigError, match=r"search\.final.*needs search\.folds >= 2"):
+        load_config(None, ["search.final=ensemble", "search.folds=1"])
+    assert load_config(None, ["search.final=ensemble", "search.folds=3"]).search.final == "ensemble"
+    with pytest.raises(ConfigError, match=r"search\.final"):
+        load_config(None, ["search.final=distilled"])

@@ -167,3 +167,38 @@ def test_graphs_that_do_not_match_or_cannot_be_made_are_left_out(tmp_path, monke
     with pytest.raises(UserError, match=r"has no model\.pt2"):
         load_graph(out)
     assert load_student(out).classes == CLASSES  # the weights are the export
+
+
+def test_an_ensemble_of_fold_students_exports_as_one_model_and_loads_back(tmp_path):
+    """K students averaged (kd.ensemble): the export's PyTorch model, its ONNX and torch.export graphs all give the
+    log of the members' mean probability; each member loads in timm from the weights with its prefix stripped."""
+    import onnxruntime as ort
+    import timm
+    from safetensors.torch import load_file
+
+    from kd.ensemble import Ensemble, member_prefix
+    members = []
+    for seed in range(3):
+        model, cfg = student_and_config(tmp_path)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p, generator=torch.Generator().manual_seed(seed)) * 0.05)
+        members.append(model)
+    out = export_student(tmp_path / "ensemble", Ensemble(members).eval(), cfg, CLASSES, 0.4, {})
+    meta = json.loads((out / "kdsearch.json").read_text())
+    assert meta["ensemble"] == 3 and meta["onnx"] == "model.onnx" and meta["graph"] == "model.pt2"
+    x = torch.rand(4, 3, 32, 32)
+    norm = kd.export.Normalize((0.5,) * 3, (0.5,) * 3)
+    with torch.no_grad():
+        mean_probs = torch.stack([m(norm(x)).softmax(-1) for m in members]).mean(0)
+        loaded = load_student(out)
+        assert torch.allclose(loaded.model(norm(x)).softmax(-1), mean_probs, atol=1e-6)
+        assert torch.allclose(load_graph(out)(x).softmax(-1), mean_probs, atol=1e-5)
+    onnx_out = ort.InferenceSession(str(out / "model.onnx")).run(None, {"images": x.numpy()})[0]
+    assert np.allclose(torch.from_numpy(onnx_out).softmax(-1).numpy(), mean_probs.numpy(), atol=1e-5)
+    weights = load_file(str(out / "model.safetensors"))
+    second = timm.create_model("test_resnet", num_classes=2)
+    second.load_state_dict({k.removeprefix(member_prefix(1)): v for k, v in weights.items()
+                            if k.startswith(member_prefix(1))})
+    with torch.no_grad():
+        assert torch.equal(second.eval()(norm(x)), members[1](norm(x)))

@@ -263,6 +263,38 @@ def test_compare_sets_searches_side_by_side(finished_search, tmp_path, capsys):
     assert f"{tmp_path} is not a search directory" in capsys.readouterr().err
 
 
+def test_the_winner_ships_as_its_fold_students_averaged(finished_search, tmp_path, capsys):
+    """`kdsearch export --final ensemble`: the students that were judged, as one model; its probabilities are the mean
+    of the winner's fold students' (from its checkpoint), and its threshold is the refit's (both from the same
+    out-of-fold predictions)."""
+    cfg, run_dir, _ = finished_search
+    best = json.loads((run_dir / "best" / "metrics.json").read_text())
+    assert main(["export", str(run_dir), "--final", "ensemble", "--out", str(tmp_path / "ens")]) == 0
+    assert "its 3 fold students at epoch" in capsys.readouterr().out
+    ensemble = load_student(tmp_path / "ens")
+    shipped = json.loads((tmp_path / "ens" / "metrics.json").read_text())
+    assert ensemble.info["ensemble"] == shipped["ensemble"] == 3 and not shipped["refit"]
+    assert shipped["trial"] == best["trial"] and shipped["threshold"] == pytest.approx(best["threshold"])
+    from kd.data import load_dataset
+    from kd.infer import predict_probs
+    from kd.student import student_shell
+    from kd.train import load_state
+    from search.experiment import latest_checkpoint
+    from search.run import Run
+    state = load_state(latest_checkpoint(Run(run_dir).trial(best["trial"])["path"]))
+    test = load_dataset(cfg.data, progress=False).test
+    folds = []
+    for member in state["members"]:
+        fold = student_shell(cfg, 2, 32)
+        fold.load_state_dict(member["model"])
+        folds.append(predict_probs(fold.eval(), test.images, ensemble.info["mean"], ensemble.info["std"],
+                                   torch.device("cpu")))
+    assert np.allclose(ensemble.probs(test.images), np.mean(folds, axis=0), atol=1e-5)
+    assert shipped["test"]["balanced_accuracy"] > 0.6 and shipped["cost"]["student"]["parameters"] == 3 * 372882
+    assert shipped["calibration_shift"]["called_class_1_tuned_on"] == pytest.approx(
+        best["calibration_shift"]["called_class_1_tuned_on"])  # the same fold students, the same images
+
+
 def test_export_a_chosen_trial_and_reproduce_it_outside_ray(finished_search, tmp_path):
     _cfg, run_dir, _ = finished_search
     table = read_table(run_dir / "trials.csv")
