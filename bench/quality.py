@@ -97,9 +97,10 @@ SPACE = "search.space={distill.mode: {type: choice, values: [soft, hard]}, disti
 POINTS = f"search.points={json.dumps([REFERENCE_1, REFERENCE_2])}"  # the reference projects' settings, tried first
 
 
-def run(args: list[str], cwd: Path) -> float:
+def run(args: list[str], cwd: Path, quiet: bool = True) -> float:
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "search.cli", *args, "--quiet"], cwd=cwd, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "search.cli", *args, *(["--quiet"] if quiet else [])], cwd=cwd,
+                          capture_output=True,
                           text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(args[:2])} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
@@ -169,7 +170,7 @@ def finals(task: str, data: list[str], seed: int, work: Path, folds: int) -> dic
     for final in FINALS:
         folder = work / name / ("best" if final == "refit" else f"best-{final}")
         if final != "refit":
-            seconds = run(["export", str(work / name), "--final", final, "--out", str(folder)], work)
+            seconds = run(["export", str(work / name), "--final", final, "--out", str(folder)], work, quiet=False)
         best = json.loads((folder / "metrics.json").read_text())
         out[f"search, shipped as {final}"] = {"test": best["test"]["balanced_accuracy"], "seconds": seconds,
                                               "latency_ms": best["cost"]["student"]["latency_ms_batch1"],

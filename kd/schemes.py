@@ -67,6 +67,7 @@ class Final:
     # not one of them (a refit: the winner's fold students): its calibration against theirs is measured on export
     tuned_on: list[nn.Module] = field(default_factory=list)
     teacher_label: str = "the teacher it learned from"  # how the teacher set beside it is named
+    fits_tuned_on: int = 0      # how many cross-validated fits' out-of-fold predictions tuned the threshold
 
 
 @dataclass
@@ -245,9 +246,11 @@ class CrossValidated(Scheme):
             fold = student_shell(cfg, len(self.classes), self.data.image_size)
             fold.load_state_dict(member["model"])  # type: ignore[index]
             folds.append(fold.eval())
-        if not probs:  # no further seeds: the trial's own, saved with its last checkpoint (by an earlier version too)
-            saved = state.get("probs", state.get("oof_probs"))
-            probs = [saved.numpy()] if saved is not None else []
+        saved = state.get("probs", state.get("oof_probs"))  # the trial's own, saved with its last checkpoint
+        own = [saved.numpy()] if saved is not None else []
+        # the ensemble's threshold: the out-of-fold predictions of the very students it ships; the refit's: those of
+        # the winner's fits over the further seeds (more of them), else the trial's own
+        probs = own if cfg.search.final == "ensemble" or not probs else probs
         threshold = None
         if decision_rule(len(self.classes), cfg.train.tune_threshold) == THRESHOLD and probs:
             labels = np.tile(pooled(self.data).labels.numpy(), len(probs))
@@ -257,10 +260,11 @@ class CrossValidated(Scheme):
             return Final(Ensemble(folds).eval(), threshold, state["history"][-1]["epoch"], False, True,
                          len(pool.train), teacher, pool, tuned_on,
                          "a teacher fine-tuned on all of train + validation (the fold students learned from the "
-                         "fold teachers)")
+                         "fold teachers)", len(probs))
         model = student_shell(cfg, len(self.classes), self.data.image_size)
         model.load_state_dict(compute.run(refit, cfg, pool, teacher.logits))
-        return Final(model, threshold, cfg.train.epochs, True, True, len(pool.train), teacher, pool, tuned_on)
+        return Final(model, threshold, cfg.train.epochs, True, True, len(pool.train), teacher, pool, tuned_on,
+                     fits_tuned_on=len(probs))
 
     @classmethod
     def where(cls, cfg: Config) -> str:
