@@ -36,7 +36,8 @@ def resume_hint(args: argparse.Namespace) -> str | None:
     """The command that continues an interrupted search (None for commands that are not searches)."""
     sets = "".join(f" --set {s}" for s in args.set) if hasattr(args, "set") else ""
     if args.command == "search":
-        return f"kdsearch search {args.config}{sets} --resume"
+        where = "".join(f" --{flag} {getattr(args, flag)}" for flag in ("address", "storage") if getattr(args, flag))
+        return f"kdsearch search {args.config}{sets}{where} --resume"
     if args.command == "demo":
         return f"kdsearch demo{sets}"
     return None

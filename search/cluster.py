@@ -78,23 +78,27 @@ def ended_if_ray_dies(started: bool, message: Callable[[str], str], poll_s: floa
     watched = [(kind, info.process) for kind in ("gcs_server", "raylet") for info in node.all_processes.get(kind, [])]
     stop = threading.Event()
 
+    def dead() -> tuple[str, Any] | None:
+        return next(((kind, p) for kind, p in watched if p.poll() is not None), None)
+
+    def end(kind: str, process: Any) -> None:
+        with contextlib.suppress(Exception):
+            node.kill_all_processes(check_alive=False, allow_graceful=False)
+        cause = f"the Ray runtime this search started went away (its {kind}, pid {process.pid}, ended)"
+        try:
+            text = message(cause)
+        except Exception as e:  # the records may be mid-write: the exit must still happen
+            text = f"search interrupted: {cause} ({type(e).__name__} reading what finished)"
+        sys.stdout.flush()
+        sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+        os._exit(130)
+
     def watch() -> None:
         while not stop.wait(poll_s):
-            dead = [(kind, p) for kind, p in watched if p.poll() is not None]
-            if not dead or stop.is_set():
-                continue
-            kind, process = dead[0]
-            with contextlib.suppress(Exception):
-                node.kill_all_processes(check_alive=False, allow_graceful=False)
-            cause = f"the Ray runtime this search started went away (its {kind}, pid {process.pid}, ended)"
-            try:
-                text = message(cause)
-            except Exception as e:  # the records may be mid-write: the exit must still happen
-                text = f"search interrupted: {cause} ({type(e).__name__} reading what finished)"
-            sys.stdout.flush()
-            sys.stderr.write(text + "\n")
-            sys.stderr.flush()
-            os._exit(130)
+            found = dead()
+            if found and not stop.is_set():
+                end(*found)
 
     thread = threading.Thread(target=watch, name="kd-search-ray-watch", daemon=True)
     thread.start()
@@ -103,6 +107,9 @@ def ended_if_ray_dies(started: bool, message: Callable[[str], str], poll_s: floa
     finally:
         stop.set()
         thread.join()
+        found = dead()
+        if found:  # the driver saw Ray go first (a call to it raised): the same end, not its error
+            end(*found)
 
 
 @ray.remote(num_cpus=0)

@@ -14,6 +14,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
 
 from kd.config import Config
@@ -33,10 +34,11 @@ Costs = dict[str, dict[str, Any]]
 
 
 def searched_students(cfg: Config, params: list[Param]) -> list[str]:
-    """The student architectures a search's trials may train: `student.name`'s choices, or the config's one."""
+    """The student architectures a search's trials may train: `student.name`'s choices (and the config's own, where
+    the choice is conditional and a trial may not sample it), or the config's one."""
     for p in params:
         if p.key == "student.name" and p.type == "choice":
-            return [str(v) for v in p.values]
+            return list(dict.fromkeys([str(v) for v in p.values] + ([cfg.student.name] if p.when else [])))
     return [cfg.student.name]
 
 
@@ -62,7 +64,8 @@ def _read(path: Path) -> dict[str, dict[str, float]]:
 
 
 def _key(name: str, classes: int, image_size: int, device: str, threads: int) -> str:
-    return f"{name} | {classes} classes | {image_size} px | {device} | {threads} threads | torch {torch.__version__}"
+    return (f"{name} | {classes} classes | {image_size} px | {device} | {threads} threads | torch {torch.__version__} "
+            f"| timm {timm.__version__}")
 
 
 def _measure(cfg: Config, names: list[str], classes: int, image_size: int,
@@ -83,8 +86,17 @@ def _measure(cfg: Config, names: list[str], classes: int, image_size: int,
             continue
         shells.append((name, shell))
     new: dict[str, dict[str, float]] = {}
-    reports = measure_many([(m, image_size) for _, m in shells], device) if shells else []
-    for (name, _), report in zip(shells, reports, strict=True):
+    try:  # timed in turns, so a busy moment favours none of them
+        measured = measure_many([(m, image_size) for _, m in shells], device) if shells else []
+        reports = list(zip(shells, measured, strict=True))
+    except Exception:  # one fails at the large batch (out of memory): each alone, its error kept for its trials
+        reports = []
+        for name, shell in shells:
+            try:
+                reports.append(((name, shell), measure_many([(shell, image_size)], device)[0]))
+            except Exception as e:
+                costs[name] = {"error": f"{type(e).__name__}: {e}"}
+    for (name, _), report in reports:
         new[keys[name]] = costs[name] = {
             "student_params": report["parameters"], "student_mflops": report["flops"] / 1e6,
             "student_latency_ms": report["latency_ms_batch1"], "student_images_per_s": report["images_per_s_batch"]}

@@ -16,7 +16,7 @@ import ray
 
 from kd.config import COSTS, Config, save_config
 from kd.data import load_dataset
-from kd.errors import Interrupted
+from kd.errors import Interrupted, UserError
 from kd.schemes import Scheme
 from kd.selection import check_metric, decision_rule
 from search.cluster import (
@@ -107,7 +107,12 @@ def _raise_if_interrupted(run_dir: Path) -> None:
 def interrupted(run_dir: Path, cause: str | None = None, resume_command: str | None = None) -> str:
     """What an interrupted search says: why (if not the user), what finished and is kept, and (where the caller
     cannot add it) how to resume."""
-    run = Run(run_dir)
-    text = (f"search interrupted{': ' + cause if cause else ''}; {run.finished()} of {run.config.search.num_samples} "
+    try:
+        run = Run(run_dir)
+        finished = run.finished()
+    except UserError:  # before the trials (their folder not made yet): nothing to resume
+        return (f"search interrupted{': ' + cause if cause else ''}, before any trial ran; start it again with the "
+                "same command (without --resume)")
+    text = (f"search interrupted{': ' + cause if cause else ''}; {finished} of {run.config.search.num_samples} "
             f"trials finished and saved in {run_dir}; unfinished trials resume from their last checkpoint")
     return text + (f"\nresume with: {resume_command}" if resume_command else "")

@@ -71,8 +71,9 @@ def _evaluate_and_export(run: Run, row: pd.Series, tcfg: Config, state: dict[str
     cost = distill_report(tcfg, final.model, teacher_model, teacher_test, student_argmax,
                           "test balanced accuracy at argmax (both)")
     shipped = split_probs(final.model, data, "test", tcfg)
-    shift = calibration_shift(shipped, [split_probs(m, data, "test", tcfg) for m in final.tuned_on],
-                              final.threshold) if final.threshold is not None and final.tuned_on else {}
+    shift = {**calibration_shift(shipped, [split_probs(m, data, "test", tcfg) for m in final.tuned_on],
+                                 final.threshold), "fits_tuned_on": final.fits_tuned_on} \
+        if final.threshold is not None and final.tuned_on else {}
     best = BestRecord(trial=row["trial"], classes=data.classes, threshold=final.threshold, epoch=final.epoch,
                       params=run.params(row), val_last_epoch=judged, teacher_test=teacher_test,
                       test_argmax=student_argmax, calibration_shift=shift, teacher_label=final.teacher_label,

@@ -222,8 +222,11 @@ def pareto(run: Run, path: Path) -> None:
                        label=f"{name}, stopped early" if len(stopped) else None)
         front = run.front([metric, cost])
         ax.step(front[cost], front[metric], where="post", color="black", linewidth=1.2)
+        searched = run.objectives == [metric, cost]  # this panel's front is the search's own
         ax.scatter(front[cost], front[metric], s=90, facecolors="none", edgecolors="black", linewidths=1.2,
-                   label="front (trials that ran every epoch)")
+                   label="the front (trials that ran every epoch)" if searched else None)
+        if not searched:
+            ax.set_title(f"front of {metric} against this cost alone", fontsize=9)
         ax.set(xlabel=COST_LABELS[cost], ylabel=metric if ax is axes[0] else "")
         if cost == "student_params":  # 372,000 reads as 0.37M, and five ticks do not overlap
             ax.xaxis.set_major_locator(MaxNLocator(5))
@@ -232,7 +235,8 @@ def pareto(run: Run, path: Path) -> None:
         if len(values) and values.min() > 0 and values.max() / values.min() >= 10:  # a log axis spans decades
             log_axis(ax, float(values.min()), float(values.max()))
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    handles, labels = axes[0].get_legend_handles_labels()  # the first panel's front is the search's (or summary's)
+    axes[1].legend(handles, labels, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     searched = ", the search's objectives" if run.config.search.objectives else ""
     fig.suptitle(f"accuracy against what the student costs{searched} ({run.rule_label})\n"
                  "each student's cost measured once before the trials, on a trial's device", fontsize=10)

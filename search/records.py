@@ -218,8 +218,11 @@ class BestRecord(Record):
         if not c:
             return ""
         shipped = f"the exported ensemble of {self.ensemble}" if self.ensemble else "the exported refit"
-        return (f"calibration against the {c['models_tuned_on']} fold students whose out-of-fold predictions tuned "
-                f"the threshold {c['threshold']:.4f}, on the {c['images']} test images (labels unused): at it they "
-                f"call {c['called_class_1_tuned_on']:.1%} of the images {self.classes[1]}, {shipped} "
+        fits = c.get("fits_tuned_on", 0)
+        tuned = (f"tuned on the out-of-fold predictions of {fits} cross-validated fit{'s' if fits != 1 else ''} of "
+                 "its config" if fits else "tuned on out-of-fold predictions")
+        return (f"calibration of {shipped} against the winner's {c['models_tuned_on']} fold students, each alone, at "
+                f"the threshold {c['threshold']:.4f} ({tuned}), on the {c['images']} test images (labels unused): "
+                f"the fold students call {c['called_class_1_tuned_on']:.1%} of the images {self.classes[1]}, {shipped} "
                 f"{c['called_class_1_shipped']:.1%}; median p({self.classes[1]}) {c['median_p1_tuned_on']:.3g} "
                 f"against {c['median_p1_shipped']:.3g}")

@@ -271,8 +271,8 @@ def _best_student(run: Run) -> list[str]:
     side = _side_by_side(run, best)
     return out + [f"Trial `{best.trial}`, {how}, exported to `best/`{thr}.", "",
                   _table(["test", "value"], _metric_rows(best.test, classes)), "", *side, *_against_teacher(best),
-                  *([f"The shipped threshold's {best.shift_text()}. Where the two shares differ, the refit does not "
-                     "sit where its threshold was tuned, and its balanced accuracy pays for the difference.", ""]
+                  *([f"The {best.shift_text()}. Where the two shares differ, the exported model does not sit "
+                     "where its threshold was tuned, and its balanced accuracy pays for the difference.", ""]
                     if best.shift_text() else []),
                   "![confusion matrix](plots/confusion_matrix_test.png)", ""]
 
