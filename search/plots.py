@@ -222,10 +222,10 @@ def pareto(run: Run, path: Path) -> None:
                        label=f"{name}, stopped early" if len(stopped) else None)
         front = run.front([metric, cost])
         ax.step(front[cost], front[metric], where="post", color="black", linewidth=1.2)
-        searched = run.objectives == [metric, cost]  # this panel's front is the search's own
+        own_front = run.objectives == [metric, cost]  # this panel's front is the search's own
         ax.scatter(front[cost], front[metric], s=90, facecolors="none", edgecolors="black", linewidths=1.2,
-                   label="the front (trials that ran every epoch)" if searched else None)
-        if not searched:
+                   label="the front (trials that ran every epoch)" if own_front else None)
+        if not own_front:
             ax.set_title(f"front of {metric} against this cost alone", fontsize=9)
         ax.set(xlabel=COST_LABELS[cost], ylabel=metric if ax is axes[0] else "")
         if cost == "student_params":  # 372,000 reads as 0.37M, and five ticks do not overlap
