@@ -131,6 +131,16 @@ def one(task: str, data: list[str], seed: int, work: Path, folds: int) -> dict[s
     return out
 
 
+def reference_1(task: str, data: list[str], seed: int, work: Path) -> dict[str, dict[str, float]]:
+    """The first reference project's settings through `kdsearch distill` on this split: the studies' yardstick."""
+    name = f"{task}-{seed}-reference-1"
+    seconds = run(["distill", "digits", *sets([*BASE, *data, f"data.split_seed={seed}",
+                                               f"data.cache_dir={work / 'cache'}", f"output_dir={work}",
+                                               *[f"{k}={v}" for k, v in REFERENCE_1.items()], f"name={name}"])], work)
+    metrics = json.loads((work / name / "distill" / "metrics.json").read_text())
+    return {"reference 1: soft T 5, alpha 0.5": {"test": metrics["test"]["balanced_accuracy"], "seconds": seconds}}
+
+
 RANKINGS = ("val_balanced_accuracy", "val_auc", "val_balanced_log_loss")
 
 
@@ -145,13 +155,7 @@ def ranking(task: str, data: list[str], seed: int, work: Path, folds: int) -> di
         seconds = run(["search", "digits", *sets([*common, f"search.metric={metric}", f"name={name}"])], work)
         best = json.loads((work / name / "best" / "metrics.json").read_text())
         out[f"search ranked by {metric}"] = {"test": best["test"]["balanced_accuracy"], "seconds": seconds}
-    name = f"{task}-{seed}-reference-1"
-    seconds = run(["distill", "digits", *sets([*BASE, *data, f"data.split_seed={seed}",
-                                               f"data.cache_dir={work / 'cache'}", f"output_dir={work}",
-                                               *[f"{k}={v}" for k, v in REFERENCE_1.items()], f"name={name}"])], work)
-    metrics = json.loads((work / name / "distill" / "metrics.json").read_text())
-    out["reference 1: soft T 5, alpha 0.5"] = {"test": metrics["test"]["balanced_accuracy"], "seconds": seconds}
-    return out
+    return {**out, **reference_1(task, data, seed, work)}
 
 
 FINALS = ("refit", "ensemble")
@@ -175,13 +179,7 @@ def finals(task: str, data: list[str], seed: int, work: Path, folds: int) -> dic
         out[f"search, shipped as {final}"] = {"test": best["test"]["balanced_accuracy"], "seconds": seconds,
                                               "latency_ms": best["cost"]["student"]["latency_ms_batch1"],
                                               "teacher_test": best["teacher_test"]["balanced_accuracy"]}
-    ref = f"{task}-{seed}-reference-1"
-    seconds = run(["distill", "digits", *sets([*BASE, *data, f"data.split_seed={seed}",
-                                               f"data.cache_dir={work / 'cache'}", f"output_dir={work}",
-                                               *[f"{k}={v}" for k, v in REFERENCE_1.items()], f"name={ref}"])], work)
-    metrics = json.loads((work / ref / "distill" / "metrics.json").read_text())
-    out["reference 1: soft T 5, alpha 0.5"] = {"test": metrics["test"]["balanced_accuracy"], "seconds": seconds}
-    return out
+    return {**out, **reference_1(task, data, seed, work)}
 
 
 def table(results: dict[str, dict[str, dict[str, dict[str, float]]]]) -> str:

@@ -67,10 +67,11 @@ def _evaluate_and_export(run: Run, row: pd.Series, tcfg: Config, state: dict[str
     # the student against the teacher it learned from, under one rule (argmax) on the same images (the test split)
     as_teacher = dataclasses.replace(tcfg, train=tcfg.teacher.train)  # its own forward settings (amp, channels_last)
     teacher_test = evaluate_model(teacher_model, data, "test", None, as_teacher)
-    student_argmax = evaluate_model(final.model, data, "test", None, tcfg)
+    shipped = split_probs(final.model, data, "test", tcfg)  # one forward pass: its figures at argmax and as shipped
+    labels = data.test.labels.numpy()
+    student_argmax = compute_metrics(labels, shipped, data.classes, None, full=True)
     cost = distill_report(tcfg, final.model, teacher_model, teacher_test, student_argmax,
                           "test balanced accuracy at argmax (both)")
-    shipped = split_probs(final.model, data, "test", tcfg)
     shift = {**calibration_shift(shipped, [split_probs(m, data, "test", tcfg) for m in final.tuned_on],
                                  final.threshold), "fits_tuned_on": final.fits_tuned_on} \
         if final.threshold is not None and final.tuned_on else {}
@@ -78,8 +79,8 @@ def _evaluate_and_export(run: Run, row: pd.Series, tcfg: Config, state: dict[str
                       params=run.params(row), val_last_epoch=judged, teacher_test=teacher_test,
                       test_argmax=student_argmax, calibration_shift=shift, teacher_label=final.teacher_label,
                       ensemble=len(final.model) if isinstance(final.model, Ensemble) else 0,
-                      test=compute_metrics(data.test.labels.numpy(), shipped, data.classes, final.threshold,
-                                           full=True), refit=final.refit,
+                      test=compute_metrics(labels, shipped, data.classes, final.threshold, full=True),
+                      refit=final.refit,
                       train_images=final.train_images,
                       val={} if final.sees_validation else evaluate_model(final.model, data, "val", final.threshold,
                                                                           tcfg),
@@ -166,8 +167,9 @@ def finalize(run_dir: Path, prepared: Prepared, phases: Phases, echo: Callable[[
          + ", ".join(f"recall {c} {r:.3f}" for c, r in t["recall"].items()))
     if best.cost:
         echo(best.cost["summary"])
-    if best.shift_text():
-        echo(best.shift_text()[0].upper() + best.shift_text()[1:])
+    shift = best.shift_text()
+    if shift:
+        echo(shift[0].upper() + shift[1:])
     write_report(run)
     use = run.slot_use()
     busy = {"trials": f"slots {use.busy:.0%} busy"} if use and use.busy is not None else {}

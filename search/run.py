@@ -218,7 +218,7 @@ class Run:
             return done.iloc[:0]
         done = done[(done["status"] == TrialStatus.COMPLETED) & done[names].notna().all(axis=1)]
         loss = np.column_stack([done[n].to_numpy(float) * (-1 if d == "max" else 1)
-                                for n, d in zip(names, directions, strict=True)]) if len(done) else np.zeros((0, 0))
+                                for n, d in zip(names, directions, strict=True)])
         kept = [i for i in range(len(done)) if not any(
             (loss[j] <= loss[i]).all() and (loss[j] < loss[i]).any() for j in range(len(done)))]
         return done.iloc[kept].sort_values(names[1:] + names[:1])

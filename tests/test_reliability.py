@@ -73,6 +73,16 @@ def stop_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+def resume_to_the_end(config: Path) -> None:
+    """`kdsearch search CONFIG --resume`, as an interrupted search says to: it must finish, exit 0."""
+    proc = start(config, "--resume")
+    try:
+        _, err = proc.communicate(timeout=240)
+    finally:
+        stop_group(proc)
+    assert proc.returncode == 0, err
+
+
 def test_killed_then_interrupted_search_finishes_with_every_trial_once(tmp_path, shared_cache):
     # cross-validated, so K students resume; with MLflow, whose run for a trial goes on when the trial does
     config = write_config(tmp_path, shared_cache, "kills", "search.folds=2", "search.loggers=[mlflow]")
@@ -106,12 +116,7 @@ def test_killed_then_interrupted_search_finishes_with_every_trial_once(tmp_path,
     assert "Traceback" not in err
 
     # 3. Resume as told: it completes.
-    third = start(config, "--resume")
-    try:
-        _, err = third.communicate(timeout=240)
-    finally:
-        stop_group(third)
-    assert third.returncode == 0, err
+    resume_to_the_end(config)
     table = read_table(tmp_path / "results" / "kills" / "trials.csv")
     assert len(table) == 3 and table["trial"].is_unique and (table["status"] == "completed").all()
     final = epochs_by_trial(exp)
@@ -270,12 +275,7 @@ def test_a_search_whose_ray_dies_says_so_and_resumes(tmp_path, shared_cache):
     _, alive = psutil.wait_procs(ray_processes, timeout=15)
     assert not alive, [p.name() for p in alive]
 
-    second = start(config, "--resume")
-    try:
-        _, err = second.communicate(timeout=240)
-    finally:
-        stop_group(second)
-    assert second.returncode == 0, err
+    resume_to_the_end(config)
     table = read_table(tmp_path / "results" / "gcs" / "trials.csv")
     assert len(table) == 2 and (table["status"] == "completed").all() and (table["epochs"] == EPOCHS).all()
     assert (tmp_path / "results" / "gcs" / "best" / "model.safetensors").is_file()
