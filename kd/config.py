@@ -230,7 +230,8 @@ class SearchConfig:
     points: list[dict[str, Any]] = field(default_factory=list)  # known configs to try first
     folds: int = 5                 # cross-validated trials over train + val pooled (1: the holdout split)
     rerank: int = 3                # the top trials (and the hand-picked points) retrained with further seeds
-    final: Literal["refit", "ensemble"] = "refit"  # with folds: the winner refitted, or its K fold students averaged
+    # with folds: the winner refitted; its K fold students averaged; or one student distilled from that average
+    final: Literal["refit", "ensemble", "distilled"] = "refit"
     max_params: int = 0            # a budget the exported student must fit: parameters (0: none) ...
     max_latency_ms: float = 0.0    # ... and latency at batch 1 as measured in its trial (0: none)
     confirm_seeds: int = 3         # how many further seeds each of them is retrained with
@@ -286,7 +287,7 @@ class SearchConfig:
         _require(self.folds >= 1, "search.folds", "must be >= 1 (1: the holdout validation split)")
         _require(self.rerank >= 1, "search.rerank", "must be >= 1")
         _require(self.final == "refit" or self.folds >= 2, "search.final",
-                 f"is {self.final}, which ships the winner's fold students: it needs search.folds >= 2")
+                 f"is {self.final}, which is made from the winner's fold students: it needs search.folds >= 2")
         _require(self.max_params >= 0, "search.max_params", "must be >= 0 (0: no budget)")
         _require(self.max_latency_ms >= 0, "search.max_latency_ms", "must be >= 0 (0: no budget)")
         _require(self.max_failures >= 0, "search.max_failures", "must be >= 0")

@@ -13,7 +13,8 @@ scheme it holds; a new way to train a trial (an ensemble of fold students, say) 
   saw fold f would leak its labels into the student through its logits) and predicts fold f; the K train
   in lockstep and are judged on the pooled out-of-fold predictions, each fold thresholded by a threshold
   tuned on the others. It ships the winner's config refitted on all of train + validation, with a
-  threshold tuned on out-of-fold predictions.
+  threshold tuned on out-of-fold predictions; or (`search.final`) the winner's fold students averaged, or one
+  student trained on all of train + validation with those fold students, averaged, as its teacher.
 """
 from __future__ import annotations
 
@@ -31,10 +32,11 @@ from kd.crossval import make_folds, pooled, refit_data
 from kd.data import Dataset
 from kd.ensemble import Ensemble
 from kd.errors import Diverged
+from kd.infer import resolve_device
 from kd.metrics import tune_threshold
 from kd.selection import THRESHOLD, decision_rule
 from kd.student import new_student, student_loss, student_shell
-from kd.teacher import Teacher
+from kd.teacher import Teacher, view_logits
 from kd.train import FitResult, Fitting, HeldOut, Outcome, ReportFn, Training, member_states, run_fitting
 
 T = TypeVar("T")
@@ -68,6 +70,7 @@ class Final:
     tuned_on: list[nn.Module] = field(default_factory=list)
     teacher_label: str = "the teacher it learned from"  # how the teacher set beside it is named
     fits_tuned_on: int = 0      # how many cross-validated fits' out-of-fold predictions tuned the threshold
+    distilled_from: Ensemble | None = None  # the fold ensemble that taught it (search.final: distilled)
 
 
 @dataclass
@@ -168,9 +171,9 @@ class Scheme(ABC):
 
     @classmethod
     @abstractmethod
-    def final_text(cls, epoch: int, train_images: int, ensemble: int = 0) -> str:
+    def final_text(cls, epoch: int, train_images: int, ensemble: int = 0, distilled: int = 0) -> str:
         """What its shipped student is: 'its checkpoint of epoch 8' (`ensemble`: how many fold students it
-        averages, 0 for one student)."""
+        averages, `distilled`: how many it was distilled from; 0 for neither)."""
 
     @classmethod
     @abstractmethod
@@ -213,7 +216,7 @@ class Holdout(Scheme):
         return "prepared once before the trials"
 
     @classmethod
-    def final_text(cls, epoch: int, train_images: int, ensemble: int = 0) -> str:
+    def final_text(cls, epoch: int, train_images: int, ensemble: int = 0, distilled: int = 0) -> str:
         return f"its checkpoint of epoch {epoch}"
 
     @classmethod
@@ -238,9 +241,12 @@ class CrossValidated(Scheme):
     def final(self, cfg: Config, state: dict[str, Any], probs: list[np.ndarray], compute: Compute) -> Final:
         """`search.final` refit: the winner's config refitted on all of train + validation (its teacher fine-tuned on
         the same pool); ensemble: the winner's K fold students at the epoch that ranked it, their probabilities
-        averaged (kd.ensemble). Either way the threshold is tuned on the winner's out-of-fold predictions."""
+        averaged (kd.ensemble); distilled: one student of the winner's config trained on all of train + validation
+        with that ensemble as its teacher. The ensemble's threshold is tuned on the out-of-fold predictions of the
+        students it ships; the others' on the winner's out-of-fold predictions over the further seeds (else the
+        trial's own), and their calibration against the fold students is measured on export."""
         pool = self.final_teacher_data()
-        teacher = compute.teacher(cfg, pool)
+        teacher = compute.teacher(cfg, pool)  # the refit's teacher; the others are set beside it (kd.cost)
         folds = []
         for member in member_states(state, len(self.members)):  # the winner's fold students, as it ranked
             fold = student_shell(cfg, len(self.classes), self.data.image_size)
@@ -248,8 +254,6 @@ class CrossValidated(Scheme):
             folds.append(fold.eval())
         saved = state.get("probs", state.get("oof_probs"))  # the trial's own, saved with its last checkpoint
         own = [saved.numpy()] if saved is not None else []
-        # the ensemble's threshold: the out-of-fold predictions of the very students it ships; the refit's: those of
-        # the winner's fits over the further seeds (more of them), else the trial's own
         probs = own if cfg.search.final == "ensemble" or not probs else probs
         threshold = None
         if decision_rule(len(self.classes), cfg.train.tune_threshold) == THRESHOLD and probs:
@@ -262,6 +266,12 @@ class CrossValidated(Scheme):
                          "a teacher fine-tuned on all of train + validation (the fold students learned from the "
                          "fold teachers)", len(probs))
         model = student_shell(cfg, len(self.classes), self.data.image_size)
+        if cfg.search.final == "distilled":
+            ensemble = Ensemble(folds).eval()
+            model.load_state_dict(compute.run(distil_ensemble, cfg, pool, ensemble))
+            return Final(model, threshold, cfg.train.epochs, True, True, len(pool.train), teacher, pool, tuned_on,
+                         "a teacher fine-tuned on all of train + validation (the student learned from the fold "
+                         "ensemble, its fold students from the fold teachers)", len(probs), ensemble)
         model.load_state_dict(compute.run(refit, cfg, pool, teacher.logits))
         return Final(model, threshold, cfg.train.epochs, True, True, len(pool.train), teacher, pool, tuned_on,
                      fits_tuned_on=len(probs))
@@ -292,10 +302,13 @@ class CrossValidated(Scheme):
         return f"fold {m + 1}/{k}"
 
     @classmethod
-    def final_text(cls, epoch: int, train_images: int, ensemble: int = 0) -> str:
+    def final_text(cls, epoch: int, train_images: int, ensemble: int = 0, distilled: int = 0) -> str:
         if ensemble:
             return (f"its {ensemble} fold students at epoch {epoch} (each trained on the other folds of the "
                     f"{train_images} train + validation images), their probabilities averaged")
+        if distilled:
+            return (f"one student distilled from its {distilled} fold students averaged, trained on all "
+                    f"{train_images} train + validation images with its config and {epoch} epochs")
         return f"refitted on all {train_images} train + validation images with its config and {epoch} epochs"
 
     @classmethod
@@ -311,3 +324,11 @@ def refit(cfg: Config, pool: Dataset, logits: torch.Tensor) -> dict[str, torch.T
                        f"{len(result.history)}); its config: {cfg.distill}, lr {cfg.train.lr}")
     return {k: v.detach().cpu() for k, v in result.model.state_dict().items()}
 
+
+
+def distil_ensemble(cfg: Config, pool: Dataset, ensemble: Ensemble) -> dict[str, torch.Tensor]:
+    """One student trained on all of `pool.train` with `ensemble` as its teacher: the ensemble's logits (the log of
+    its members' mean probability) on every view the student trains on, in place of a fine-tuned teacher's."""
+    logits = view_logits(ensemble, cfg.train, cfg, pool, range(cfg.train.epochs), resolve_device(cfg.train.device),
+                         desc="fold ensemble logits")
+    return refit(cfg, pool, logits)

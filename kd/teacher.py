@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from kd.augment import Augmenter
-from kd.config import Config
+from kd.config import Config, TrainConfig
 from kd.data import Dataset
 from kd.errors import UserError
 from kd.files import CacheError, atomic_write_json, file_lock, load_tensors, save_tensors
@@ -248,16 +249,9 @@ def _logits(cfg: Config, data: Dataset, model: torch.nn.Module, directory: Path,
             info.logits_cached, info.logit_seconds, info.forward_images = True, 0.0, 0
             return have[:epochs].float()
         t0 = time.perf_counter()
-        run = Runner.for_config(model.eval(), cfg.teacher.train, device)  # the fine-tuning's amp and channels_last
-        source = BatchSource(data, "train", device)
-        augmenter = Augmenter(cfg.augment, n, device)
-        batch = cfg.teacher.train.eval_batch_size
-        new = torch.empty((epochs - len(have), n, k), device=device)
-        for i, epoch in enumerate(tqdm(range(len(have), epochs), desc="teacher logits", unit="epoch",
-                                       disable=None if progress else True, leave=False)):
-            for idx, images in source.in_order(batch):
-                new[i, idx] = run.logits(augmenter(images, idx, epoch))
-        logits = torch.cat([have, new.cpu()])
+        # the fine-tuning's amp and channels_last
+        logits = torch.cat([have, view_logits(model, cfg.teacher.train, cfg, data, range(len(have), epochs), device,
+                                              progress)])
         forward = (epochs - len(have)) * n
         _FORWARDED[0] += forward
         save_tensors(path, {"logits": logits}, {"augment": dataclasses.asdict(cfg.augment)})
@@ -265,3 +259,21 @@ def _logits(cfg: Config, data: Dataset, model: torch.nn.Module, directory: Path,
         log.info("teacher logits for %d epochs x %d views computed in %.1f s", epochs - len(have), n, seconds)
         info.logits_cached, info.logit_seconds, info.forward_images = False, seconds, forward
         return logits[:epochs]
+
+
+@torch.no_grad()
+def view_logits(model: torch.nn.Module, forward: TrainConfig, cfg: Config, data: Dataset, epochs: Iterable[int],
+                device: torch.device, progress: bool = False, desc: str = "teacher logits") -> torch.Tensor:
+    """`model`'s logits (float32, on the CPU) for every training view of `data.train` in `epochs`: the views the
+    students of `cfg` train on (`cfg.augment`); `forward`: the training section whose amp and channels_last it
+    runs with. Epochs x N_train x classes."""
+    epochs = list(epochs)
+    run = Runner.for_config(model.eval(), forward, device)
+    source = BatchSource(data, "train", device)
+    augmenter = Augmenter(cfg.augment, len(data.train), device)
+    out = torch.empty((len(epochs), len(data.train), len(data.classes)), device=device)
+    for i, epoch in enumerate(tqdm(epochs, desc=desc, unit="epoch", disable=None if progress else True,
+                                   leave=False)):
+        for idx, images in source.in_order(forward.eval_batch_size):
+            out[i, idx] = run.logits(augmenter(images, idx, epoch))
+    return out.cpu()

@@ -179,8 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--trial", help="trial id (see trials.csv); default: the search's pick (its re-ranked winner)")
     p.add_argument("--out", required=True, help="the folder to write")
-    p.add_argument("--final", choices=["refit", "ensemble"], help="with folds: refit the trial on all the data, or "
-                   "ship its fold students averaged (default: the search's search.final)")
+    p.add_argument("--final", choices=["refit", "ensemble", "distilled"], help="with folds: refit the trial on all "
+                   "the data, ship its fold students averaged, or one student distilled from them on all the data "
+                   "(default: the search's search.final)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("presets", help="list the shipped presets")

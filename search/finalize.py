@@ -72,6 +72,9 @@ def _evaluate_and_export(run: Run, row: pd.Series, tcfg: Config, state: dict[str
     student_argmax = compute_metrics(labels, shipped, data.classes, None, full=True)
     cost = distill_report(tcfg, final.model, teacher_model, teacher_test, student_argmax,
                           "test balanced accuracy at argmax (both)")
+    taught = final.distilled_from  # a distilled student's teacher: the fold ensemble, under the same rule
+    ensemble_test = compute_metrics(labels, split_probs(taught, data, "test", tcfg), data.classes, None, full=True) \
+        if taught is not None else {}
     shift = {**calibration_shift(shipped, [split_probs(m, data, "test", tcfg) for m in final.tuned_on],
                                  final.threshold), "fits_tuned_on": final.fits_tuned_on} \
         if final.threshold is not None and final.tuned_on else {}
@@ -79,6 +82,7 @@ def _evaluate_and_export(run: Run, row: pd.Series, tcfg: Config, state: dict[str
                       params=run.params(row), val_last_epoch=judged, teacher_test=teacher_test,
                       test_argmax=student_argmax, calibration_shift=shift, teacher_label=final.teacher_label,
                       ensemble=len(final.model) if isinstance(final.model, Ensemble) else 0,
+                      distilled=len(taught) if taught is not None else 0, ensemble_test=ensemble_test,
                       test=compute_metrics(labels, shipped, data.classes, final.threshold, full=True),
                       refit=final.refit,
                       train_images=final.train_images,
@@ -107,7 +111,7 @@ def export_command(run_dir: str | Path, trial: str | None, out: str | Path, fina
     # the re-ranked winner's threshold comes from its further seeds, as best/'s did
     probs = run.rerank_probs() if run.reranking is not None and run.reranking.winner == row["trial"] else []
     best = export_best(run, row, run.scheme.split(run.config, data), probs, Path(out), final=final)
-    how = run.scheme.final_text(best.epoch, best.train_images, best.ensemble)
+    how = run.scheme.final_text(best.epoch, best.train_images, best.ensemble, best.distilled)
     return (f"exported trial {row['trial']} ({how}; validation {run.config.search.metric} "
             f"{row[run.config.search.metric]:.4f}, {run.rule_label}) to {out}; the test split evaluated again: "
             f"balanced accuracy {best.test['balanced_accuracy']:.4f}")
@@ -158,6 +162,9 @@ def finalize(run_dir: Path, prepared: Prepared, phases: Phases, echo: Callable[[
     if best is None or best.trial != row["trial"]:
         if cfg.search.final == "ensemble":
             echo(f"the winner ships as its {cfg.search.folds} fold students, averaged ...")
+        elif cfg.search.final == "distilled":
+            echo(f"distilling one student from the winner's {cfg.search.folds} fold students, averaged, on all of "
+                 "train + validation ...")
         elif prepared.scheme.making_final:
             echo(prepared.scheme.making_final)
         best = export_best(run, row, prepared.scheme, probs, run_dir / BEST, prepared, phases)
@@ -167,6 +174,10 @@ def finalize(run_dir: Path, prepared: Prepared, phases: Phases, echo: Callable[[
          + ", ".join(f"recall {c} {r:.3f}" for c, r in t["recall"].items()))
     if best.cost:
         echo(best.cost["summary"])
+    if best.ensemble_test:
+        echo(f"the {best.distilled} fold students it was distilled from, averaged: test balanced accuracy (argmax) "
+             f"{best.ensemble_test['balanced_accuracy']:.4f}{interval_text(best.ensemble_test)}, the distilled "
+             f"student's {best.test_argmax['balanced_accuracy']:.4f}")
     shift = best.shift_text()
     if shift:
         echo(shift[0].upper() + shift[1:])

@@ -211,13 +211,16 @@ class BestRecord(Record):
     # a refit against the fold students its threshold was tuned on, on the test images (kd.metrics.calibration_shift)
     calibration_shift: dict[str, Any] = field(default_factory=dict)
     teacher_label: str = "the teacher it learned from"  # what teacher_test's teacher is to the exported model
+    distilled: int = 0                           # the fold students it was distilled from (search.final: distilled)
+    ensemble_test: dict[str, Any] = field(default_factory=dict)  # their average, its teacher, on test at argmax
 
     def shift_text(self) -> str:
         """The calibration shift in a sentence ("" where the threshold was tuned on the shipped model itself)."""
         c = self.calibration_shift
         if not c:
             return ""
-        shipped = f"the exported ensemble of {self.ensemble}" if self.ensemble else "the exported refit"
+        shipped = (f"the exported ensemble of {self.ensemble}" if self.ensemble else
+                   "the exported distilled student" if self.distilled else "the exported refit")
         fits = c.get("fits_tuned_on", 0)
         tuned = (f"tuned on the out-of-fold predictions of {fits} cross-validated fit{'s' if fits != 1 else ''} of "
                  "its config" if fits else "tuned on out-of-fold predictions")

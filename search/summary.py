@@ -267,7 +267,7 @@ def _best_student(run: Run) -> list[str]:
         return out + ["Not exported yet (it follows the search).", ""]
     thr = f"; decision threshold {best.threshold:.4f} on p({classes[1]}), chosen on " \
         f"{run.scheme.threshold_source()}" if best.threshold is not None else "; argmax"
-    how = run.scheme.final_text(best.epoch, best.train_images, best.ensemble)
+    how = run.scheme.final_text(best.epoch, best.train_images, best.ensemble, best.distilled)
     side = _side_by_side(run, best)
     return out + [f"Trial `{best.trial}`, {how}, exported to `best/`{thr}.", "",
                   _table(["test", "value"], _metric_rows(best.test, classes)), "", *side, *_against_teacher(best),
@@ -282,7 +282,9 @@ def _against_teacher(best: BestRecord) -> list[str]:
     if not best.teacher_test or not best.test_argmax:
         return []
     rows = []
-    for who, m in ((best.teacher_label, best.teacher_test), ("the exported student", best.test_argmax)):
+    taught = [(f"the {best.distilled} fold students averaged, the teacher it was distilled from",
+               best.ensemble_test)] if best.ensemble_test else []
+    for who, m in ((best.teacher_label, best.teacher_test), *taught, ("the exported student", best.test_argmax)):
         lo_hi = m.get("balanced_accuracy_interval")
         rows.append([who, m["balanced_accuracy"], f"{lo_hi[0]:.3f}-{lo_hi[1]:.3f}" if lo_hi else "", m.get("auc")])
     return ["Student and teacher on the same test images under the same rule (argmax, whatever the student ships "

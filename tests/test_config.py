@@ -152,9 +152,10 @@ def test_by_default_images_over_pillows_own_bomb_limit_are_refused_in_training_a
     assert rows[0]["error"].split(" (")[0] == refused and not rows[1]["error"]
 
 
-def test_an_ensemble_final_needs_folds():
+@pytest.mark.parametrize("final", ["ensemble", "distilled"])
+def test_a_final_made_of_fold_students_needs_folds(final):
     with pytest.raises(ConfigError, match=r"search\.final.*needs search\.folds >= 2"):
-        load_config(None, ["search.final=ensemble", "search.folds=1"])
-    assert load_config(None, ["search.final=ensemble", "search.folds=3"]).search.final == "ensemble"
+        load_config(None, [f"search.final={final}", "search.folds=1"])
+    assert load_config(None, [f"search.final={final}", "search.folds=3"]).search.final == final
     with pytest.raises(ConfigError, match=r"search\.final"):
-        load_config(None, ["search.final=distilled"])
+        load_config(None, ["search.final=stacked"])

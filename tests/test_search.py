@@ -300,6 +300,58 @@ def test_the_winner_ships_as_its_fold_students_averaged(finished_search, tmp_pat
     assert shipped["threshold"] == pytest.approx(tune_threshold(labels, state["probs"].numpy()[:, 1]))
 
 
+def test_the_winner_distilled_from_its_fold_students_averaged(finished_search, tmp_path, capsys):
+    """`kdsearch export --final distilled`: one student trained on all of train + validation with the winner's fold
+    students, averaged, as its teacher; reproduced outside Ray from the checkpoint (the ensemble's logits on the
+    student's own views), and not the refit; the ensemble beside it on the test images, under argmax."""
+    cfg, run_dir, _ = finished_search
+    best = json.loads((run_dir / "best" / "metrics.json").read_text())
+    assert main(["export", str(run_dir), "--final", "distilled", "--out", str(tmp_path / "dis")]) == 0
+    assert "one student distilled from its 3 fold students averaged" in capsys.readouterr().out
+    student = load_student(tmp_path / "dis")
+    shipped = json.loads((tmp_path / "dis" / "metrics.json").read_text())
+    assert shipped["distilled"] == 3 and shipped["refit"] and not shipped["ensemble"]
+    assert shipped["trial"] == best["trial"] and shipped["threshold"] == pytest.approx(best["threshold"])
+    assert shipped["calibration_shift"]["models_tuned_on"] == 3  # tuned on the fold students' predictions: measured
+    from kd.crossval import refit_data
+    from kd.data import load_dataset
+    from kd.ensemble import Ensemble
+    from kd.infer import predict_probs
+    from kd.metrics import compute_metrics
+    from kd.student import student_shell, train_student
+    from kd.teacher import view_logits
+    from kd.train import load_state
+    from search.experiment import latest_checkpoint
+    from search.run import Run
+    run = Run(run_dir)
+    row = run.trial(best["trial"])
+    trial_cfg = run.trial_config(row)
+    folds = []
+    for member in load_state(latest_checkpoint(row["path"]))["members"]:
+        fold = student_shell(trial_cfg, 2, 32)
+        fold.load_state_dict(member["model"])
+        folds.append(fold.eval())
+    ensemble = Ensemble(folds).eval()
+    data = load_dataset(cfg.data, progress=False)
+    pool = refit_data(data)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the final student trained (search.cpus_per_trial=1)
+    try:
+        logits = view_logits(ensemble, trial_cfg.train, trial_cfg, pool, range(trial_cfg.train.epochs),
+                             torch.device("cpu"))
+        again = train_student(trial_cfg, pool, logits, progress=False).model.cpu().eval()
+    finally:
+        torch.set_num_threads(threads)
+    images = data.test.images[:16]
+    assert torch.allclose(student.logits(images), again((images.float() / 255 - 0.5) / 0.5), atol=1e-4)
+    assert not torch.allclose(student.logits(images), load_student(run_dir / "best").logits(images), atol=1e-2)
+    probs = np.mean([predict_probs(f, data.test.images, student.info["mean"], student.info["std"], torch.device("cpu"))
+                     for f in folds], axis=0)
+    averaged = compute_metrics(data.test.labels.numpy(), probs, data.classes, None)
+    assert shipped["ensemble_test"]["balanced_accuracy"] == pytest.approx(averaged["balanced_accuracy"])
+    assert shipped["test"]["balanced_accuracy"] > 0.6
+
+
 def test_export_a_chosen_trial_and_reproduce_it_outside_ray(finished_search, tmp_path):
     _cfg, run_dir, _ = finished_search
     table = read_table(run_dir / "trials.csv")
