@@ -12,9 +12,9 @@ exported student is evaluated once on the held-out test split:
 `--study ranking` asks which figure the search should rank its trials by (search.metric): the same
 cross-validated search ranked by balanced accuracy under the shipped rule, by AUC and by a class-balanced
 log-loss (both threshold-free), beside the first reference project's settings. The default is the one whose
-searches give the higher mean test balanced accuracy. `--study final` ships each search's winner two ways
-(search.final: refit, or its fold students averaged) and sets their test balanced accuracy and latency side by
-side, with the teacher's own test figure.
+searches give the higher mean test balanced accuracy. `--study final` ships each search's winner three ways
+(search.final: refit, its fold students averaged, or one student distilled from them) and sets their test
+balanced accuracy and latency side by side, with the teacher's own test figure.
 
 Each run is the command a user types, in its own process. The table gives test balanced accuracy mean ± std
 over the split seeds, each search's paired difference against the first reference project's settings with
@@ -41,6 +41,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE_1 = {"distill.mode": "soft", "distill.temperature": 5.0, "distill.alpha": 0.5, "imbalance.method": "none"}
 REFERENCE_2 = {"distill.mode": "hard", "distill.alpha": 0.5, "imbalance.method": "none"}
+REFERENCE_1_NAME = "reference 1: soft T 5, alpha 0.5"  # how the tables name the studies' yardstick
 
 
 def write_task(root: Path, keep: dict[int, int], names: dict[int, str], seed: int = 0) -> Path:
@@ -121,7 +122,7 @@ def one(task: str, data: list[str], seed: int, work: Path, folds: int) -> dict[s
         seconds = run(["search", "digits", *sets([*common, *extra, SPACE, POINTS, f"name={name}"])], work)
         best = json.loads((work / name / "best" / "metrics.json").read_text())
         out[method] = {"test": best["test"]["balanced_accuracy"], "seconds": seconds}
-    for method, params in (("reference 1: soft T 5, alpha 0.5", REFERENCE_1),
+    for method, params in ((REFERENCE_1_NAME, REFERENCE_1),
                            ("reference 2: hard, alpha 0.5", REFERENCE_2), ("tool defaults", {})):
         name = f"{task}-{seed}-{len(out)}"
         seconds = run(["distill", "digits", *sets([*common, *[f"{k}={v}" for k, v in params.items()], f"name={name}"])],
@@ -138,7 +139,7 @@ def reference_1(task: str, data: list[str], seed: int, work: Path) -> dict[str, 
                                                f"data.cache_dir={work / 'cache'}", f"output_dir={work}",
                                                *[f"{k}={v}" for k, v in REFERENCE_1.items()], f"name={name}"])], work)
     metrics = json.loads((work / name / "distill" / "metrics.json").read_text())
-    return {"reference 1: soft T 5, alpha 0.5": {"test": metrics["test"]["balanced_accuracy"], "seconds": seconds}}
+    return {REFERENCE_1_NAME: {"test": metrics["test"]["balanced_accuracy"], "seconds": seconds}}
 
 
 RANKINGS = ("val_balanced_accuracy", "val_auc", "val_balanced_log_loss")
@@ -158,28 +159,40 @@ def ranking(task: str, data: list[str], seed: int, work: Path, folds: int) -> di
     return {**out, **reference_1(task, data, seed, work)}
 
 
-FINALS = ("refit", "ensemble")
+FINALS = ("refit", "ensemble", "distilled")
 
 
-def finals(task: str, data: list[str], seed: int, work: Path, folds: int) -> dict[str, dict[str, float]]:
+def finals(task: str, data: list[str], seed: int, work: Path, folds: int,
+           earlier: dict[str, dict[str, float]] | None = None) -> dict[str, dict[str, float]]:
     """One cross-validated search, its winner shipped each way of FINALS (the refit is the search's own export;
-    the ensemble of its fold students comes from `kdsearch export --final ensemble`), and the first reference
-    project's settings: test balanced accuracy, the shipped model's latency at batch 1 and wall seconds (the
-    ensemble's: its export alone)."""
+    the others come from `kdsearch export --final`), and the first reference project's settings: test balanced
+    accuracy, the shipped model's latency at batch 1 and wall seconds (an export's: that export alone).
+    `earlier`: this split's figures from an earlier run; only what they lack is run (the search, if its folder is
+    gone)."""
+    earlier = earlier or {}
     common = [*BASE, *data, f"data.split_seed={seed}", f"data.cache_dir={work / 'cache'}", f"output_dir={work}",
               f"search.folds={folds}", SPACE, POINTS]
     name = f"{task}-{seed}-finals"
-    out = {}
-    seconds = run(["search", "digits", *sets([*common, f"name={name}"])], work)
+    out: dict[str, dict[str, float]] = {}
+    seconds = 0.0
+    if not (work / name / "best" / "metrics.json").is_file():
+        earlier = {k: v for k, v in earlier.items() if k == REFERENCE_1_NAME}  # a new search: new winners
+        seconds = run(["search", "digits", *sets([*common, f"name={name}"])], work)
     for final in FINALS:
+        method = f"search, shipped as {final}"
+        if method in earlier:
+            out[method] = earlier[method]
+            continue
         folder = work / name / ("best" if final == "refit" else f"best-{final}")
         if final != "refit":
             seconds = run(["export", str(work / name), "--final", final, "--out", str(folder)], work, quiet=False)
         best = json.loads((folder / "metrics.json").read_text())
-        out[f"search, shipped as {final}"] = {"test": best["test"]["balanced_accuracy"], "seconds": seconds,
-                                              "latency_ms": best["cost"]["student"]["latency_ms_batch1"],
-                                              "teacher_test": best["teacher_test"]["balanced_accuracy"]}
-    return {**out, **reference_1(task, data, seed, work)}
+        out[method] = {"test": best["test"]["balanced_accuracy"], "seconds": seconds,
+                       "latency_ms": best["cost"]["student"]["latency_ms_batch1"],
+                       "teacher_test": best["teacher_test"]["balanced_accuracy"]}
+    reference = {REFERENCE_1_NAME: earlier[REFERENCE_1_NAME]} if REFERENCE_1_NAME in earlier else \
+        reference_1(task, data, seed, work)
+    return {**out, **reference}
 
 
 def table(results: dict[str, dict[str, dict[str, dict[str, float]]]]) -> str:
@@ -187,7 +200,7 @@ def table(results: dict[str, dict[str, dict[str, dict[str, float]]]]) -> str:
     for task, by_seed in results.items():
         seeds = sorted(by_seed)
         methods = list(by_seed[seeds[0]])
-        ref = np.array([by_seed[s]["reference 1: soft T 5, alpha 0.5"]["test"] for s in seeds])
+        ref = np.array([by_seed[s][REFERENCE_1_NAME]["test"] for s in seeds])
         w = max(36, *(len(m) + 1 for m in methods))
         lines += [f"\n{task} ({len(seeds)} split seeds: {', '.join(seeds)})",
                   f"{'method':<{w}} {'test bal. acc':>15} {'vs reference 1 (paired)':>25} {'won':>5} {'wall s':>8}"]
@@ -220,7 +233,8 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/kd-quality", help="where runs write (default: /tmp/kd-quality)")
     parser.add_argument("--study", choices=["search", "ranking", "final"], default="search",
                         help="search: the search against fixed settings; ranking: which figure to rank trials by; "
-                        "final: the winner shipped as a refit or as its fold students averaged")
+                        "final: the winner shipped as a refit, its fold students averaged, or one student "
+                        "distilled from them")
     parser.add_argument("--out", help="default: bench/results-quality.json (results-ranking.json, results-final.json)")
     args = parser.parse_args()
     study = {"search": one, "ranking": ranking, "final": finals}[args.study]
@@ -232,10 +246,12 @@ def main() -> None:
     results: dict = json.loads(out_path.read_text()) if out_path.is_file() else {}
     for seed in args.seeds:  # seed by seed: every task has as many splits done whenever the run is stopped
         for task in args.tasks:
-            if str(seed) in results.get(task, {}):
+            earlier = results.get(task, {}).get(str(seed))
+            if earlier and (args.study != "final" or all(f"search, shipped as {f}" in earlier for f in FINALS)):
                 continue  # kept from an earlier run: the script resumes where it stopped
             t0 = time.perf_counter()
-            results.setdefault(task, {})[str(seed)] = study(task, data[task], seed, work, args.folds)
+            more = {"earlier": earlier} if args.study == "final" else {}  # a new way to ship: the searches reused
+            results.setdefault(task, {})[str(seed)] = study(task, data[task], seed, work, args.folds, **more)
             out_path.write_text(json.dumps(results, indent=2) + "\n")
             print(f"{task} split seed {seed}: " + ", ".join(f"{m} {r['test']:.3f}" for m, r in
                   results[task][str(seed)].items()) + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
