@@ -79,7 +79,7 @@ def _evaluate_and_export(run: Run, row: pd.Series, tcfg: Config, state: dict[str
                                  final.threshold), "fits_tuned_on": final.fits_tuned_on} \
         if final.threshold is not None and final.tuned_on else {}
     best = BestRecord(trial=row["trial"], classes=data.classes, threshold=final.threshold, epoch=final.epoch,
-                      params=run.params(row), val_last_epoch=judged, teacher_test=teacher_test,
+                      params=run.params(row), trial_val=judged, val_about=_val_about(final), teacher_test=teacher_test,
                       test_argmax=student_argmax, calibration_shift=shift, teacher_label=final.teacher_label,
                       ensemble=len(final.model) if isinstance(final.model, Ensemble) else 0,
                       distilled=len(taught) if taught is not None else 0, ensemble_test=ensemble_test,
@@ -91,6 +91,16 @@ def _evaluate_and_export(run: Run, row: pd.Series, tcfg: Config, state: dict[str
                       cost=cost, teacher=final.teacher.info)
     export_student(out_dir, final.model, tcfg, data.classes, final.threshold, dataclasses.asdict(best))
     return best
+
+
+def _val_about(final: Final) -> str:
+    """What best/metrics.json's validation figures are of: the exported model's, or the search trial's students'."""
+    if not final.sees_validation:
+        return "val: the exported model (the trial's checkpoint) on the validation split; trial_val: the same model"
+    made = ("made of the fold students that each trained on most of those images" if isinstance(final.model, Ensemble)
+            else "trained on all of train + validation")
+    return (f"val: none, the exported model is {made}, so no labelled image is held out from it; trial_val: the "
+            "search trial's fold students on their pooled out-of-fold predictions, the figures that ranked it")
 
 
 def export_command(run_dir: str | Path, trial: str | None, out: str | Path, final: str | None = None) -> str:

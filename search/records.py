@@ -62,6 +62,7 @@ R = TypeVar("R", bound="Record")
 class Record:
     """A JSON record in a run directory (`FILE`, relative to it)."""
     FILE: ClassVar[str]
+    RENAMED: ClassVar[dict[str, str]] = {}  # an earlier version's field name -> this version's (still read)
 
     def write(self, run_dir: Path) -> None:
         atomic_write_json(Path(run_dir) / self.FILE, dataclasses.asdict(self))
@@ -74,6 +75,8 @@ class Record:
         raw = read_json(path)
         if raw is None:
             return None
+        if isinstance(raw, dict):
+            raw = {cls.RENAMED.get(k, k): v for k, v in raw.items()}
         try:
             record: R = build(cls, raw, "", str(path))
             return record
@@ -193,17 +196,22 @@ class Reranking(Record):
 class BestRecord(Record):
     """best/metrics.json: the exported student, what it was judged on and its one test evaluation."""
     FILE: ClassVar[str] = f"{BEST}/metrics.json"
+    RENAMED: ClassVar[dict[str, str]] = {"val_last_epoch": "trial_val"}
     trial: str
     classes: list[str]
     threshold: float | None
     epoch: int                                   # the epochs it trained
     params: dict[str, Any]
-    val_last_epoch: dict[str, Any]               # the trial's held-out figures at its last reported epoch
+    # the winning trial's held-out figures at its last epoch, the figures that ranked it: its own students' (its fold
+    # students' pooled out-of-fold predictions, or its checkpoint on validation), the exported model's only for a
+    # holdout's checkpoint (`val_about` says which)
+    trial_val: dict[str, Any]
     test: dict[str, Any]
     refit: bool = False                          # refitted on train + validation (not the trial's checkpoint)
     ensemble: int = 0                            # the fold students it averages (search.final: ensemble), or 0
     train_images: int = 0
     val: dict[str, Any] = field(default_factory=dict)  # the exported model on the validation split (a holdout's)
+    val_about: str = ""                          # what `val` and `trial_val` are figures of, in a sentence
     cost: dict[str, Any] = field(default_factory=dict)  # the compression report against the teacher (kd.cost)
     teacher: TeacherInfo | None = None           # the teacher the exported student learned from
     teacher_test: dict[str, Any] = field(default_factory=dict)  # that teacher on the test split, at argmax ...

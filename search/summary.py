@@ -296,7 +296,7 @@ def _side_by_side(run: Run, best: BestRecord) -> list[str]:
     metric = run.config.search.metric
     rr = run.reranking
     entry = rr.candidate(best.trial) if rr else None
-    rows = [["in the search (one seed)", best.val_last_epoch.get(metric)]]
+    rows = [["in the search (one seed)", best.trial_val.get(metric)]]
     if rr and entry and metric in entry.metrics:
         m = entry.metrics[metric]
         rows.append([f"re-ranking, mean ± std over seeds {rr.seeds}", spread(m.mean, m.std, len(rr.seeds))])

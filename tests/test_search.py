@@ -298,6 +298,7 @@ def test_the_winner_ships_as_its_fold_students_averaged(finished_search, tmp_pat
     from kd.metrics import tune_threshold
     labels = pooled(load_dataset(cfg.data, progress=False)).labels.numpy()
     assert shipped["threshold"] == pytest.approx(tune_threshold(labels, state["probs"].numpy()[:, 1]))
+    assert shipped["val"] == {} and "made of the fold students" in shipped["val_about"]
 
 
 def test_the_winner_distilled_from_its_fold_students_averaged(finished_search, tmp_path, capsys):
@@ -350,6 +351,23 @@ def test_the_winner_distilled_from_its_fold_students_averaged(finished_search, t
     averaged = compute_metrics(data.test.labels.numpy(), probs, data.classes, None)
     assert shipped["ensemble_test"]["balanced_accuracy"] == pytest.approx(averaged["balanced_accuracy"])
     assert shipped["test"]["balanced_accuracy"] > 0.6
+    # no validation figure of a model that trained on every labelled image; the trial's own are named as such
+    assert shipped["val"] == {} and "trained on all of train + validation" in shipped["val_about"]
+    assert shipped["trial_val"] == best["trial_val"] and "the search trial's fold students" in shipped["val_about"]
+
+
+def test_an_earlier_versions_best_record_is_still_read(finished_search, tmp_path):
+    """best/metrics.json of a version that named the trial's figures `val_last_epoch`: read, under today's name."""
+    from search.records import BestRecord
+    _cfg, run_dir, _ = finished_search
+    raw = json.loads((run_dir / "best" / "metrics.json").read_text())
+    raw["val_last_epoch"] = raw.pop("trial_val")
+    for name in ("val_about", "distilled", "ensemble_test"):
+        raw.pop(name)
+    (tmp_path / "best").mkdir()
+    (tmp_path / "best" / "metrics.json").write_text(json.dumps(raw))
+    record = BestRecord.read(tmp_path)
+    assert record is not None and record.trial_val == raw["val_last_epoch"] and record.val_about == ""
 
 
 def test_export_a_chosen_trial_and_reproduce_it_outside_ray(finished_search, tmp_path):
@@ -513,7 +531,7 @@ def test_a_fresh_search_sets_an_old_study_aside_and_exports_the_epoch_that_ranke
         assert main(["export", str(run_dir), "--trial", row["trial"], "--out", str(out)]) == 0
         metrics = json.loads((out / "metrics.json").read_text())
         assert metrics["epoch"] == row["epochs"] < 3
-        assert metrics["val_last_epoch"]["val_balanced_accuracy"] == pytest.approx(row["val_balanced_accuracy"])
+        assert metrics["trial_val"]["val_balanced_accuracy"] == pytest.approx(row["val_balanced_accuracy"])
 
 
 def test_students_of_several_sizes_on_a_pareto_front_and_a_budget_on_the_export(tmp_path, shared_cache):
