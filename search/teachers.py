@@ -6,8 +6,9 @@ tasks, all submitted together, so they run side by side wherever the cluster has
 trial's share of one (`search.gpus_per_trial`) fits, as trials pack; on CPU nodes one per node, with all its
 cores (`teacher_resources`). The trials wait only for the members' teachers; the final student's teacher (a
 refit's, fine-tuned on train + validation) needs no trial result and goes on beside them, on one trial's
-resources (a whole CPU node would hold the first trials back). `RayCompute` hands it,
-and a trial's resources, to the scheme's `final` step.
+resources (a whole CPU node would hold the first trials back); where that is less than a member's teacher asks
+for, it starts once the members' are done, so it cannot take the gap one leaves and hold the next one back.
+`RayCompute` hands it, and a trial's resources, to the scheme's `final` step.
 """
 from __future__ import annotations
 
@@ -101,8 +102,18 @@ def prepare_teachers(cfg: Config, scheme: Scheme, echo: Callable[[str], None] = 
     echo(f"preparing {k} teacher{'s' if k > 1 else ''} ({cfg.teacher.name}), {scheme.teachers_text(cfg)} ...")
     pending = [start_teacher(cfg, data) for data in scheme.members]
     final_data = scheme.final_teacher_data()
-    final = {teacher_key(cfg, final_data): start_teacher(cfg, final_data, beside_trials=True)} \
-        if final_data is not None else {}
+    final: dict[str, Teacher | ray.ObjectRef] = {}
+
+    def start_final() -> None:
+        if final_data is not None:
+            final[teacher_key(cfg, final_data)] = start_teacher(cfg, final_data, beside_trials=True)
+
+    # where the final teacher asks for less than a member's (a trial's CPUs, where members take a whole CPU node),
+    # Ray would start it in the first gap a member leaves, and the next member, which the trials wait for, would
+    # wait for it (55 s of the demo's teacher phase): it starts once the members are done, beside the trials
+    same_shape = not ray.is_initialized() or teacher_resources(cfg).cpus <= cfg.search.cpus_per_trial
+    if same_shape:
+        start_final()
     teachers: list[Teacher | None] = [p if isinstance(p, Teacher) else None for p in pending]
     refs = {p: m for m, p in enumerate(pending) if not isinstance(p, Teacher)}
     for m, teacher in enumerate(teachers):
@@ -113,6 +124,8 @@ def prepare_teachers(cfg: Config, scheme: Scheme, echo: Callable[[str], None] = 
         m = refs.pop(done[0])
         teachers[m] = ray.get(done[0])
         _echo_teacher(teachers[m], scheme.member_name(m, k), echo)  # type: ignore[arg-type]
+    if not same_shape:
+        start_final()
     ready = [t for t in teachers if t is not None]
     return Prepared(scheme.taught([t.logits for t in ready]), ready, final)
 

@@ -1,4 +1,7 @@
-"""How busy the trial slots were, read per attempt from the trials' reports (search.run.slot_use)."""
+"""How busy the trial slots were, read per attempt from the trials' reports (search.run.slot_use), and how the
+teachers share a CPU node."""
+import itertools
+
 import pytest
 
 from search.run import slot_use
@@ -26,3 +29,28 @@ def test_a_trial_retried_on_another_node_counts_each_attempt_in_its_own_process(
 def test_trials_of_an_earlier_version_without_placements_have_no_slot_figures():
     assert slot_use({"a": [{"epoch": 1}]}, slots=2) is None
     assert slot_use({"a": [report("n1", 1, 0.0, 4.0)]}, slots=None).busy is None
+
+
+def test_on_a_cpu_node_the_refits_teacher_waits_for_the_fold_teachers_the_trials_need(tmp_path):
+    """The fold teachers take the whole CPU node, one at a time; the refit's teacher takes one trial's CPU and
+    starts once they are done: were it submitted with them, Ray could start it in the gap one leaves, and the next
+    fold teacher, which the trials wait for, would wait for it."""
+    import ray
+
+    from kd.config import load_config
+    from kd.data import load_dataset
+    from kd.schemes import Scheme
+    from search.teachers import prepare_teachers
+    from tests.helpers import tiny_overrides
+    cfg = load_config(None, tiny_overrides(tmp_path / "cache") + [
+        "data.source=digits", "search.folds=3", "search.cpus_per_trial=1", "teacher.train.epochs=2"])
+    scheme = Scheme.of(cfg).split(cfg, load_dataset(cfg.data, progress=False))
+    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
+    try:
+        prepared = prepare_teachers(cfg, scheme, echo=lambda line: None)
+        final = ray.get(next(iter(prepared.final_teacher.values())))
+    finally:
+        ray.shutdown()
+    members = sorted((t.info.started, t.info.ended) for t in prepared.teachers)
+    assert len(members) == 3 and all(end <= start for (_, end), (start, _) in itertools.pairwise(members))
+    assert final.info.started >= members[-1][1] and not final.info.cached
