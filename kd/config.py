@@ -123,7 +123,7 @@ class TrainConfig:
     # bf16 autocast: auto = on CUDA only; bf16 = on any device (the CPU too); off. An older config's true
     # reads as auto, false as off. Parameters stay float32 either way.
     amp: Literal["auto", "bf16", "off"] = "auto"
-    # channels_last memory format: auto = CNNs on CUDA only; always = any model, any device; off. true/false as
+    # channels_last memory format: auto = CNNs, on any device; always = any model, any device; off. true/false as
     # amp ("always", not "on": YAML reads a bare on as true).
     channels_last: Literal["auto", "always", "off"] = "auto"
     compile: bool = False       # torch.compile the model

@@ -50,8 +50,11 @@ def use_amp(setting: Amp, device: torch.device) -> bool:
 
 
 def use_channels_last(setting: ChannelsLast, device: torch.device, model: nn.Module) -> bool:
-    """Whether to use channels_last: "auto" for CNNs on CUDA only (a ViT's one patch convolution gains nothing)."""
-    return device.type == "cuda" and is_cnn(model) if setting == "auto" else setting == "always"
+    """Whether to use channels_last: "auto" for CNNs on any device (a ViT's one patch convolution gains nothing).
+    On the CPU too: a training step of batch 32, one thread, took 1.07x to 1.96x less time in it for six of seven
+    timm CNNs at 24 to 128 px on this project's VM (test_resnet 1.4x, efficientnet_b0 2.0x), 6% more for one
+    (resnet18 at 64 px)."""
+    return is_cnn(model) if setting == "auto" else setting == "always"
 
 
 class Runner:
