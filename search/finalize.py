@@ -138,6 +138,7 @@ def finalize(run_dir: Path, prepared: Prepared, phases: Phases, echo: Callable[[
              "to re-rank or export (see trials.csv)")
         write_report(run)
         return
+    prepared.start_final()  # on a CPU node, the final student's teacher runs beside the re-ranking's tasks
     row = top.iloc[0]
     metric = cfg.search.metric
     echo(f"best trial {row['trial']} ({row['status']}): {metric} {row[metric]:.4f} with {params_text(run.params(row))}")

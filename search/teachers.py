@@ -5,9 +5,13 @@ A teacher is found in the cache when it can be (kd.teacher's content address). T
 tasks, all submitted together, so they run side by side wherever the cluster has room: several on one GPU where a
 trial's share of one (`search.gpus_per_trial`) fits, as trials pack; on CPU nodes one per node, with all its
 cores (`teacher_resources`). The trials wait only for the members' teachers; the final student's teacher (a
-refit's, fine-tuned on train + validation) needs no trial result and goes on beside them, on one trial's
-resources (a whole CPU node would hold the first trials back); where that is less than a member's teacher asks
-for, it starts once the members' are done, so it cannot take the gap one leaves and hold the next one back.
+refit's, fine-tuned on train + validation) needs no trial result and runs on one trial's resources beside other
+work: beside the trials where members pack like trials (GPUs), else beside the re-ranking (`Prepared.start_final`,
+called by search.finalize). On a CPU node, a one-CPU teacher submitted with the whole-node members started in the
+gap the first left and held the next back (55 s of the demo's teacher phase); started beside the trials, it
+held one of two slots, and Ray Tune never filled that slot again when it came free: each time a new actor for it
+was starting, a trial ended first, the pending trial took the cached actor and the new one was dropped (the
+demo's 12 trials all ran in one process, the slots 47% busy).
 `RayCompute` hands it, and a trial's resources, to the scheme's `final` step.
 """
 from __future__ import annotations
@@ -77,10 +81,19 @@ class Prepared:
     scheme: Scheme
     teachers: list[Teacher]
     final_teacher: dict[str, Teacher | ray.ObjectRef] = field(default_factory=dict)  # by teacher key
+    final_data: Dataset | None = None   # the final student's teacher's data, while that teacher waits to start
+    cfg: Config | None = None
 
     def known(self, key: str) -> Teacher | ray.ObjectRef | None:
         """A teacher this search has prepared or started, by its key (kd.teacher.teacher_key)."""
         return next((t for t in self.teachers if t.key == key), None) or self.final_teacher.get(key)
+
+    def start_final(self) -> None:
+        """Start the final student's teacher on one trial's resources, beside what runs now, if it waits to."""
+        if self.final_data is not None and self.cfg is not None:
+            key = teacher_key(self.cfg, self.final_data)
+            self.final_teacher[key] = start_teacher(self.cfg, self.final_data, beside_trials=True)
+            self.final_data = None
 
     def record(self, seconds: float) -> TeacherRecord:
         """teacher.json: the teachers' validation metrics (the mean over them) and how they were prepared."""
@@ -97,23 +110,14 @@ class Prepared:
 
 def prepare_teachers(cfg: Config, scheme: Scheme, echo: Callable[[str], None] = print) -> Prepared:
     """A teacher for each member of `scheme`, each fine-tuned on that member's training images only (so no student
-    learns its held-out images' labels through the logits), all at once; the final student's teacher started too."""
+    learns its held-out images' labels through the logits), all at once; the final student's teacher started too,
+    where it packs like them (else `Prepared.start_final` starts it later)."""
     k = len(scheme.members)
     echo(f"preparing {k} teacher{'s' if k > 1 else ''} ({cfg.teacher.name}), {scheme.teachers_text(cfg)} ...")
     pending = [start_teacher(cfg, data) for data in scheme.members]
-    final_data = scheme.final_teacher_data()
-    final: dict[str, Teacher | ray.ObjectRef] = {}
-
-    def start_final() -> None:
-        if final_data is not None:
-            final[teacher_key(cfg, final_data)] = start_teacher(cfg, final_data, beside_trials=True)
-
-    # where the final teacher asks for less than a member's (a trial's CPUs, where members take a whole CPU node),
-    # Ray would start it in the first gap a member leaves, and the next member, which the trials wait for, would
-    # wait for it (55 s of the demo's teacher phase): it starts once the members are done, beside the trials
-    same_shape = not ray.is_initialized() or teacher_resources(cfg).cpus <= cfg.search.cpus_per_trial
-    if same_shape:
-        start_final()
+    prepared = Prepared(scheme, [], final_data=scheme.final_teacher_data(), cfg=cfg)
+    if not ray.is_initialized() or teacher_resources(cfg).cpus <= cfg.search.cpus_per_trial:
+        prepared.start_final()  # members pack like trials: it goes on beside them, and beside the trials
     teachers: list[Teacher | None] = [p if isinstance(p, Teacher) else None for p in pending]
     refs = {p: m for m, p in enumerate(pending) if not isinstance(p, Teacher)}
     for m, teacher in enumerate(teachers):
@@ -124,10 +128,8 @@ def prepare_teachers(cfg: Config, scheme: Scheme, echo: Callable[[str], None] = 
         m = refs.pop(done[0])
         teachers[m] = ray.get(done[0])
         _echo_teacher(teachers[m], scheme.member_name(m, k), echo)  # type: ignore[arg-type]
-    if not same_shape:
-        start_final()
     ready = [t for t in teachers if t is not None]
-    return Prepared(scheme.taught([t.logits for t in ready]), ready, final)
+    return dataclasses.replace(prepared, scheme=scheme.taught([t.logits for t in ready]), teachers=ready)
 
 
 def _echo_teacher(teacher: Teacher, member: str, echo: Callable[[str], None]) -> None:

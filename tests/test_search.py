@@ -1,6 +1,7 @@
 """End-to-end searches with Ray Tune + Optuna on the digits, tiny models, a few trials (Ray is stopped after each).
 
 The main search is cross-validated (3 folds), as searches are by default; the reliability tests cover the holdout."""
+import itertools
 import json
 import shutil
 from pathlib import Path
@@ -86,6 +87,8 @@ def test_trials_table_has_a_row_per_trial_with_its_parameters_and_metrics(finish
     assert set(ran["device"]) == {"cpu"} and ran["gpus"].isna().all() and ran["node"].nunique() == 1
     assert (ran["ended"] > ran["started"]).all()
     assert (ran["best_epoch"] <= ran["epochs"]).all() and (ran["best_epoch"] >= 1).all()
+    # both of this machine's slots trained: two trials ran at once (nothing else holds a slot during the trials)
+    assert any(a.started < b.ended and b.started < a.ended for a, b in itertools.combinations(ran.itertuples(), 2))
 
 
 def test_the_rerank_winner_is_refitted_and_ships_the_threshold_of_its_out_of_fold_predictions(finished_search):

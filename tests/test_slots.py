@@ -31,10 +31,11 @@ def test_trials_of_an_earlier_version_without_placements_have_no_slot_figures():
     assert slot_use({"a": [report("n1", 1, 0.0, 4.0)]}, slots=None).busy is None
 
 
-def test_on_a_cpu_node_the_refits_teacher_waits_for_the_fold_teachers_the_trials_need(tmp_path):
-    """The fold teachers take the whole CPU node, one at a time; the refit's teacher takes one trial's CPU and
-    starts once they are done: were it submitted with them, Ray could start it in the gap one leaves, and the next
-    fold teacher, which the trials wait for, would wait for it."""
+def test_on_a_cpu_node_the_refits_teacher_waits_for_the_fold_teachers_and_the_trials(tmp_path):
+    """The fold teachers take the whole CPU node, one at a time; the refit's teacher, on one trial's CPU, starts only
+    when the search's finalize asks (beside the re-ranking): submitted with the fold teachers, Ray started it in the
+    gap one left and the next, which the trials wait for, waited for it; started beside the trials, it took a slot
+    Ray Tune did not fill again when it came free."""
     import ray
 
     from kd.config import load_config
@@ -48,9 +49,11 @@ def test_on_a_cpu_node_the_refits_teacher_waits_for_the_fold_teachers_the_trials
     ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
     try:
         prepared = prepare_teachers(cfg, scheme, echo=lambda line: None)
+        assert not prepared.final_teacher  # nothing beside the trials
+        prepared.start_final()
         final = ray.get(next(iter(prepared.final_teacher.values())))
     finally:
         ray.shutdown()
     members = sorted((t.info.started, t.info.ended) for t in prepared.teachers)
     assert len(members) == 3 and all(end <= start for (_, end), (start, _) in itertools.pairwise(members))
-    assert final.info.started >= members[-1][1] and not final.info.cached
+    assert final.info.started >= members[-1][1] and not final.info.cached and prepared.final_data is None
