@@ -6,9 +6,10 @@ model's own mean/std, and runs the forward pass under bf16 autocast where chosen
 all go through it, so a dtype or memory-format mistake shows up everywhere at once.
 
 The settings (`TrainConfig.amp`, `TrainConfig.channels_last`): "auto" is bf16 autocast on CUDA only and
-channels_last for CNNs on CUDA only; "bf16" / "always" force them on any device and model, the CPU
-included (which is how the tests exercise the GPU path on a machine without one); "off" disables them.
-("always", not "on": YAML reads a bare `on` as true, which an older config's boolean makes "auto".)
+channels_last for CNNs on any device (`use_channels_last` says why on the CPU too); "bf16" / "always" force them
+on any device and model, the CPU included (which is how the tests exercise the GPU path on a machine without
+one); "off" disables them. ("always", not "on": YAML reads a bare `on` as true, which an older config's boolean
+makes "auto".)
 Autocast leaves the parameters in float32: only the operations inside the forward pass run in bf16.
 """
 from __future__ import annotations

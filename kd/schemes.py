@@ -129,7 +129,8 @@ class Scheme(ABC):
         return Fitting(trainings, self.held, resume)
 
     def final_teacher_data(self) -> Dataset | None:
-        """The data of a teacher `final` needs beyond the members' (prepared beside the trials), if any."""
+        """The data of a teacher `final` needs beyond the members' (search.teachers prepares it beside the trials or
+        the re-ranking), if any."""
         return None
 
     @abstractmethod
@@ -323,7 +324,6 @@ def refit(cfg: Config, pool: Dataset, logits: torch.Tensor) -> dict[str, torch.T
         raise Diverged(f"the final student diverged when refitted on train + validation (epoch "
                        f"{len(result.history)}); its config: {cfg.distill}, lr {cfg.train.lr}")
     return {k: v.detach().cpu() for k, v in result.model.state_dict().items()}
-
 
 
 def distil_ensemble(cfg: Config, pool: Dataset, ensemble: Ensemble) -> dict[str, torch.Tensor]:

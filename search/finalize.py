@@ -2,9 +2,9 @@
 
 Selection uses held-out figures only (kd.schemes: the validation split, or pooled out-of-fold predictions).
 The winner of the re-ranking (search.rerank) is exported as its scheme makes a final student (`Scheme.final`:
-the trial's own checkpoint of the epoch that ranked it, or its config refitted on all of train + validation
-with a threshold from its out-of-fold predictions). The export is evaluated exactly once on the test split,
-which nothing in the search has seen.
+the trial's own checkpoint of the epoch that ranked it; its config refitted on all of train + validation with a
+threshold from its out-of-fold predictions; its fold students averaged; or one student distilled from them). The
+export is evaluated exactly once on the test split, which nothing in the search has seen.
 """
 from __future__ import annotations
 
@@ -138,7 +138,8 @@ def finalize(run_dir: Path, prepared: Prepared, phases: Phases, echo: Callable[[
              "to re-rank or export (see trials.csv)")
         write_report(run)
         return
-    prepared.start_final()  # on a CPU node, the final student's teacher runs beside the re-ranking's tasks
+    if run.best is None:  # on a CPU node, the final student's teacher runs beside the re-ranking's tasks
+        prepared.start_final()
     row = top.iloc[0]
     metric = cfg.search.metric
     echo(f"best trial {row['trial']} ({row['status']}): {metric} {row[metric]:.4f} with {params_text(run.params(row))}")

@@ -1,5 +1,5 @@
-"""The teachers of a search: one per member of its scheme (kd.schemes), and the one its final student needs, all
-prepared at once, before the trials.
+"""The teachers of a search: one per member of its scheme (kd.schemes), all prepared at once before the trials,
+and the one its final student needs, beside the trials or the re-ranking.
 
 A teacher is found in the cache when it can be (kd.teacher's content address). The others are fine-tuned as Ray
 tasks, all submitted together, so they run side by side wherever the cluster has room: several on one GPU where a
@@ -116,8 +116,8 @@ def prepare_teachers(cfg: Config, scheme: Scheme, echo: Callable[[str], None] = 
     echo(f"preparing {k} teacher{'s' if k > 1 else ''} ({cfg.teacher.name}), {scheme.teachers_text(cfg)} ...")
     pending = [start_teacher(cfg, data) for data in scheme.members]
     prepared = Prepared(scheme, [], final_data=scheme.final_teacher_data(), cfg=cfg)
-    if not ray.is_initialized() or teacher_resources(cfg).cpus <= cfg.search.cpus_per_trial:
-        prepared.start_final()  # members pack like trials: it goes on beside them, and beside the trials
+    if not ray.is_initialized() or teacher_resources(cfg).gpus > 0:
+        prepared.start_final()  # members pack on the GPUs like trials: it goes on beside them, and the trials
     teachers: list[Teacher | None] = [p if isinstance(p, Teacher) else None for p in pending]
     refs = {p: m for m, p in enumerate(pending) if not isinstance(p, Teacher)}
     for m, teacher in enumerate(teachers):
@@ -140,8 +140,8 @@ def _echo_teacher(teacher: Teacher, member: str, echo: Callable[[str], None]) ->
 
 class RayCompute:
     """kd.schemes.Compute on the search's Ray (or here, without one): the teachers as the search prepares them (the
-    one started beside the trials, once it is done), the training with a trial's resources (the same threads: the
-    same float sums, so a refit here gives the very student a task would)."""
+    final student's, started beside the trials or the re-ranking, once it is done), the training with a trial's
+    resources (the same threads: the same float sums, so a refit here gives the very student a task would)."""
 
     def __init__(self, resources: Resources, prepared: Prepared | None = None):
         self.resources, self.prepared = resources, prepared
