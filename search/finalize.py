@@ -9,6 +9,7 @@ export is evaluated exactly once on the test split, which nothing in the search 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -72,12 +73,13 @@ def _evaluate_and_export(run: Run, row: pd.Series, tcfg: Config, state: dict[str
     student_argmax = compute_metrics(labels, shipped, data.classes, None, full=True)
     cost = distill_report(tcfg, final.model, teacher_model, teacher_test, student_argmax,
                           "test balanced accuracy at argmax (both)")
-    taught = final.distilled_from  # a distilled student's teacher: the fold ensemble, under the same rule
-    ensemble_test = compute_metrics(labels, split_probs(taught, data, "test", tcfg), data.classes, None, full=True) \
-        if taught is not None else {}
-    shift = {**calibration_shift(shipped, [split_probs(m, data, "test", tcfg) for m in final.tuned_on],
-                                 final.threshold), "fits_tuned_on": final.fits_tuned_on} \
-        if final.threshold is not None and final.tuned_on else {}
+    # each fold student's test probabilities, once: the calibration shift and a distilled student's teacher read them
+    fold_probs = functools.cache(lambda model: split_probs(model, data, "test", tcfg))
+    taught = final.distilled_from  # a distilled student's teacher: the fold ensemble (their mean), under the same rule
+    ensemble_test = compute_metrics(labels, np.mean([fold_probs(m) for m in taught.members], axis=0), data.classes,
+                                    None, full=True) if taught is not None else {}
+    shift = {**calibration_shift(shipped, [fold_probs(m) for m in final.tuned_on], final.threshold),
+             "fits_tuned_on": final.fits_tuned_on} if final.threshold is not None and final.tuned_on else {}
     best = BestRecord(trial=row["trial"], classes=data.classes, threshold=final.threshold, epoch=final.epoch,
                       params=run.params(row), trial_val=judged, val_about=_val_about(final), teacher_test=teacher_test,
                       test_argmax=student_argmax, calibration_shift=shift, teacher_label=final.teacher_label,

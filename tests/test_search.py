@@ -268,6 +268,23 @@ def test_compare_sets_searches_side_by_side(finished_search, tmp_path, capsys):
     assert f"{tmp_path} is not a search directory" in capsys.readouterr().err
 
 
+def winner_fold_students(run_dir, trial):
+    """A trial's config, its last checkpoint's state and its fold students from that checkpoint (in eval mode)."""
+    from kd.student import student_shell
+    from kd.train import load_state
+    from search.experiment import latest_checkpoint
+    from search.run import Run
+    run = Run(run_dir)
+    row = run.trial(trial)
+    trial_cfg, state = run.trial_config(row), load_state(latest_checkpoint(row["path"]))
+    folds = []
+    for member in state["members"]:
+        fold = student_shell(trial_cfg, 2, 32)
+        fold.load_state_dict(member["model"])
+        folds.append(fold.eval())
+    return trial_cfg, state, folds
+
+
 def test_the_winner_ships_as_its_fold_students_averaged(finished_search, tmp_path, capsys):
     """`kdsearch export --final ensemble`: the students that were judged, as one model; its probabilities are the mean
     of the winner's fold students' (from its checkpoint), and its threshold is the refit's (both from the same
@@ -282,18 +299,10 @@ def test_the_winner_ships_as_its_fold_students_averaged(finished_search, tmp_pat
     assert shipped["trial"] == best["trial"] and shipped["calibration_shift"]["fits_tuned_on"] == 1
     from kd.data import load_dataset
     from kd.infer import predict_probs
-    from kd.student import student_shell
-    from kd.train import load_state
-    from search.experiment import latest_checkpoint
-    from search.run import Run
-    state = load_state(latest_checkpoint(Run(run_dir).trial(best["trial"])["path"]))
+    _trial_cfg, state, students = winner_fold_students(run_dir, best["trial"])
     test = load_dataset(cfg.data, progress=False).test
-    folds = []
-    for member in state["members"]:
-        fold = student_shell(cfg, 2, 32)
-        fold.load_state_dict(member["model"])
-        folds.append(predict_probs(fold.eval(), test.images, ensemble.info["mean"], ensemble.info["std"],
-                                   torch.device("cpu")))
+    folds = [predict_probs(fold, test.images, ensemble.info["mean"], ensemble.info["std"], torch.device("cpu"))
+             for fold in students]
     assert np.allclose(ensemble.probs(test.images), np.mean(folds, axis=0), atol=1e-5)
     assert shipped["test"]["balanced_accuracy"] > 0.6 and shipped["cost"]["student"]["parameters"] == 3 * 372882
     # its threshold: tuned on the out-of-fold predictions of the very students it ships, saved in their checkpoint
@@ -322,19 +331,9 @@ def test_the_winner_distilled_from_its_fold_students_averaged(finished_search, t
     from kd.ensemble import Ensemble
     from kd.infer import predict_probs
     from kd.metrics import compute_metrics
-    from kd.student import student_shell, train_student
+    from kd.student import train_student
     from kd.teacher import view_logits
-    from kd.train import load_state
-    from search.experiment import latest_checkpoint
-    from search.run import Run
-    run = Run(run_dir)
-    row = run.trial(best["trial"])
-    trial_cfg = run.trial_config(row)
-    folds = []
-    for member in load_state(latest_checkpoint(row["path"]))["members"]:
-        fold = student_shell(trial_cfg, 2, 32)
-        fold.load_state_dict(member["model"])
-        folds.append(fold.eval())
+    trial_cfg, _state, folds = winner_fold_students(run_dir, best["trial"])
     ensemble = Ensemble(folds).eval()
     data = load_dataset(cfg.data, progress=False)
     pool = refit_data(data)
