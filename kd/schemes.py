@@ -112,12 +112,13 @@ class Scheme(ABC):
         return self.data.classes
 
     def fit(self, cfg: Config, report: ReportFn | None = None, resume: dict[str, Any] | None = None,
-            progress: bool = False) -> FitResult:
-        """Train a student per member with `cfg`, in lockstep, every epoch judged on the pooled held-out images; each
-        epoch's row to `report(row, state_fn)`."""
-        return run_fitting(self.start(cfg, resume, progress), report)
+            progress: bool = False, every_epoch: bool = True) -> FitResult:
+        """Train a student per member with `cfg`, in lockstep, every epoch (or only the last: `every_epoch` False)
+        judged on the pooled held-out images; each epoch's row to `report(row, state_fn)`."""
+        return run_fitting(self.start(cfg, resume, progress, every_epoch), report)
 
-    def start(self, cfg: Config, resume: dict[str, Any] | None = None, progress: bool = False) -> Fitting:
+    def start(self, cfg: Config, resume: dict[str, Any] | None = None, progress: bool = False,
+              every_epoch: bool = True) -> Fitting:
         """The same fit, an epoch per `step()` (a search's trial steps it)."""
         logits: list[torch.Tensor | None] = list(self.logits) if self.logits else [None] * len(self.members)
         states = member_states(resume, len(self.members))
@@ -126,7 +127,7 @@ class Scheme(ABC):
                               balanced_sampling=cfg.imbalance.method == "balanced_sampling", resume=states[m],
                               progress=progress, desc=f"student {cfg.student.name}")
                      for m, data in enumerate(self.members)]  # every member starts from the same seeded weights
-        return Fitting(trainings, self.held, resume)
+        return Fitting(trainings, self.held, resume, every_epoch)
 
     def final_teacher_data(self) -> Dataset | None:
         """The data of a teacher `final` needs beyond the members' (search.teachers prepares it beside the trials or

@@ -36,8 +36,9 @@ from search.teachers import Prepared
 
 
 def retrain(cfg: Config, scheme: Scheme) -> dict[str, Any]:
-    """One candidate with one seed: its last epoch's metrics and its pooled held-out probabilities."""
-    fit = scheme.fit(cfg)
+    """One candidate with one seed: its last epoch's metrics and its pooled held-out probabilities (only the last
+    epoch is judged: nothing reads the others)."""
+    fit = scheme.fit(cfg, every_epoch=False)
     if fit.status != Outcome.COMPLETED or fit.probs is None:
         return {"status": fit.status}
     return {"status": fit.status, "metrics": scalars(fit.history[-1]), "probs": fit.probs.astype(np.float32)}

@@ -106,6 +106,10 @@ def test_cross_validated_students_learn_and_resume_exactly(digits_setup):
     assert resumed.history[-1]["train_loss"] == pytest.approx(last["train_loss"], rel=1e-5)
     assert np.allclose(resumed.probs, full.probs, atol=1e-5)
     assert torch.is_tensor(states[-1]["probs"]) and len(states[-1]["members"]) == 2
+    # judged at the last epoch only (a re-ranking's fit): the same students, the earlier epochs unjudged
+    unwatched = scheme.fit(cfg, every_epoch=False)
+    assert [("val_auc" in row) for row in unwatched.history] == [False] * (cfg.train.epochs - 1) + [True]
+    assert unwatched.history[-1]["val_auc"] == last["val_auc"] and np.array_equal(unwatched.probs, full.probs)
     # a checkpoint of the earlier layout (before kd.schemes: "folds" and "oof_probs") resumes the same K students
     old = {"folds": states[1]["members"], "history": states[1]["history"], "epoch": 2, "oof_probs": states[1]["probs"]}
     again = scheme.fit(cfg, resume=old)
