@@ -205,6 +205,17 @@ def _cluster_gpus() -> float:
     return ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
 
 
+def trials_run_here() -> bool:
+    """Whether every trial runs on this machine's CPU, as this process would: no CUDA here, and no Ray or every live
+    node of the cluster on this machine (a local cluster's nodes too)."""
+    if torch.cuda.is_available():
+        return False
+    if not ray.is_initialized():
+        return True
+    here = ray.util.get_node_ip_address()
+    return all(node["NodeManagerAddress"] == here for node in ray.nodes() if node["Alive"])
+
+
 def check_resources(cfg: Config) -> Resources:
     """A trial's resources, checked once per search: GPUs left idle are worth a warning."""
     if _cluster_gpus() > 0 and cfg.search.gpus_per_trial == 0:

@@ -50,6 +50,7 @@ def test_each_student_is_measured_once_and_kept_across_searches(tmp_path, monkey
     def measured_again(*args, **kwargs):
         raise AssertionError("a cached student was measured again")
     monkeypatch.setattr(costs_module, "measure_many", measured_again)
+    monkeypatch.setattr(costs_module, "call", measured_again)  # the trials run on this CPU: no task, the file answers
     again = student_costs(cfg, ["test_efficientnet", "test_resnet"], 2, 32)
     assert again == {n: first[n] for n in ("test_efficientnet", "test_resnet")}  # the same figures, not a re-run
     monkeypatch.undo()
