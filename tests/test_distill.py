@@ -1,6 +1,9 @@
 """Real distillations on real images (scikit-learn's digits) with tiny timm models."""
 import dataclasses
+import gc
 import json
+import sys
+from importlib.metadata import entry_points
 
 import numpy as np
 import pytest
@@ -12,7 +15,7 @@ from kd.errors import Diverged
 from kd.export import export_student, load_graph, load_student
 from kd.student import train_student
 from kd.teacher import prepare_teacher
-from search.cli import main
+from search.cli import entry, main
 from tests.helpers import tiny_overrides
 
 
@@ -156,6 +159,26 @@ def cfg_data_image(i: int) -> np.ndarray:
     from sklearn.datasets import load_digits
     img = load_digits().images[i] * (255 / 16)
     return np.kron(img, np.ones((3, 3))).astype(np.uint8)
+
+
+def test_the_console_script_exits_with_the_commands_code_and_its_objects_frozen(tmp_path, monkeypatch, capsys):
+    """`kdsearch` is `entry`: the command's exit code, and every object frozen so the interpreter's final garbage
+    collections skip them (about 3 s after a distillation)."""
+    (script,) = entry_points(group="console_scripts", name="kdsearch")  # the installed command
+    assert script.value == "search.cli:entry"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("distill:\n  alpha: 2\n")
+    try:
+        for argv, code in ((["presets"], 0), (["distill", str(bad)], 2)):
+            gc.unfreeze()
+            monkeypatch.setattr(sys, "argv", ["kdsearch", *argv])
+            with pytest.raises(SystemExit) as done:
+                entry()
+            assert done.value.code == code
+            assert gc.get_freeze_count() > 1000
+    finally:
+        gc.unfreeze()  # this test process goes on: its objects are collectable again
+    assert "'distill.alpha' must be in [0, 1]" in capsys.readouterr().err
 
 
 def test_cli_reports_user_mistakes_without_traceback(tmp_path, capsys):
