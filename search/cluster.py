@@ -286,10 +286,10 @@ def remote(fn: Callable[..., Any], resources: Resources, *args: Any, **kwargs: A
                                                                                   *args, **kwargs)
 
 
-def call(fn: Callable[..., Any], resources: Resources, *args: Any, **kwargs: Any) -> Any:
-    """`fn(*args, **kwargs)` as a Ray task where Ray runs, else right here; with a trial's resources either way (the
-    same threads: the same float sums, so a refit here gives the very student a task would)."""
-    if ray.is_initialized():
+def call(fn: Callable[..., Any], resources: Resources, *args: Any, here: bool = False, **kwargs: Any) -> Any:
+    """`fn(*args, **kwargs)` as a Ray task where Ray runs, else (or with `here`) right here; with a trial's resources
+    either way (the same threads: the same float sums, so a refit here gives the very student a task would)."""
+    if ray.is_initialized() and not here:
         return ray.get(remote(fn, resources, *args, **kwargs))
     threads = torch.get_num_threads()
     torch.set_num_threads(resources.threads)

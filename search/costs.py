@@ -4,10 +4,12 @@ kd.cost measures a student: parameters, FLOPs (torch's flop counter), median lat
 large batch, after warm-up, the students timed in turns. Here that happens once per architecture, class count,
 input size, device and thread count, in one Ray task holding a trial's resources (so on the kind of device and with
 the threads a trial has), before the teachers take the slots; the figures are kept in `<data.cache_dir>/costs.json`
-and reused by later searches (read here, without a task, where the trials run on this machine's CPU: a Ray worker
-started only to read a file cost a search about 6 s on 2 cores). Every trial of a student reports the same
-figures, so identical students cost the same and a front over cost is a front over architectures, not over timing
-noise (a per-trial measurement on a busy CPU read 1.36 ms and 2.65 ms for one student in one search).
+and reused by later searches. Where the trials run on this machine's CPU, this process is such a device: it reads
+the cache and measures right here, with a trial's threads, and starts no task (a Ray worker that imports torch and
+timm for it cost a search 5 to 11 s on 2 cores, most of that where it only read a cached file). Every trial of a
+student reports the same figures, so identical students cost the same and a front over cost is a front over
+architectures, not over timing noise (a per-trial measurement on a busy CPU read 1.36 ms and 2.65 ms for one
+student in one search).
 """
 from __future__ import annotations
 
@@ -48,12 +50,13 @@ def student_costs(cfg: Config, names: list[str], classes: int, image_size: int) 
     architecture, classes, input size, device and threads, same torch), else measured now and kept."""
     path = Path(cfg.data.cache_dir) / COSTS_FILE
     known = _read(path)
-    if trials_run_here():  # the trials' device and threads are known here: the cache may answer without a task
+    here = trials_run_here()
+    if here:  # the trials' device and threads are known here: the cache may answer without a task
         device, threads = device_name(resolve_device(cfg.train.device)), trial_resources(cfg).threads
         keys = [_key(name, classes, image_size, device, threads) for name in names]
         if all(k in known for k in keys):
             return {name: known[k] for name, k in zip(names, keys, strict=True)}
-    costs, new = call(_measure, trial_resources(cfg), cfg, names, classes, image_size, known)
+    costs, new = call(_measure, trial_resources(cfg), cfg, names, classes, image_size, known, here=here)
     if new:
         path.parent.mkdir(parents=True, exist_ok=True)
         with file_lock(path):  # another search may be adding its own

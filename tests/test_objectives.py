@@ -7,6 +7,7 @@ import json
 import optuna
 import pytest
 
+import search.cluster as cluster
 import search.costs as costs_module
 from kd.config import load_config
 from kd.errors import ConfigError
@@ -39,6 +40,15 @@ def test_an_objective_the_search_does_not_report_is_refused_before_anything_runs
 
 def test_each_student_is_measured_once_and_kept_across_searches(tmp_path, monkeypatch):
     cfg = load_config(None, tiny_overrides(tmp_path / "cache"))
+
+    def task(*args, **kwargs):
+        raise AssertionError("a Ray task was started where the trials run on this CPU")
+    # as under a local Ray: the trials run on this machine's CPU, so this process measures them, with no task
+    resources = cluster.trial_resources(cfg)
+    monkeypatch.setattr(costs_module, "trial_resources", lambda cfg: resources)
+    monkeypatch.setattr(costs_module, "trials_run_here", lambda: True)
+    monkeypatch.setattr(cluster.ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(cluster, "remote", task)
     first = student_costs(cfg, ["test_resnet", "test_efficientnet", "inception_v3"], 2, 32)
     assert first["test_resnet"]["student_params"] == 372882 and first["test_efficientnet"]["student_params"] == 99710
     assert first["test_resnet"]["student_mflops"] > first["test_efficientnet"]["student_mflops"] > 0
