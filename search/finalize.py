@@ -154,7 +154,7 @@ def finalize(run_dir: Path, prepared: Prepared, phases: Phases, echo: Callable[[
             chosen = candidates(run)
             judging = f", then the winner against them with {len(judge_seeds)} more" if judge_seeds and any(
                 point for _, point in chosen) else ""
-            top_text = "the front's members" if cfg.search.objectives else f"the top {cfg.search.rerank}"
+            top_text = "the front's members" if run.rerank_pool()[1] else f"the top {cfg.search.rerank}"
             echo(f"re-ranking {len(chosen)} candidates ({top_text} and the hand-picked points) "
                  f"with {len(seeds)} further seeds{judging} ...")
             with phases("re-ranking"):

@@ -45,20 +45,14 @@ def retrain(cfg: Config, scheme: Scheme) -> dict[str, Any]:
 
 
 def candidates(run: Run) -> list[tuple[pd.Series, int | None]]:
-    """(trial row, hand-picked point number or None): the top trials (a multi-objective search's: the members of its
-    front within the budget, best figure first), then each point's trial, each once."""
+    """(trial row, hand-picked point number or None): the top trials or the front's members (`Run.rerank_pool`),
+    then each point's trial, each once."""
     points: dict[str, tuple[pd.Series, int]] = {}
     for i, point in enumerate(run.config.search.points):
         row = run.point_trial(point)
         if row is not None and row["status"] in RANKED:
             points.setdefault(row["trial"], (row, i + 1))
-    ranked = run.best_trials(run.config.search.rerank, within_budget=True)
-    if run.config.search.objectives:
-        front = run.front()
-        front = front[run.within_budget(front)]
-        if not front.empty:
-            ordered = run.best_trials(len(run.table))
-            ranked = ordered[ordered["trial"].isin(front["trial"])]
+    ranked, _ = run.rerank_pool()
     top = [(row, points[row["trial"]][1] if row["trial"] in points else None) for _, row in ranked.iterrows()]
     return top + [c for t, c in points.items() if t not in {r["trial"] for r, _ in top}]
 

@@ -223,6 +223,18 @@ class Run:
             (loss[j] <= loss[i]).all() and (loss[j] < loss[i]).any() for j in range(len(done)))]
         return done.iloc[kept].sort_values(names[1:] + names[:1])
 
+    def rerank_pool(self) -> tuple[pd.DataFrame, bool]:
+        """The trials the re-ranking retrains beside the hand-picked points, best figure first, and whether they are
+        the front: a multi-objective search's front members within the budget, or, where it has no objectives or
+        no front member fits the budget, the top `search.rerank` trials within it."""
+        if self.config.search.objectives:
+            front = self.front()
+            front = front[self.within_budget(front)]
+            if not front.empty:
+                ordered = self.best_trials(len(self.table))
+                return ordered[ordered["trial"].isin(front["trial"])], True
+        return self.best_trials(self.config.search.rerank, within_budget=True), False
+
     def slot_use(self) -> SlotUse | None:
         """How busy the trial slots were while trials ran, and how long a slot waited between trials."""
         return slot_use(self.histories, self.record.slots if self.record else None)

@@ -187,7 +187,7 @@ def _pareto(run: Run) -> list[str]:
     if s.objectives:
         what = (f"A multi-objective search over {over}: Optuna's TPE in its multi-objective mode proposed the trials, "
                 "and the study in optuna.journal holds this front as its best trials. The re-ranking retrains the "
-                "front's members (within the budget). ")
+                "front's members within the budget (the top trials within it where none fits). ")
     else:
         what = f"Not searched for (`search.objectives` is not set): the trials no other beats on {over}. "
     return ["## Accuracy against cost (Pareto front)", "",
@@ -205,12 +205,13 @@ def _reranking(run: Run) -> list[str]:
     rr, metric = run.reranking, run.config.search.metric
     if rr is None:
         return out + ["Not run yet (it follows the search), or `search.confirm_seeds` is 0.", ""]
-    why = "front" if run.config.search.objectives else "top"
+    from_front = run.rerank_pool()[1]
+    why = "front" if from_front else "top"
     rows = [[e.trial, params_text(e.params), f"hand-picked {e.hand_picked}" if e.hand_picked else why,
              e.search_value, spread(e.mean, e.std, len(e.values)), " ".join(number(v) for v in e.values),
              " ".join(number(v) for v in e.judged),
              "winner" if e.trial == rr.winner else ""] for e in rr.candidates]
-    top = "The front's members" if run.config.search.objectives else f"The top {run.config.search.rerank} trials"
+    top = "The front's members" if from_front else f"The top {run.config.search.rerank} trials"
     out += [f"{top} and the hand-picked points, each retrained with seeds "
             f"{rr.seeds} ({run.rule}). The winner is the best mean over these seeds alone: the search's own "
             "figure chose the candidates, so it flatters them (compare its column with the mean).", "",

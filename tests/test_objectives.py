@@ -98,6 +98,12 @@ def test_a_search_for_accuracy_and_size_finds_its_front(tmp_path, shared_cache):
     assert ours == optunas
     rerank = json.loads((run_dir / "rerank.json").read_text())
     assert sorted(c["trial"] for c in rerank["candidates"]) == sorted(front["trial"])
+    pool, from_front = Run(run_dir).rerank_pool()
+    assert from_front and sorted(pool["trial"]) == sorted(front["trial"])
+    over = Run(run_dir)  # a budget no front member fits: the top trials within it, and the texts say so
+    over.config = over.config.updated({"search.max_params": int(front["student_params"].min()) - 1})
+    pool, from_front = over.rerank_pool()
+    assert not from_front and (pool["student_params"] < front["student_params"].min()).all()
     summary = (run_dir / "summary.md").read_text()
     assert "A multi-objective search over val_auc (max), student_params (min)" in summary
     for trial in front["trial"]:
