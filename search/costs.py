@@ -50,13 +50,13 @@ def student_costs(cfg: Config, names: list[str], classes: int, image_size: int) 
     architecture, classes, input size, device and threads, same torch), else measured now and kept."""
     path = Path(cfg.data.cache_dir) / COSTS_FILE
     known = _read(path)
-    here = trials_run_here()
+    resources, here = trial_resources(cfg), trials_run_here()
     if here:  # the trials' device and threads are known here: the cache may answer without a task
-        device, threads = device_name(resolve_device(cfg.train.device)), trial_resources(cfg).threads
-        keys = [_key(name, classes, image_size, device, threads) for name in names]
+        device = device_name(resolve_device(cfg.train.device))
+        keys = [_key(name, classes, image_size, device, resources.threads) for name in names]
         if all(k in known for k in keys):
             return {name: known[k] for name, k in zip(names, keys, strict=True)}
-    costs, new = call(_measure, trial_resources(cfg), cfg, names, classes, image_size, known, here=here)
+    costs, new = call(_measure, resources, cfg, names, classes, image_size, known, here=here)
     if new:
         path.parent.mkdir(parents=True, exist_ok=True)
         with file_lock(path):  # another search may be adding its own

@@ -151,10 +151,11 @@ def finalize(run_dir: Path, prepared: Prepared, phases: Phases, echo: Callable[[
     if seeds:
         record = run.reranking
         if record is None or record.seeds != seeds or record.judge_seeds != judge_seeds:
-            chosen = candidates(run)
+            pool, from_front = run.rerank_pool()
+            chosen = candidates(run, pool)
             judging = f", then the winner against them with {len(judge_seeds)} more" if judge_seeds and any(
                 point for _, point in chosen) else ""
-            top_text = "the front's members" if run.rerank_pool()[1] else f"the top {cfg.search.rerank}"
+            top_text = "the front's members" if from_front else f"the top {cfg.search.rerank}"
             echo(f"re-ranking {len(chosen)} candidates ({top_text} and the hand-picked points) "
                  f"with {len(seeds)} further seeds{judging} ...")
             with phases("re-ranking"):

@@ -44,22 +44,21 @@ def retrain(cfg: Config, scheme: Scheme) -> dict[str, Any]:
     return {"status": fit.status, "metrics": scalars(fit.history[-1]), "probs": fit.probs.astype(np.float32)}
 
 
-def candidates(run: Run) -> list[tuple[pd.Series, int | None]]:
-    """(trial row, hand-picked point number or None): the top trials or the front's members (`Run.rerank_pool`),
-    then each point's trial, each once."""
+def candidates(run: Run, ranked: pd.DataFrame) -> list[tuple[pd.Series, int | None]]:
+    """(trial row, hand-picked point number or None): the `ranked` trials (`Run.rerank_pool`: the top trials or the
+    front's members), then each point's trial, each once."""
     points: dict[str, tuple[pd.Series, int]] = {}
     for i, point in enumerate(run.config.search.points):
         row = run.point_trial(point)
         if row is not None and row["status"] in RANKED:
             points.setdefault(row["trial"], (row, i + 1))
-    ranked, _ = run.rerank_pool()
     top = [(row, points[row["trial"]][1] if row["trial"] in points else None) for _, row in ranked.iterrows()]
     return top + [c for t, c in points.items() if t not in {r["trial"] for r, _ in top}]
 
 
 def rerank(run: Run, prepared: Prepared, seeds: list[int], judge_seeds: list[int],
            chosen: list[tuple[pd.Series, int | None]]) -> tuple[Reranking, list[np.ndarray]]:
-    """Retrain every candidate (`candidates(run)`) with every seed of `seeds`, pick the winner, and judge it against
+    """Retrain every candidate (`candidates`) with every seed of `seeds`, pick the winner, and judge it against
     each hand-picked point on `judge_seeds`; the record (rerank.json) and the winner's held-out probabilities."""
     cfg, metric = run.config, run.config.search.metric
     scheme_ref = ray.put(prepared.scheme.for_trials())
