@@ -40,24 +40,23 @@ Row = tuple[str, dict[str, Any], Literal[0, 3, "reference", "pack"] | None]
 def kd_trial(p: Profile, work: Path, epochs: int, **sets: Any) -> dict[str, Any]:
     import torch
 
-    from kd import teacher as kteacher
     from kd.data import load_dataset
     from kd.student import train_student
-    from kd.teacher import prepare_teacher
+    from kd.teacher import TeacherWork, prepare_teacher
 
     t0 = time.perf_counter()
     cfg = config(p, work, **{"train.epochs": epochs, **sets})
     data = load_dataset(cfg.data, progress=False)
     teacher = prepare_teacher(cfg, data, progress=False)  # cached: the trial itself never runs the teacher
     logits, setup = teacher.logits, time.perf_counter() - t0
-    before = kteacher.forwarded_images()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    result = train_student(cfg, data, logits, progress=False)
+    with TeacherWork().counting() as teacher_work:  # the trial's own teacher forward passes (none: cached logits)
+        result = train_student(cfg, data, logits, progress=False)
     seconds = time.perf_counter() - t0
     images = sum(len(data.train) - (len(data.train) % cfg.train.batch_size == 1) for _ in result.history)
-    return {"seconds": seconds, "images": images, "teacher_forwards": kteacher.forwarded_images() - before,
+    return {"seconds": seconds, "images": images, "teacher_forwards": teacher_work.images,
             "val_balanced_accuracy": result.history[-1]["val_balanced_accuracy"], "gpu_peak_gb": gpu_peak(),
             "setup_seconds": setup, "teacher_finetune_seconds": teacher.info.finetune_seconds}
 
@@ -101,6 +100,7 @@ def kd_distill(p: Profile, work: Path, epochs: int, **sets: Any) -> dict[str, An
     report, the export with its graphs)."""
     from kd.config import save_config
     from kd.data import load_dataset
+    from kd.distill import DistillMetrics
 
     cfg = config(p, work, **{"train.epochs": epochs, "name": "distill", **sets})
     path = work / "distill.yaml"
@@ -112,9 +112,11 @@ def kd_distill(p: Profile, work: Path, epochs: int, **sets: Any) -> dict[str, An
     seconds = time.perf_counter() - t0
     if done.returncode:
         raise SystemExit(f"kdsearch distill failed: {done.stderr[-2000:]}")
-    metrics = json.loads((Path(cfg.output_dir) / "distill" / "distill" / "metrics.json").read_text())
+    metrics = DistillMetrics.read(Path(cfg.output_dir) / "distill" / "distill" / DistillMetrics.FILE)
+    if metrics is None:
+        raise SystemExit("kdsearch distill wrote no metrics.json")
     return {"seconds": seconds, "images": epochs * n_train, "teacher_forwards": 0, "gpu_peak_gb": None,
-            "val_balanced_accuracy": metrics["val"]["balanced_accuracy"], "phases": metrics.get("phases", {})}
+            "val_balanced_accuracy": metrics.val["balanced_accuracy"], "phases": metrics.phases}
 
 
 def _train_size(describe: str) -> int:

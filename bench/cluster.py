@@ -26,7 +26,7 @@ from typing import TypedDict
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kd.config import load_config  # noqa: E402
+from search.config import load_config  # noqa: E402
 from tests.helpers import tiny_overrides  # noqa: E402
 from tests.localcluster import LocalCluster, token_env  # noqa: E402
 

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict
 
 if TYPE_CHECKING:
-    from kd.config import Config
+    from search.config import Config
 
 
 class _Profile(TypedDict):
@@ -72,7 +72,7 @@ def make_files(root: Path, size: int, count: int) -> Path:
 
 
 def config(p: Profile, work: Path, **sets: Any) -> Config:
-    from kd.config import load_config
+    from search.config import load_config
     base = [f"name=bench-{p['size']}", f"output_dir={work / 'results'}", "data.source=folder",
             f"data.train={work / 'images'}", f"data.image_size={p['size']}", f"data.cache_dir={work / 'cache'}",
             f"data.workers={p['workers']}", f"teacher.name={p['teacher']}", "teacher.pretrained=false",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 
@@ -19,7 +19,6 @@ from kd.images import MAX_IMAGE_PIXELS
 from kd.typed import build, scalar_keys, set_dotted
 
 IMBALANCE_METHODS = ("none", "inverse", "effective", "balanced_sampling", "logit_adjust")
-LOGGERS = ("tensorboard", "mlflow")  # Ray Tune's logger callbacks a search can turn on (search.tracking)
 
 
 @dataclass
@@ -58,23 +57,23 @@ class DataConfig:
     workers: int = 0                  # decoding threads / stream workers; 0 = one per core, at most 8
 
     def check(self) -> None:
-        _require(self.image_size >= 8, "data.image_size", "must be at least 8")
+        require(self.image_size >= 8, "data.image_size", "must be at least 8")
         for key in ("val_fraction", "test_fraction"):
-            _require(0.0 < getattr(self, key) < 1.0, f"data.{key}", "must be between 0 and 1 (exclusive)")
-        _require(self.val_fraction + self.test_fraction < 0.9, "data.val_fraction",
+            require(0.0 < getattr(self, key) < 1.0, f"data.{key}", "must be between 0 and 1 (exclusive)")
+        require(self.val_fraction + self.test_fraction < 0.9, "data.val_fraction",
                  "val_fraction + test_fraction must leave at least 10% for training")
-        _require(0 <= self.digits_minority <= 9, "data.digits_minority", "must be a digit 0-9")
-        _require(self.workers >= 0, "data.workers", "must be >= 0")
-        _require(self.max_image_pixels > 0, "data.max_image_pixels", "must be positive")
+        require(0 <= self.digits_minority <= 9, "data.digits_minority", "must be a digit 0-9")
+        require(self.workers >= 0, "data.workers", "must be >= 0")
+        require(self.max_image_pixels > 0, "data.max_image_pixels", "must be positive")
         if self.source != "digits":
             what = "a CSV file of file names and labels" if self.source == "csv" else "a folder of class folders"
-            _require(self.train is not None and bool(self.train.path), "data.train",
+            require(self.train is not None and bool(self.train.path), "data.train",
                      f"is required for source '{self.source}': {what} (e.g. --set data.train=PATH)")
         from kd.groups import check_spec
         check_spec(self.groups, self.source)
         if self.classes is not None:
-            _require(len(self.classes) >= 2, "data.classes", "needs at least two classes")
-            _require(len(set(self.classes)) == len(self.classes), "data.classes", "has duplicate names")
+            require(len(self.classes) >= 2, "data.classes", "needs at least two classes")
+            require(len(set(self.classes)) == len(self.classes), "data.classes", "has duplicate names")
 
 
 @dataclass
@@ -95,14 +94,14 @@ class AugmentConfig:
     def check(self) -> None:
         for key in ("crop_scale", "crop_ratio"):
             lo_hi = getattr(self, key)
-            _require(len(lo_hi) == 2 and 0 < lo_hi[0] <= lo_hi[1], f"augment.{key}",
+            require(len(lo_hi) == 2 and 0 < lo_hi[0] <= lo_hi[1], f"augment.{key}",
                      "must be [low, high] with 0 < low <= high")
-        _require(self.crop_scale[1] <= 1.0, "augment.crop_scale", "high must be <= 1")
-        _require(0.0 <= self.flip <= 1.0, "augment.flip", "is a probability in [0, 1]")
-        _require(0.0 <= self.rotation <= 180.0, "augment.rotation", "must be in [0, 180] degrees")
+        require(self.crop_scale[1] <= 1.0, "augment.crop_scale", "high must be <= 1")
+        require(0.0 <= self.flip <= 1.0, "augment.flip", "is a probability in [0, 1]")
+        require(0.0 <= self.rotation <= 180.0, "augment.rotation", "must be in [0, 180] degrees")
         for key in ("brightness", "contrast", "saturation"):
-            _require(0.0 <= getattr(self, key) < 1.0, f"augment.{key}", "must be in [0, 1)")
-        _require(0.0 <= self.hue <= 0.5, "augment.hue", "must be in [0, 0.5]")
+            require(0.0 <= getattr(self, key) < 1.0, f"augment.{key}", "must be in [0, 1)")
+        require(0.0 <= self.hue <= 0.5, "augment.hue", "must be in [0, 0.5]")
 
 
 @dataclass
@@ -131,17 +130,17 @@ class TrainConfig:
     tune_threshold: bool = True  # two classes: pick the decision threshold on validation
 
     def check(self, prefix: str = "train", min_epochs: int = 1) -> None:
-        _require(self.epochs >= min_epochs, f"{prefix}.epochs", f"must be >= {min_epochs}")
-        _require(self.batch_size >= 1, f"{prefix}.batch_size", "must be >= 1")
-        _require(self.eval_batch_size >= 1, f"{prefix}.eval_batch_size", "must be >= 1")
-        _require(self.lr > 0, f"{prefix}.lr", "must be > 0")
-        _require(0.0 <= self.momentum < 1.0, f"{prefix}.momentum", "must be in [0, 1)")
-        _require(self.weight_decay >= 0, f"{prefix}.weight_decay", "must be >= 0")
-        _require(0 <= self.warmup_epochs < max(self.epochs, 1), f"{prefix}.warmup_epochs", "must be >= 0 and < epochs")
-        _require(self.step_size >= 1, f"{prefix}.step_size", "must be >= 1")
-        _require(0 < self.gamma <= 1, f"{prefix}.gamma", "must be in (0, 1]")
-        _require(self.grad_clip >= 0, f"{prefix}.grad_clip", "must be >= 0")
-        _require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+        require(self.epochs >= min_epochs, f"{prefix}.epochs", f"must be >= {min_epochs}")
+        require(self.batch_size >= 1, f"{prefix}.batch_size", "must be >= 1")
+        require(self.eval_batch_size >= 1, f"{prefix}.eval_batch_size", "must be >= 1")
+        require(self.lr > 0, f"{prefix}.lr", "must be > 0")
+        require(0.0 <= self.momentum < 1.0, f"{prefix}.momentum", "must be in [0, 1)")
+        require(self.weight_decay >= 0, f"{prefix}.weight_decay", "must be >= 0")
+        require(0 <= self.warmup_epochs < max(self.epochs, 1), f"{prefix}.warmup_epochs", "must be >= 0 and < epochs")
+        require(self.step_size >= 1, f"{prefix}.step_size", "must be >= 1")
+        require(0 < self.gamma <= 1, f"{prefix}.gamma", "must be in (0, 1]")
+        require(self.grad_clip >= 0, f"{prefix}.grad_clip", "must be >= 0")
+        require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                  f"{prefix}.device", "must be auto, cpu, cuda or cuda:N")
 
 
@@ -152,8 +151,8 @@ class ModelConfig:
     drop_rate: float = 0.0             # dropout before the classifier
 
     def check(self, prefix: str) -> None:
-        _require(bool(self.name), f"{prefix}.name", "must name a timm model")
-        _require(0.0 <= self.drop_rate < 1.0, f"{prefix}.drop_rate", "must be in [0, 1)")
+        require(bool(self.name), f"{prefix}.name", "must name a timm model")
+        require(0.0 <= self.drop_rate < 1.0, f"{prefix}.drop_rate", "must be in [0, 1)")
 
 
 def _teacher_train() -> TrainConfig:
@@ -169,7 +168,7 @@ class TeacherConfig(ModelConfig):
     def check(self, prefix: str = "teacher") -> None:
         super().check(prefix)
         self.train.check(f"{prefix}.train", min_epochs=0)
-        _require(self.train.epochs > 0 or self.pretrained is not False, f"{prefix}.train.epochs",
+        require(self.train.epochs > 0 or self.pretrained is not False, f"{prefix}.train.epochs",
                  "is 0 (no fine-tuning), so teacher.pretrained must give weights (true or a file)")
 
 
@@ -182,8 +181,8 @@ class DistillConfig:
     alpha: float = 0.5
 
     def check(self) -> None:
-        _require(0.0 <= self.alpha <= 1.0, "distill.alpha", f"must be in [0, 1], got {self.alpha}")
-        _require(0.0 < self.temperature <= 100.0, "distill.temperature", "must be in (0, 100]")
+        require(0.0 <= self.alpha <= 1.0, "distill.alpha", f"must be in [0, 1], got {self.alpha}")
+        require(0.0 < self.temperature <= 100.0, "distill.temperature", "must be in (0, 100]")
 
 
 @dataclass
@@ -193,113 +192,30 @@ class ImbalanceConfig:
     tau: float = 1.0      # logit adjustment strength (Menon et al. 2021)
 
     def check(self) -> None:
-        _require(0.0 < self.beta < 1.0, "imbalance.beta", "must be in (0, 1)")
-        _require(0.0 <= self.tau <= 10.0, "imbalance.tau", "must be in [0, 10]")
-
-
-def default_space() -> dict[str, dict[str, Any]]:
-    """The search space used when a config declares none: everything the reference projects set by hand."""
-    return {
-        "distill.mode": {"type": "choice", "values": ["soft", "hard"]},
-        "distill.temperature": {"type": "loguniform", "low": 1.0, "high": 20.0, "when": {"distill.mode": "soft"}},
-        "distill.alpha": {"type": "uniform", "low": 0.0, "high": 1.0},
-        "train.lr": {"type": "loguniform", "low": 1e-3, "high": 0.3},
-        "imbalance.method": {"type": "choice", "values": list(IMBALANCE_METHODS)},
-        "imbalance.beta": {"type": "uniform", "low": 0.9, "high": 0.9999, "when": {"imbalance.method": "effective"}},
-        "imbalance.tau": {"type": "uniform", "low": 0.25, "high": 2.0, "when": {"imbalance.method": "logit_adjust"}},
-    }
-
-
-COSTS = ("student_params", "student_mflops", "student_latency_ms")  # what a student costs, lower is better
+        require(0.0 < self.beta < 1.0, "imbalance.beta", "must be in (0, 1)")
+        require(0.0 <= self.tau <= 10.0, "imbalance.tau", "must be in [0, 10]")
 
 
 @dataclass
-class SearchConfig:
-    num_samples: int = 16
-    metric: str = "val_auc"        # the ranking figure bench/quality.py chose (README: which figure ranks)
-    mode: Literal["auto", "max", "min"] = "auto"  # auto: min for a loss (kd.selection.LOWER_IS_BETTER), else max
-    objectives: list[str] = field(default_factory=list)  # [metric, a cost, ...]: a multi-objective search
-    scheduler: Literal["asha", "none"] = "asha"
-    grace_period: int = 2          # ASHA: epochs every trial gets before it can be stopped
-    reduction_factor: int = 2
-    max_concurrent: int = 0        # 0 = as many as the resources allow
-    gpus_per_trial: float = 0.25   # fractions pack several trials on one GPU; ignored where there is no GPU
-    cpus_per_trial: float = 1.0
-    seed: int = 0
-    space: dict[str, Any] = field(default_factory=default_space)
-    points: list[dict[str, Any]] = field(default_factory=list)  # known configs to try first
+class SchemeConfig:
+    """The part of the `search` section the library reads: how a student is trained and judged (kd.schemes) and how a
+    winner ships (kd.shipping). The rest of that section (trials, Ray, ASHA, loggers) is search.config's."""
     folds: int = 5                 # cross-validated trials over train + val pooled (1: the holdout split)
-    rerank: int = 3                # the top trials (and the hand-picked points) retrained with further seeds
-    # with folds: the winner refitted; its K fold students averaged; or one student distilled from that average
-    final: Literal["refit", "ensemble", "distilled"] = "refit"
-    max_params: int = 0            # a budget the exported student must fit: parameters (0: none) ...
-    max_latency_ms: float = 0.0    # ... and latency at batch 1 as measured in its trial (0: none)
-    confirm_seeds: int = 3         # how many further seeds each of them is retrained with
-    judge_seeds: int = 2           # seeds more the winner and the hand-picked points train with, to judge them
-    max_failures: int = 1          # retries of a failed trial
-    checkpoint_every: int = 1      # epochs between trial checkpoints (the last epoch always is one)
-    storage: str = ""              # shared path or s3:// for clusters; default: the run directory
-    loggers: list[str] = field(default_factory=lambda: ["tensorboard"])  # also: mlflow (Ray Tune's callbacks)
-    mlflow_uri: str = ""           # MLflow tracking store: a URI, or a folder for a SQLite store; default: the run's
-
-    @property
-    def direction(self) -> Literal["max", "min"]:
-        """`mode`, with auto resolved: whether a higher `metric` is better."""
-        from kd.selection import LOWER_IS_BETTER
-        if self.mode != "auto":
-            return self.mode
-        return "min" if self.metric in LOWER_IS_BETTER else "max"
-
-    def direction_of(self, name: str) -> Literal["max", "min"]:
-        """Whether a higher `name` is better: the metric's `direction`; min for a cost or a loss, else max."""
-        from kd.selection import LOWER_IS_BETTER
-        if name == self.metric:
-            return self.direction
-        return "min" if name in COSTS or name in LOWER_IS_BETTER else "max"
-
-    @property
-    def directions(self) -> list[Literal["max", "min"]]:
-        return [self.direction_of(name) for name in self.objectives]
+    # how the winner ships (kd.shipping): auto, the scheme's own way (a holdout's checkpoint, a refit); with folds
+    # also its K fold students averaged (ensemble), or one student distilled from that average (distilled)
+    final: Literal["auto", "checkpoint", "refit", "ensemble", "distilled"] = "auto"
 
     def check(self) -> None:
-        from kd.selection import LOWER_IS_BETTER
-        _require(self.num_samples >= 1, "search.num_samples", "must be >= 1")
-        if self.objectives:
-            _require(len(self.objectives) >= 2 and len(set(self.objectives)) == len(self.objectives),
-                     "search.objectives", "must name two or more different figures (or none: a single-objective "
-                     "search on search.metric)")
-            _require(self.objectives[0] == self.metric, "search.objectives",
-                     f"starts with {self.objectives[0]!r}, but search.metric is {self.metric!r}: the first objective "
-                     "is the figure ASHA stops on and the re-ranking ranks by, so it must be search.metric (set "
-                     f"search.metric: {self.objectives[0]}, or put {self.metric} first)")
-            _require(any(name in COSTS for name in self.objectives), "search.objectives",
-                     f"names no cost: add one of {', '.join(COSTS)}")
-        _require(self.mode == "auto" or (self.mode == "min") == (self.metric in LOWER_IS_BETTER), "search.mode",
-                 f"is {self.mode}, but a {'lower' if self.metric in LOWER_IS_BETTER else 'higher'} "
-                 f"{self.metric} is better (auto picks the direction)")
-        _require(self.grace_period >= 1, "search.grace_period", "must be >= 1")
-        _require(self.reduction_factor >= 2, "search.reduction_factor", "must be >= 2")
-        _require(self.max_concurrent >= 0, "search.max_concurrent", "must be >= 0")
-        _require(self.gpus_per_trial >= 0, "search.gpus_per_trial", "must be >= 0")
-        _require(self.cpus_per_trial > 0, "search.cpus_per_trial", "must be > 0")
-        _require(self.confirm_seeds >= 0, "search.confirm_seeds", "must be >= 0")
-        _require(self.judge_seeds >= 0, "search.judge_seeds", "must be >= 0 (0: the winner is not judged)")
-        _require(self.folds >= 1, "search.folds", "must be >= 1 (1: the holdout validation split)")
-        _require(self.rerank >= 1, "search.rerank", "must be >= 1")
-        _require(self.final == "refit" or self.folds >= 2, "search.final",
-                 f"is {self.final}, which is made from the winner's fold students: it needs search.folds >= 2")
-        _require(self.max_params >= 0, "search.max_params", "must be >= 0 (0: no budget)")
-        _require(self.max_latency_ms >= 0, "search.max_latency_ms", "must be >= 0 (0: no budget)")
-        _require(self.max_failures >= 0, "search.max_failures", "must be >= 0")
-        _require(self.checkpoint_every >= 1, "search.checkpoint_every", "must be >= 1")
-        _require(len(self.space) > 0, "search.space", "is empty: name at least one key to search")
-        unknown = [name for name in self.loggers if name not in LOGGERS]
-        _require(not unknown, "search.loggers", f"names {', '.join(map(repr, unknown))}: the loggers are "
-                 f"{', '.join(LOGGERS)}")
+        require(self.folds >= 1, "search.folds", "must be >= 1 (1: the holdout validation split)")
+
+
+C = TypeVar("C", bound="Config")
+S = TypeVar("S")
 
 
 @dataclass
 class Config:
+    """The library's config: what one distillation needs (search.config.Config adds a search's settings)."""
     name: str = "kd"
     output_dir: str = "results"
     data: DataConfig = field(default_factory=DataConfig)
@@ -309,10 +225,10 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
     imbalance: ImbalanceConfig = field(default_factory=ImbalanceConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    search: SearchConfig = field(default_factory=SearchConfig)
+    search: SchemeConfig = field(default_factory=SchemeConfig)
 
-    def check(self) -> Config:
-        _require(bool(self.name) and "/" not in self.name and self.name not in (".", ".."), "name",
+    def check(self: C) -> C:
+        require(bool(self.name) and "/" not in self.name and self.name not in (".", ".."), "name",
                  "must be a plain name (it becomes a folder under output_dir)")
         self.data.check()
         self.augment.check()
@@ -336,38 +252,23 @@ class Config:
             node = getattr(node, part)
         return node
 
-    def updated(self, values: dict[str, Any], source: str = "override") -> Config:
-        """A new, checked config with dotted keys replaced (used for --set and for searched values)."""
+    def updated(self: C, values: dict[str, Any], source: str = "override") -> C:
+        """A new, checked config of this type with dotted keys replaced (used for --set and for searched values)."""
         raw = self.to_dict()
         for dotted, value in values.items():
-            set_dotted(Config, raw, dotted, value, source)
-        return from_dict(raw, source)
+            set_dotted(type(self), raw, dotted, value, source)
+        return from_dict(raw, source, type(self))
 
 
 # --------------------------------------------------------------------------------------------- loading
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config (None: the defaults), apply `a.b=c` overrides, check everything."""
-    raw: dict[str, Any] = {}
-    source = "defaults"
-    if path is not None:
-        path = Path(path)
-        source = str(path)
-        try:
-            text = path.read_text()
-        except OSError as e:
-            raise ConfigError(f"cannot read config {path}: {e.strerror or e}") from None
-        try:
-            loaded = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            where = getattr(e, "problem_mark", None)
-            at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
-            raise ConfigError(f"{path} is not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path} must hold a mapping of config sections, not a {type(loaded).__name__}")
-        raw = loaded
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                schema: type[C] = Config) -> C:  # type: ignore[assignment]
+    """Read a YAML config (None: the defaults), apply `a.b=c` overrides, check everything. `schema`: the config type
+    (search.config.Config adds the search's own settings)."""
+    raw: dict[str, Any] = read_yaml(path) if path is not None else {}
+    source = str(path) if path is not None else "defaults"
     for item in overrides or []:
         key, sep, text_value = item.partition("=")
         if not sep or not key.strip():
@@ -376,28 +277,54 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             value = yaml.safe_load(text_value) if text_value.strip() else ""
         except yaml.YAMLError:
             value = text_value
-        set_dotted(Config, raw, key.strip(), value, "--set")
-    return from_dict(raw, source)
+        set_dotted(schema, raw, key.strip(), value, "--set")
+    return from_dict(raw, source, schema)
 
 
-def from_dict(raw: dict[str, Any], source: str = "config") -> Config:
-    """Build and check a Config from plain data, naming `source` in every error."""
-    cfg = build(Config, raw, "", source)
+def from_dict(raw: dict[str, Any], source: str = "config", schema: type[C] = Config) -> C:  # type: ignore[assignment]
+    """Build and check a config of type `schema` from plain data, naming `source` in every error."""
+    cfg: C = build(schema, raw, "", source)
     try:
         return cfg.check()
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
 
 
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A config file's plain data: a mapping of sections (an empty file: none), or an error naming the file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror or e}") from None
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        raise ConfigError(f"{path} is not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path} must hold a mapping of config sections, not a {type(loaded).__name__}")
+    return loaded
+
+
+def section(raw: dict[str, Any], name: str, cls: type[S], source: str) -> S:
+    """One section of a config's plain data as its dataclass (its keys checked), the rest of the config unread."""
+    value: S = build(cls, raw.get(name) or {}, f"{name}.", source)
+    return value
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
     atomic_write_text(Path(path), cfg.to_yaml())
 
 
-def config_keys() -> list[str]:
+def config_keys(schema: type[Config] = Config) -> list[str]:
     """Every dotted scalar key of the config (what `--set` and `search.space` accept)."""
-    return scalar_keys(Config)
+    return scalar_keys(schema)
 
 
-def _require(ok: bool, key: str, message: str) -> None:
+def require(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"'{key}' {message}")

@@ -3,7 +3,7 @@
 A scheme owns the datasets its students train on (its members), one teacher's logits per member, the
 held-out images its students are judged on, `fit(cfg, report, resume)` (kd.train's one epoch loop over
 its members, whose result carries the pooled held-out probabilities), how it names its figures, and how
-the student a search ships is made from a winning trial (`final`). Nothing outside this module asks which
+which ways its winner can ship (`ships`, kd.shipping). Nothing outside this module asks which
 scheme it holds; a new way to train a trial (an ensemble of fold students, say) is one more subclass.
 
 - `Holdout`: one student trains on the train split and is judged on the validation split, a threshold
@@ -12,16 +12,17 @@ scheme it holds; a new way to train a trial (an ensemble of fold students, say) 
   trains on the other folds with the logits of a teacher fine-tuned on those folds only (a teacher that
   saw fold f would leak its labels into the student through its logits) and predicts fold f; the K train
   in lockstep and are judged on the pooled out-of-fold predictions, each fold thresholded by a threshold
-  tuned on the others. It ships the winner's config refitted on all of train + validation, with a
-  threshold tuned on out-of-fold predictions; or (`search.final`) the winner's fold students averaged, or one
-  student trained on all of train + validation with those fold students, averaged, as its teacher.
+  tuned on the others. It ships the winner's config refitted on all of train + validation, its fold students
+  averaged, or one student distilled from that average (kd.shipping: `search.final`).
+
+How a winner becomes the shipped model is kd.shipping's: a scheme says which ways it can ship (`ships`) and hands the
+chosen one its winning trial as it was judged (`winner`).
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar, Protocol, TypeVar
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -30,47 +31,11 @@ from torch import nn
 from kd.config import Config
 from kd.crossval import make_folds, pooled, refit_data
 from kd.data import Dataset
-from kd.ensemble import Ensemble
-from kd.errors import Diverged
-from kd.infer import resolve_device
-from kd.metrics import tune_threshold
+from kd.errors import ConfigError
 from kd.selection import THRESHOLD, decision_rule
-from kd.student import new_student, student_loss, student_shell
-from kd.teacher import Teacher, view_logits
-from kd.train import FitResult, Fitting, HeldOut, Outcome, ReportFn, Training, member_states, run_fitting
-
-T = TypeVar("T")
-
-
-class Compute(Protocol):
-    """Where the heavy steps of `Scheme.final` run (search.teachers.RayCompute: as the search runs its tasks)."""
-
-    def teacher(self, cfg: Config, data: Dataset) -> Teacher:
-        """The teacher of `cfg` fine-tuned on `data.train`, with logits for `cfg.train.epochs` epochs of views."""
-        ...
-
-    def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """`fn(*args)`, with a trial's threads."""
-        ...
-
-
-@dataclass
-class Final:
-    """The student a search ships, made from its winning trial, and the teacher it learned from."""
-    model: nn.Module
-    threshold: float | None     # two classes: on p(class 1), tuned on predictions of images it was not fitted on
-    epoch: int                  # the epochs it trained
-    refit: bool                 # retrained on all of train + validation (not the trial's own checkpoint)
-    sees_validation: bool       # it trained on the validation split (so no figure of it there means anything)
-    train_images: int
-    teacher: Teacher
-    teacher_data: Dataset       # the data that teacher was fine-tuned on
-    # models of the same config whose held-out predictions the threshold was tuned on, where the shipped model is
-    # not one of them (a refit: the winner's fold students): its calibration against theirs is measured on export
-    tuned_on: list[nn.Module] = field(default_factory=list)
-    teacher_label: str = "the teacher it learned from"  # how the teacher set beside it is named
-    fits_tuned_on: int = 0      # how many cross-validated fits' out-of-fold predictions tuned the threshold
-    distilled_from: Ensemble | None = None  # the fold ensemble that taught it (search.final: distilled)
+from kd.shipping import Compute, Final, Shipment, Way, Winner
+from kd.student import student_shell, student_training
+from kd.train import FitResult, Fitting, HeldOut, ReportFn, member_states, run_fitting
 
 
 @dataclass
@@ -81,12 +46,17 @@ class Scheme(ABC):
     held: HeldOut | None                    # the pooled held-out images every epoch is judged on (None: a refit)
     logits: list[torch.Tensor] | None = None
 
-    making_final: ClassVar[str] = ""        # what the console says while `final` runs, if it takes a while
+    ships: ClassVar[tuple[Way, ...]]        # the ways its winner can ship (kd.shipping), its default first
+    scheme_text: ClassVar[str]              # the setting that chooses it, for messages
 
     @staticmethod
     def of(cfg: Config) -> type[Scheme]:
         """The scheme a config asks for (`search.folds`): the one place that asks."""
-        return CrossValidated if cfg.search.folds >= 2 else Holdout
+        return Scheme.with_folds(cfg.search.folds)
+
+    @staticmethod
+    def with_folds(folds: int) -> type[Scheme]:
+        return CrossValidated if folds >= 2 else Holdout
 
     @classmethod
     @abstractmethod
@@ -122,11 +92,8 @@ class Scheme(ABC):
         """The same fit, an epoch per `step()` (a search's trial steps it)."""
         logits: list[torch.Tensor | None] = list(self.logits) if self.logits else [None] * len(self.members)
         states = member_states(resume, len(self.members))
-        trainings = [Training(new_student(cfg, len(self.classes)), cfg.train, data, student_loss(cfg, data),
-                              cfg.augment, teacher_logits=logits[m],
-                              balanced_sampling=cfg.imbalance.method == "balanced_sampling", resume=states[m],
-                              progress=progress, desc=f"student {cfg.student.name}")
-                     for m, data in enumerate(self.members)]  # every member starts from the same seeded weights
+        trainings = [student_training(cfg, data, logits[m], states[m], progress)  # each from the same seeded weights
+                     for m, data in enumerate(self.members)]
         return Fitting(trainings, self.held, resume, every_epoch)
 
     def final_teacher_data(self) -> Dataset | None:
@@ -134,10 +101,37 @@ class Scheme(ABC):
         the re-ranking), if any."""
         return None
 
-    @abstractmethod
+    @classmethod
+    def way(cls, final: str) -> Way:
+        """The way `search.final` names for this scheme (auto: its first), or an error naming the key."""
+        way = cls.ships[0] if final == "auto" else Way(final)
+        if way not in cls.ships:
+            raise ConfigError(f"'search.final' is {way}, but a search with {cls.scheme_text} ships "
+                              f"{' or '.join(cls.ships)} (auto: {cls.ships[0]})")
+        return way
+
+    @classmethod
+    def shipment(cls, cfg: Config) -> Shipment:
+        """How a winner of `cfg` ships (`search.final`)."""
+        return Shipment.of(cls.way(cfg.search.final))
+
     def final(self, cfg: Config, state: dict[str, Any], probs: list[np.ndarray], compute: Compute) -> Final:
-        """The student to ship from a trial of `cfg` whose last checkpoint is `state`; `probs` are its pooled held-out
-        probabilities over further seeds (empty: the trial's own, saved in `state`)."""
+        """The student to ship from a trial of `cfg` whose last checkpoint is `state`, as `search.final` says;
+        `probs` are its pooled held-out probabilities over further seeds (empty: only the trial's own)."""
+        return self.shipment(cfg).make(self.winner(cfg, state, probs), compute)
+
+    def students(self, cfg: Config, state: dict[str, Any]) -> list[nn.Module]:
+        """The students of a trial's checkpoint `state`, one per member, in eval mode."""
+        out = []
+        for member in member_states(state, len(self.members)):
+            model = student_shell(cfg, len(self.classes), self.data.image_size)
+            model.load_state_dict(member["model"])  # type: ignore[index]
+            out.append(model.eval())
+        return out
+
+    @abstractmethod
+    def winner(self, cfg: Config, state: dict[str, Any], probs: list[np.ndarray]) -> Winner:
+        """A trial of `cfg` whose last checkpoint is `state` as a shipment gets it (`probs`: further seeds')."""
 
     # ---- how its figures are named (from the config alone: readers of a finished search have no data)
 
@@ -171,20 +165,11 @@ class Scheme(ABC):
         """How the console names member m of k ('' for a single one)."""
         return ""
 
-    @classmethod
-    @abstractmethod
-    def final_text(cls, epoch: int, train_images: int, ensemble: int = 0, distilled: int = 0) -> str:
-        """What its shipped student is: 'its checkpoint of epoch 8' (`ensemble`: how many fold students it
-        averages, `distilled`: how many it was distilled from; 0 for neither)."""
-
-    @classmethod
-    @abstractmethod
-    def threshold_source(cls) -> str:
-        """The predictions its shipped threshold is tuned on."""
-
 
 @dataclass
 class Holdout(Scheme):
+    ships = (Way.CHECKPOINT,)
+    scheme_text = "search.folds 1 (a holdout)"
 
     @classmethod
     def split(cls, cfg: Config, data: Dataset) -> Holdout:
@@ -193,13 +178,11 @@ class Holdout(Scheme):
             raise ValueError("a holdout needs a validation split")
         return cls(data, [data], held)
 
-    def final(self, cfg: Config, state: dict[str, Any], probs: list[np.ndarray], compute: Compute) -> Final:
-        """The trial's own checkpoint, with the threshold it tuned on all of validation."""
-        model = student_shell(cfg, len(self.classes), self.data.image_size)
-        model.load_state_dict(member_states(state, 1)[0]["model"])  # type: ignore[index]
+    def winner(self, cfg: Config, state: dict[str, Any], probs: list[np.ndarray]) -> Winner:
+        """The trial's own student, with the threshold it tuned on all of validation."""
         last = state["history"][-1]
-        return Final(model, last.get("threshold"), last["epoch"], False, False, len(self.data.train),
-                     compute.teacher(cfg, self.data), self.data)
+        return Winner(cfg, self.students(cfg, state), last["epoch"], self.data, self.data.val.labels.numpy(),
+                      last.get("threshold") is not None, probs=probs, own_threshold=last.get("threshold"))
 
     @classmethod
     def where(cls, cfg: Config) -> str:
@@ -217,18 +200,11 @@ class Holdout(Scheme):
     def teachers_text(cls, cfg: Config) -> str:
         return "prepared once before the trials"
 
-    @classmethod
-    def final_text(cls, epoch: int, train_images: int, ensemble: int = 0, distilled: int = 0) -> str:
-        return f"its checkpoint of epoch {epoch}"
-
-    @classmethod
-    def threshold_source(cls) -> str:
-        return "validation"
-
 
 @dataclass
 class CrossValidated(Scheme):
-    making_final: ClassVar[str] = "refitting the winner on all of train + validation ..."
+    ships = (Way.REFIT, Way.ENSEMBLE, Way.DISTILLED)  # each made from its fold students
+    scheme_text = "search.folds >= 2 (cross-validated)"
 
     @classmethod
     def split(cls, cfg: Config, data: Dataset) -> CrossValidated:
@@ -240,43 +216,14 @@ class CrossValidated(Scheme):
     def final_teacher_data(self) -> Dataset:
         return refit_data(self.data)
 
-    def final(self, cfg: Config, state: dict[str, Any], probs: list[np.ndarray], compute: Compute) -> Final:
-        """`search.final` refit: the winner's config refitted on all of train + validation (its teacher fine-tuned on
-        the same pool); ensemble: the winner's K fold students at the epoch that ranked it, their probabilities
-        averaged (kd.ensemble); distilled: one student of the winner's config trained on all of train + validation
-        with that ensemble as its teacher. The ensemble's threshold is tuned on the out-of-fold predictions of the
-        students it ships; the others' on the winner's out-of-fold predictions over the further seeds (else the
-        trial's own), and their calibration against the fold students is measured on export."""
-        pool = self.final_teacher_data()
-        teacher = compute.teacher(cfg, pool)  # the refit's teacher; the others are set beside it (kd.cost)
-        folds = []
-        for member in member_states(state, len(self.members)):  # the winner's fold students, as it ranked
-            fold = student_shell(cfg, len(self.classes), self.data.image_size)
-            fold.load_state_dict(member["model"])  # type: ignore[index]
-            folds.append(fold.eval())
-        saved = state.get("probs", state.get("oof_probs"))  # the trial's own, saved with its last checkpoint
-        own = [saved.numpy()] if saved is not None else []
-        probs = own if cfg.search.final == "ensemble" or not probs else probs
-        threshold = None
-        if decision_rule(len(self.classes), cfg.train.tune_threshold) == THRESHOLD and probs:
-            labels = np.tile(pooled(self.data).labels.numpy(), len(probs))
-            threshold = tune_threshold(labels, np.concatenate(probs)[:, 1])
-        tuned_on = folds if threshold is not None else []
-        if cfg.search.final == "ensemble":
-            return Final(Ensemble(folds).eval(), threshold, state["history"][-1]["epoch"], False, True,
-                         len(pool.train), teacher, pool, tuned_on,
-                         "a teacher fine-tuned on all of train + validation (the fold students learned from the "
-                         "fold teachers)", len(probs))
-        model = student_shell(cfg, len(self.classes), self.data.image_size)
-        if cfg.search.final == "distilled":
-            ensemble = Ensemble(folds).eval()
-            model.load_state_dict(compute.run(distil_ensemble, cfg, pool, ensemble))
-            return Final(model, threshold, cfg.train.epochs, True, True, len(pool.train), teacher, pool, tuned_on,
-                         "a teacher fine-tuned on all of train + validation (the student learned from the fold "
-                         "ensemble, its fold students from the fold teachers)", len(probs), ensemble)
-        model.load_state_dict(compute.run(refit, cfg, pool, teacher.logits))
-        return Final(model, threshold, cfg.train.epochs, True, True, len(pool.train), teacher, pool, tuned_on,
-                     fits_tuned_on=len(probs))
+    def winner(self, cfg: Config, state: dict[str, Any], probs: list[np.ndarray]) -> Winner:
+        """The trial's K fold students at the epoch that ranked it, their pooled out-of-fold probabilities (saved with
+        that checkpoint, and over the further seeds), and all of train + validation to learn from."""
+        saved = state.get("probs", state.get("oof_probs"))  # an earlier version's name
+        return Winner(cfg, self.students(cfg, state), state["history"][-1]["epoch"], self.final_teacher_data(),
+                      pooled(self.data).labels.numpy(),
+                      decision_rule(len(self.classes), cfg.train.tune_threshold) == THRESHOLD,
+                      [saved.numpy()] if saved is not None else [], probs)
 
     @classmethod
     def where(cls, cfg: Config) -> str:
@@ -303,33 +250,3 @@ class CrossValidated(Scheme):
     def member_name(cls, m: int, k: int) -> str:
         return f"fold {m + 1}/{k}"
 
-    @classmethod
-    def final_text(cls, epoch: int, train_images: int, ensemble: int = 0, distilled: int = 0) -> str:
-        if ensemble:
-            return (f"its {ensemble} fold students at epoch {epoch} (each trained on the other folds of the "
-                    f"{train_images} train + validation images), their probabilities averaged")
-        if distilled:
-            return (f"one student distilled from its {distilled} fold students averaged, trained on all "
-                    f"{train_images} train + validation images with its config and {epoch} epochs")
-        return f"refitted on all {train_images} train + validation images with its config and {epoch} epochs"
-
-    @classmethod
-    def threshold_source(cls) -> str:
-        return "out-of-fold predictions"
-
-
-def refit(cfg: Config, pool: Dataset, logits: torch.Tensor) -> dict[str, torch.Tensor]:
-    """One student trained on all of `pool.train` (nothing held out), its weights on the CPU."""
-    result = Holdout(pool, [pool], None, [logits]).fit(cfg)
-    if result.status != Outcome.COMPLETED:
-        raise Diverged(f"the final student diverged when refitted on train + validation (epoch "
-                       f"{len(result.history)}); its config: {cfg.distill}, lr {cfg.train.lr}")
-    return {k: v.detach().cpu() for k, v in result.model.state_dict().items()}
-
-
-def distil_ensemble(cfg: Config, pool: Dataset, ensemble: Ensemble) -> dict[str, torch.Tensor]:
-    """One student trained on all of `pool.train` with `ensemble` as its teacher: the ensemble's logits (the log of
-    its members' mean probability) on every view the student trains on, in place of a fine-tuned teacher's."""
-    logits = view_logits(ensemble, cfg.train, cfg, pool, range(cfg.train.epochs), resolve_device(cfg.train.device),
-                         desc="fold ensemble logits")
-    return refit(cfg, pool, logits)

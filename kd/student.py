@@ -17,7 +17,7 @@ from kd.infer import Runner, resolve_device
 from kd.losses import DistillLoss
 from kd.metrics import compute_metrics
 from kd.models import create_model
-from kd.train import FitResult, ReportFn, fit, seed_everything
+from kd.train import FitResult, ReportFn, Training, fit, seed_everything
 
 
 def new_student(cfg: Config, num_classes: int) -> torch.nn.Module:
@@ -34,6 +34,15 @@ def student_shell(cfg: Config, num_classes: int, image_size: int) -> torch.nn.Mo
 def student_loss(cfg: Config, data: Dataset) -> DistillLoss:
     """The distillation loss of `cfg`, with class weights (or logit adjustment) from `data`'s own counts."""
     return DistillLoss.build(cfg.distill, cfg.imbalance, data.class_counts())
+
+
+def student_training(cfg: Config, data: Dataset, teacher_logits: torch.Tensor | None,
+                     resume: dict[str, Any] | None = None, progress: bool = False) -> Training:
+    """One new student of `cfg` training on `data.train` from a teacher's cached logits: a member of a fit (kd.train's
+    `Fitting`); every such student starts from the same seeded weights."""
+    return Training(new_student(cfg, len(data.classes)), cfg.train, data, student_loss(cfg, data), cfg.augment,
+                    teacher_logits=teacher_logits, balanced_sampling=cfg.imbalance.method == "balanced_sampling",
+                    resume=resume, progress=progress, desc=f"student {cfg.student.name}")
 
 
 def train_student(cfg: Config, data: Dataset, teacher_logits: torch.Tensor | None, report: ReportFn | None = None,

@@ -14,7 +14,7 @@ log = logging.getLogger("kd")
 
 
 def load(args: argparse.Namespace):
-    from kd.config import load_config
+    from search.config import load_config
     return load_config(presets.config_path(args.config), args.set)
 
 
@@ -80,7 +80,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from kd.config import load_config
+    from search.config import load_config
     from search.driver import run_search
     print("kd-search demo: a search over distillation hyperparameters on scikit-learn's handwritten digits "
           "('8' vs the rest, ~10% minority)")
@@ -180,9 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--trial", help="trial id (see trials.csv); default: the search's pick (its re-ranked winner)")
     p.add_argument("--out", required=True, help="the folder to write")
-    p.add_argument("--final", choices=["refit", "ensemble", "distilled"], help="with folds: refit the trial on all "
-                   "the data, ship its fold students averaged, or one student distilled from them on all the data "
-                   "(default: the search's search.final)")
+    p.add_argument("--final", choices=["checkpoint", "refit", "ensemble", "distilled"], help="how it ships "
+                   "(kd/shipping.py): a holdout trial's checkpoint; with folds, the trial refitted on all the data, "
+                   "its fold students averaged, or one student distilled from them on all the data (default: the "
+                   "search's search.final)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("presets", help="list the shipped presets")

@@ -20,12 +20,12 @@ from typing import Any
 import timm
 import torch
 
-from kd.config import Config
 from kd.cost import count_flops, device_name, measure_many
 from kd.files import atomic_write_json, file_lock, read_json
 from kd.infer import resolve_device
 from kd.student import student_shell
 from search.cluster import call, trial_resources, trials_run_here
+from search.config import Config
 from search.space import Param
 
 log = logging.getLogger("search")

@@ -18,21 +18,21 @@ import numpy as np
 import pandas as pd
 import torch
 
-from kd.config import Config
 from kd.cost import distill_report
 from kd.data import Dataset, load_dataset
-from kd.ensemble import Ensemble
 from kd.errors import UserError
 from kd.export import export_student
 from kd.files import save_tensors
 from kd.metrics import calibration_shift, compute_metrics, interval_text, scalars
 from kd.models import fetch_pretrained
-from kd.schemes import Final, Scheme
+from kd.schemes import Scheme
+from kd.shipping import Final, Way
 from kd.student import evaluate_model, split_probs
 from kd.teacher import load_teacher_model
 from kd.timing import Phases, phases_text
 from kd.train import load_state
 from search.cluster import trial_resources
+from search.config import Config
 from search.experiment import latest_checkpoint
 from search.format import params_text, shown, spread
 from search.records import BEST, RERANK_PROBS, BestRecord, Reranking, Verdict
@@ -83,11 +83,9 @@ def _evaluate_and_export(run: Run, row: pd.Series, tcfg: Config, state: dict[str
     best = BestRecord(trial=row["trial"], classes=data.classes, threshold=final.threshold, epoch=final.epoch,
                       params=run.params(row), trial_val=judged, val_about=_val_about(final), teacher_test=teacher_test,
                       test_argmax=student_argmax, calibration_shift=shift, teacher_label=final.teacher_label,
-                      ensemble=len(final.model) if isinstance(final.model, Ensemble) else 0,
-                      distilled=len(taught) if taught is not None else 0, ensemble_test=ensemble_test,
+                      ensemble_test=ensemble_test,
                       test=compute_metrics(labels, shipped, data.classes, final.threshold, full=True),
-                      refit=final.refit,
-                      train_images=final.train_images,
+                      final=final.way, members=final.members, train_images=final.train_images,
                       val={} if final.sees_validation else evaluate_model(final.model, data, "val", final.threshold,
                                                                           tcfg),
                       cost=cost, teacher=final.teacher.info)
@@ -99,7 +97,7 @@ def _val_about(final: Final) -> str:
     """What best/metrics.json's validation figures are of: the exported model's, or the search trial's students'."""
     if not final.sees_validation:
         return "val: the exported model (the trial's checkpoint) on the validation split; trial_val: the same model"
-    made = ("made of the fold students that each trained on most of those images" if isinstance(final.model, Ensemble)
+    made = ("made of the fold students that each trained on most of those images" if final.way == Way.ENSEMBLE
             else "trained on all of train + validation")
     return (f"val: none, the exported model is {made}, so no labelled image is held out from it; trial_val: the "
             "search trial's fold students on their pooled out-of-fold predictions, the figures that ranked it")
@@ -123,7 +121,7 @@ def export_command(run_dir: str | Path, trial: str | None, out: str | Path, fina
     # the re-ranked winner's threshold comes from its further seeds, as best/'s did
     probs = run.rerank_probs() if run.reranking is not None and run.reranking.winner == row["trial"] else []
     best = export_best(run, row, run.scheme.split(run.config, data), probs, Path(out), final=final)
-    how = run.scheme.final_text(best.epoch, best.train_images, best.ensemble, best.distilled)
+    how = best.shipped_text()
     return (f"exported trial {row['trial']} ({how}; validation {run.config.search.metric} "
             f"{row[run.config.search.metric]:.4f}, {run.rule_label}) to {out}; the test split evaluated again: "
             f"balanced accuracy {best.test['balanced_accuracy']:.4f}")
@@ -175,13 +173,9 @@ def finalize(run_dir: Path, prepared: Prepared, phases: Phases, echo: Callable[[
                 if c.verdict in (Verdict.BEATS, Verdict.WITHIN_NOISE) else ""))
     best = run.best
     if best is None or best.trial != row["trial"]:
-        if cfg.search.final == "ensemble":
-            echo(f"the winner ships as its {cfg.search.folds} fold students, averaged ...")
-        elif cfg.search.final == "distilled":
-            echo(f"distilling one student from the winner's {cfg.search.folds} fold students, averaged, on all of "
-                 "train + validation ...")
-        elif prepared.scheme.making_final:
-            echo(prepared.scheme.making_final)
+        making = prepared.scheme.shipment(cfg).making(len(prepared.scheme.members))
+        if making:
+            echo(making)
         best = export_best(run, row, prepared.scheme, probs, run_dir / BEST, prepared, phases)
     t = best.test
     echo(f"exported the best student to {shown(run_dir / BEST)}; held-out test (evaluated once): balanced accuracy "
@@ -190,7 +184,7 @@ def finalize(run_dir: Path, prepared: Prepared, phases: Phases, echo: Callable[[
     if best.cost:
         echo(best.cost["summary"])
     if best.ensemble_test:
-        echo(f"the {best.distilled} fold students it was distilled from, averaged: test balanced accuracy (argmax) "
+        echo(f"the {best.members} fold students it was distilled from, averaged: test balanced accuracy (argmax) "
              f"{best.ensemble_test['balanced_accuracy']:.4f}{interval_text(best.ensemble_test)}, the distilled "
              f"student's {best.test_argmax['balanced_accuracy']:.4f}")
     shift = best.shift_text()

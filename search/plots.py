@@ -12,8 +12,8 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from kd import plots as kplots
-from kd.config import COSTS
 from kd.plots import new_figure, save_figure
+from search.config import COSTS
 from search.records import JOURNAL, RANKED, TrialStatus
 from search.run import Run
 

@@ -14,16 +14,15 @@ Layout of `results/<name>/`:
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-from kd.errors import ConfigError, UserError
-from kd.files import atomic_write_json, read_json
+from kd.records import JsonRecord
+from kd.shipping import Shipment, Way
 from kd.teacher import TeacherInfo
-from kd.typed import Vocabulary, build
+from kd.typed import Vocabulary
 
 CONFIG, RUN, TEACHER, RERANK, BEST = "config.yaml", "run.json", "teacher.json", "rerank.json", "best"
 RERANK_PROBS = "rerank_probs.safetensors"  # the winner's held-out probabilities over the further seeds
@@ -59,31 +58,18 @@ R = TypeVar("R", bound="Record")
 
 
 @dataclass(frozen=True)
-class Record:
-    """A JSON record in a run directory (`FILE`, relative to it)."""
+class Record(JsonRecord):
+    """A JSON record in a run directory (`FILE`, relative to it): kd.records' rules, addressed by the run directory."""
     FILE: ClassVar[str]
-    RENAMED: ClassVar[dict[str, str]] = {}  # an earlier version's field name -> this version's (still read)
 
-    def write(self, run_dir: Path) -> None:
-        atomic_write_json(Path(run_dir) / self.FILE, dataclasses.asdict(self))
+    def write(self, run_dir: str | Path) -> None:
+        super().write(Path(run_dir) / self.FILE)
 
     @classmethod
-    def read(cls: type[R], run_dir: Path) -> R | None:
+    def read(cls: type[R], run_dir: str | Path) -> R | None:
         """The record, or None where the file does not exist yet (or cannot be parsed: cut short by a kill); a file
         whose fields are not this record's is an error naming the file and the field."""
-        path = Path(run_dir) / cls.FILE
-        raw = read_json(path)
-        if raw is None:
-            return None
-        if isinstance(raw, dict):
-            raw = {cls.RENAMED.get(k, k): v for k, v in raw.items()}
-        try:
-            record: R = build(cls, raw, "", str(path))
-            return record
-        except TypeError as e:  # a required field missing
-            raise UserError(f"{path}: not a {cls.__name__} record ({e})") from None
-        except ConfigError as e:
-            raise UserError(str(e).replace("unknown key", "unknown field")) from None
+        return super().read(Path(run_dir) / cls.FILE)
 
 
 @dataclass(frozen=True)
@@ -207,8 +193,8 @@ class BestRecord(Record):
     # holdout's checkpoint (`val_about` says which)
     trial_val: dict[str, Any]
     test: dict[str, Any]
-    refit: bool = False                          # refitted on train + validation (not the trial's checkpoint)
-    ensemble: int = 0                            # the fold students it averages (search.final: ensemble), or 0
+    final: Way = Way.CHECKPOINT                  # how it shipped (kd.shipping)
+    members: int = 0                             # the fold students it averages or was distilled from
     train_images: int = 0
     val: dict[str, Any] = field(default_factory=dict)  # the exported model on the validation split (a holdout's)
     val_about: str = ""                          # what `val` and `trial_val` are figures of, in a sentence
@@ -219,16 +205,34 @@ class BestRecord(Record):
     # a refit against the fold students its threshold was tuned on, on the test images (kd.metrics.calibration_shift)
     calibration_shift: dict[str, Any] = field(default_factory=dict)
     teacher_label: str = "the teacher it learned from"  # what teacher_test's teacher is to the exported model
-    distilled: int = 0                           # the fold students it was distilled from (search.final: distilled)
     ensemble_test: dict[str, Any] = field(default_factory=dict)  # their average, its teacher, on test at argmax
+
+    @classmethod
+    def upgraded(cls, raw: dict[str, Any]) -> dict[str, Any]:
+        """Before `final`, three flags said how it shipped: refit (true or false), ensemble and distilled (counts)."""
+        if "final" in raw or not {"refit", "ensemble", "distilled"} & set(raw):
+            return raw
+        raw = dict(raw)
+        refit, ensemble, distilled = raw.pop("refit", False), raw.pop("ensemble", 0), raw.pop("distilled", 0)
+        raw["final"] = (Way.ENSEMBLE if ensemble else Way.DISTILLED if distilled else Way.REFIT if refit
+                        else Way.CHECKPOINT)
+        raw["members"] = ensemble or distilled
+        return raw
+
+    @property
+    def shipment(self) -> Shipment:
+        return Shipment.of(self.final)
+
+    def shipped_text(self) -> str:
+        """What shipped, in a sentence's object: 'refitted on all 1437 train + validation images ...'."""
+        return self.shipment.text(self.epoch, self.train_images, self.members)
 
     def shift_text(self) -> str:
         """The calibration shift in a sentence ("" where the threshold was tuned on the shipped model itself)."""
         c = self.calibration_shift
         if not c:
             return ""
-        shipped = (f"the exported ensemble of {self.ensemble}" if self.ensemble else
-                   "the exported distilled student" if self.distilled else "the exported refit")
+        shipped = self.shipment.noun(self.members)
         fits = c.get("fits_tuned_on", 0)
         tuned = (f"tuned on the out-of-fold predictions of {fits} cross-validated fit{'s' if fits != 1 else ''} of "
                  "its config" if fits else "tuned on out-of-fold predictions")

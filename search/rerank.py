@@ -24,12 +24,12 @@ import numpy as np
 import pandas as pd
 import ray
 
-from kd.config import Config
 from kd.metrics import macro_auc, scalars
 from kd.schemes import Scheme
 from kd.selection import Difference, held_out_metrics, image_terms, paired_difference, validation_parts
 from kd.train import HeldOut, Outcome
 from search.cluster import remote, trial_resources
+from search.config import Config
 from search.records import RANKED, Candidate, Comparison, Reranking, Spread, TrialStatus, Verdict
 from search.run import Run
 from search.teachers import Prepared

@@ -17,11 +17,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from kd.config import Config, load_config
 from kd.errors import UserError
 from kd.files import load_tensors
 from kd.schemes import Scheme
 from kd.selection import decision_rule, rule_label, rule_text
+from search.config import Config, load_config
 from search.experiment import load_trials, mirror
 from search.records import (
     CONFIG,

@@ -11,8 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from kd.config import Config, load_config
 from kd.errors import UserError
+from search.config import Config, load_config
 from search.records import (
     BEST,
     CONFIG,

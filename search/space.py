@@ -15,10 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from kd.config import Config, config_keys
 from kd.errors import ConfigError, UserError
 from kd.hub import pretrained_file
 from kd.models import check_models
+from search.config import Config, config_keys
 
 TYPES = ("uniform", "loguniform", "int", "choice")
 SPEC_KEYS = {"type", "low", "high", "values", "log", "when"}

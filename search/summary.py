@@ -7,9 +7,9 @@ from typing import Any
 
 import pandas as pd
 
-from kd.config import COSTS
 from kd.metrics import flatten
 from kd.timing import phases_text
+from search.config import COSTS
 from search.format import number, param_name, params_text, spread
 from search.records import TEACHER_WORK, BestRecord, TrialStatus, Verdict
 from search.run import Run
@@ -267,8 +267,8 @@ def _best_student(run: Run) -> list[str]:
     if best is None:
         return out + ["Not exported yet (it follows the search).", ""]
     thr = f"; decision threshold {best.threshold:.4f} on p({classes[1]}), chosen on " \
-        f"{run.scheme.threshold_source()}" if best.threshold is not None else "; argmax"
-    how = run.scheme.final_text(best.epoch, best.train_images, best.ensemble, best.distilled)
+        f"{best.shipment.threshold_source}" if best.threshold is not None else "; argmax"
+    how = best.shipped_text()
     side = _side_by_side(run, best)
     return out + [f"Trial `{best.trial}`, {how}, exported to `best/`{thr}.", "",
                   _table(["test", "value"], _metric_rows(best.test, classes)), "", *side, *_against_teacher(best),
@@ -283,7 +283,7 @@ def _against_teacher(best: BestRecord) -> list[str]:
     if not best.teacher_test or not best.test_argmax:
         return []
     rows = []
-    taught = [(f"the {best.distilled} fold students averaged, the teacher it was distilled from",
+    taught = [(f"the {best.members} fold students averaged, the teacher it was distilled from",
                best.ensemble_test)] if best.ensemble_test else []
     for who, m in ((best.teacher_label, best.teacher_test), *taught, ("the exported student", best.test_argmax)):
         lo_hi = m.get("balanced_accuracy_interval")

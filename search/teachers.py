@@ -25,12 +25,13 @@ from typing import Any, TypeVar
 import ray
 import torch
 
-from kd.config import Config
+from kd import config as library
 from kd.data import Dataset
 from kd.metrics import mean_metrics
 from kd.schemes import Scheme
 from kd.teacher import Teacher, cached_teacher, prepare_teacher, teacher_key
 from search.cluster import Resources, call, remote, where
+from search.config import Config
 from search.records import Placement, TeacherRecord
 
 T = TypeVar("T")
@@ -146,7 +147,8 @@ class RayCompute:
     def __init__(self, resources: Resources, prepared: Prepared | None = None):
         self.resources, self.prepared = resources, prepared
 
-    def teacher(self, cfg: Config, data: Dataset) -> Teacher:
+    def teacher(self, cfg: library.Config, data: Dataset) -> Teacher:
+        assert isinstance(cfg, Config), "a search's scheme hands its own config back"
         started = self.prepared.known(teacher_key(cfg, data)) if self.prepared else None
         found = started if started is not None else start_teacher(cfg, data)
         return found if isinstance(found, Teacher) else ray.get(found)

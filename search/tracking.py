@@ -28,9 +28,9 @@ from typing import Any
 from ray.tune import Callback
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCallback
 
-from kd.config import Config
 from kd.errors import UserError
 from search.compat import mlflow_trial_runs
+from search.config import Config
 from search.records import JOURNAL, MLFLOW_DB
 
 AUTO_LOGGERS_OFF = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"  # Ray Tune's switch for its own loggers

@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import torch
 
-from kd.config import load_config
+from search.config import load_config
 from tests.helpers import tiny_overrides
 
 
@@ -40,7 +40,7 @@ def test_run_distill_builds_each_model_once(digits_setup, tmp_path, monkeypatch)
     monkeypatch.setattr(kd.models, "_build", counting)
     cfg = load_config(None, tiny_overrides(teacher.directory.parent.parent, tmp_path / "results"))
     metrics = run_distill(cfg, progress=False, echo=lambda line: None)
-    assert metrics["teacher"]["cached"] and metrics["teacher"]["logits_cached"]
+    assert metrics.teacher is not None and metrics.teacher.cached and metrics.teacher.logits_cached
     # built for real before the data (their check), then used: the cached weights go into this teacher (for the
     # compression report), and this student is the one trained; no meta-device check, no second build
     assert builds == [("teacher", "cpu"), ("student", "cpu")]

@@ -6,8 +6,8 @@ import zlib
 import pytest
 import yaml
 
-from kd.config import Config, config_keys, from_dict, load_config
 from kd.errors import ConfigError
+from search.config import Config, config_keys, from_dict, load_config
 from search.presets import config_path, preset_names
 
 
@@ -152,10 +152,14 @@ def test_by_default_images_over_pillows_own_bomb_limit_are_refused_in_training_a
     assert rows[0]["error"].split(" (")[0] == refused and not rows[1]["error"]
 
 
-@pytest.mark.parametrize("final", ["ensemble", "distilled"])
+@pytest.mark.parametrize("final", ["refit", "ensemble", "distilled"])
 def test_a_final_made_of_fold_students_needs_folds(final):
-    with pytest.raises(ConfigError, match=r"search\.final.*needs search\.folds >= 2"):
+    with pytest.raises(ConfigError, match=r"'search\.final' is " + final + r", but a search with search\.folds 1 "
+                       r"\(a holdout\) ships checkpoint \(auto: checkpoint\)"):
         load_config(None, [f"search.final={final}", "search.folds=1"])
     assert load_config(None, [f"search.final={final}", "search.folds=3"]).search.final == final
     with pytest.raises(ConfigError, match=r"search\.final"):
         load_config(None, ["search.final=stacked"])
+    with pytest.raises(ConfigError, match=r"search\.folds >= 2 \(cross-validated\) ships refit or ensemble or "
+                       r"distilled \(auto: refit\)"):
+        load_config(None, ["search.final=checkpoint", "search.folds=3"])

@@ -4,10 +4,10 @@ import logging
 
 import pytest
 
-from kd.config import load_config
 from kd.crossval import make_folds
 from kd.data import load_dataset
 from kd.errors import ConfigError, DataError
+from search.config import load_config
 from tests.helpers import write_image
 
 # 24 patients with 5 scans each; patients 0-5 have the rare condition

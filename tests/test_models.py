@@ -8,9 +8,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from kd.config import ModelConfig, load_config
+from kd.config import ModelConfig
 from kd.errors import UserError
 from kd.models import check_model, create_model
+from search.config import load_config
 
 HUB_REPO = "models--timm--test_resnet.r160_in1k"  # where timm's download of test_resnet's weights would land
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from kd.config import load_config
+from search.config import load_config
 from tests.helpers import tiny_overrides
 
 

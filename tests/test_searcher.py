@@ -11,7 +11,7 @@ import optuna
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from ray.tune.result import DONE, TRAINING_ITERATION
 
-from kd.config import load_config
+from search.config import load_config
 from search.records import JOURNAL
 from search.tuner import _searcher
 

@@ -17,6 +17,7 @@ from kd.selection import (
     held_out_metrics,
     validation_parts,
 )
+from kd.shipping import Way
 from kd.student import train_student
 
 
@@ -118,7 +119,7 @@ def test_cross_validated_students_learn_and_resume_exactly(digits_setup):
     old_last = {**old, "history": full.history, "oof_probs": torch.from_numpy(full.probs.astype(np.float32))}
     final = scheme.final(cfg, old_last, [], LocalCompute())
     pool = refit_data(data)
-    assert final.refit and final.sees_validation and final.train_images == len(pool.train) == len(full.probs)
+    assert final.way == Way.REFIT and final.sees_validation and final.train_images == len(pool.train) == len(full.probs)
     saved = old_last["oof_probs"].numpy()  # as checkpoints keep them, in float32
     assert final.threshold == pytest.approx(tune_threshold(pool.train.labels.numpy(), saved[:, 1]), abs=1e-6)
 
@@ -149,7 +150,7 @@ def test_a_holdout_is_one_member_judged_on_validation(digits_setup):
     resumed = scheme.fit(cfg, resume=flat)
     assert resumed.history[-1]["train_loss"] == pytest.approx(fit.history[-1]["train_loss"], rel=1e-5)
     final = scheme.final(cfg, {**states[-1]["members"][0], "history": states[-1]["history"]}, [], LocalCompute())
-    assert not final.refit and not final.sees_validation and final.epoch == cfg.train.epochs
+    assert final.way == Way.CHECKPOINT and not final.sees_validation and final.epoch == cfg.train.epochs
     assert final.threshold == fit.threshold  # the trial's own, tuned on all of validation
     images = (data.test.images[:8].float() / 255 - 0.5) / 0.5
     assert torch.allclose(final.model.eval()(images), fit.model.cpu().eval()(images), atol=1e-5)

@@ -4,8 +4,8 @@ import re
 import optuna
 import pytest
 
-from kd.config import load_config
 from kd.errors import ConfigError
+from search.config import load_config
 from search.space import DefineByRun, check_points, parse_space
 
 

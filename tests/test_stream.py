@@ -1,10 +1,10 @@
 """The streaming pipeline decodes in DataLoader workers but must train exactly as the in-memory one."""
 import torch
 
-from kd.config import load_config
 from kd.data import load_dataset
 from kd.student import train_student
 from kd.teacher import prepare_teacher
+from search.config import load_config
 from tests.helpers import digits_folder, tiny_overrides
 
 

@@ -7,9 +7,9 @@ import os
 import pytest
 
 import kd.images
-from kd.config import load_config
 from kd.data import load_dataset
 from kd.images import resolve_workers
+from search.config import load_config
 from tests.helpers import make_folder_dataset, tiny_overrides
 
 
