@@ -23,23 +23,44 @@ import ray
 import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from kd.config import Config
 from kd.data import Dataset
 from kd.errors import UserError
 from kd.hub import provide, shipped
-from search.compat import swap_ray_printer
+from search.compat import started_ray_node, swap_ray_printer
+from search.config import Config
 from search.format import shown
 
 log = logging.getLogger("search")
 
 
+# Trial output stays in the trial folders; the console gets one line per trial (search.progress). Tune's "new
+# output" ("silent" mode still prints boxes and tracebacks) and its warning about slow experiment-state syncs off.
+TUNE_SETTINGS = {"TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0", "RAY_AIR_NEW_OUTPUT": "0"}
+
+
+@contextlib.contextmanager
+def tune_settings() -> Iterator[None]:
+    """Within the block (a search's use of Ray, from `start_ray` to its shutdown) the environment has
+    `TUNE_SETTINGS`, where the user set no value of their own; after it, whatever happens, each variable is as it
+    was before (unset, or the user's value)."""
+    before = {name: os.environ.get(name) for name in TUNE_SETTINGS}
+    for name, value in TUNE_SETTINGS.items():
+        os.environ.setdefault(name, value)
+    try:
+        yield
+    finally:
+        for name, was in before.items():
+            if was is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = was
+
+
 def start_ray(address: str | None) -> bool:
-    """Join `address` (auto, HOST:PORT or ray://HOST:10001) or start Ray on this machine. True if we started it."""
+    """Join `address` (auto, HOST:PORT or ray://HOST:10001) or start Ray on this machine. True if we started it.
+    (A search calls it within `tune_settings()`.)"""
     if ray.is_initialized():
         return False
-    # Trial output stays in the trial folders; the console gets one line per trial (search.progress).
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # its "silent" mode still prints boxes and tracebacks
     kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
                                   configure_logging=True)
     # Failed trials get one line from search.progress and their error in trials.csv; not a traceback here.
@@ -70,12 +91,13 @@ def ended_if_ray_dies(started: bool, message: Callable[[str], str], poll_s: floa
     `message(cause)` to stderr and exits 130, as an interrupted search does: the trials' reports and
     checkpoints are on disk, so the search resumes as after a killed driver. (Nothing in the driver can be
     trusted to return once the GCS is gone, so the watcher exits the process itself.) A joined cluster's GCS
-    is another machine's and not watched."""
-    node = getattr(ray._private.worker, "_global_node", None) if started else None
+    is another machine's and not watched. (Where this Ray does not tell its processes, search.compat.started_ray_node,
+    nothing is watched, and Ray ends the search as it does.)"""
+    node = started_ray_node() if started else None
     if node is None:
         yield
         return
-    watched = [(kind, info.process) for kind in ("gcs_server", "raylet") for info in node.all_processes.get(kind, [])]
+    watched = node.processes
     stop = threading.Event()
 
     def dead() -> tuple[str, Any] | None:
@@ -83,7 +105,7 @@ def ended_if_ray_dies(started: bool, message: Callable[[str], str], poll_s: floa
 
     def end(kind: str, process: Any) -> None:
         with contextlib.suppress(Exception):
-            node.kill_all_processes(check_alive=False, allow_graceful=False)
+            node.kill()
         cause = f"the Ray runtime this search started went away (its {kind}, pid {process.pid}, ended)"
         try:
             text = message(cause)

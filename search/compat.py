@@ -12,9 +12,18 @@ check and a tested fallback.
   experiment). Fallback: {} (the caller derives statuses from the trial folders).
 - `trial_folder_id`: the trial id and number in a trial folder's name (Ray's `<trainable>_<8-hex id>_<number>_
   <tag>_<date>`). Fallback: the folder's name and number 0.
+- `started_ray_node`: the Ray runtime this process started (`ray._private.worker._global_node`, a Node): its GCS
+  server and raylet processes (its `all_processes`) and a stop for all of them (its `kill_all_processes`), which
+  search/cluster.py's `ended_if_ray_dies` watches. Fallback (a Ray without them): None, no watcher; the search
+  runs, and a Ray that dies under it ends the search as Ray ends it (its GCS timeout, exit 1).
+- `optuna_trial`: the Optuna trial and study behind a Ray trial in Ray's `OptunaSearch` (its `_ot_trials`,
+  `_ot_study`, `_completed_trials`), with which search/tuner.py's `Searcher` tells Optuna that a trial ASHA
+  stopped was PRUNED. Fallback: None, and such a trial is told as Ray's own OptunaSearch tells it (COMPLETE with
+  its last figure).
 
 `RAY_TESTED` and `MLFLOW_TESTED` name the releases these were tested with (tests/test_compat.py): another one
-logs one warning, and pyproject.toml caps both just beyond them. The timm internals are in kd/compat.py.
+logs one warning. pyproject.toml caps Ray (and optuna) at the next major release, as far as these fallbacks
+reach, and MLflow just beyond its tested release. The timm internals are in kd/compat.py.
 """
 from __future__ import annotations
 
@@ -27,6 +36,7 @@ import logging
 import os
 import re
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -121,3 +131,66 @@ def trial_folder_id(name: str) -> tuple[str, int]:
     warn_once(log, "ray:trial_folder", "a trial folder's name (%s) is not Ray's <trainable>_<id>_<number>_...: the "
               "folder's name stands for the trial id (search/compat.py)", name)
     return name, 0
+
+
+# ------------------------------------------------------------------------------------- Ray's own node
+
+@dataclass(frozen=True)
+class RayNode:
+    """The Ray runtime this process started: its `processes` ((kind, process) of its GCS server and raylet, each
+    process with `poll()` and `pid`, as subprocess.Popen) and `kill`, which stops every process of it at once."""
+
+    processes: list[tuple[str, Any]]
+    kill: Callable[[], None]
+
+
+def started_ray_node() -> RayNode | None:
+    """The Ray runtime `ray.init` started in this process; None where it started none (a joined cluster, no Ray)
+    or (one warning) where this Ray does not tell its processes."""
+    _check_ray()
+    worker: Any = None
+    with contextlib.suppress(ImportError):
+        worker = importlib.import_module("ray._private.worker")
+    if worker is not None and hasattr(worker, "_global_node"):
+        node = worker._global_node
+        if node is None:
+            return None
+        processes = getattr(node, "all_processes", None)
+        kill = getattr(node, "kill_all_processes", None)
+        if isinstance(processes, dict) and callable(kill):
+            watched = [(kind, info.process) for kind in ("gcs_server", "raylet") for info in processes.get(kind, [])]
+            return RayNode(watched, lambda: kill(check_alive=False, allow_graceful=False))
+    warn_once(log, "ray:_global_node", "this Ray has no ray._private.worker._global_node with its processes: the "
+              "search does not watch the Ray runtime it started, and should that die under it, the search ends as "
+              "Ray ends it (search/compat.py)")
+    return None
+
+
+# ------------------------------------------------------------------------------------- Ray's OptunaSearch
+
+@dataclass(frozen=True)
+class OptunaTrial:
+    """The Optuna `trial` and `study` behind a Ray trial of an OptunaSearch; `told()` marks the trial told in
+    the searcher (as its own `on_trial_complete` does), once the study has been told."""
+
+    trial: Any
+    study: Any
+    told: Callable[[], None]
+
+
+def optuna_trial(searcher: Any, trial_id: str) -> OptunaTrial | None:
+    """The Optuna trial that `searcher` (a `ray.tune.search.optuna.OptunaSearch`) asked its study for as Ray's
+    trial `trial_id` and has not told yet; None where there is none (an unknown trial, a trial already told) or
+    (one warning) where this Ray's OptunaSearch does not keep them: the caller then leaves the trial to it."""
+    _check_ray()
+    trials = getattr(searcher, "_ot_trials", None)
+    completed = getattr(searcher, "_completed_trials", None)
+    if isinstance(trials, dict) and isinstance(completed, set) and hasattr(searcher, "_ot_study"):
+        study = searcher._ot_study
+        if trial_id not in trials or trial_id in completed or study is None:
+            return None
+        return OptunaTrial(trials[trial_id], study, lambda: completed.add(trial_id))
+    warn_once(log, "ray:_ot_trials", "this Ray's OptunaSearch keeps no _ot_trials, _ot_study and _completed_trials: "
+              "a trial that ASHA stops is told to Optuna as Ray's own OptunaSearch tells it (COMPLETE with its last "
+              "figure, not PRUNED) (search/compat.py)")
+    return None

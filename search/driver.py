@@ -14,7 +14,7 @@ from pathlib import Path
 
 import ray
 
-from kd.config import COSTS, Config, save_config
+from kd.config import save_config
 from kd.data import load_dataset
 from kd.errors import Interrupted, UserError
 from kd.schemes import Scheme
@@ -27,7 +27,9 @@ from search.cluster import (
     shipping,
     start_ray,
     trial_slots,
+    tune_settings,
 )
+from search.config import COSTS, Config
 from search.costs import described, searched_students, student_costs
 from search.finalize import finalize
 from search.format import shown
@@ -65,35 +67,36 @@ def run_search(cfg: Config, address: str | None = None, storage: str | None = No
             if name not in COSTS:
                 check_metric(name, data.classes, rule, scheme.extra_metrics(), key="search.objectives")
         split = scheme.split(cfg, data)  # the folds (or the holdout) before anything starts
-        started = start_ray(address)
-        # Ray's published errors go to ray-errors.log until Ray is stopped (its shutdown included)
-        lost = ended_if_ray_dies(started, lambda cause: interrupted(run_dir, cause, resume_command))
-        with ray_errors_to(run_dir / RAY_ERRORS, echo):
-            try:  # written once the data is good and Ray is up: a search that cannot start leaves nothing behind
-                with lost, shipping(hub_models) as weights:  # the timm weights files every task and trial loads
-                    resources = check_resources(cfg)
-                    check_stream_files(data, resources)
-                    save_config(cfg, run_dir / CONFIG)
-                    phases.start_record(RunRecord(experiment=exp_path, resumed=restore, classes=data.classes,
-                                                  data=data.describe(), slots=cfg.search.max_concurrent or
-                                                  trial_slots(resources)))
-                    with phases("costs"):  # before the teachers fill the slots: a quiet device times truly
-                        costs = student_costs(cfg, students, len(data.classes), data.image_size)
-                    echo(f"students' cost on a trial's device: {described(costs)}")
-                    with phases("teachers"):
-                        prepared = prepare_teachers(cfg, split, echo)
-                    prepared.record(seconds=phases.total).write(run_dir)
-                    echo(("resuming" if restore else "starting") + f" the search: {cfg.search.num_samples} "
-                         f"{scheme.describe(cfg)} trials of {cfg.student.name}, optimising {cfg.search.metric} "
-                         f"({cfg.search.direction}); results in {shown(run_dir)}")
-                    tuner = build_tuner(cfg, prepared.scheme, costs, exp_path, restore, quiet, weights)
-                    with sigterm_as_interrupt(), exact_loggers(not restore), phases("trials"):
-                        tuner.fit()
-                    _raise_if_interrupted(run_dir)
-                    finalize(run_dir, prepared, phases, echo=echo)
-            finally:
-                if started:
-                    ray.shutdown()
+        with tune_settings():  # set for this search's use of Ray only, and put back after
+            started = start_ray(address)
+            # Ray's published errors go to ray-errors.log until Ray is stopped (its shutdown included)
+            lost = ended_if_ray_dies(started, lambda cause: interrupted(run_dir, cause, resume_command))
+            with ray_errors_to(run_dir / RAY_ERRORS, echo):
+                try:  # written once the data is good and Ray is up: a search that cannot start leaves nothing behind
+                    with lost, shipping(hub_models) as weights:  # the timm weights files every task and trial loads
+                        resources = check_resources(cfg)
+                        check_stream_files(data, resources)
+                        save_config(cfg, run_dir / CONFIG)
+                        phases.start_record(RunRecord(experiment=exp_path, resumed=restore, classes=data.classes,
+                                                      data=data.describe(), slots=cfg.search.max_concurrent or
+                                                      trial_slots(resources)))
+                        with phases("costs"):  # before the teachers fill the slots: a quiet device times truly
+                            costs = student_costs(cfg, students, len(data.classes), data.image_size)
+                        echo(f"students' cost on a trial's device: {described(costs)}")
+                        with phases("teachers"):
+                            prepared = prepare_teachers(cfg, split, echo)
+                        prepared.record(seconds=phases.total).write(run_dir)
+                        echo(("resuming" if restore else "starting") + f" the search: {cfg.search.num_samples} "
+                             f"{scheme.describe(cfg)} trials of {cfg.student.name}, optimising {cfg.search.metric} "
+                             f"({cfg.search.direction}); results in {shown(run_dir)}")
+                        tuner = build_tuner(cfg, prepared.scheme, costs, exp_path, restore, quiet, weights)
+                        with sigterm_as_interrupt(), exact_loggers(not restore), phases("trials"):
+                            tuner.fit()
+                        _raise_if_interrupted(run_dir)
+                        finalize(run_dir, prepared, phases, echo=echo)
+                finally:
+                    if started:
+                        ray.shutdown()
     return run_dir
 
 

@@ -21,9 +21,10 @@ from ray.tune.result import TRAINING_ITERATION
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from kd.config import Config
 from kd.schemes import Scheme
 from search.cluster import trial_resources, trial_slots
+from search.compat import optuna_trial
+from search.config import Config
 from search.costs import Costs
 from search.progress import TrialLog
 from search.records import JOURNAL
@@ -72,7 +73,9 @@ class Searcher(OptunaSearch):
     schedule's cut as if it were the parameters' effect. Here a trial that ended before its last epoch without an
     error is PRUNED, its last figure reported as the intermediate value of its last epoch first (Ray passes the
     result that a scheduler stops on to no `on_trial_result`, and marks it done). Optuna takes the last intermediate
-    value as a pruned trial's value; the installed TPE ranks pruned trials below complete ones, deeper ones first."""
+    value as a pruned trial's value; the installed TPE ranks pruned trials below complete ones, deeper ones first.
+    (The Optuna trial behind a Ray trial comes from search.compat.optuna_trial: a Ray whose OptunaSearch does not
+    give it tells a stopped trial as its own does, with one warning.)"""
 
     def __init__(self, *args: Any, epochs: int, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -81,24 +84,25 @@ class Searcher(OptunaSearch):
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
         super().on_trial_result(trial_id, result)
-        if trial_id not in self._completed_trials:
+        if optuna_trial(self, trial_id) is not None:  # not told yet
             self._reported[trial_id] = result[TRAINING_ITERATION]
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
         step = result.get(TRAINING_ITERATION) if result else None
-        if error or result is None or step is None or step >= self._epochs or trial_id not in self._ot_trials \
-                or trial_id in self._completed_trials:
+        # a stopped trial's Optuna trial (search.compat): where this Ray's OptunaSearch does not give it (or it is
+        # unknown, or told already), Ray's own tells the trial
+        if error or result is None or step is None or step >= self._epochs \
+                or (found := optuna_trial(self, trial_id)) is None:
             super().on_trial_complete(trial_id, result, error)
             return
-        ot_trial = self._ot_trials[trial_id]
         try:  # a multi-objective study takes no intermediate values: there, a pruned trial has none
             if not isinstance(self.metric, list) and self._reported.get(trial_id) != step \
                     and result.get(self.metric) is not None:
-                ot_trial.report(result[self.metric], step)
-            cast(optuna.Study, self._ot_study).tell(ot_trial, state=optuna.trial.TrialState.PRUNED)
+                found.trial.report(result[self.metric], step)
+            cast(optuna.Study, found.study).tell(found.trial, state=optuna.trial.TrialState.PRUNED)
         except Exception as exc:  # as Ray's own: a study that refuses (a trial told twice) must not end the search
             log.warning("could not tell Optuna that trial %s was stopped: %s", trial_id, exc)
-        self._completed_trials.add(trial_id)
+        found.told()
         self._reported.pop(trial_id, None)
 
 

@@ -34,8 +34,15 @@ def warnings_of(caplog, needle: str) -> list[str]:
 
 # ------------------------------------------------------------------------------------- versions
 
-def test_the_installed_versions_are_the_tested_ones_and_pyproject_caps_just_beyond_them():
+def _newest(tested: tuple[str, ...]) -> tuple[int, int]:
+    return max((int(v.split(".")[0]), int(v.split(".")[1])) for v in tested)
+
+
+def test_the_installed_versions_are_the_tested_ones_and_pyproject_caps_them_as_far_as_the_fallbacks_reach():
+    """Ray and optuna: every private part used has a tested fallback, so the cap is the tested release's next major
+    (a newer minor release logs one warning). timm and MLflow: still just beyond the tested release."""
     import mlflow
+    import optuna
     import ray
     import timm
 
@@ -44,13 +51,17 @@ def test_the_installed_versions_are_the_tested_ones_and_pyproject_caps_just_beyo
     assert minor_version(timm.__version__) in kd.compat.TIMM_TESTED
     assert minor_version(mlflow.__version__) in MLFLOW_TESTED
     pyproject = (ROOT / "pyproject.toml").read_text()  # (tomllib is Python 3.11 and later)
-    for package, tested in (("ray[tune]", RAY_TESTED), ("timm", kd.compat.TIMM_TESTED),
-                            ("mlflow-skinny", MLFLOW_TESTED)):
+    optuna_tested = (minor_version(optuna.__version__),)  # optuna's: the release pyproject.toml names as tested
+    for name, module in (("timm", timm), ("ray", ray), ("optuna", optuna), ("mlflow-skinny", mlflow)):
+        assert f"{name} {module.__version__}" in pyproject, (name, module.__version__)
+    for package, tested, next_major in (("ray[tune]", RAY_TESTED, True), ("optuna", optuna_tested, True),
+                                        ("timm", kd.compat.TIMM_TESTED, False),
+                                        ("mlflow-skinny", MLFLOW_TESTED, False)):
         caps = set(re.findall(rf'"{re.escape(package)}[^"]*<\s*([\d.]+)"', pyproject))
         assert len(caps) == 1, (package, caps)
         cap = caps.pop()
-        major, minor = (int(x) for x in max(tested, key=lambda v: tuple(map(int, v.split(".")))).split("."))
-        assert cap == f"{major}.{minor + 1}", (package, cap, tested)
+        major, minor = _newest(tested)
+        assert cap == (f"{major + 1}" if next_major else f"{major}.{minor + 1}"), (package, cap, tested)
 
 
 def test_an_untested_version_is_said_once(caplog):
@@ -398,46 +409,224 @@ def test_exact_loggers_sets_rays_switch_for_the_block_only(monkeypatch):
 
 
 @pytest.mark.slow
-def test_on_a_real_ray_experiment(tmp_path, monkeypatch):
-    """Ray's files as the installed Ray writes them: statuses, folder names; its switch honoured within the block."""
-    import optuna
-    import ray
-    from ray import tune
-    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
-    from ray.tune.search.optuna import OptunaSearch
-
+def test_on_a_real_ray_experiment(shared_search):
+    """Ray's files as the installed Ray wrote them for a real search (the test run's shared one): each trial's status
+    and failure count, and the trial ids and numbers in its folders' names. (That Ray adds no logger of its own within
+    `exact_loggers`: tests/test_objectives.py, on a search that asks for none.)"""
     from search.compat import trial_folder_id, trial_statuses
-    from search.tracking import AUTO_LOGGERS_OFF, exact_loggers
-
-    def _failing_trainable(config):  # defined here: Ray's workers get it by value (they cannot import this file)
-        if config["x"] > 0.5:
-            raise ValueError("this trial fails")
-        tune.report({"score": config["x"]})
-
-    monkeypatch.delenv(AUTO_LOGGERS_OFF, raising=False)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
-    try:
-        searcher = OptunaSearch(space={"x": optuna.distributions.CategoricalDistribution([0.25, 0.75])},
-                                metric="score", mode="max", points_to_evaluate=[{"x": 0.25}, {"x": 0.75}])
-        tuner = tune.Tuner(_failing_trainable, tune_config=tune.TuneConfig(search_alg=searcher, num_samples=2),
-                           run_config=tune.RunConfig(name="exp", storage_path=str(tmp_path), verbose=0,
-                                                     callbacks=[CSVLoggerCallback(), JsonLoggerCallback()]))
-        with exact_loggers():
-            tuner.fit()
-        assert AUTO_LOGGERS_OFF not in os.environ
-    finally:
-        if started:
-            ray.shutdown()
-    exp = tmp_path / "exp"
+    from tests.helpers import read_table
+    _cfg, run_dir, _ = shared_search
+    exp = run_dir.parent.parent / "remote" / "tiny-search" / "ray"  # where search.storage put the experiment
     folders = sorted(p.parent for p in exp.glob("*/params.json"))
-    assert len(folders) == 2
-    assert not list(exp.rglob("events.out.tfevents*"))  # Ray added no TensorBoard logger of its own
     ids = {trial_folder_id(f.name) for f in folders}
     statuses = trial_statuses(exp)
-    assert {trial for trial, _ in ids} == set(statuses) and {n for _, n in ids} == {1, 2}
-    by_x = {json.loads((f / "params.json").read_text())["x"]: trial_folder_id(f.name)[0] for f in folders}
-    assert statuses[by_x[0.25]]["status"] == "TERMINATED" and statuses[by_x[0.75]]["status"] == "ERROR"
-    assert statuses[by_x[0.75]]["failures"] >= 1
+    assert len(folders) == 5 and {trial for trial, _ in ids} == set(statuses)
+    assert {n for _, n in ids} == set(range(1, len(folders) + 1))
+    table = read_table(run_dir / "trials.csv").set_index("trial")
+    for trial, status in statuses.items():
+        failed = table.loc[trial, "status"] == "failed"
+        assert status["status"] == ("ERROR" if failed else "TERMINATED")
+        assert (status["failures"] >= 1) == failed  # retried once (search.max_failures), then recorded
+
+
+@pytest.fixture
+def sleepers():
+    """Makes stand-ins for a Ray node's processes (each a sleeping child of this test); every one is gone after it."""
+    made: list[subprocess.Popen] = []
+
+    def make() -> subprocess.Popen:
+        made.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"]))
+        return made[-1]
+
+    yield make
+    for p in made:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+
+
+def _ray_node(processes: dict):
+    """The installed Ray's own Node, as `ray.init` keeps it, without starting one: `processes` (kind -> process)
+    stand for what it started."""
+    from ray._private.node import Node
+    from ray._private.services import ProcessInfo
+    node = Node.__new__(Node)
+    node.removal_lock = threading.Lock()
+    node.all_processes = {kind: [ProcessInfo(process=p, stdout_file=None, stderr_file=None, use_valgrind=False,
+                                             use_gdb=False, use_valgrind_profiler=False, use_perftools_profiler=False,
+                                             use_tmux=False)] for kind, p in processes.items()}
+    return node
+
+
+def test_started_ray_node_on_the_installed_ray_watches_its_gcs_and_raylet_and_stops_it(caplog, monkeypatch,
+                                                                                      sleepers):
+    from ray._private import ray_constants, worker
+
+    from search.cluster import ended_if_ray_dies
+    from search.compat import started_ray_node
+    assert (ray_constants.PROCESS_TYPE_GCS_SERVER, ray_constants.PROCESS_TYPE_RAYLET) == ("gcs_server", "raylet")
+    monkeypatch.setattr(worker, "_global_node", None)  # (the attribute must be there) no Ray started here
+    assert started_ray_node() is None
+    gcs, raylet, monitor = sleepers(), sleepers(), sleepers()
+    node = _ray_node({"gcs_server": gcs, "raylet": raylet, "log_monitor": monitor})
+    monkeypatch.setattr(worker, "_global_node", node)
+    found = started_ray_node()
+    assert found is not None and found.processes == [("gcs_server", gcs), ("raylet", raylet)]
+    gcs.kill()
+    gcs.wait()
+    found.kill()  # as the watcher does once the GCS is gone: the rest of the runtime, a dead process no error
+    assert raylet.poll() is not None and monitor.poll() is not None and node.all_processes == {}
+    assert not warnings_of(caplog, "_global_node")
+
+    # the watcher in search/cluster.py on it: the raylet dies within the block -> the node is stopped, exit 130
+    raylet, monitor = sleepers(), sleepers()
+    node = _ray_node({"gcs_server": sleepers(), "raylet": raylet, "log_monitor": monitor})
+    monkeypatch.setattr(worker, "_global_node", node)
+    exits = []
+
+    def _exit(code):
+        exits.append(code)
+        raise SystemExit(code)
+
+    monkeypatch.setattr(os, "_exit", _exit)
+    with pytest.raises(SystemExit), ended_if_ray_dies(True, lambda cause: cause, poll_s=300):
+        raylet.kill()
+        raylet.wait()
+    assert exits == [130] and monitor.poll() is not None and node.all_processes == {}
+
+
+@pytest.mark.parametrize("node", ["missing", "no processes"])
+def test_without_rays_global_node_the_search_runs_unwatched_and_it_is_said_once(caplog, monkeypatch, node):
+    from ray._private import worker
+
+    from search.cluster import ended_if_ray_dies
+    from search.compat import started_ray_node
+    if node == "missing":
+        monkeypatch.delattr(worker, "_global_node")
+    else:  # a Ray whose node keeps its processes otherwise
+        monkeypatch.setattr(worker, "_global_node", object())
+    assert started_ray_node() is None and started_ray_node() is None
+    ran = []
+    with ended_if_ray_dies(True, lambda cause: cause, poll_s=0.01):
+        assert not [t for t in threading.enumerate() if t.name == "kd-search-ray-watch"]
+        ran.append(True)
+    assert ran == [True]
+    assert len(warnings_of(caplog, "no ray._private.worker._global_node")) == 1
+
+
+# ------------------------------------------------------------------------------------- Ray's OptunaSearch
+
+def _optuna_search(cls=None, **kwargs):
+    """Ray's OptunaSearch (or `cls`) over one float, on an in-memory Optuna study: driven here without Ray."""
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return (cls or OptunaSearch)(space={"x": optuna.distributions.FloatDistribution(0.0, 1.0)}, metric="score",
+                                 mode="max", sampler=optuna.samplers.RandomSampler(seed=0), **kwargs)
+
+
+def test_optuna_trial_of_rays_optuna_search_is_the_trial_its_study_asked_for(caplog):
+    import optuna
+
+    from search.compat import optuna_trial
+    searcher = _optuna_search()
+    params = searcher.suggest("t1")
+    found = optuna_trial(searcher, "t1")
+    assert found is not None and isinstance(found.study, optuna.Study) and isinstance(found.trial, optuna.Trial)
+    assert found.trial.params == params and found.trial.number == 0
+    assert optuna_trial(searcher, "unknown") is None
+    found.trial.report(0.5, 1)
+    found.study.tell(found.trial, state=optuna.trial.TrialState.PRUNED)
+    found.told()
+    assert optuna_trial(searcher, "t1") is None  # told: Ray's searcher knows it (and ignores a second telling)
+    searcher.on_trial_complete("t1", {"score": 0.9, "training_iteration": 2})
+    (trial,) = found.study.trials
+    assert trial.state == optuna.trial.TrialState.PRUNED and trial.value == 0.5
+    assert not warnings_of(caplog, "_ot_trials")
+
+
+class _Without:
+    """`obj` as a Ray whose OptunaSearch lacks `name` shows it."""
+
+    def __init__(self, obj, name: str):
+        self._obj, self._name = obj, name
+
+    def __getattr__(self, attr):
+        if attr == self._name:
+            raise AttributeError(attr)
+        return getattr(self._obj, attr)
+
+
+@pytest.mark.parametrize("name", ["_ot_trials", "_ot_study", "_completed_trials"])
+def test_without_optuna_searchs_trials_a_stopped_trial_is_told_as_ray_tells_it_and_said_once(caplog, monkeypatch,
+                                                                                             name):
+    import optuna
+
+    import search.compat
+    import search.tuner
+    searcher = _optuna_search()
+    searcher.suggest("t1")
+    monkeypatch.delattr(searcher, name)
+    assert search.compat.optuna_trial(searcher, "t1") is None and search.compat.optuna_trial(searcher, "t1") is None
+    assert len(warnings_of(caplog, "keeps no _ot_trials, _ot_study and _completed_trials")) == 1
+
+    # search.tuner.Searcher over such a Ray: ASHA stops a trial at epoch 2 of 4
+    def told(searcher):
+        for trial_id, figures in (("t1", [0.8, 0.9]), ("t2", [0.5, 0.6, 0.65, 0.7])):
+            searcher.suggest(trial_id)
+            for epoch, value in enumerate(figures[:-1], start=1):
+                searcher.on_trial_result(trial_id, {"score": value, "training_iteration": epoch})
+            searcher.on_trial_complete(trial_id, {"score": figures[-1], "training_iteration": len(figures)})
+            assert search.compat.optuna_trial(searcher, trial_id) is None  # told, and known to be
+        return [(t.state, t.value, t.intermediate_values) for t in searcher._ot_study.trials]
+
+    pruned, complete = optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.COMPLETE
+    assert told(_optuna_search(search.tuner.Searcher, epochs=4)) == [(pruned, 0.9, {1: 0.8, 2: 0.9}),
+                                                                      (complete, 0.7, {1: 0.5, 2: 0.6, 3: 0.65})]
+    monkeypatch.setattr(search.tuner, "optuna_trial", lambda s, trial_id: search.compat.optuna_trial(
+        _Without(s, name), trial_id))
+    assert told(_optuna_search(search.tuner.Searcher, epochs=4)) == [(complete, 0.9, {1: 0.8}),
+                                                                      (complete, 0.7, {1: 0.5, 2: 0.6, 3: 0.65})]
+    assert len(warnings_of(caplog, "keeps no _ot_trials, _ot_study and _completed_trials")) == 1
+
+
+# ------------------------------------------------------------------------------------- Tune's settings
+
+def test_tune_settings_hold_for_the_block_only_and_a_users_own_value_is_kept(monkeypatch):
+    from search.cluster import TUNE_SETTINGS, tune_settings
+    sync, output = "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "RAY_AIR_NEW_OUTPUT"
+    assert set(TUNE_SETTINGS) == {sync, output}
+    for name in TUNE_SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+    before = dict(os.environ)
+    with tune_settings():
+        assert {name: os.environ[name] for name in TUNE_SETTINGS} == TUNE_SETTINGS
+    assert dict(os.environ) == before
+    with pytest.raises(KeyboardInterrupt), tune_settings():
+        raise KeyboardInterrupt
+    assert dict(os.environ) == before
+    monkeypatch.setenv(output, "1")  # the user's own: kept within, and after
+    with tune_settings():
+        assert os.environ[output] == "1" and os.environ[sync] == TUNE_SETTINGS[sync]
+        os.environ[output] = "changed"  # (by Ray, say)
+    assert os.environ[output] == "1" and sync not in os.environ
+
+
+def test_starting_ray_leaves_the_environment_alone(monkeypatch):
+    """(A search sets Tune's settings around its use of Ray: search.driver, within `tune_settings()`.)"""
+    import ray
+
+    from search.cluster import TUNE_SETTINGS, start_ray
+    for name in TUNE_SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+    inits = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: inits.append(kwargs))
+    levels = {name: logging.getLogger(name).level for name in ("ray.tune.execution.tune_controller", "ray.tune.tune")}
+    before = dict(os.environ)
+    try:
+        assert start_ray(None) and inits[0]["address"] == "local"
+    finally:  # start_ray quietens Tune's loggers: put back for the other tests
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+    assert dict(os.environ) == before
