@@ -1,10 +1,12 @@
 """`kdsearch distill` and `kdsearch teacher`: data, teacher (cached), student (kd.student), export, test once."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pandas as pd
 import torch
@@ -15,15 +17,37 @@ from kd.cost import distill_report
 from kd.data import Dataset, load_dataset
 from kd.errors import Diverged
 from kd.export import export_student
-from kd.files import atomic_path, atomic_write_json
+from kd.files import atomic_path
 from kd.metrics import format_metrics
 from kd.models import check_models, fetch_pretrained, known_class_count
+from kd.records import JsonRecord
 from kd.student import evaluate_model, new_student, train_student
-from kd.teacher import load_teacher_model, new_teacher, prepare_teacher
+from kd.teacher import TeacherInfo, load_teacher_model, new_teacher, prepare_teacher
 from kd.timing import Phases, phases_text
 from kd.train import FitResult, Outcome
 
 log = logging.getLogger("kd")
+
+
+@dataclass(frozen=True)
+class DistillMetrics(JsonRecord):
+    """`kdsearch distill`'s metrics.json (in its output folder): the student on validation and, once, on test, its
+    teacher, what it costs against the teacher, and the run's time. The export's own metrics.json holds the same
+    without the time (`exported`)."""
+    FILE: ClassVar[str] = "metrics.json"
+    val: dict[str, Any]                          # kd.metrics.compute_metrics on the validation split
+    test: dict[str, Any]                         # ... and on the test split (full)
+    threshold: float | None                      # the decision threshold tuned on validation, or None: argmax
+    teacher_val: dict[str, Any]                  # the teacher on the validation split
+    epochs: int                                  # the epochs the student trained
+    teacher: TeacherInfo | None = None           # how the teacher was prepared
+    cost: dict[str, Any] = field(default_factory=dict)      # the compression report (kd.cost.distill_report)
+    phases: dict[str, float] = field(default_factory=dict)  # seconds per phase of the run
+    seconds: float = 0.0                         # the run's seconds in all
+
+    def exported(self) -> dict[str, Any]:
+        """What the export's metrics.json holds: everything but the run's time."""
+        return {k: v for k, v in self.to_dict().items() if k not in ("phases", "seconds")}
 
 
 def epoch_line(row: dict[str, Any], epochs: int) -> str:
@@ -34,8 +58,8 @@ def epoch_line(row: dict[str, Any], epochs: int) -> str:
 
 
 def finish_student(cfg: Config, data: Dataset, result: FitResult, out_dir: Path, teacher_metrics: dict[str, Any],
-                   extra: dict[str, Any] | None = None, teacher_model: torch.nn.Module | None = None,
-                   phases: Phases | None = None) -> dict[str, Any]:
+                   teacher: TeacherInfo | None = None, teacher_model: torch.nn.Module | None = None,
+                   phases: Phases | None = None) -> DistillMetrics:
     """Evaluate a trained student on validation and, once, on test; measure what it costs against the teacher
     (`kd.cost`: in metrics["cost"] and the export's kdsearch.json); export it; draw its pictures."""
     if result.status != Outcome.COMPLETED:
@@ -45,19 +69,19 @@ def finish_student(cfg: Config, data: Dataset, result: FitResult, out_dir: Path,
     with phases("evaluate"):
         val = evaluate_model(result.model, data, "val", result.threshold, cfg)
         test = evaluate_model(result.model, data, "test", result.threshold, cfg)
-    metrics = {"val": val, "test": test, "threshold": result.threshold, "teacher_val": teacher_metrics,
-               "epochs": len(result.history), **(extra or {})}
     with phases("compression report"):
-        metrics["cost"] = distill_report(cfg, result.model, teacher_model, teacher_metrics, val)
+        cost = distill_report(cfg, result.model, teacher_model, teacher_metrics, val)
+    metrics = DistillMetrics(val=val, test=test, threshold=result.threshold, teacher_val=teacher_metrics,
+                             epochs=len(result.history), teacher=teacher, cost=cost)
     with phases("export"):
-        export_student(out_dir / "model", result.model, cfg, data.classes, result.threshold, metrics)
+        export_student(out_dir / "model", result.model, cfg, data.classes, result.threshold, metrics.exported())
     with phases("plots"):
         plots.learning_curves({cfg.student.name: result.history}, out_dir / "plots" / "learning_curves.png",
                               f"{cfg.teacher.name} -> {cfg.student.name}, {cfg.distill.mode} KD")
         plots.confusion_matrix(test["confusion_matrix"], data.classes, out_dir / "plots" / "confusion_matrix_test.png",
                                "student on the held-out test split")
-    metrics["phases"], metrics["seconds"] = dict(phases.seconds), phases.total
-    atomic_write_json(out_dir / "metrics.json", metrics)
+    metrics = dataclasses.replace(metrics, phases=dict(phases.seconds), seconds=phases.total)
+    metrics.write(out_dir / DistillMetrics.FILE)
     return metrics
 
 
@@ -67,7 +91,7 @@ def write_history(history: list[dict[str, Any]], path: Path) -> None:
 
 
 def run_distill(cfg: Config, out_dir: str | Path | None = None, progress: bool = True,
-                echo: Callable[[str], None] = print) -> dict[str, Any]:
+                echo: Callable[[str], None] = print) -> DistillMetrics:
     """`kdsearch distill`: everything from the config to an exported, tested student in `out_dir`.
 
     With `progress` off only the results are echoed (the final metrics and where the export is).
@@ -109,12 +133,12 @@ def run_distill(cfg: Config, out_dir: str | Path | None = None, progress: bool =
     if teacher_model is None:  # for the compression report
         teacher_model = load_teacher_model(cfg, data, teacher.directory)[0]
     metrics = finish_student(cfg, data, result, out, teacher.metrics, teacher_model=teacher_model,
-                             extra={"teacher": teacher.info.to_dict()}, phases=phases)
-    echo(format_metrics(metrics["val"], data.classes, "validation (threshold chosen here):"))
-    echo(format_metrics(metrics["test"], data.classes, "held-out test (evaluated once):"))
-    echo(metrics["cost"]["summary"])
+                             teacher=teacher.info, phases=phases)
+    echo(format_metrics(metrics.val, data.classes, "validation (threshold chosen here):"))
+    echo(format_metrics(metrics.test, data.classes, "held-out test (evaluated once):"))
+    echo(metrics.cost["summary"])
     echo(f"exported student: {out / 'model'}")
-    echo(f"time: {phases_text(metrics['phases'])}; {metrics['seconds']:.1f} s in all")
+    echo(f"time: {phases_text(metrics.phases)}; {metrics.seconds:.1f} s in all")
     return metrics
 
 

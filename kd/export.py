@@ -22,8 +22,10 @@ from __future__ import annotations
 import json
 import logging
 import warnings
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -41,6 +43,7 @@ from kd.images import MAX_IMAGE_PIXELS
 from kd.infer import predict_probs
 from kd.metrics import predict
 from kd.models import create_model, is_distilled, mean_std
+from kd.records import JsonRecord
 
 log = logging.getLogger("kd")
 EXPORT_FORMAT = "kd-search-student-2"
@@ -54,6 +57,35 @@ TOLERANCE = 1e-4  # largest |logit difference| accepted between a graph and the 
 GRAPH_INPUT = ("float32 RGB images in [0, 1] (pixel / 255), N x 3 x H x W, H = W = image_size, any batch size; "
                "the normalisation (mean, std) is inside the graph; output: logits, N x num_classes")
 INTERPOLATION = "bilinear"  # kd.images resizes (squashes, no crop) the whole image to size x size with it
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExportMetadata(JsonRecord):
+    """kdsearch.json: what only kd-search knows of an export (timm ignores it), written by `export_student` and read
+    by `read_metadata` (kd.records: every field checked). Its fields in the order they are written."""
+    format: str = EXPORT_FORMAT
+    architecture: str                            # the student's timm name
+    # K: the weights hold K students (members.0. ...), each loads in timm with its prefix stripped, and the
+    # graphs and the PyTorch model output the log of their mean probability (kd.ensemble)
+    ensemble: int = 0
+    classes: list[str]
+    image_size: int
+    mean: list[float]
+    std: list[float]
+    interpolation: str = INTERPOLATION
+    threshold: float | None = None               # the decision threshold on p(positive_class), or None: argmax
+    positive_class: str | None = None
+    distilled_heads: bool = False
+    hyperparameters: dict[str, Any] = field(default_factory=dict)  # distill, imbalance, train, student, teacher
+    metrics: dict[str, Any] = field(default_factory=dict)  # the caller's metrics, without the cost
+    config: dict[str, Any] = field(default_factory=dict)   # the full resolved config
+    files: dict[str, str] = field(default_factory=dict)
+    graph: str | None = None                     # GRAPH_FILE, or None where it was not written
+    onnx: str | None = None                      # ONNX_FILE, or None
+    graph_input: str = GRAPH_INPUT
+    checks: dict[str, float | None] = field(default_factory=dict)  # each graph's largest logit difference
+    compression: dict[str, Any] | None = None    # the compression report (kd.cost)
+    weights_bytes: int = 0
 
 
 class Preprocessed(nn.Module):
@@ -81,35 +113,11 @@ def export_student(out_dir: str | Path, model: torch.nn.Module, cfg: Config, cla
     one = model.members[0] if isinstance(model, Ensemble) else model  # an ensemble's members share one architecture
     mean, std = mean_std(one)
     size = cfg.data.image_size
-    info: dict[str, Any] = {
-        "format": EXPORT_FORMAT,
-        "architecture": cfg.student.name,
-        # K: the weights hold K students (members.0. ...), each loads in timm with its prefix stripped, and the
-        # graphs and the PyTorch model output the log of their mean probability (kd.ensemble)
-        "ensemble": len(model) if isinstance(model, Ensemble) else 0,
-        "classes": classes,
-        "image_size": size,
-        "mean": list(mean), "std": list(std),
-        "interpolation": INTERPOLATION,
-        "threshold": threshold,
-        "positive_class": classes[1] if threshold is not None else None,
-        "distilled_heads": is_distilled(one),
-        "hyperparameters": {"distill": vars(cfg.distill), "imbalance": vars(cfg.imbalance),
-                            "train": {k: v for k, v in vars(cfg.train).items() if k != "device"},
-                            "student": vars(cfg.student), "teacher": cfg.teacher.name},
-        "metrics": {k: v for k, v in metrics.items() if k != "cost"},  # the cost is "compression", below
-        "config": cfg.to_dict(),
-        "files": {"weights": WEIGHTS_FILE, "timm_config": TIMM_CONFIG_FILE, "metrics": "metrics.json"},
-        "graph": None,
-        "onnx": None,
-        "graph_input": GRAPH_INPUT,
-        "checks": {},
-        "compression": cost if cost is not None else metrics.get("cost"),
-    }
+    graph_file = onnx_file = None
+    checks: dict[str, float | None] = {}
     with atomic_dir(out_dir) as tmp:
         state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": EXPORT_FORMAT})
-        info["weights_bytes"] = (tmp / WEIGHTS_FILE).stat().st_size
         write_timm_config(one, tmp / TIMM_CONFIG_FILE, classes, size)
         if graph or onnx:
             deploy = Preprocessed(model, mean, std).eval()
@@ -117,12 +125,27 @@ def export_student(out_dir: str | Path, model: torch.nn.Module, cfg: Config, cla
             with torch.no_grad():
                 expected = deploy(check)
             if graph:
-                info["graph"], info["checks"]["graph_max_abs_diff"] = _export_graph(deploy, size, tmp / GRAPH_FILE,
-                                                                                    check, expected)
+                graph_file, checks["graph_max_abs_diff"] = _export_graph(deploy, size, tmp / GRAPH_FILE, check,
+                                                                         expected)
             if onnx:
-                info["onnx"], info["checks"]["onnx_max_abs_diff"] = _export_onnx(deploy, size, tmp / ONNX_FILE,
-                                                                                 check, expected)
-        atomic_write_json(tmp / METADATA_FILE, info)
+                onnx_file, checks["onnx_max_abs_diff"] = _export_onnx(deploy, size, tmp / ONNX_FILE, check, expected)
+        meta = ExportMetadata(
+            architecture=cfg.student.name,
+            ensemble=len(model) if isinstance(model, Ensemble) else 0,
+            classes=list(classes), image_size=size, mean=list(mean), std=list(std),
+            threshold=threshold, positive_class=classes[1] if threshold is not None else None,
+            distilled_heads=is_distilled(one),
+            hyperparameters={"distill": vars(cfg.distill), "imbalance": vars(cfg.imbalance),
+                             "train": {k: v for k, v in vars(cfg.train).items() if k != "device"},
+                             "student": vars(cfg.student), "teacher": cfg.teacher.name},
+            metrics={k: v for k, v in metrics.items() if k != "cost"},  # the cost is `compression`, below
+            config=cfg.to_dict(),
+            files={"weights": WEIGHTS_FILE, "timm_config": TIMM_CONFIG_FILE, "metrics": "metrics.json"},
+            graph=graph_file, onnx=onnx_file, checks=checks,
+            compression=cost if cost is not None else metrics.get("cost"),
+            weights_bytes=(tmp / WEIGHTS_FILE).stat().st_size,
+        )
+        atomic_write_json(tmp / METADATA_FILE, meta.to_dict())
         atomic_write_json(tmp / "metrics.json", metrics)
     return out_dir
 
@@ -230,25 +253,42 @@ def _write_onnx(deploy: nn.Module, example: torch.Tensor, path: Path, dynamo: bo
 
 
 class ExportInfo:
-    """What every loaded form of an export shares, read from its kdsearch.json (`info`)."""
-    info: dict[str, Any]
+    """What every loaded form of an export shares: its kdsearch.json (`meta`) and timm's config.json beside it
+    (`timm_config`, timm's own file: {} where there is none)."""
+    meta: ExportMetadata
+    timm_config: dict[str, Any]
 
     @property
     def classes(self) -> list[str]:
-        return self.info["classes"]
+        return self.meta.classes
 
     @property
     def threshold(self) -> float | None:
-        return self.info.get("threshold")
+        return self.meta.threshold
 
     @property
     def image_size(self) -> int:
-        return self.info["image_size"]
+        return self.meta.image_size
+
+    @property
+    def architecture(self) -> str:
+        return _model_shape(self.meta, self.timm_config)[0]
+
+    @property
+    def num_classes(self) -> int:
+        return _model_shape(self.meta, self.timm_config)[1]
+
+    @property
+    def info(self) -> Mapping[str, Any]:
+        """kdsearch.json as plain data (read-only), with timm's architecture, num_classes and pretrained_cfg."""
+        return MappingProxyType({**self.meta.to_dict(), "architecture": self.architecture,
+                                 "num_classes": self.num_classes,
+                                 "pretrained_cfg": self.timm_config.get("pretrained_cfg", {})})
 
     @property
     def max_image_pixels(self) -> int:
         """The decompression-bomb limit the student was trained with (its config's data.max_image_pixels)."""
-        found = (self.info.get("config") or {}).get("data", {}).get("max_image_pixels")
+        found = self.meta.config.get("data", {}).get("max_image_pixels")  # the resolved config, as plain data
         return int(found) if found else MAX_IMAGE_PIXELS
 
     def probs(self, images: torch.Tensor, batch_size: int = 256) -> np.ndarray:
@@ -258,19 +298,26 @@ class ExportInfo:
         return predict(self.probs(images), self.threshold)
 
 
+def _model_shape(meta: ExportMetadata, timm_config: dict[str, Any]) -> tuple[str, int]:
+    """The timm model the weights are for and its class count: as timm's config.json says, else kdsearch.json."""
+    return (str(timm_config.get("architecture") or meta.architecture),
+            int(timm_config.get("num_classes") or len(meta.classes)))
+
+
 @dataclass
 class Student(ExportInfo):
     """An exported student loaded back: model, classes, input size, normalisation and threshold."""
     model: torch.nn.Module
-    info: dict[str, Any]
+    meta: ExportMetadata
+    timm_config: dict[str, Any]
     device: torch.device
 
     def probs(self, images: torch.Tensor, batch_size: int = 256) -> np.ndarray:
         """Class probabilities for uint8 N x 3 x H x W images at the model's input size."""
-        return predict_probs(self.model, images, self.info["mean"], self.info["std"], self.device, batch_size)
+        return predict_probs(self.model, images, self.meta.mean, self.meta.std, self.device, batch_size)
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
-        norm = Normalize(self.info["mean"], self.info["std"]).to(self.device)
+        norm = Normalize(tuple(self.meta.mean), tuple(self.meta.std)).to(self.device)
         with torch.no_grad():
             return self.model(norm(to_float(images.to(self.device))))
 
@@ -281,9 +328,9 @@ def export_folder(path: str | Path) -> Path:
     return path.parent if path.is_file() or path.suffix in (".json", ".onnx", ".pt2", ".safetensors") else path
 
 
-def read_metadata(path: str | Path) -> dict[str, Any]:
-    """An export's kdsearch.json with timm's architecture and num_classes from config.json: the `info` of
-    a loaded export. A folder of the earlier format (everything in config.json) is refused, naming it."""
+def read_metadata(path: str | Path) -> tuple[ExportMetadata, dict[str, Any]]:
+    """An export's kdsearch.json, read through ExportMetadata, and timm's config.json beside it ({} where there is
+    none). A folder of the earlier format (everything in config.json) is refused, naming it."""
     folder = export_folder(path)
     meta_path, timm_path = folder / METADATA_FILE, folder / TIMM_CONFIG_FILE
     if not meta_path.is_file():
@@ -294,16 +341,10 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
                             "with `kdsearch export RUN_DIR --out DIR`, or re-run `kdsearch distill`")
         raise UserError(f"{folder} is not an exported student (it needs {METADATA_FILE}, {TIMM_CONFIG_FILE} and "
                         f"{WEIGHTS_FILE})")
-    info = _read_json(meta_path)
-    if info.get("format") != EXPORT_FORMAT:
-        raise UserError(f"{meta_path} has format {info.get('format')!r}, expected {EXPORT_FORMAT!r}")
-    if timm_path.is_file():
-        timm_cfg = _read_json(timm_path)
-        info["architecture"] = timm_cfg.get("architecture", info.get("architecture"))
-        info["num_classes"] = timm_cfg.get("num_classes", len(info["classes"]))
-        info["pretrained_cfg"] = timm_cfg.get("pretrained_cfg", {})
-    info.setdefault("num_classes", len(info["classes"]))
-    return info
+    raw = _read_json(meta_path)
+    if raw.get("format") != EXPORT_FORMAT:  # checked before the fields: another format has other fields
+        raise UserError(f"{meta_path} has format {raw.get('format')!r}, expected {EXPORT_FORMAT!r}")
+    return ExportMetadata.from_dict(raw, str(meta_path)), _read_json(timm_path) if timm_path.is_file() else {}
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -319,23 +360,25 @@ def _read_json(path: Path) -> dict[str, Any]:
 def load_student(path: str | Path, device: str | torch.device = "cpu") -> Student:
     """Load an export folder (or its config.json / kdsearch.json) written by `export_student`."""
     folder = export_folder(path)
-    info = read_metadata(folder)
+    meta, timm_config = read_metadata(folder)
     weights = folder / WEIGHTS_FILE
     if not (folder / TIMM_CONFIG_FILE).is_file() or not weights.is_file():
         raise UserError(f"{folder} is not an exported student (it needs {METADATA_FILE}, {TIMM_CONFIG_FILE} and "
                         f"{WEIGHTS_FILE})")
-    student_cfg = ModelConfig(name=info["architecture"], pretrained=False,
-                              drop_rate=info["hyperparameters"]["student"].get("drop_rate", 0.0))
-    model = create_model(student_cfg, info["num_classes"], info["image_size"])
-    if info.get("ensemble"):
-        model = Ensemble([model, *(create_model(student_cfg, info["num_classes"], info["image_size"])
-                                   for _ in range(info["ensemble"] - 1))])
+    architecture, num_classes = _model_shape(meta, timm_config)
+    # the hyperparameters' student section is the config's, as plain data: its drop_rate shapes the model
+    student_cfg = ModelConfig(name=architecture, pretrained=False,
+                              drop_rate=meta.hyperparameters["student"].get("drop_rate", 0.0))
+    model = create_model(student_cfg, num_classes, meta.image_size)
+    if meta.ensemble:
+        model = Ensemble([model, *(create_model(student_cfg, num_classes, meta.image_size)
+                                   for _ in range(meta.ensemble - 1))])
     try:
         model.load_state_dict(load_file(str(weights)))
     except Exception as e:
-        raise UserError(f"{weights} does not hold weights for {info['architecture']}: {e}") from None
+        raise UserError(f"{weights} does not hold weights for {architecture}: {e}") from None
     device = torch.device(device)
-    return Student(model.to(device).eval(), info, device)
+    return Student(model.to(device).eval(), meta, timm_config, device)
 
 
 def load_graph(path: str | Path) -> torch.nn.Module:

@@ -1,10 +1,12 @@
 """Decoding image files into uint8 RGB arrays of one size, safely and in parallel."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
 import warnings
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -15,9 +17,6 @@ from tqdm import tqdm
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
 MAX_IMAGE_PIXELS = 89_478_485  # Pillow's decompression-bomb limit: the default of data.max_image_pixels
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")  # unsigned 16-bit greyscale: a fixed range 0..65535
-
-# Our own size check below replaces Pillow's warning; Pillow's hard error (2x the limit) stays as a backstop.
-warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 class BadImage(Exception):
@@ -36,8 +35,25 @@ def file_hash(data: bytes) -> str:
     return hashlib.sha1(data).hexdigest()
 
 
+@contextlib.contextmanager
+def _no_bomb_warning() -> Iterator[None]:
+    """Pillow's DecompressionBombWarning silenced while decoding: our own size check (`max_pixels`) replaces it, and
+    Pillow's hard error (twice its limit) stays as a backstop. Only here, so importing kd leaves the process's warning
+    filters as they were. `warnings.catch_warnings` swaps the process-wide filter list, so it is entered in one
+    thread at a time: `decode_files` opens it once around its whole thread pool, never in each thread."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+        yield
+
+
 def decode_bytes(data: bytes, size: int, max_pixels: int) -> np.ndarray:
     """Decode an image held in memory into a size x size x 3 uint8 array (squashed, not cropped)."""
+    with _no_bomb_warning():
+        return _decode(data, size, max_pixels)
+
+
+def _decode(data: bytes, size: int, max_pixels: int) -> np.ndarray:
+    """`decode_bytes`, where the caller silences Pillow's decompression-bomb warning."""
     if not data:
         raise BadImage("empty file (0 bytes)")
     try:
@@ -88,12 +104,18 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 def decode_file(path: str, size: int, max_pixels: int) -> tuple[np.ndarray, str]:
     """Decode one file, returning the array and the hash of its bytes."""
+    with _no_bomb_warning():
+        return _decode_file(path, size, max_pixels)
+
+
+def _decode_file(path: str, size: int, max_pixels: int) -> tuple[np.ndarray, str]:
+    """`decode_file`, where the caller silences Pillow's decompression-bomb warning."""
     try:
         with open(path, "rb") as f:
             data = f.read()
     except OSError as e:
         raise BadImage(f"cannot read: {e.strerror or e}") from None
-    return decode_bytes(data, size, max_pixels), file_hash(data)
+    return _decode(data, size, max_pixels), file_hash(data)
 
 
 MAX_AUTO_WORKERS = 8
@@ -122,12 +144,12 @@ def decode_files(paths: list[str], size: int, max_pixels: int, workers: int = 0,
 
     def one(path: str) -> tuple[np.ndarray | None, str, str]:
         try:
-            arr, digest = decode_file(path, size, max_pixels)
+            arr, digest = _decode_file(path, size, max_pixels)
             return (arr if keep_pixels else None), digest, ""
         except BadImage as e:
             return None, "", str(e)
 
-    with ThreadPoolExecutor(max_workers=resolve_workers(workers)) as pool:
+    with _no_bomb_warning(), ThreadPoolExecutor(max_workers=resolve_workers(workers)) as pool:
         results = list(tqdm(pool.map(one, paths), total=len(paths), desc=desc, unit="img",
                             disable=None if progress and len(paths) >= 200 else True, leave=False))
     return Decoded([r[0] for r in results], [r[1] for r in results], [r[2] for r in results])

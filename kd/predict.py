@@ -30,7 +30,7 @@ class GraphStudent(ExportInfo):
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.info = read_metadata(self.path)
+        self.meta, self.timm_config = read_metadata(self.path)
         self.module = load_graph(self.path)
 
     @torch.no_grad()
@@ -49,7 +49,7 @@ class OnnxStudent(ExportInfo):
         except ImportError:
             raise UserError("onnxruntime is not installed: pip install 'kd-search[onnx]' (or onnxruntime)") from None
         self.path = Path(path)
-        self.info = read_metadata(self.path)
+        self.meta, self.timm_config = read_metadata(self.path)
         if not self.path.is_file():
             raise UserError(f"{self.path}: no such file (the export has no ONNX graph: onnx was not installed "
                             "when it was written, or the graph did not match)")

@@ -7,16 +7,18 @@ so a student, and every trial of a search, trains without running the teacher at
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import os
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from tqdm import tqdm
@@ -25,23 +27,48 @@ from kd.augment import Augmenter
 from kd.config import Config, TrainConfig
 from kd.data import Dataset
 from kd.errors import UserError
-from kd.files import CacheError, atomic_write_json, file_lock, load_tensors, save_tensors
+from kd.files import CacheError, file_lock, load_tensors, save_tensors
 from kd.infer import Runner, resolve_device
 from kd.losses import DistillLoss, class_weights
 from kd.metrics import compute_metrics
 from kd.models import create_model
+from kd.records import JsonRecord
 from kd.stream import BatchSource
 from kd.train import Outcome, fit, seed_everything
 
 log = logging.getLogger("kd")
 TEACHER_VERSION = 1
-_FORWARDED = [0]  # images this process has run through a teacher to make logits: see forwarded_images()
 
 
-def forwarded_images() -> int:
-    """How many images this process has run through a teacher to make logits so far. A count per process: whoever
-    reads it reads the work done where it runs (a search's trial reports the difference over its own run)."""
-    return _FORWARDED[0]
+@dataclass
+class TeacherWork:
+    """A count of the images run through a teacher to make logits, kept by whoever opens it around its own work:
+
+        work = TeacherWork()
+        with work.counting():
+            ...                # every teacher forward pass made here, in this thread, adds to work.images
+
+    Counts nest (each open one counts), and none counts work done outside its block or in another thread or
+    process: a search's trial opens its own around each of its steps (search.trainable), so the figure it reports
+    is its own work alone (by design none: its teachers' logits come from the cache)."""
+    images: int = 0
+
+    @contextlib.contextmanager
+    def counting(self) -> Iterator[TeacherWork]:
+        token = _OPEN_COUNTS.set((*_OPEN_COUNTS.get(), self))
+        try:
+            yield self
+        finally:
+            _OPEN_COUNTS.reset(token)
+
+
+# the counts open in this context (a new thread starts with none): _logits adds to each; nothing else is kept here
+_OPEN_COUNTS: ContextVar[tuple[TeacherWork, ...]] = ContextVar("kd_teacher_work", default=())
+
+
+def _count_forward(images: int) -> None:
+    for work in _OPEN_COUNTS.get():
+        work.images += images
 
 
 @dataclass
@@ -82,6 +109,20 @@ class TeacherInfo:
         return f"teacher {self.name} {how}{where}; {logits}"
 
 
+@dataclass(frozen=True)
+class TeacherMeta(JsonRecord):
+    """The teacher cache's teacher.json (the same record is in its weights file's header): what fine-tuning made
+    it. Written by `prepare_teacher`, read by `cached_teacher` and `load_teacher_model`."""
+    FILE: ClassVar[str] = "teacher.json"         # in the teacher's cache folder
+    name: str                                    # timm model name
+    config: dict[str, Any]                       # its teacher section, as plain data
+    classes: list[str]
+    val_metrics: dict[str, Any]                  # on the validation split ({} where there was none: a final refit's)
+    finetune_seconds: float = 0.0
+    history: list[dict[str, Any]] = field(default_factory=list)  # its fine-tuning's epochs
+    fingerprint: str = ""                        # the data's (kd.data)
+
+
 @dataclass
 class Teacher:
     key: str
@@ -114,9 +155,12 @@ def new_teacher(cfg: Config, num_classes: int) -> torch.nn.Module:
 
 
 def load_teacher_model(cfg: Config, data: Dataset, directory: Path,
-                       model: torch.nn.Module | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The cached teacher's weights, in `model` when given (one of `new_teacher`'s), else in a new model."""
-    tensors, meta = load_tensors(directory / "model.safetensors")
+                       model: torch.nn.Module | None = None) -> tuple[torch.nn.Module, TeacherMeta]:
+    """The cached teacher's weights, in `model` when given (one of `new_teacher`'s), else in a new model, and the
+    record in their file's header."""
+    path = directory / "model.safetensors"
+    tensors, raw = load_tensors(path)
+    meta = TeacherMeta.from_dict(raw, f"{path} (its header)")
     if model is None:
         model = create_model(dataclasses.replace(cfg.teacher, pretrained=False), len(data.classes), data.image_size)
     model.load_state_dict(tensors)
@@ -133,11 +177,13 @@ def cached_teacher(cfg: Config, data: Dataset, epochs: int | None = None,
     akey = _augment_key(cfg)
     try:
         with file_lock(directory / "model"):
-            meta = json.loads((directory / "teacher.json").read_text())
+            meta = TeacherMeta.read(directory / TeacherMeta.FILE)  # None: not there, or cut short
             weights, _ = load_tensors(directory / "model.safetensors")  # verifies the weights' checksums
         with file_lock(directory / f"logits-{akey}.safetensors"):
             tensors, _ = load_tensors(directory / f"logits-{akey}.safetensors")
-    except (CacheError, OSError, ValueError):
+    except (CacheError, OSError):
+        return None
+    if meta is None:
         return None
     logits = tensors["logits"]
     if len(logits) < epochs or tuple(logits.shape[1:]) != (len(data.train), len(data.classes)):
@@ -145,9 +191,9 @@ def cached_teacher(cfg: Config, data: Dataset, epochs: int | None = None,
     if model is not None:
         model.load_state_dict(weights)
         model.eval()
-    info = TeacherInfo(key, cfg.teacher.name, cached=True, finetune_seconds=meta.get("finetune_seconds", 0.0),
+    info = TeacherInfo(key, cfg.teacher.name, cached=True, finetune_seconds=meta.finetune_seconds,
                        logits_cached=True, logit_epochs=epochs)
-    return Teacher(key, directory, logits[:epochs].float(), meta["val_metrics"], info)
+    return Teacher(key, directory, logits[:epochs].float(), meta.val_metrics, info)
 
 
 def _augment_key(cfg: Config) -> str:
@@ -176,23 +222,23 @@ def prepare_teacher(cfg: Config, data: Dataset, epochs: int | None = None, progr
     with file_lock(directory / "model"):
         try:
             model, meta = load_teacher_model(cfg, data, directory, model)
-            info.cached, info.finetune_seconds = True, meta.get("finetune_seconds", 0.0)
+            info.cached, info.finetune_seconds = True, meta.finetune_seconds
             log.info("teacher %s found in the cache (%s)", cfg.teacher.name, directory)
         except CacheError as e:
             if (directory / "model.safetensors").exists():
                 log.warning("teacher cache rebuilt: %s", e)
             model, meta = _finetune(cfg, data, device, progress, model)
-            save_tensors(directory / "model.safetensors", model.state_dict(), meta)
-            atomic_write_json(directory / "teacher.json", meta)
-            info.cached, info.finetune_seconds = False, meta["finetune_seconds"]
+            save_tensors(directory / "model.safetensors", model.state_dict(), meta.to_dict())
+            meta.write(directory / TeacherMeta.FILE)
+            info.cached, info.finetune_seconds = False, meta.finetune_seconds
     logits = _logits(cfg, data, model, directory, epochs, device, progress, info)
     model.cpu()
     info.ended = time.time()
-    return Teacher(key, directory, logits, meta["val_metrics"], info)
+    return Teacher(key, directory, logits, meta.val_metrics, info)
 
 
 def _finetune(cfg: Config, data: Dataset, device: torch.device, progress: bool,
-              model: torch.nn.Module | None) -> tuple[torch.nn.Module, dict]:
+              model: torch.nn.Module | None) -> tuple[torch.nn.Module, TeacherMeta]:
     t0 = time.perf_counter()
     tcfg = cfg.teacher
     model = model if model is not None else new_teacher(cfg, len(data.classes))
@@ -221,8 +267,8 @@ def _finetune(cfg: Config, data: Dataset, device: torch.device, progress: bool,
         metrics = compute_metrics(data.val.labels.numpy(), probs, data.classes)
         log.info("teacher %s: validation balanced accuracy %.4f, accuracy %.4f (%.1f s)", tcfg.name,
                  metrics["balanced_accuracy"], metrics["accuracy"], seconds)
-    meta = {"name": tcfg.name, "config": dataclasses.asdict(tcfg), "classes": data.classes,
-            "val_metrics": metrics, "finetune_seconds": seconds, "history": history, "fingerprint": data.fingerprint}
+    meta = TeacherMeta(name=tcfg.name, config=dataclasses.asdict(tcfg), classes=list(data.classes),
+                       val_metrics=metrics, finetune_seconds=seconds, history=history, fingerprint=data.fingerprint)
     return model.cpu(), meta
 
 
@@ -253,7 +299,7 @@ def _logits(cfg: Config, data: Dataset, model: torch.nn.Module, directory: Path,
         logits = torch.cat([have, view_logits(model, cfg.teacher.train, cfg, data, range(len(have), epochs), device,
                                               progress)])
         forward = (epochs - len(have)) * n
-        _FORWARDED[0] += forward
+        _count_forward(forward)
         save_tensors(path, {"logits": logits}, {"augment": dataclasses.asdict(cfg.augment)})
         seconds = time.perf_counter() - t0
         log.info("teacher logits for %d epochs x %d views computed in %.1f s", epochs - len(have), n, seconds)

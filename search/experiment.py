@@ -18,11 +18,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from kd.config import Config
 from kd.errors import UserError
 from kd.files import read_jsonl
 from search.compat import trial_folder_id, trial_statuses
-from search.records import COST, EVENTS, METRICS, MIRROR, PLACEMENT, STATE_FILE, TEACHER_WORK, TrialStatus
+from search.config import Config
+from search.events import TrialEvent, read_events
+from search.records import COST, METRICS, MIRROR, PLACEMENT, STATE_FILE, TEACHER_WORK, TrialStatus
 
 log = logging.getLogger("search")
 
@@ -49,10 +50,6 @@ def trial_error(trial_dir: str | Path) -> str:
 def latest_checkpoint(trial_dir: str | Path) -> str | None:
     found = sorted(glob.glob(os.path.join(trial_dir, "checkpoint_*", STATE_FILE)))
     return found[-1] if found else None
-
-
-def read_events(run_dir: str | Path) -> list[dict[str, Any]]:
-    return [e for e in read_jsonl(Path(run_dir) / EVENTS) if "trial" in e and "status" in e]
 
 
 def mirror(uri: str, run_dir: Path) -> Path:
@@ -82,9 +79,9 @@ def load_trials(cfg: Config, exp: str, run_dir: Path) -> tuple[pd.DataFrame, dic
     """A trial's status comes from the driver's own event log when it has one (written as events happen), else
     from Ray's newest experiment state, else from the trial's files."""
     statuses = trial_statuses(exp)
-    events: dict[str, list[dict[str, Any]]] = {}
+    events: dict[str, list[TrialEvent]] = {}
     for event in read_events(run_dir):
-        events.setdefault(event["trial"], []).append(event)
+        events.setdefault(event.trial, []).append(event)
     metric, pick = cfg.search.metric, (max if cfg.search.direction == "max" else min)
     rows, histories = [], {}
     for params_file in sorted(glob.glob(os.path.join(exp, "*", "params.json"))):
@@ -100,12 +97,12 @@ def load_trials(cfg: Config, exp: str, run_dir: Path) -> tuple[pd.DataFrame, dic
                         if "epoch" in r}.values())
         histories[trial_id] = history
         mine = events.get(trial_id, [])
-        ends = [e for e in mine if e["status"] != TrialStatus.RETRY]
-        errors = [e["error"] for e in mine if e.get("error")]
+        ends = [e for e in mine if e.status != TrialStatus.RETRY]
+        errors = [e.error for e in mine if e.error]
         error = errors[-1] if errors else trial_error(trial_dir) or ("the trial's process died" if mine else "")
         if ends:
-            status = ends[-1]["status"]
-            failures = sum(e["status"] in (TrialStatus.RETRY, TrialStatus.FAILED) for e in mine)
+            status = ends[-1].status
+            failures = sum(e.status in (TrialStatus.RETRY, TrialStatus.FAILED) for e in mine)
         else:
             status = _status(statuses.get(trial_id, {}).get("status"), history, error, cfg.train.epochs)
             failures = statuses.get(trial_id, {}).get("failures", 0)

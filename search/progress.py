@@ -2,14 +2,12 @@
 
 `TrialLog` is a Tune callback (it runs in the driver and is pickled with the experiment, so a resumed
 search keeps using it). It appends every trial's end (completed, stopped early, failed) and every retry to
-`trial_events.jsonl` as it happens, flushed to disk: the analysis trusts this over Ray's experiment-state
-snapshots, which can lag behind the last events. Unless quiet, it also prints one line per finished trial
-instead of Ray's pages of per-trial tables.
+`trial_events.jsonl` as it happens (a search.events.TrialEvent a line), flushed to disk: the analysis trusts
+this over Ray's experiment-state snapshots, which can lag behind the last events. Unless quiet, it also prints
+one line per finished trial instead of Ray's pages of per-trial tables.
 """
 from __future__ import annotations
 
-import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -18,6 +16,7 @@ from typing import Any
 from ray.tune import Callback
 from ray.tune.experiment import Trial
 
+from search.events import TrialEvent, append_event
 from search.experiment import error_line, trial_error
 from search.format import params_text
 from search.records import EVENTS, TrialStatus
@@ -36,7 +35,7 @@ def _error(trial: Trial) -> str:
 
 class TrialLog(Callback):
     def __init__(self, run_dir: str | Path, metric: str, mode: str, max_epochs: int, echo: bool = True):
-        self.path = str(Path(run_dir) / EVENTS)
+        self.path = str(Path(run_dir) / EVENTS)  # kept under this name: a resumed search unpickles it
         self.metric, self.mode, self.max_epochs, self.echo = metric, mode, max_epochs, echo
         self._reset()
 
@@ -49,11 +48,8 @@ class TrialLog(Callback):
         self.__dict__.update(state)
         self._reset()
 
-    def _record(self, event: dict[str, Any]) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps({**event, "time": time.time()}) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+    def _record(self, trial: Any, status: TrialStatus, epochs: int | None = None, error: str = "") -> None:
+        append_event(self.path, TrialEvent(trial.trial_id, status, epochs=epochs, error=error, time=time.time()))
 
     def _print(self, text: str) -> None:
         if self.echo:
@@ -67,7 +63,7 @@ class TrialLog(Callback):
         result = self.last.get(trial.trial_id) or trial.last_result or {}
         value, epochs = result.get(self.metric), result.get("epoch", 0)
         status = TrialStatus.COMPLETED if epochs >= self.max_epochs else TrialStatus.STOPPED
-        self._record({"trial": trial.trial_id, "status": status, "epochs": epochs})
+        self._record(trial, status, epochs=int(epochs))
         if value is not None and (self.best is None or (value > self.best) == (self.mode == "max")):
             self.best = value
         how = status if status == TrialStatus.COMPLETED else f"{TrialStatus.STOPPED} at epoch {epochs}"
@@ -80,10 +76,10 @@ class TrialLog(Callback):
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         error = _error(trial)
-        self._record({"trial": trial.trial_id, "status": TrialStatus.RETRY, "error": error})
+        self._record(trial, TrialStatus.RETRY, error=error)
         self._print(f"trial {trial.trial_id} will be retried after: {error or 'its process died'}")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         error = _error(trial)
-        self._record({"trial": trial.trial_id, "status": TrialStatus.FAILED, "error": error})
+        self._record(trial, TrialStatus.FAILED, error=error)
         self._print(f"trial {trial.trial_id} failed: {error or 'its process died'} | {params_text(trial.config)}")

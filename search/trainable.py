@@ -21,14 +21,14 @@ from typing import Any
 import torch
 from ray import tune
 
-from kd.config import from_dict
 from kd.hub import provide
 from kd.infer import resolve_device
 from kd.metrics import scalars
 from kd.schemes import Scheme
-from kd.teacher import forwarded_images
+from kd.teacher import TeacherWork
 from kd.train import Fitting, Outcome, load_state, save_state
 from search.cluster import where
+from search.config import from_dict
 from search.costs import Costs
 from search.records import STATE_FILE, TEACHER_WORK
 
@@ -63,12 +63,16 @@ class DistillTrainable(tune.Trainable):
         reuse of the actor): the trial's own work, its cost looked up and its fit started (from a checkpoint if one
         is loaded first), happens in its first step, where a failure fails that trial alone."""
         self.trial_config = config
-        self.forwarded = forwarded_images()  # the trial reports any teacher forward pass it makes (by design: none)
+        self.teacher_work = TeacherWork()  # any teacher forward pass the trial's steps make (by design: none)
         self.placed = placement("cpu")
         self.resume: dict[str, Any] | None = None
         self.fitting: Fitting | None = None
 
     def step(self) -> dict[str, Any]:
+        with self.teacher_work.counting():  # this trial's work alone: the count is its own, opened around each step
+            return self._step()
+
+    def _step(self) -> dict[str, Any]:
         if self.fitting is None:
             self.cfg = from_dict(self.base, "search base config").updated(self.trial_config,
                                                                            source="sampled trial config")
@@ -81,7 +85,7 @@ class DistillTrainable(tune.Trainable):
         if row.get("status") == Outcome.DIVERGED:  # no result: it would lack the metric Tune optimises
             raise TrialDiverged(f"non-finite loss at epoch {row['epoch']}: the trial diverged")
         metrics = {**scalars(row), **self.cost, **self.placed,
-                   TEACHER_WORK: forwarded_images() - self.forwarded, "reported_at": time.time()}
+                   TEACHER_WORK: self.teacher_work.images, "reported_at": time.time()}
         if row["epoch"] in self.checkpoint_epochs:
             metrics[tune.result.SHOULD_CHECKPOINT] = True
         if self.fitting.done:

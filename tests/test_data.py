@@ -8,9 +8,9 @@ import torch
 from PIL import Image
 
 import kd.data
-from kd.config import load_config
 from kd.data import load_dataset
 from kd.errors import DataError
+from search.config import load_config
 from tests.helpers import make_folder_dataset, write_image
 
 
@@ -136,6 +136,42 @@ def test_decompression_bomb_limit(tmp_path, caplog):
     data = load_dataset(folder_cfg(tmp_path, root, "data.max_image_pixels=10000"), progress=False)
     assert [os.path.basename(p) for p, _ in data.skipped] == ["huge.png"]
     assert "decompression-bomb limit" in data.skipped[0][1]
+
+
+def test_importing_kd_leaves_the_warning_filters_alone():
+    import subprocess
+    import sys
+    # kd.images' own imports first (torch and scipy, which kd.data brings, set filters of their own at import)
+    script = ("import warnings, numpy, PIL.Image, tqdm; before = list(warnings.filters); import kd, kd.images; "
+              "assert warnings.filters == before, [f for f in warnings.filters if f not in before]")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_pillows_bomb_warning_is_silenced_while_decoding_only(tmp_path, monkeypatch):
+    """Over Pillow's warning size and under its error (twice that): our own limit decides, without Pillow's warning,
+    in one decode and in decode_files' thread pool alike; the filters are as they were afterwards."""
+    import io
+    import warnings
+
+    from kd.images import BadImage, decode_bytes, decode_file, decode_files
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow warns over 1000 pixels, refuses over 2000
+    path = write_image(tmp_path / "big.png", size=(40, 40))  # 1600 pixels
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(buf, "PNG")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        before = list(warnings.filters)
+        assert decode_bytes(buf.getvalue(), 8, 10_000).shape == (8, 8, 3)  # under our limit: decoded
+        assert decode_file(str(path), 8, 10_000)[0].shape == (8, 8, 3)
+        with pytest.raises(BadImage, match="over the decompression-bomb limit of 400"):
+            decode_bytes(buf.getvalue(), 8, 400)
+        decoded = decode_files([str(path)] * 4, 8, 400, workers=2, progress=False)  # Pillow's limit stays 1000
+        assert all("over the decompression-bomb limit of 400" in e for e in decoded.errors)
+        assert warnings.filters == before
+    assert not [w for w in seen if issubclass(w.category, Image.DecompressionBombWarning)], seen
+    with pytest.warns(Image.DecompressionBombWarning):  # outside a decode, Pillow's own warning is as it was
+        Image.open(path)
 
 
 def test_symlink_out_of_the_root_is_refused(tmp_path):

@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from kd.config import load_config
-from kd.distill import run_distill
-from kd.errors import Diverged
+from kd.distill import DistillMetrics, run_distill
+from kd.errors import Diverged, UserError
+from kd.evaluate import EvaluationRecord
 from kd.export import export_student, load_graph, load_student
 from kd.student import train_student
-from kd.teacher import prepare_teacher
+from kd.teacher import TeacherMeta, TeacherWork, cached_teacher, load_teacher_model, prepare_teacher
 from search.cli import entry, main
+from search.config import load_config
 from tests.helpers import tiny_overrides
 
 
@@ -24,18 +25,96 @@ def test_teacher_is_cached_by_content_and_logits_extend(digits_setup):
     assert teacher.logits.shape == (cfg.train.epochs, len(data.train), 2)
     assert teacher.metrics["balanced_accuracy"] > 0.6
     cfg = cfg.updated({"augment.seed": 4242})  # a view stream of this test's own: no other test extends its logits
-    first = prepare_teacher(cfg, data, progress=False)
-    assert first.key == teacher.key and first.info.cached  # the same weights, found
-    assert not first.info.logits_cached and first.info.forward_images == cfg.train.epochs * len(data.train)
-    again = prepare_teacher(cfg, data, progress=False)
+    outer, inner = TeacherWork(), TeacherWork()
+    with outer.counting():
+        first = prepare_teacher(cfg, data, progress=False)
+        assert first.key == teacher.key and first.info.cached  # the same weights, found
+        assert not first.info.logits_cached and first.info.forward_images == cfg.train.epochs * len(data.train)
+        with inner.counting():
+            again = prepare_teacher(cfg, data, progress=False)
     assert again.info.cached and again.info.logits_cached and again.info.forward_images == 0
+    assert outer.images == first.info.forward_images and inner.images == 0  # each count counts its own block alone
     assert torch.equal(again.logits, first.logits)
     longer = prepare_teacher(cfg, data, epochs=cfg.train.epochs + 2, progress=False)
     assert longer.info.cached and longer.info.forward_images == 2 * len(data.train)
+    assert outer.images == first.info.forward_images  # done after its block: not counted
     assert torch.allclose(longer.logits[:cfg.train.epochs], first.logits)
     from kd.teacher import teacher_key
     assert teacher_key(cfg.updated({"teacher.train.lr": 0.001}), data) != teacher.key  # another teacher
     assert teacher_key(cfg.updated({"augment.seed": 7}), data) == teacher.key  # same teacher, new logits only
+
+
+def test_the_teacher_caches_record_is_written_and_read_through_its_type(digits_setup, tmp_path):
+    import shutil
+    cfg, data, teacher = digits_setup
+    meta = TeacherMeta.read(teacher.directory / "teacher.json")
+    assert meta is not None and meta.name == "test_resnet" and meta.val_metrics == teacher.metrics
+    assert meta.to_dict() == json.loads((teacher.directory / "teacher.json").read_text())
+    assert meta.classes == data.classes and meta.fingerprint == data.fingerprint and len(meta.history) == 4
+    assert load_teacher_model(cfg, data, teacher.directory)[1] == meta  # the weights file's header holds it too
+    cache = tmp_path / "cache"
+    copy = cache / "teacher" / teacher.key
+    shutil.copytree(teacher.directory, copy)
+    mine = cfg.updated({"data.cache_dir": str(cache)})
+    found = cached_teacher(mine, data)
+    assert found is not None and found.metrics == teacher.metrics
+    assert found.info.finetune_seconds == meta.finetune_seconds
+    raw = json.loads((copy / "teacher.json").read_text())
+    (copy / "teacher.json").write_text(json.dumps({("validation" if k == "val_metrics" else k): v
+                                                   for k, v in raw.items()}))
+    with pytest.raises(UserError, match=r"teacher\.json: unknown field 'validation'"):
+        cached_teacher(mine, data)
+    (copy / "teacher.json").write_text(json.dumps(raw)[:40])  # cut short: a cache miss, as before
+    assert cached_teacher(mine, data) is None
+
+
+def test_a_trial_reports_the_teacher_work_of_its_own_steps_alone(monkeypatch):
+    """search.trainable opens the trial's own count around each step: work inside its steps is reported, work
+    outside them (another trial's, the driver's) is not."""
+    import kd.teacher
+    from search.records import TEACHER_WORK
+    from search.trainable import DistillTrainable
+
+    class Fitting:
+        done = False
+
+        def step(self):
+            kd.teacher._count_forward(7)  # as kd.teacher._logits counts a forward pass
+            return {"epoch": 1, "val_balanced_accuracy": 0.5}
+
+    trial = object.__new__(DistillTrainable)  # no Ray: the trial's state as _begin and its first step leave it
+    monkeypatch.setattr("search.trainable.placement", lambda device: {"attempt_started": 0.0})
+    trial.checkpoint_epochs, trial.cost = frozenset(), {}
+    trial._begin({})
+    trial.fitting = Fitting()
+    kd.teacher._count_forward(100)  # outside the trial's steps
+    assert trial.step()[TEACHER_WORK] == 7
+    assert trial.step()[TEACHER_WORK] == 14
+    trial._begin({})  # the next trial in this actor counts afresh
+    trial.fitting = Fitting()
+    assert trial.step()[TEACHER_WORK] == 7
+
+
+def test_distill_and_evaluate_records_of_an_earlier_version_read_and_a_renamed_field_is_named(tmp_path):
+    earlier = {"val": {"balanced_accuracy": 0.9}, "test": {"n": 3}, "threshold": None, "teacher_val": {},
+               "epochs": 2, "seconds": 1.5,  # before `phases` and `cost`; its teacher before node, gpus, started
+               "teacher": {"key": "k", "name": "resnet18", "cached": True, "finetune_seconds": 1.0,
+                           "logits_cached": True, "logit_seconds": 0.0, "forward_images": 0, "logit_epochs": 2}}
+    (tmp_path / "metrics.json").write_text(json.dumps(earlier))
+    read = DistillMetrics.read(tmp_path / "metrics.json")
+    assert read is not None and read.epochs == 2 and read.teacher and read.teacher.cached and read.phases == {}
+    renamed = {("epoch" if k == "epochs" else k): v for k, v in earlier.items()}
+    (tmp_path / "metrics.json").write_text(json.dumps(renamed))
+    with pytest.raises(UserError, match=r"metrics\.json: unknown field 'epoch' \(did you mean 'epochs'\?\)"):
+        DistillMetrics.read(tmp_path / "metrics.json")
+    (tmp_path / "metrics.json").write_text(json.dumps({"model": "m", "data": "d", "accuracy": 1, "balanced_accuracy": 1,
+                                                       "macro_f1": 1, "recall": {"a": 1}, "confusion_matrix": [[1]],
+                                                       "n": 1, "threshold": None}))
+    evaluated = EvaluationRecord.read(tmp_path / "metrics.json")
+    assert evaluated is not None and evaluated.accuracy == 1.0 and evaluated.recall == {"a": 1.0}
+    (tmp_path / "metrics.json").write_text(json.dumps({"model": "m", "data": "d"}))
+    with pytest.raises(UserError, match=r"metrics\.json: not a EvaluationRecord record"):
+        EvaluationRecord.read(tmp_path / "metrics.json")
 
 
 def test_logits_are_the_teachers_outputs_on_the_students_views(digits_setup):
@@ -137,6 +216,13 @@ def test_cli_distill_evaluate_predict(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"balanced accuracy  {metrics['test']['balanced_accuracy']:.4f}" in printed
     assert (tmp_path / "ev" / "confusion_matrix.png").is_file()
+    # both metrics.json files are written from their records and read back through them
+    written = DistillMetrics.read(run / "metrics.json")
+    assert written is not None and written.to_dict() == metrics and written.teacher and written.teacher.name
+    evaluated = EvaluationRecord.read(tmp_path / "ev" / "metrics.json")
+    assert evaluated is not None and evaluated.to_dict() == json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert evaluated.model == str(run / "model") and evaluated.data == f"the test split of {cfg_path}"
+    assert evaluated.balanced_accuracy == metrics["test"]["balanced_accuracy"] and evaluated.n == metrics["test"]["n"]
 
     images = tmp_path / "imgs"
     images.mkdir()
@@ -202,11 +288,11 @@ def test_run_distill_writes_everything_and_tests_once(tmp_path):
     cfg = load_config(None, tiny_overrides(tmp_path / "cache", tmp_path / "results"))
     lines = []
     metrics = run_distill(cfg, progress=True, echo=lines.append)
-    assert metrics["test"]["n"] == 360 and metrics["val"]["n"] == 360
+    assert metrics.test["n"] == 360 and metrics.val["n"] == 360
     assert any(line.startswith("epoch   3/3") for line in lines)
     assert any("held-out test (evaluated once)" in line for line in lines)
     assert dataclasses.asdict(cfg) == metrics_config(tmp_path / "results" / "kd" / "distill")
-    cost = metrics["cost"]  # the compression report, measured after training
+    cost = metrics.cost  # the compression report, measured after training
     for role in ("student", "teacher"):
         assert {"parameters", "flops", "macs", "weights_bytes", "latency_ms_batch1", "images_per_s_batch1",
                 "latency_ms_batch", "images_per_s_batch", "batch", "device_name", "threads"} <= set(cost[role])

@@ -1,4 +1,5 @@
 """Exports in timm's hub layout: timm loads them, ONNX and torch.export graphs match, predict reads every form."""
+import dataclasses
 import json
 import logging
 import sys
@@ -10,11 +11,11 @@ import torch
 from PIL import Image
 
 import kd.export
-from kd.config import load_config
 from kd.errors import UserError
 from kd.export import export_student, load_graph, load_student
 from kd.models import create_model
 from kd.predict import collect_images, load_predictor, predict_files, write_predictions
+from search.config import load_config
 from tests.helpers import tiny_overrides
 
 CLASSES = ["other", "digit_8"]
@@ -78,6 +79,35 @@ def test_layout_is_timms_and_timm_loads_it_with_identical_logits(export_dir):
     assert torch.allclose(load_graph(export_dir)(images.float() / 255), student.logits(images), atol=1e-5)
 
 
+def test_kdsearch_json_is_written_and_read_through_its_record(export_dir, tmp_path):
+    import shutil
+
+    from kd.export import ExportMetadata
+    student = load_student(export_dir)
+    on_disk = json.loads((export_dir / "kdsearch.json").read_text())
+    assert ExportMetadata.read(export_dir / "kdsearch.json") == student.meta and student.meta.to_dict() == on_disk
+    assert student.meta.threshold == 0.4 and student.meta.ensemble == 0 and student.meta.config["data"]["image_size"]
+    with pytest.raises(TypeError):  # `info` is a read-only view: a new threshold goes through `meta`
+        student.info["threshold"] = 0.5
+    copy = tmp_path / "copy"
+    shutil.copytree(export_dir, copy)
+    # an export of an earlier version of this format: before `ensemble`, every export was one student
+    (copy / "kdsearch.json").write_text(json.dumps({k: v for k, v in on_disk.items() if k != "ensemble"}))
+    earlier = load_student(copy)
+    assert earlier.meta.ensemble == 0 and earlier.classes == CLASSES and earlier.threshold == 0.4
+    assert torch.equal(earlier.logits(torch.zeros(1, 3, 32, 32, dtype=torch.uint8)),
+                       student.logits(torch.zeros(1, 3, 32, 32, dtype=torch.uint8)))
+    renamed = {("labels" if k == "classes" else k): v for k, v in on_disk.items()}
+    (copy / "kdsearch.json").write_text(json.dumps(renamed))
+    with pytest.raises(UserError, match=r"copy/kdsearch\.json: unknown field 'labels'"):
+        load_student(copy)
+    with pytest.raises(UserError, match=r"copy/kdsearch\.json: unknown field 'labels'"):
+        load_predictor(copy / "model.onnx")
+    (copy / "kdsearch.json").write_text(json.dumps({**on_disk, "image_size": "large"}))
+    with pytest.raises(UserError, match=r"kdsearch\.json: 'image_size' must be an integer"):
+        load_student(copy)
+
+
 def test_a_vit_student_round_trips_through_timm(tmp_path):
     import timm
     model, cfg = student_and_config(tmp_path, "deit_tiny_distilled_patch16_224")
@@ -129,7 +159,7 @@ def test_predictions_agree_across_folder_onnx_and_graph(export_dir, tmp_path):
     # a threshold between the probabilities splits the images by it, not by the larger probability
     student = load_predictor(export_dir)
     mid = float(np.median(base.loc[good, "p_digit_8"]))
-    student.info["threshold"] = mid
+    student.meta = dataclasses.replace(student.meta, threshold=mid)
     split = [row["predicted"] for row in predict_files(student, files, progress=False) if not row["error"]]
     assert split == [CLASSES[int(p >= mid)] for p in base.loc[good, "p_digit_8"]] and set(split) == set(CLASSES), split
     for name in ("model.onnx", "model.pt2"):

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from kd.config import load_config
 from kd.data import load_dataset
 from kd.errors import UserError
 from kd.files import atomic_dir, atomic_path, load_tensors, save_tensors
 from kd.teacher import prepare_teacher
 from search.cli import main
+from search.config import load_config
 from tests.helpers import digits_folder, make_folder_dataset, tiny_overrides, write_image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,7 +69,7 @@ def test_sigkill_during_export_never_leaves_a_half_written_export(tmp_path, digi
         import sys, time, torch
         sys.path.insert(0, {str(ROOT)!r})
         import kd.export
-        from kd.config import from_dict
+        from search.config import from_dict
         from kd.models import create_model
         stop = sys.argv[1]
 
@@ -149,9 +149,9 @@ def _fill_caches(cache: str, root: str, out: str) -> None:
     """Run in two processes at once: decode the same folder and prepare the same teacher."""
     import sys
     sys.path.insert(0, str(ROOT))
-    from kd.config import load_config
     from kd.data import load_dataset
     from kd.teacher import prepare_teacher
+    from search.config import load_config
     from tests.helpers import tiny_overrides
     cfg = load_config(None, tiny_overrides(cache) + ["data.source=folder", f"data.train={root}",
                                                      "teacher.train.epochs=1", "train.epochs=1"])
