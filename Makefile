@@ -1,11 +1,13 @@
 # Two commands on a fresh machine: `make demo` (a whole search on the built-in data) and `make test`.
 # Both create the virtual environment first (torch with its CUDA build runs fine on a CPU).
-# `make lint`: ruff and mypy (settings in pyproject.toml); `make test-fast`: the suite without the slow searches;
-# `make test-cluster`: the multi-node tests, which start a 3-node Ray cluster of their own (CI runs all three).
+# `make lint`: ruff and mypy (settings in pyproject.toml); `make test-fast`: the suite without the searches;
+# `make test-reliability`: searches run as processes of their own and killed, interrupted or soaked;
+# `make test-cluster`: the multi-node tests, which start a 3-node Ray cluster of their own (CI runs all four).
+# Each prints its slowest tests (pytest --durations), so the next estimate is a measurement.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo lint test test-fast test-cluster clean
+.PHONY: install demo lint test test-fast test-reliability test-cluster clean
 
 install: $(VENV)/.installed
 
@@ -23,13 +25,16 @@ lint: install
 	$(VENV)/bin/mypy
 
 test: install
-	$(PY) -m pytest -q -m "not cluster"
+	$(PY) -m pytest -q -m "not cluster and not reliability" --durations=25
 
 test-fast: install
-	$(PY) -m pytest -q -m "not slow and not cluster"
+	$(PY) -m pytest -q -m "not slow and not cluster and not reliability" --durations=10
+
+test-reliability: install
+	$(PY) -m pytest -q -m reliability --durations=10
 
 test-cluster: install
-	$(PY) -m pytest -q -m cluster
+	$(PY) -m pytest -q -m cluster --durations=10
 
 clean:
 	rm -rf results/cache results/digits results/evaluate .pytest_cache

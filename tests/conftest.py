@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from kd.config import Config, load_config
+from search.config import Config, load_config
 from tests.helpers import tiny_overrides
 
 
@@ -35,3 +35,48 @@ def digits_setup(shared_cache):
 @pytest.fixture(autouse=True)
 def _quiet_logs(caplog):
     caplog.set_level(logging.INFO, logger="kd")
+
+
+# The one search of a test run (`shared_search`): two students of different size under a budget both fit, a student
+# that cannot run on these images and a learning rate that diverges; every trial a hand-picked point, so that what each
+# test reads is the same from run to run.
+SPACE = {
+    # inception_v3 is a real timm model, but too deep for 32-px images: its trials raise in their first forward
+    "student.name": {"type": "choice", "values": ["test_resnet", "test_efficientnet", "inception_v3"]},
+    "distill.mode": {"type": "choice", "values": ["soft", "hard"]},
+    "distill.temperature": {"type": "loguniform", "low": 1.0, "high": 20.0, "when": {"distill.mode": "soft"}},
+    "train.lr": {"type": "loguniform", "low": 0.001, "high": 1e10},
+}
+POINTS = [
+    {"student.name": "test_resnet", "distill.mode": "soft", "distill.temperature": 4.0, "train.lr": 0.003},
+    {"student.name": "test_efficientnet", "distill.mode": "hard", "train.lr": 0.01},
+    {"student.name": "inception_v3", "distill.mode": "soft", "distill.temperature": 4.0, "train.lr": 0.003},
+    {"student.name": "test_resnet", "distill.mode": "soft", "distill.temperature": 2.0, "train.lr": 1e10},
+]
+
+
+def shared_search_config(tmp: Path, cache: Path) -> Config:
+    """A small search whose experiment lives in 'remote' storage (file://, read through the same pyarrow
+    filesystem layer as s3://); the reliability and soak tests cover the default local storage."""
+    cfg = load_config(None, tiny_overrides(cache, tmp / "results") + [f"search.storage=file://{tmp / 'remote'}",
+        "name=tiny-search", "search.num_samples=4", "search.grace_period=1", "search.confirm_seeds=2",
+        "search.judge_seeds=1",
+        "search.max_failures=1", "search.cpus_per_trial=1", "search.folds=2", "search.rerank=2",
+        "search.max_params=400000", "search.loggers=[tensorboard,mlflow]"])
+    return cfg.updated({"search.space": SPACE, "search.points": POINTS})
+
+
+@pytest.fixture(scope="session")
+def shared_search(tmp_path_factory) -> tuple[Config, Path, list[str]]:
+    """(config, run directory, console lines) of the one search a test run makes, read by every test that only reads
+    a finished search (test_search, test_objectives, test_compat, test_slots). Its own cache: its teachers are
+    fine-tuned in it, so their placements are this search's."""
+    import ray
+
+    from search.driver import run_search
+    tmp = tmp_path_factory.mktemp("search")
+    cfg = shared_search_config(tmp, tmp / "cache")
+    lines: list[str] = []
+    run_dir = run_search(cfg, quiet=False, echo=lines.append)
+    assert not ray.is_initialized()
+    return cfg, run_dir, lines

@@ -19,9 +19,9 @@ import pandas as pd
 import pytest
 import torch
 
-from kd.config import load_config
 from kd.files import read_jsonl
 from search.cli import main
+from search.config import load_config
 from search.records import STATE_FILE
 from tests.helpers import digits_folder, read_table, tiny_overrides, trial_results
 from tests.localcluster import LocalCluster, token_env
@@ -199,7 +199,7 @@ def test_results_land_where_storage_says_and_analyze_works_from_a_copy(lost_node
 STREAM_CHECK = """
 import sys
 from pathlib import Path
-from kd.config import load_config
+from search.config import load_config
 from kd.data import load_dataset
 from kd.errors import UserError
 from search.cluster import Resources, check_stream_files, start_ray

@@ -415,12 +415,12 @@ def test_on_a_real_ray_experiment(shared_search):
     `exact_loggers`: tests/test_objectives.py, on a search that asks for none.)"""
     from search.compat import trial_folder_id, trial_statuses
     from tests.helpers import read_table
-    _cfg, run_dir, _ = shared_search
+    cfg, run_dir, _ = shared_search
     exp = run_dir.parent.parent / "remote" / "tiny-search" / "ray"  # where search.storage put the experiment
     folders = sorted(p.parent for p in exp.glob("*/params.json"))
     ids = {trial_folder_id(f.name) for f in folders}
     statuses = trial_statuses(exp)
-    assert len(folders) == 5 and {trial for trial, _ in ids} == set(statuses)
+    assert len(folders) == cfg.search.num_samples and {trial for trial, _ in ids} == set(statuses)
     assert {n for _, n in ids} == set(range(1, len(folders) + 1))
     table = read_table(run_dir / "trials.csv").set_index("trial")
     for trial, status in statuses.items():

@@ -152,7 +152,7 @@ def test_by_default_images_over_pillows_own_bomb_limit_are_refused_in_training_a
     assert rows[0]["error"].split(" (")[0] == refused and not rows[1]["error"]
 
 
-@pytest.mark.parametrize("final", ["refit", "ensemble", "distilled"])
+@pytest.mark.parametrize("final", ["ensemble", "distilled"])  # refit on a holdout: an earlier version's default
 def test_a_final_made_of_fold_students_needs_folds(final):
     with pytest.raises(ConfigError, match=r"'search\.final' is " + final + r", but a search with search\.folds 1 "
                        r"\(a holdout\) ships checkpoint \(auto: checkpoint\)"):
@@ -163,3 +163,12 @@ def test_a_final_made_of_fold_students_needs_folds(final):
     with pytest.raises(ConfigError, match=r"search\.folds >= 2 \(cross-validated\) ships refit or ensemble or "
                        r"distilled \(auto: refit\)"):
         load_config(None, ["search.final=checkpoint", "search.folds=3"])
+
+
+def test_an_earlier_versions_holdout_config_with_its_default_final_still_loads():
+    """Earlier versions saved `search.final: refit` (their default) in every config, a holdout's too, where the trial's
+    checkpoint shipped: such a config.yaml still loads, as that; and auto resolves to each scheme's own way."""
+    old = load_config(None, ["search.folds=1", "search.final=refit"])
+    assert old.search.final == "checkpoint" and old.ships == "checkpoint"
+    assert load_config(None, ["search.folds=1"]).ships == "checkpoint"
+    assert load_config(None, ["search.folds=3"]).ships == load_config(None, ["search.final=refit"]).ships == "refit"

@@ -54,6 +54,7 @@ def _digests(folder: Path) -> dict[str, str]:
     return {f.name: hashlib.sha256(f.read_bytes()).hexdigest()[:16] for f in sorted(folder.iterdir())}
 
 
+@pytest.mark.reliability
 def test_sigkill_during_export_never_leaves_a_half_written_export(tmp_path, digits_setup):
     """A process exporting over an export is stopped after a step of the write (the first, one in the middle, the
     last) and killed there (SIGKILL): every time, the export folder is the previous export, complete, byte for byte,

@@ -9,8 +9,8 @@ import pytest
 
 import search.cluster as cluster
 import search.costs as costs_module
-from kd.config import load_config
 from kd.errors import ConfigError
+from search.config import load_config
 from search.costs import COSTS_FILE, student_costs
 from search.driver import run_search
 from search.records import JOURNAL
@@ -71,12 +71,14 @@ def test_each_student_is_measured_once_and_kept_across_searches(tmp_path, monkey
 
 @pytest.mark.slow
 def test_a_search_for_accuracy_and_size_finds_its_front(tmp_path, shared_cache):
-    """Two students of different size; ASHA stops some trials (PRUNED in the study, off the front)."""
+    """Two students of different size; ASHA stops some trials (PRUNED in the study, off the front). No loggers asked
+    for: Ray adds none of its own (its TensorBoard logger would write event files into the trial folders)."""
     space = {"student.name": {"type": "choice", "values": ["test_resnet", "test_efficientnet"]},
              "train.lr": {"type": "loguniform", "low": 1e-3, "high": 3e-2}}
     cfg = load_config(None, tiny_overrides(shared_cache, tmp_path / "results") + [
         "name=front", "search.num_samples=6", "train.epochs=2", "search.grace_period=1", "search.confirm_seeds=1",
-        "search.judge_seeds=0", "search.objectives=[val_auc,student_params]"]).updated({"search.space": space})
+        "search.judge_seeds=0", "search.objectives=[val_auc,student_params]", "search.loggers=[]",
+    ]).updated({"search.space": space})
     lines: list[str] = []
     run_dir = run_search(cfg, quiet=True, echo=lines.append)
     table = read_table(run_dir / "trials.csv")
@@ -109,4 +111,5 @@ def test_a_search_for_accuracy_and_size_finds_its_front(tmp_path, shared_cache):
     for trial in front["trial"]:
         assert f"| {trial} |" in summary.split("## Accuracy against cost")[1].split("##")[0]
     assert (run_dir / "plots" / "pareto.png").is_file()
+    assert list((run_dir / "ray").glob("*/result.json")) and not list((run_dir / "ray").rglob("events.out.tfevents*"))
     assert any(line.startswith("students' cost on a trial's device: test_resnet") for line in lines), lines

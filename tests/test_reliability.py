@@ -17,11 +17,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from kd.config import load_config
 from kd.files import read_jsonl
+from search.config import load_config
 from tests.helpers import read_table, tiny_overrides
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.reliability]
 EPOCHS = 4
 
 

@@ -32,29 +32,20 @@ def test_trials_of_an_earlier_version_without_placements_have_no_slot_figures():
 
 
 @pytest.mark.slow
-def test_on_a_cpu_node_the_refits_teacher_waits_for_the_fold_teachers_and_the_trials(tmp_path):
+def test_on_a_cpu_node_the_refits_teacher_waits_for_the_fold_teachers_and_the_trials(shared_search):
     """The fold teachers take the whole CPU node, one at a time; the refit's teacher, on one trial's CPU, starts only
     when the search's finalize asks (beside the re-ranking): submitted with the fold teachers, Ray started it in the
     gap one left and the next, which the trials wait for, waited for it; started beside the trials, it took a slot
-    Ray Tune did not fill again when it came free."""
-    import ray
-
-    from kd.config import load_config
-    from kd.data import load_dataset
-    from kd.schemes import Scheme
-    from search.teachers import prepare_teachers
-    from tests.helpers import tiny_overrides
-    cfg = load_config(None, tiny_overrides(tmp_path / "cache") + [
-        "data.source=digits", "search.folds=3", "search.cpus_per_trial=1", "teacher.train.epochs=2"])
-    scheme = Scheme.of(cfg).split(cfg, load_dataset(cfg.data, progress=False))
-    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
-    try:
-        prepared = prepare_teachers(cfg, scheme, echo=lambda line: None)
-        assert not prepared.final_teacher  # nothing beside the trials
-        prepared.start_final()
-        final = ray.get(next(iter(prepared.final_teacher.values())))
-    finally:
-        ray.shutdown()
-    members = sorted((t.info.started, t.info.ended) for t in prepared.teachers)
-    assert len(members) == 3 and all(end <= start for (_, end), (start, _) in itertools.pairwise(members))
-    assert not final.info.cached and prepared.final_data is None  # fine-tuned once asked, and only once
+    Ray Tune did not fill again when it came free. Read from the test run's shared search, whose teachers were
+    fine-tuned in its own cache."""
+    from search.records import BestRecord, TeacherRecord
+    from tests.helpers import read_table
+    _cfg, run_dir, _ = shared_search
+    teachers = TeacherRecord.read(run_dir)
+    assert teachers is not None and not teachers.info.cached
+    members = sorted((p.started, p.ended) for p in teachers.placement)
+    assert len(members) == 2 and all(end <= start for (_, end), (start, _) in itertools.pairwise(members))
+    best = BestRecord.read(run_dir)
+    assert best is not None and best.teacher is not None and not best.teacher.cached  # fine-tuned once asked
+    trials = read_table(run_dir / "trials.csv")
+    assert best.teacher.started >= trials["ended"].max() >= trials["started"].min() >= members[-1][1]

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from kd.config import load_config
+from search.config import load_config
 from tests.helpers import read_table, tiny_overrides
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.reliability]
 TRIALS = int(os.environ.get("KDSEARCH_SOAK_TRIALS", "8"))
 
 
