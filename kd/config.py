@@ -246,6 +246,11 @@ class Config:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, width=120)
 
+    @classmethod
+    def upgraded(cls, raw: dict[str, Any]) -> dict[str, Any]:
+        """An earlier version's config, as plain data, in this version's terms (before its keys are checked)."""
+        return raw
+
     def get(self, dotted: str) -> Any:
         node: Any = self
         for part in dotted.split("."):
@@ -283,7 +288,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def from_dict(raw: dict[str, Any], source: str = "config", schema: type[C] = Config) -> C:  # type: ignore[assignment]
     """Build and check a config of type `schema` from plain data, naming `source` in every error."""
-    cfg: C = build(schema, raw, "", source)
+    cfg: C = build(schema, schema.upgraded(raw), "", source)
     try:
         return cfg.check()
     except ConfigError as e:

@@ -118,6 +118,20 @@ class Config(library.Config):
     """A search's config: a distillation's (kd.config.Config) with the search's settings in `search`."""
     search: SearchConfig = field(default_factory=SearchConfig)
 
+    @classmethod
+    def upgraded(cls, raw: dict[str, Any]) -> dict[str, Any]:
+        """Earlier versions wrote their default `search.final: refit` into every config, a holdout's too, where it
+        shipped the trial's checkpoint: read as that (`checkpoint`), so their run directories still load."""
+        search = raw.get("search")
+        if isinstance(search, dict) and search.get("final") == "refit" and search.get("folds") == 1:
+            raw = {**raw, "search": {**search, "final": "checkpoint"}}
+        return raw
+
+    @property
+    def ships(self) -> str:
+        """The way its winner ships, `search.final` resolved (auto: the scheme's own)."""
+        return str(Scheme.of(self).way(self.search.final))
+
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """A search's config from YAML (None: the defaults) and `a.b=c` overrides, checked (kd.config.load_config)."""

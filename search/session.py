@@ -83,8 +83,9 @@ def should_resume(cfg: Config, run_dir: Path, exp_path: str, resume: bool) -> bo
             raise UserError(f"nothing to resume in {run_dir}: no interrupted search was found there")
         return False
     saved = load_config(saved_path)
-    if saved != cfg:
-        a, b = _flat(saved.to_dict()), _flat(cfg.to_dict())
+    a, b = _flat(saved.to_dict()), _flat(cfg.to_dict())
+    a["search.final"], b["search.final"] = saved.ships, cfg.ships  # auto, or the way it resolves to: the same search
+    if a != b:
         changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
         raise UserError(f"{run_dir} holds a search with a different config (changed: {', '.join(changed[:8])}). "
                         "Run it with the same config to resume, or choose another name (--set name=...)")
