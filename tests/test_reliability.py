@@ -22,7 +22,7 @@ from search.config import load_config
 from tests.helpers import read_table, tiny_overrides
 
 pytestmark = [pytest.mark.slow, pytest.mark.reliability]
-EPOCHS = 4
+EPOCHS = 3
 
 
 def write_config(tmp: Path, cache: Path, name: str, *sets: str) -> Path:
