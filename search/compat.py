@@ -45,6 +45,7 @@ from kd.compat import check_version, warn_once
 log = logging.getLogger("search")
 
 RAY_TESTED = ("2.60",)  # major.minor; tests ran with ray 2.60.0
+OPTUNA_TESTED = ("5.0", "5.1")  # tests ran with optuna 5.0.0 and 5.1.0 (a fresh install took 5.1.0 once it was out)
 MLFLOW_TESTED = ("3.17",)  # tests ran with mlflow-skinny 3.17.2 (through Ray 2.60's MLflowLoggerCallback)
 EXPERIMENT_STATE = "experiment_state-*.json"  # ray.tune.execution.tune_controller.TuneController.CKPT_FILE_TMPL
 _TRIAL_FOLDER = re.compile(r".*?_([0-9a-f]{8})_(\d+)_")
