@@ -181,10 +181,6 @@ class Training:
         order = order[:-1] if self.drop_lone else order
         sums = torch.zeros(4, device=self.device)  # loss, task, kd, correct
         seen = 0
-        # On a CPU a loss is checked at each step, which costs nothing there: a diverged fit stops at once instead of
-        # training the rest of its epoch on non-finite weights, several times slower than a finite epoch. On an
-        # accelerator that check would wait for the device every step: the epoch's one host sync finds it instead.
-        each_step = self.device.type == "cpu"
         for idx, images in self.source(order, cfg.batch_size):
             out = self.run(self.augmenter(images, idx, epoch))
             teacher = self.logits[epoch][idx] if self.logits is not None else None
@@ -202,8 +198,6 @@ class Training:
                                  (cls_out.argmax(1) == self.labels[idx]).sum().float()])
             seen += k
             self.bar.update(1)
-            if each_step and not math.isfinite(float(sums[0])):
-                break
         loss, task, kd, correct = (sums / seen).tolist()  # the one host sync of the epoch
         seconds = time.perf_counter() - t0
         row: dict[str, Any] = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"], "train_loss": loss,

@@ -163,8 +163,6 @@ def test_divergence_ends_with_a_clear_status(digits_setup, tmp_path):
     bad = cfg.updated({"train.lr": 1e12, "train.optimizer": "sgd", "train.epochs": 2})
     result = train_student(bad, data, teacher.logits, progress=False)
     assert result.status == "diverged" and result.history[-1]["status"] == "diverged"
-    last = result.history[-1]  # on a CPU the epoch stopped at the step whose loss was not finite
-    assert round(last["train_images_per_s"] * last["epoch_time"]) < len(data.train)
     from kd.distill import finish_student
     with pytest.raises(Diverged, match="diverged at epoch 1"):
         finish_student(bad, data, result, tmp_path, teacher.metrics)
