@@ -69,7 +69,7 @@ def shared_search_config(tmp: Path, cache: Path) -> Config:
 @pytest.fixture(scope="session")
 def shared_search(tmp_path_factory) -> tuple[Config, Path, list[str]]:
     """(config, run directory, console lines) of the one search a test run makes, read by every test that only reads
-    a finished search (test_search, test_objectives, test_compat, test_slots). Its own cache: its teachers are
+    a finished search (test_search, test_compat, test_slots). Its own cache: its teachers are
     fine-tuned in it, so their placements are this search's."""
     import ray
 
