@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from scipy.stats import binomtest
 from sklearn.metrics import classification_report, confusion_matrix, f1_score, log_loss, roc_auc_score
 
 
@@ -53,21 +54,30 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray, classes: list[str],
     }
 
 
-def balanced_accuracy_ci(confusion: np.ndarray | list[list[int]], level: float = 0.95, reps: int = 20000,
-                         seed: int = 0) -> list[float]:
-    """The `level` interval of balanced accuracy from a stratified bootstrap of the images (each class resampled
-    to its own count, so each class's recall is drawn as a binomial count of its right predictions): on 25 to 125
-    test images it spans 5 to 10 points, which one figure alone does not say."""
+INTERVAL_METHOD = "per-class Wilson score intervals (continuity-corrected), combined"
+
+
+def balanced_accuracy_ci(confusion: np.ndarray | list[list[int]], level: float = 0.95) -> list[float]:
+    """The `level` interval of balanced accuracy (the mean of the per-class recalls) from each class's Wilson score
+    interval with continuity correction (scipy), combined by MOVER (Zou and Donner 2008): the bounds of a mean of
+    independent proportions, each side from how far that side of every class's interval lies from its recall.
+
+    A score interval moves at the edges, where a bootstrap cannot: 0 of 5 rare images found gives a recall interval
+    of 0 to 0.54, not 0 to 0. Its coverage, simulated as the test figure is drawn (tests/test_metrics.py): at least
+    95% at 5, 20 and 50 rare images with true recalls from 0 to 1 (the plain Wilson interval dips to 92%)."""
     cm = np.asarray(confusion, dtype=np.int64)
     support, right = cm.sum(axis=1), np.diag(cm)
-    present = support > 0
-    if not present.any():
+    present = np.flatnonzero(support > 0)
+    if not len(present):
         return [0.0, 0.0]
-    rng = np.random.default_rng(seed)
-    recalls = rng.binomial(support[present], right[present] / support[present], size=(reps, int(present.sum())))
-    draws = (recalls / support[present]).mean(axis=1)
-    tail = (1 - level) / 2
-    return [float(np.quantile(draws, tail)), float(np.quantile(draws, 1 - tail))]
+    recall = right[present] / support[present]
+    bounds = np.array([binomtest(int(right[c]), int(support[c])).proportion_ci(level, "wilsoncc") for c in present],
+                      dtype=np.float64)
+    k = len(present)
+    mean = float(recall.mean())
+    low = mean - float(np.sqrt(np.sum((recall - bounds[:, 0]) ** 2))) / k
+    high = mean + float(np.sqrt(np.sum((bounds[:, 1] - recall) ** 2))) / k
+    return [max(0.0, low), min(1.0, high)]
 
 
 def macro_auc(labels: np.ndarray, probs: np.ndarray) -> float:
@@ -154,7 +164,7 @@ def format_metrics(metrics: dict[str, Any], classes: list[str], title: str = "")
 def interval_text(metrics: dict[str, Any]) -> str:
     """` (95% interval 0.871-0.952)` where the metrics carry balanced accuracy's interval, else nothing."""
     lo_hi = metrics.get("balanced_accuracy_interval")
-    return f" (95% interval {lo_hi[0]:.3f}-{lo_hi[1]:.3f}, resampling the images)" if lo_hi else ""
+    return f" (95% interval {lo_hi[0]:.3f}-{lo_hi[1]:.3f}, from each class's score interval)" if lo_hi else ""
 
 
 def mean_metrics(runs: list[dict[str, Any]]) -> dict[str, Any]:

@@ -83,7 +83,7 @@ def _markdown(table: pd.DataFrame) -> str:
     header = "| " + " | ".join(table.columns) + " |"
     lines = ["# Searches side by side", "",
              "Each search's exported student on its own held-out test split (evaluated once), with the 95% interval "
-             "of a stratified bootstrap of the test images; cost as measured in the winner's trial. Searches on "
+             "from each class's score interval on the test images; cost as measured in the winner's trial. Searches on "
              "different data or splits are not comparable by their test figures.", "",
              header, "|" + "---|" * len(table.columns)]
     for _, row in table.iterrows():

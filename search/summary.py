@@ -24,7 +24,7 @@ def _table(header: list[str], rows: Sequence[Sequence[Any]]) -> str:
 def _metric_rows(metrics: dict[str, Any], classes: list[str]) -> list[tuple[str, Any]]:
     interval = metrics.get("balanced_accuracy_interval")
     return [("accuracy", metrics["accuracy"]), ("balanced accuracy", metrics["balanced_accuracy"]),
-            *([("balanced accuracy, 95% interval (resampling the test images by class)",
+            *([("balanced accuracy, 95% interval (from each class's score interval)",
                 f"{interval[0]:.4f} to {interval[1]:.4f}")] if interval else []),
             *[(f"recall {c}", metrics["recall"][c]) for c in classes], ("macro F1", metrics["macro_f1"]),
             *[(name, metrics[key]) for name, key in (("AUC (one-vs-rest)", "auc"),
