@@ -188,7 +188,15 @@ def finals(task: str, data: list[str], seed: int, work: Path, folds: int,
         if final != "refit":
             seconds = run(["export", str(work / name), "--final", final, "--out", str(folder)], work, quiet=False)
         best = json.loads((folder / "metrics.json").read_text())
+        shipped_threshold = best["test"].get("threshold") is not None
         out[method] = {"test": best["test"]["balanced_accuracy"], "seconds": seconds,
+                       # the same model under each candidate rule (recorded by the export, never used to choose)
+                       "test_argmax": best["test_argmax"]["balanced_accuracy"],
+                       "test_threshold": (best["test"] if shipped_threshold else best.get("test_threshold") or
+                                          best["test_argmax"])["balanced_accuracy"],
+                       "rule": best.get("rule", {}).get("threshold") is not None,
+                       **({"labels_only_test": best["labels_only"]["test_balanced_accuracy"]}
+                          if "test_balanced_accuracy" in best.get("labels_only", {}) else {}),
                        "latency_ms": best["cost"]["student"]["latency_ms_batch1"],
                        "teacher_test": best["teacher_test"]["balanced_accuracy"],
                        # a distilled student's own teacher: the fold ensemble, on the same images at argmax
@@ -217,6 +225,9 @@ def table(results: dict[str, dict[str, dict[str, dict[str, float]]]]) -> str:
             lines.append(f"{m:<{w}} {v.mean():>8.3f} ± {v.std(ddof=1) if len(v) > 1 else 0:.3f} {vs:>25} {won:>5} "
                          f"{secs:>8.0f}")
         for m in methods:
+            if all("test_argmax" in by_seed[s][m] for s in seeds):
+                lines.append(f"  {m}: " + _rules(by_seed, seeds, m))
+        for m in methods:
             if "latency_ms" in by_seed[seeds[0]][m]:
                 lat = np.mean([by_seed[s][m]["latency_ms"] for s in seeds])
                 teacher = np.array([by_seed[s][m]["teacher_test"] for s in seeds])
@@ -228,6 +239,23 @@ def table(results: dict[str, dict[str, dict[str, dict[str, float]]]]) -> str:
             hold = np.mean([by_seed[s]["search, holdout"]["seconds"] for s in seeds])
             lines.append(f"the cross-validated search took {cv / hold:.1f}x the holdout search's wall time")
     return "\n".join(lines)
+
+
+def _rules(by_seed: dict[str, dict[str, dict[str, float]]], seeds: list[str], method: str) -> str:
+    """The same shipped model under each decision rule: as shipped (search.shipped_rule auto), at argmax, at the tuned
+    threshold; the paired difference of as shipped against argmax with the splits it won, lost and tied."""
+    def figures(key: str) -> np.ndarray:
+        return np.array([by_seed[s][method][key] for s in seeds])
+    shipped, argmax, threshold = figures("test"), figures("test_argmax"), figures("test_threshold")
+    d = shipped - argmax
+    chose = int(sum(bool(by_seed[s][method].get("rule")) for s in seeds))
+    twin = (f"; labels-only twin {figures('labels_only_test').mean():.3f}"
+            if all("labels_only_test" in by_seed[s][method] for s in seeds) else "")
+    return (f"as shipped {shipped.mean():.3f}, argmax {argmax.mean():.3f}, threshold always {threshold.mean():.3f}; "
+            f"as shipped - argmax {d.mean():+.3f} ± {d.std(ddof=1) if len(d) > 1 else 0:.3f} "
+            f"(won {int((d > 0).sum())}, lost {int((d < 0).sum())}, tied {int((d == 0).sum())}); the threshold "
+            f"shipped on {chose}/{len(seeds)}"
+            + twin)
 
 
 def _taught_by(by_seed: dict[str, dict[str, dict[str, float]]], seeds: list[str], method: str) -> str:

@@ -204,6 +204,9 @@ class SchemeConfig:
     # how the winner ships (kd.shipping): auto, the scheme's own way (a holdout's checkpoint, a refit); with folds
     # also its K fold students averaged (ensemble), or one student distilled from that average (distilled)
     final: Literal["auto", "checkpoint", "refit", "ensemble", "distilled"] = "auto"
+    # two classes: the shipped model's decision rule (kd.shipping.Decision): auto, the tuned threshold only where it
+    # judged better than argmax on held-out predictions it was cross-fitted over; or always one of them
+    shipped_rule: Literal["auto", "threshold", "argmax"] = "auto"
 
     def check(self) -> None:
         require(self.folds >= 1, "search.folds", "must be >= 1 (1: the holdout validation split)")

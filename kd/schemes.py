@@ -33,7 +33,7 @@ from kd.crossval import make_folds, pooled, refit_data
 from kd.data import Dataset
 from kd.errors import ConfigError
 from kd.selection import THRESHOLD, decision_rule
-from kd.shipping import Compute, Final, Shipment, Way, Winner
+from kd.shipping import Compute, Final, Judged, Shipment, Way, Winner
 from kd.student import student_shell, student_training
 from kd.train import FitResult, Fitting, HeldOut, ReportFn, member_states, run_fitting
 
@@ -115,23 +115,31 @@ class Scheme(ABC):
         """How a winner of `cfg` ships (`search.final`)."""
         return Shipment.of(cls.way(cfg.search.final))
 
-    def final(self, cfg: Config, state: dict[str, Any], probs: list[np.ndarray], compute: Compute) -> Final:
+    def final(self, cfg: Config, state: dict[str, Any], probs: list[np.ndarray], compute: Compute,
+              judged: Judged | None = None) -> Final:
         """The student to ship from a trial of `cfg` whose last checkpoint is `state`, as `search.final` says;
-        `probs` are its pooled held-out probabilities over further seeds (empty: only the trial's own)."""
-        return self.shipment(cfg).make(self.winner(cfg, state, probs), compute)
+        `probs` are its pooled held-out probabilities over further seeds (empty: only the trial's own), `judged`
+        the students of one of those fits (the re-ranking's, kept)."""
+        return self.shipment(cfg).make(self.winner(cfg, state, probs, judged), compute)
 
     def students(self, cfg: Config, state: dict[str, Any]) -> list[nn.Module]:
         """The students of a trial's checkpoint `state`, one per member, in eval mode."""
+        return self.shells(cfg, [member["model"] for member in member_states(state, len(self.members))])  # type: ignore[index]
+
+    def shells(self, cfg: Config, weights: list[dict[str, torch.Tensor]]) -> list[nn.Module]:
+        """Students of `cfg` with `weights` (one per member), in eval mode."""
         out = []
-        for member in member_states(state, len(self.members)):
+        for w in weights:
             model = student_shell(cfg, len(self.classes), self.data.image_size)
-            model.load_state_dict(member["model"])  # type: ignore[index]
+            model.load_state_dict(w)
             out.append(model.eval())
         return out
 
     @abstractmethod
-    def winner(self, cfg: Config, state: dict[str, Any], probs: list[np.ndarray]) -> Winner:
-        """A trial of `cfg` whose last checkpoint is `state` as a shipment gets it (`probs`: further seeds')."""
+    def winner(self, cfg: Config, state: dict[str, Any], probs: list[np.ndarray], judged: Judged | None = None
+               ) -> Winner:
+        """A trial of `cfg` whose last checkpoint is `state` as a shipment gets it (`probs`: further seeds',
+        `judged`: the students of one of those fits)."""
 
     # ---- how its figures are named (from the config alone: readers of a finished search have no data)
 
@@ -178,11 +186,15 @@ class Holdout(Scheme):
             raise ValueError("a holdout needs a validation split")
         return cls(data, [data], held)
 
-    def winner(self, cfg: Config, state: dict[str, Any], probs: list[np.ndarray]) -> Winner:
-        """The trial's own student, with the threshold it tuned on all of validation."""
+    def winner(self, cfg: Config, state: dict[str, Any], probs: list[np.ndarray], judged: Judged | None = None
+               ) -> Winner:
+        """The trial's own student, with its validation probabilities and the threshold it tuned on them (a
+        holdout ships its checkpoint: the re-ranking's students are not kept for it)."""
         last = state["history"][-1]
+        saved = state.get("probs")
         return Winner(cfg, self.students(cfg, state), last["epoch"], self.data, self.data.val.labels.numpy(),
-                      last.get("threshold") is not None, probs=probs, own_threshold=last.get("threshold"))
+                      last.get("threshold") is not None, [saved.numpy()] if saved is not None else [], probs=probs,
+                      own_threshold=last.get("threshold"), parts=self.held.parts if self.held is not None else None)
 
     @classmethod
     def where(cls, cfg: Config) -> str:
@@ -216,14 +228,19 @@ class CrossValidated(Scheme):
     def final_teacher_data(self) -> Dataset:
         return refit_data(self.data)
 
-    def winner(self, cfg: Config, state: dict[str, Any], probs: list[np.ndarray]) -> Winner:
+    def winner(self, cfg: Config, state: dict[str, Any], probs: list[np.ndarray], judged: Judged | None = None
+               ) -> Winner:
         """The trial's K fold students at the epoch that ranked it, their pooled out-of-fold probabilities (saved with
-        that checkpoint, and over the further seeds), and all of train + validation to learn from."""
+        that checkpoint, and over the further seeds), the re-ranking's fold students of one further seed (`judged`,
+        trained for all epochs), and all of train + validation to learn from."""
         saved = state.get("probs", state.get("oof_probs"))  # an earlier version's name
         return Winner(cfg, self.students(cfg, state), state["history"][-1]["epoch"], self.final_teacher_data(),
                       pooled(self.data).labels.numpy(),
                       decision_rule(len(self.classes), cfg.train.tune_threshold) == THRESHOLD,
-                      [saved.numpy()] if saved is not None else [], probs)
+                      [saved.numpy()] if saved is not None else [], probs,
+                      parts=self.held.parts if self.held is not None else None,
+                      judged=self.shells(cfg, judged.weights) if judged is not None else [],
+                      judged_probs=judged.probs if judged is not None else None, judged_epoch=cfg.train.epochs)
 
     @classmethod
     def where(cls, cfg: Config) -> str:

@@ -19,19 +19,23 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, ClassVar, Protocol, TypeVar
 
 import numpy as np
 import torch
+from sklearn.metrics import balanced_accuracy_score
 from torch import nn
 
 from kd.config import Config
 from kd.data import Dataset
 from kd.ensemble import Ensemble
 from kd.errors import Diverged
+from kd.files import load_tensors, save_tensors
 from kd.infer import resolve_device
-from kd.metrics import tune_threshold
+from kd.metrics import predict, tune_threshold
+from kd.selection import cross_fitted_predictions, validation_parts
 from kd.student import student_shell, student_training
 from kd.teacher import Teacher, view_logits
 from kd.train import Fitting, Outcome, run_fitting
@@ -61,6 +65,86 @@ class Compute(Protocol):
 
 
 @dataclass
+class Judged:
+    """One fit of the winner's config that the re-ranking judged, kept: its students' weights (one per member, trained
+    for all of `train.epochs`) and their pooled held-out probabilities."""
+    weights: list[dict[str, torch.Tensor]]
+    probs: np.ndarray
+    seed: int
+
+    def save(self, path: Path) -> None:
+        tensors = {f"member{m}.{k}": v for m, w in enumerate(self.weights) for k, v in w.items()}
+        save_tensors(path, {**tensors, "probs": torch.tensor(np.asarray(self.probs))},
+                     {"seed": self.seed, "members": len(self.weights)})
+
+    @classmethod
+    def load(cls, path: Path) -> Judged | None:
+        """The fit saved at `path`, or None where there is none."""
+        if not path.is_file():
+            return None
+        tensors, meta = load_tensors(path)
+        weights: list[dict[str, torch.Tensor]] = [{} for _ in range(int(meta["members"]))]
+        for key, value in tensors.items():
+            if key != "probs":
+                member, name = key.split(".", 1)
+                weights[int(member.removeprefix("member"))][name] = value
+        return cls(weights, tensors["probs"].numpy(), int(meta["seed"]))
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The decision rule a model ships with, and how it was chosen: argmax, or (two classes) the threshold on p(class
+    1) tuned on held-out predictions. `auto` ships the threshold only where it judged better than argmax on those
+    predictions, each part of them thresholded by a threshold tuned on the other parts (never on itself)."""
+    threshold: float | None            # what ships: None is argmax
+    tuned: float | None = None         # the threshold tuned on all the held-out predictions
+    argmax: float | None = None        # balanced accuracy of the held-out predictions at argmax ...
+    cross_fitted: float | None = None  # ... and under a threshold cross-fitted over their parts
+    how: str = "argmax"                # auto, threshold or argmax (search.shipped_rule), or argmax: more classes
+    called: list[float] = field(default_factory=list)  # the share of the held-out images it calls each class
+
+    @property
+    def rule(self) -> str:
+        return "argmax" if self.threshold is None else "threshold"
+
+    def text(self, where: str, positive: str = "class 1") -> str:
+        """The rule in a sentence: 'argmax (on the 2 fits' out-of-fold predictions: 0.912 at argmax, 0.905 with a
+        cross-fitted threshold)'."""
+        if self.tuned is None:
+            return "argmax"
+        shipped = "argmax" if self.threshold is None else f"p({positive}) >= {self.threshold:.4f}"
+        if self.how != "auto" or self.argmax is None or self.cross_fitted is None:
+            return f"{shipped} (search.shipped_rule {self.how})"
+        return (f"{shipped}: on {where}, balanced accuracy {self.argmax:.4f} at argmax, {self.cross_fitted:.4f} with a "
+                "threshold each part of them did not tune")
+
+
+def decide(labels: np.ndarray, probs: list[np.ndarray], parts: np.ndarray | None, how: str, tunes: bool) -> Decision:
+    """The rule to ship with, from held-out predictions `probs` (one array per fit, each over the images `labels`)
+    and the parts a threshold is cross-fitted over (`parts`, per image; None: two stratified halves)."""
+    if not tunes or not probs or len(np.unique(labels)) < 2:
+        return Decision(None, called=_called(probs, None))
+    tuned = tune_threshold(np.tile(labels, len(probs)), np.concatenate(probs)[:, 1])
+    if how != "auto":
+        threshold = tuned if how == "threshold" else None
+        return Decision(threshold, tuned, how=how, called=_called(probs, threshold))
+    parts = parts if parts is not None else validation_parts(labels, seed=1)
+    argmax = float(np.mean([balanced_accuracy_score(labels, p.argmax(axis=1)) for p in probs]))
+    crossed = float(np.mean([balanced_accuracy_score(labels, cross_fitted_predictions(labels, p, parts))
+                             for p in probs]))
+    threshold = tuned if crossed > argmax else None  # a tie ships argmax: nothing tuned that did not earn its place
+    return Decision(threshold, tuned, argmax, crossed, "auto", _called(probs, threshold))
+
+
+def _called(probs: list[np.ndarray], threshold: float | None) -> list[float]:
+    """The share of the images each class is called under the rule, over `probs` (one array per fit)."""
+    if not probs:
+        return []
+    pred = np.concatenate([predict(p, threshold) for p in probs])
+    return (np.bincount(pred, minlength=probs[0].shape[1]) / len(pred)).tolist()
+
+
+@dataclass
 class Winner:
     """A winning trial as its scheme hands it to a shipment."""
     cfg: Config
@@ -72,12 +156,27 @@ class Winner:
     own_probs: list[np.ndarray] = field(default_factory=list)  # its held-out probabilities, saved with the checkpoint
     probs: list[np.ndarray] = field(default_factory=list)      # the same over the re-ranking's further seeds
     own_threshold: float | None = None                         # the threshold its own fit tuned (a holdout's)
+    parts: np.ndarray | None = None    # the held-out images' cross-fitting parts (the folds)
+    judged: list[nn.Module] = field(default_factory=list)  # the re-ranking's students of one further seed, full epochs
+    judged_probs: np.ndarray | None = None                  # their pooled held-out probabilities
+    judged_epoch: int = 0
+
+    def decision(self, probs: list[np.ndarray]) -> Decision:
+        """The rule the shipped model uses, chosen on `probs` (each over the held-out images) as
+        `search.shipped_rule` says."""
+        return decide(self.labels, probs, self.parts, self.cfg.search.shipped_rule, self.tunes)
 
     def threshold(self, probs: list[np.ndarray]) -> float | None:
-        """A threshold tuned on `probs` (each over the held-out images), or None where the rule is argmax."""
-        if not self.tunes or not probs:
-            return None
-        return tune_threshold(np.tile(self.labels, len(probs)), np.concatenate(probs)[:, 1])
+        """The shipped threshold chosen on `probs`, or None where the rule is argmax."""
+        return self.decision(probs).threshold
+
+    @property
+    def fold_students(self) -> tuple[list[nn.Module], list[np.ndarray], int]:
+        """The fold students an ensemble is made of, their own held-out probabilities and their epochs: those the
+        re-ranking judged (trained for all epochs), else the trial's checkpoint's (at the epoch that ranked it)."""
+        if self.judged and self.judged_probs is not None:
+            return self.judged, [self.judged_probs], self.judged_epoch
+        return self.students, self.own_probs, self.epoch
 
 
 @dataclass
@@ -98,6 +197,7 @@ class Final:
     fits_tuned_on: int = 0      # how many cross-validated fits' out-of-fold predictions tuned the threshold
     members: int = 0            # the fold students it averages or was distilled from
     distilled_from: Ensemble | None = None  # the fold ensemble that taught it (a distilled student)
+    decision: Decision = field(default_factory=lambda: Decision(None))  # how its rule was chosen
 
 
 class Shipment(ABC):
@@ -134,8 +234,11 @@ class Checkpoint(Shipment):
     sees_validation = False
 
     def make(self, winner: Winner, compute: Compute) -> Final:
-        return Final(winner.students[0], winner.own_threshold, winner.epoch, self.way, False, len(winner.pool.train),
-                     compute.teacher(winner.cfg, winner.pool), winner.pool)
+        decision = winner.decision(winner.own_probs) if winner.own_probs else Decision(winner.own_threshold)
+        if decision.threshold is not None:  # the one its own fit tuned on the same predictions, at full precision
+            decision = replace(decision, threshold=winner.own_threshold)
+        return Final(winner.students[0], decision.threshold, winner.epoch, self.way, False, len(winner.pool.train),
+                     compute.teacher(winner.cfg, winner.pool), winner.pool, decision=decision)
 
     def text(self, epoch: int, train_images: int, members: int) -> str:
         return f"its checkpoint of epoch {epoch}"
@@ -150,12 +253,14 @@ class Refit(Shipment):
     def make(self, winner: Winner, compute: Compute) -> Final:
         cfg, pool = winner.cfg, winner.pool
         probs = winner.probs or winner.own_probs
-        threshold = winner.threshold(probs)
+        decision = winner.decision(probs)
         teacher = compute.teacher(cfg, pool)
         model = student_shell(cfg, len(pool.classes), pool.image_size)
         model.load_state_dict(compute.run(refit, cfg, pool, teacher.logits))
-        return Final(model, threshold, cfg.train.epochs, self.way, True, len(pool.train), teacher, pool,
-                     winner.students if threshold is not None else [], fits_tuned_on=len(probs))
+        # its calibration is set against fold students whose predictions chose the rule: the judged ones, if kept
+        tuned_on = (winner.judged or winner.students) if decision.tuned is not None else []
+        return Final(model, decision.threshold, cfg.train.epochs, self.way, True, len(pool.train), teacher, pool,
+                     tuned_on, fits_tuned_on=len(probs), decision=decision)
 
     def making(self, members: int) -> str:
         return "refitting the winner on all of train + validation ..."
@@ -171,13 +276,13 @@ class FoldEnsemble(Shipment):
     way = Way.ENSEMBLE
 
     def make(self, winner: Winner, compute: Compute) -> Final:
-        probs = winner.own_probs  # the out-of-fold predictions of the very students it ships
-        threshold = winner.threshold(probs)
+        students, probs, epoch = winner.fold_students  # with the out-of-fold predictions of those very students
+        decision = winner.decision(probs)
         teacher = compute.teacher(winner.cfg, winner.pool)  # set beside it: the one a refit would learn from
-        return Final(Ensemble(winner.students).eval(), threshold, winner.epoch, self.way, True,
-                     len(winner.pool.train), teacher, winner.pool, winner.students if threshold is not None else [],
+        return Final(Ensemble(students).eval(), decision.threshold, epoch, self.way, True,
+                     len(winner.pool.train), teacher, winner.pool, students if decision.tuned is not None else [],
                      "a teacher fine-tuned on all of train + validation (the fold students learned from the fold "
-                     "teachers)", len(probs), len(winner.students))
+                     "teachers)", len(probs), len(students), decision=decision)
 
     def making(self, members: int) -> str:
         return f"the winner ships as its {members} fold students, averaged ..."
@@ -196,15 +301,17 @@ class DistilledEnsemble(Shipment):
     def make(self, winner: Winner, compute: Compute) -> Final:
         cfg, pool = winner.cfg, winner.pool
         probs = winner.probs or winner.own_probs
-        threshold = winner.threshold(probs)
+        decision = winner.decision(probs)
         teacher = compute.teacher(cfg, pool)  # set beside it, as beside a refit
-        ensemble = Ensemble(winner.students).eval()
+        students = winner.fold_students[0]  # the judged fold students, if kept
+        ensemble = Ensemble(students).eval()
         model = student_shell(cfg, len(pool.classes), pool.image_size)
         model.load_state_dict(compute.run(distil_ensemble, cfg, pool, ensemble))
-        return Final(model, threshold, cfg.train.epochs, self.way, True, len(pool.train), teacher, pool,
-                     winner.students if threshold is not None else [],
+        return Final(model, decision.threshold, cfg.train.epochs, self.way, True, len(pool.train), teacher, pool,
+                     students if decision.tuned is not None else [],
                      "a teacher fine-tuned on all of train + validation (the student learned from the fold ensemble, "
-                     "its fold students from the fold teachers)", len(probs), len(winner.students), ensemble)
+                     "its fold students from the fold teachers)", len(probs), len(students), ensemble,
+                     decision=decision)
 
     def making(self, members: int) -> str:
         return (f"distilling one student from the winner's {members} fold students, averaged, on all of train + "

@@ -300,12 +300,14 @@ def _task(fn: Callable[..., Any], threads: int, weights: dict[str, tuple[str, by
             torch.cuda.empty_cache()
 
 
-def remote(fn: Callable[..., Any], resources: Resources, *args: Any, **kwargs: Any) -> ray.ObjectRef:
-    """Run `fn(*args, **kwargs)` as a Ray task with `resources`, torch using as many threads as it has CPUs.
-    Object references among the arguments arrive as their values (Ray resolves top-level arguments)."""
+def remote(fn: Callable[..., Any], resources: Resources, *args: Any, returns: int = 1, **kwargs: Any) -> Any:
+    """Run `fn(*args, **kwargs)` as a Ray task with `resources`, torch using as many threads as it has CPUs: its
+    result's reference, or with `returns` > 1 one reference per item of the tuple `fn` returns (each fetched, or
+    dropped, on its own). Object references among the arguments arrive as their values (Ray resolves top-level
+    arguments)."""
     weights = _SHIPPED[-1] if _SHIPPED else None
-    return _task.options(num_cpus=resources.cpus, num_gpus=resources.gpus).remote(fn, resources.threads, weights,
-                                                                                  *args, **kwargs)
+    return _task.options(num_cpus=resources.cpus, num_gpus=resources.gpus, num_returns=returns).remote(
+        fn, resources.threads, weights, *args, **kwargs)
 
 
 def call(fn: Callable[..., Any], resources: Resources, *args: Any, here: bool = False, **kwargs: Any) -> Any:

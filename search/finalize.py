@@ -26,7 +26,7 @@ from kd.files import save_tensors
 from kd.metrics import calibration_shift, compute_metrics, interval_text, scalars
 from kd.models import fetch_pretrained
 from kd.schemes import Scheme
-from kd.shipping import Final, Way
+from kd.shipping import Final, Judged, Shipment, Way
 from kd.student import evaluate_model, split_probs
 from kd.teacher import load_teacher_model
 from kd.timing import Phases, phases_text
@@ -35,18 +35,21 @@ from search.cluster import trial_resources
 from search.config import Config
 from search.experiment import latest_checkpoint
 from search.format import params_text, shown, spread
-from search.records import BEST, RERANK_PROBS, BestRecord, Reranking, Verdict
+from search.records import BEST, JUDGED, RERANK_PROBS, TWIN, BestRecord, Reranking, Verdict
 from search.report import write_report
-from search.rerank import candidates, rerank
+from search.rerank import candidates, labels_only, rerank
 from search.run import Run
 from search.teachers import Prepared, RayCompute
+from search.warnings import never_predicted, teacher_warning, twin_warning
 
 
 def export_best(run: Run, row: pd.Series, scheme: Scheme, probs: list[np.ndarray], out_dir: Path,
-                prepared: Prepared | None = None, phases: Phases | None = None, final: str | None = None) -> BestRecord:
+                prepared: Prepared | None = None, phases: Phases | None = None, final: str | None = None,
+                judged: Judged | None = None, twin: Judged | None = None) -> BestRecord:
     """The student `scheme` makes of trial `row` (`Scheme.final`, as `final` or the search's `search.final` says;
-    `probs`: its held-out probabilities over further seeds), evaluated once on the test split, with its compression
-    report against its teacher, exported to `out_dir`."""
+    `probs`: its held-out probabilities over further seeds, `judged`: the students of one of those fits, `twin`: its
+    labels-only twin's), evaluated once on the test split, with its compression report against its teacher and its
+    labels-only twin made and tested the same way, exported to `out_dir`."""
     ckpt = latest_checkpoint(row["path"])
     if ckpt is None:
         raise UserError(f"trial {row['trial']} has no checkpoint to export (status: {row['status']})")
@@ -55,14 +58,17 @@ def export_best(run: Run, row: pd.Series, scheme: Scheme, probs: list[np.ndarray
         tcfg = tcfg.updated({"search.final": final}, source="--final")
     state = load_state(ckpt)
     phases = phases or Phases()  # not recorded: `kdsearch export` is no phase of the search
+    compute = RayCompute(trial_resources(run.config), prepared)
     with phases("final student"):
-        made = scheme.final(tcfg, state, probs, RayCompute(trial_resources(run.config), prepared))
+        made = scheme.final(tcfg, state, probs, compute, judged)
+        # what the teacher added, on the test split too: the labels-only twin shipped the same way
+        twin_made = scheme.final(labels_only(tcfg), state, [twin.probs], compute, twin) if twin is not None else None
     with phases("export"):
-        return _evaluate_and_export(run, row, tcfg, state, made, scheme.data, out_dir)
+        return _evaluate_and_export(run, row, tcfg, state, made, scheme.data, out_dir, twin_made)
 
 
 def _evaluate_and_export(run: Run, row: pd.Series, tcfg: Config, state: dict[str, Any], final: Final, data: Dataset,
-                         out_dir: Path) -> BestRecord:
+                         out_dir: Path, twin: Final | None = None) -> BestRecord:
     judged = {k: v for k, v in scalars(state["history"][-1]).items() if k.startswith("val_")}
     teacher_model = load_teacher_model(tcfg, final.teacher_data, final.teacher.directory)[0]
     # the student against the teacher it learned from, under one rule (argmax) on the same images (the test split)
@@ -80,17 +86,41 @@ def _evaluate_and_export(run: Run, row: pd.Series, tcfg: Config, state: dict[str
                                     None, full=True) if taught is not None else {}
     shift = {**calibration_shift(shipped, [fold_probs(m) for m in final.tuned_on], final.threshold),
              "fits_tuned_on": final.fits_tuned_on} if final.threshold is not None and final.tuned_on else {}
+    test = compute_metrics(labels, shipped, data.classes, final.threshold, full=True)
+    decision = final.decision
+    tuned_test = compute_metrics(labels, shipped, data.classes, decision.tuned, full=True) \
+        if decision.tuned is not None and decision.threshold is None else {}
     best = BestRecord(trial=row["trial"], classes=data.classes, threshold=final.threshold, epoch=final.epoch,
                       params=run.params(row), trial_val=judged, val_about=_val_about(final), teacher_test=teacher_test,
                       test_argmax=student_argmax, calibration_shift=shift, teacher_label=final.teacher_label,
                       ensemble_test=ensemble_test,
-                      test=compute_metrics(labels, shipped, data.classes, final.threshold, full=True),
-                      final=final.way, members=final.members, train_images=final.train_images,
+                      test=test, final=final.way, members=final.members, train_images=final.train_images,
                       val={} if final.sees_validation else evaluate_model(final.model, data, "val", final.threshold,
                                                                           tcfg),
-                      cost=cost, teacher=final.teacher.info)
+                      cost=cost, teacher=final.teacher.info, rule=dataclasses.asdict(decision),
+                      test_threshold=tuned_test, labels_only=_labels_only(run, twin, data, tcfg))
+    best = dataclasses.replace(best, warnings=[
+        *teacher_warning(run.teacher),
+        *never_predicted(data.classes, decision.called, test, Shipment.of(final.way).noun(final.members)),
+        *twin_warning(run.reranking.labels_only if run.reranking is not None else None)])
     export_student(out_dir, final.model, tcfg, data.classes, final.threshold, dataclasses.asdict(best))
     return best
+
+
+def _labels_only(run: Run, twin: Final | None, data: Dataset, tcfg: Config) -> dict[str, Any]:
+    """best/metrics.json's labels_only: the twin's validation figures and its verdict (rerank.json), and its test
+    balanced accuracy, shipped as the winner is (under its own rule)."""
+    record = run.reranking.labels_only if run.reranking is not None else None
+    if record is None:
+        return {}
+    out: dict[str, Any] = {"val": {k: v.mean for k, v in record.metrics.items()}, "alpha": record.alpha,
+                           "difference": record.difference, "standard_error": record.standard_error,
+                           "lower": record.lower, "verdict": record.verdict, "seeds": record.seeds, "text": record.text}
+    if twin is not None:
+        probs = split_probs(twin.model, data, "test", tcfg)
+        out["test"] = compute_metrics(data.test.labels.numpy(), probs, data.classes, twin.threshold, full=True)
+        out["test_balanced_accuracy"] = out["test"]["balanced_accuracy"]
+    return out
 
 
 def _val_about(final: Final) -> str:
@@ -119,8 +149,11 @@ def export_command(run_dir: str | Path, trial: str | None, out: str | Path, fina
     fetch_pretrained(run.trial_config(row))  # a refit on this machine: timm's weights from its cache, or the hub
     data = load_dataset(run.config.data, progress=False)
     # the re-ranked winner's threshold comes from its further seeds, as best/'s did
-    probs = run.rerank_probs() if run.reranking is not None and run.reranking.winner == row["trial"] else []
-    best = export_best(run, row, run.scheme.split(run.config, data), probs, Path(out), final=final)
+    ours = run.reranking is not None and run.reranking.winner == row["trial"]
+    probs = run.rerank_probs() if ours else []
+    best = export_best(run, row, run.scheme.split(run.config, data), probs, Path(out), final=final,
+                       judged=Judged.load(run.directory / JUDGED) if ours else None,
+                       twin=Judged.load(run.directory / TWIN) if ours else None)
     how = best.shipped_text()
     return (f"exported trial {row['trial']} ({how}; validation {run.config.search.metric} "
             f"{row[run.config.search.metric]:.4f}, {run.rule_label}) to {out}; the test split evaluated again: "
@@ -146,6 +179,7 @@ def finalize(run_dir: Path, prepared: Prepared, phases: Phases, echo: Callable[[
     seeds = [cfg.train.seed + i for i in range(1, cfg.search.confirm_seeds + 1)]
     judge_seeds = [seeds[-1] + i for i in range(1, cfg.search.judge_seeds + 1)] if seeds else []
     probs: list[np.ndarray] = []
+    judged = twin = None
     if seeds:
         record = run.reranking
         if record is None or record.seeds != seeds or record.judge_seeds != judge_seeds:
@@ -157,12 +191,16 @@ def finalize(run_dir: Path, prepared: Prepared, phases: Phases, echo: Callable[[
             echo(f"re-ranking {len(chosen)} candidates ({top_text} and the hand-picked points) "
                  f"with {len(seeds)} further seeds{judging} ...")
             with phases("re-ranking"):
-                record, probs = rerank(run, prepared, seeds, judge_seeds, chosen)
+                reranked = rerank(run, prepared, seeds, judge_seeds, chosen)
+            record, probs, judged, twin = reranked.record, reranked.probs, reranked.judged, reranked.twin
             if probs:  # the winner's held-out probabilities: the final student's threshold, after a resume too
                 save_tensors(run_dir / RERANK_PROBS, {"probs": torch.from_numpy(np.stack(probs))}, {})
+            for fit, name in ((judged, JUDGED), (twin, TWIN)):  # the students it judged, for the export
+                if fit is not None:
+                    fit.save(run_dir / name)
             record.write(run_dir)
         else:
-            probs = run.rerank_probs()
+            probs, judged, twin = run.rerank_probs(), Judged.load(run_dir / JUDGED), Judged.load(run_dir / TWIN)
         _echo_reranking(record, echo)
         row = run.trial(record.winner)
         echo(f"winner: {row['trial']} (the best mean over the further seeds)")
@@ -176,11 +214,19 @@ def finalize(run_dir: Path, prepared: Prepared, phases: Phases, echo: Callable[[
         making = prepared.scheme.shipment(cfg).making(len(prepared.scheme.members))
         if making:
             echo(making)
-        best = export_best(run, row, prepared.scheme, probs, run_dir / BEST, prepared, phases)
+        best = export_best(run, row, prepared.scheme, probs, run_dir / BEST, prepared, phases, judged=judged,
+                           twin=twin)
     t = best.test
     echo(f"exported the best student to {shown(run_dir / BEST)}; held-out test (evaluated once): balanced accuracy "
          f"{t['balanced_accuracy']:.4f}{interval_text(t)}, accuracy {t['accuracy']:.4f}, "
          + ", ".join(f"recall {c} {r:.3f}" for c, r in t["recall"].items()))
+    echo(f"decision rule: {best.rule_text()}")
+    if best.labels_only:
+        added = best.labels_only
+        echo(f"labels-only twin: {added['text']}" + (f"; on test {added['test_balanced_accuracy']:.4f}"
+                                                     if "test_balanced_accuracy" in added else ""))
+    for warning in best.warnings:
+        echo(f"warning: {warning}")
     if best.cost:
         echo(best.cost["summary"])
     if best.ensemble_test:

@@ -20,12 +20,15 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 from kd.records import JsonRecord
-from kd.shipping import Shipment, Way
+from kd.shipping import Decision, Shipment, Way
 from kd.teacher import TeacherInfo
 from kd.typed import Vocabulary
 
 CONFIG, RUN, TEACHER, RERANK, BEST = "config.yaml", "run.json", "teacher.json", "rerank.json", "best"
 RERANK_PROBS = "rerank_probs.safetensors"  # the winner's held-out probabilities over the further seeds
+# the students the re-ranking judged, kept beside rerank.json: the winner's of its first further seed, and its
+# labels-only twin's of its first judging seed (kd.shipping.Judged)
+JUDGED, TWIN = "judged_students.safetensors", "labels_only_students.safetensors"
 EVENTS, JOURNAL, EXPERIMENT, MIRROR = "trial_events.jsonl", "optuna.journal", "ray", "ray-mirror"
 STATE_FILE = "state.pt"  # the file inside a trial's checkpoint folder
 RAY_ERRORS = "ray-errors.log"  # the errors Ray's cluster published to this search, whole (the console gets a line)
@@ -102,6 +105,8 @@ class TeacherRecord(Record):
     teachers: int = 1                            # one per member of the scheme (per fold when cross-validated)
     placement: list[Placement] = field(default_factory=list)
     seconds: float = 0.0                         # from the search's start to the teachers being ready
+    # each teacher's own validation figures (its fold's images): balanced_accuracy and confusion_matrix
+    each: list[dict[str, Any]] = field(default_factory=list)
 
     def describe(self) -> str:
         return self.info.describe()
@@ -164,6 +169,39 @@ class Comparison:
 
 
 @dataclass(frozen=True)
+class LabelsOnly:
+    """The winner against its labels-only twin (its config with distill.alpha 0, everything else equal), judged as
+    the hand-picked points are: what the teacher added."""
+    trial: str                        # the winner
+    seeds: list[int]                  # the seeds the twin trained with (the judging seeds)
+    values: list[float]               # the twin's search metric per seed
+    mean: float
+    std: float
+    difference: float                 # the winner's paired difference over the twin (better direction)
+    standard_error: float
+    verdict: Verdict                  # beats: distillation added something beyond the noise; same: alpha was 0
+    alpha: float = math.nan           # the winner's distill.alpha
+    lower: float = math.nan
+    detectable: float = math.nan
+    metrics: dict[str, Spread] = field(default_factory=dict)  # the twin's held-out figures over its seeds
+    judged: list[str] = field(default_factory=list)  # the trial each half judged against its own twin
+
+    @property
+    def text(self) -> str:
+        """What distillation added, in a sentence."""
+        if self.verdict == Verdict.SAME:
+            return "the winner trains on the labels alone (distill.alpha 0): the teacher added nothing to it"
+        if self.verdict == Verdict.UNJUDGED:
+            return "what the teacher added was not measured (no judging seeds completed both fits)"
+        added = (f"the teacher added {self.difference:+.4f} (paired, on halves of the held-out images that did not "
+                 f"pick; 97.5% lower bound {self.lower:+.4f})")
+        if self.verdict == Verdict.BEATS:
+            return f"distillation beats its labels-only twin beyond the noise: {added}"
+        return (f"distillation added nothing measurable over its labels-only twin: {added}; it could find "
+                f"{self.detectable:.4f}")
+
+
+@dataclass(frozen=True)
 class Reranking(Record):
     """rerank.json: the top trials and the hand-picked points retrained with further seeds, and the winner."""
     FILE: ClassVar[str] = RERANK
@@ -173,6 +211,7 @@ class Reranking(Record):
     candidates: list[Candidate]
     against_points: list[Comparison]
     judge_seeds: list[int] = field(default_factory=list)  # the seeds the winner was judged on (not picked on)
+    labels_only: LabelsOnly | None = None  # the winner against its labels-only twin
 
     def candidate(self, trial: str) -> Candidate | None:
         return next((c for c in self.candidates if c.trial == trial), None)
@@ -206,6 +245,13 @@ class BestRecord(Record):
     calibration_shift: dict[str, Any] = field(default_factory=dict)
     teacher_label: str = "the teacher it learned from"  # what teacher_test's teacher is to the exported model
     ensemble_test: dict[str, Any] = field(default_factory=dict)  # their average, its teacher, on test at argmax
+    rule: dict[str, Any] = field(default_factory=dict)  # how its decision rule was chosen (kd.shipping.Decision)
+    # the exported model on test at the tuned threshold, where it ships argmax (recorded, never used to choose)
+    test_threshold: dict[str, Any] = field(default_factory=dict)
+    # the winner's labels-only twin (distill.alpha 0): its validation figures, the paired difference and verdict
+    # (rerank.json's labels_only), and its test balanced accuracy, shipped the same way
+    labels_only: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # what a user must not miss (search.warnings)
 
     @classmethod
     def upgraded(cls, raw: dict[str, Any]) -> dict[str, Any]:
@@ -226,6 +272,13 @@ class BestRecord(Record):
     def shipped_text(self) -> str:
         """What shipped, in a sentence's object: 'refitted on all 1437 train + validation images ...'."""
         return self.shipment.text(self.epoch, self.train_images, self.members)
+
+    def rule_text(self) -> str:
+        """The shipped decision rule and how it was chosen, in a sentence's object."""
+        if not self.rule:
+            return "argmax" if self.threshold is None else f"p({self.classes[-1]}) >= {self.threshold:.4f}"
+        return Decision(**self.rule).text("the held-out predictions of fits trained as its students were",
+                                          self.classes[-1])
 
     def shift_text(self) -> str:
         """The calibration shift in a sentence ("" where the threshold was tuned on the shipped model itself)."""

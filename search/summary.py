@@ -7,7 +7,7 @@ from typing import Any
 
 import pandas as pd
 
-from kd.metrics import flatten
+from kd.metrics import flatten, interval_text
 from kd.timing import phases_text
 from search.config import COSTS
 from search.format import number, param_name, params_text, spread
@@ -76,6 +76,16 @@ def _heading(run: Run) -> list[str]:
     if record and record.seconds:
         out[-1:] = [f"Wall time of the whole search: {record.seconds / 60:.1f} min.", ""]
     best = run.best
+    if best is not None:
+        out += [f"**Warning:** {w[0].upper()}{w[1:]}." for w in best.warnings] + ([""] if best.warnings else [])
+        out += [f"**Ships:** {best.shipment.noun(best.members)}, {best.shipped_text()}; its decision rule: "
+                f"{best.rule_text()}. Test balanced accuracy {best.test['balanced_accuracy']:.4f}"
+                f"{interval_text(best.test)}.", ""]
+        twin = best.labels_only
+        if twin:
+            tested = (f" On the test split the twin, shipped the same way, scored {twin['test_balanced_accuracy']:.4f}"
+                      f" against {best.test['balanced_accuracy']:.4f}." if "test_balanced_accuracy" in twin else "")
+            out += [f"**What the teacher added:** {twin['text'][0].upper()}{twin['text'][1:]}.{tested}", ""]
     if best is not None and best.cost:
         out += [f"**What distillation bought:** {best.cost['summary']} (the exported best; parameters, FLOPs from "
                 "torch's flop counter and latency measured the same way for both, details in "

@@ -106,7 +106,9 @@ class Prepared:
         return TeacherRecord(metrics=mean_metrics([t.metrics for t in self.teachers]), info=info,
                              teachers=len(infos),
                              placement=[Placement(i.node, i.gpus, i.started, i.ended) for i in infos],
-                             seconds=seconds)
+                             seconds=seconds,
+                             each=[{k: t.metrics[k] for k in ("balanced_accuracy", "confusion_matrix")}
+                                   for t in self.teachers])
 
 
 def prepare_teachers(cfg: Config, scheme: Scheme, echo: Callable[[str], None] = print) -> Prepared:

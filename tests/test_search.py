@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import ray
 import torch
+from sklearn.metrics import balanced_accuracy_score
 
 from kd.export import load_student
 from kd.files import read_jsonl
@@ -146,7 +147,7 @@ def test_summary_names_the_rule_and_sets_the_search_beside_its_reranking_and_tes
     assert "## Re-ranking over further seeds" in summary and "| re-ranking, mean ± std over seeds [1, 2] |" in summary
     assert "**Against hand-picked 1**" in summary  # said plainly, beaten beyond the noise or not
     assert "judged on images and seeds that did not pick" in summary
-    assert "balanced accuracy, 95% interval (resampling the test images by class)" in summary
+    assert "balanced accuracy, 95% interval (from each class's score interval)" in summary
 
 
 def test_teacher_ran_once_before_the_trials(shared_search):
@@ -251,32 +252,57 @@ def winner_fold_students(run_dir, trial):
     return trial_cfg, state, folds
 
 
-def test_the_winner_ships_as_its_fold_students_averaged(shared_search, tmp_path, capsys):
-    """`kdsearch export --final ensemble`: the students that were judged, as one model; its probabilities are the mean
-    of the winner's fold students' (from its checkpoint), and its threshold is the refit's (both from the same
-    out-of-fold predictions)."""
+def judged_fold_students(run_dir, trial):
+    """A trial's config and the fold students the re-ranking judged and kept (judged_students.safetensors: one further
+    seed's, trained for all epochs), in eval mode, with their own out-of-fold probabilities."""
+    from kd.shipping import Judged
+    from kd.student import student_shell
+    from search.records import JUDGED
+    from search.run import Run
+    run = Run(run_dir)
+    trial_cfg = run.trial_config(run.trial(trial))
+    judged = Judged.load(run_dir / JUDGED)
+    folds = []
+    for weights in judged.weights:
+        fold = student_shell(trial_cfg, 2, 32)
+        fold.load_state_dict(weights)
+        folds.append(fold.eval())
+    return trial_cfg, judged, folds
+
+
+def test_the_winner_ships_as_its_judged_fold_students_averaged(shared_search, tmp_path, capsys):
+    """`kdsearch export --final ensemble`: the fold students the re-ranking judged (all epochs, one further seed, kept
+    beside rerank.json), as one model; its probabilities are their mean, and its rule is chosen on their own
+    out-of-fold predictions: the shipped model is the one whose predictions chose it."""
     cfg, run_dir, _ = shared_search
     best = json.loads((run_dir / "best" / "metrics.json").read_text())
+    rerank = json.loads((run_dir / "rerank.json").read_text())
     assert main(["export", str(run_dir), "--final", "ensemble", "--out", str(tmp_path / "ens")]) == 0
-    assert "its 2 fold students at epoch" in capsys.readouterr().out
+    assert f"its 2 fold students at epoch {cfg.train.epochs}" in capsys.readouterr().out
     ensemble = load_student(tmp_path / "ens")
     shipped = json.loads((tmp_path / "ens" / "metrics.json").read_text())
     assert ensemble.info["ensemble"] == shipped["members"] == 2 and shipped["final"] == "ensemble"
-    assert shipped["trial"] == best["trial"] and shipped["calibration_shift"]["fits_tuned_on"] == 1
+    assert shipped["trial"] == best["trial"] and shipped["epoch"] == cfg.train.epochs
+    from kd.crossval import pooled
     from kd.data import load_dataset
     from kd.infer import predict_probs
-    _trial_cfg, state, students = winner_fold_students(run_dir, best["trial"])
+    from kd.metrics import tune_threshold
+    _trial_cfg, judged, students = judged_fold_students(run_dir, best["trial"])
+    assert judged.seed == rerank["seeds"][0]
     test = load_dataset(cfg.data, progress=False).test
     folds = [predict_probs(fold, test.images, ensemble.info["mean"], ensemble.info["std"], torch.device("cpu"))
              for fold in students]
     assert np.allclose(ensemble.probs(test.images), np.mean(folds, axis=0), atol=1e-5)
     one = read_table(run_dir / "trials.csv").set_index("trial").loc[best["trial"], "student_params"]
     assert shipped["test"]["balanced_accuracy"] > 0.6 and shipped["cost"]["student"]["parameters"] == 2 * one
-    # its threshold: tuned on the out-of-fold predictions of the very students it ships, saved in their checkpoint
-    from kd.crossval import pooled
-    from kd.metrics import tune_threshold
+    # its rule: chosen on the out-of-fold predictions of the very students it ships
     labels = pooled(load_dataset(cfg.data, progress=False)).labels.numpy()
-    assert shipped["threshold"] == pytest.approx(tune_threshold(labels, state["probs"].numpy()[:, 1]))
+    rule = shipped["rule"]
+    assert rule["tuned"] == pytest.approx(tune_threshold(labels, judged.probs[:, 1]))
+    assert rule["argmax"] == pytest.approx(balanced_accuracy_score(labels, judged.probs.argmax(1)))
+    assert shipped["threshold"] == (rule["tuned"] if rule["cross_fitted"] > rule["argmax"] else None)
+    if shipped["threshold"] is not None:  # its calibration against those same students: no shift to speak of
+        assert shipped["calibration_shift"]["fits_tuned_on"] == 1
     assert shipped["val"] == {} and "made of the fold students" in shipped["val_about"]
 
 
@@ -291,8 +317,9 @@ def test_the_winner_distilled_from_its_fold_students_averaged(shared_search, tmp
     student = load_student(tmp_path / "dis")
     shipped = json.loads((tmp_path / "dis" / "metrics.json").read_text())
     assert shipped["members"] == 2 and shipped["final"] == "distilled"
-    assert shipped["trial"] == best["trial"] and shipped["threshold"] == pytest.approx(best["threshold"])
-    assert shipped["calibration_shift"]["models_tuned_on"] == 2  # tuned on the fold students' predictions: measured
+    assert shipped["trial"] == best["trial"] and shipped["threshold"] == best["threshold"]  # the same rule
+    if shipped["threshold"] is not None:  # tuned on the fold students' predictions: its shift against them measured
+        assert shipped["calibration_shift"]["models_tuned_on"] == 2
     from kd.crossval import refit_data
     from kd.data import load_dataset
     from kd.ensemble import Ensemble
@@ -300,7 +327,7 @@ def test_the_winner_distilled_from_its_fold_students_averaged(shared_search, tmp
     from kd.metrics import compute_metrics
     from kd.student import train_student
     from kd.teacher import view_logits
-    trial_cfg, _state, folds = winner_fold_students(run_dir, best["trial"])
+    trial_cfg, _judged, folds = judged_fold_students(run_dir, best["trial"])  # its teacher: the judged students
     ensemble = Ensemble(folds).eval()
     data = load_dataset(cfg.data, progress=False)
     pool = refit_data(data)
@@ -530,3 +557,33 @@ def test_students_of_several_sizes_on_a_pareto_front_and_a_budget_on_the_export(
     opening = summary.split("## Teacher")[0]  # summary.md opens with what distillation bought
     assert "**What distillation bought:** student " in opening
     assert (run_dir / "plots" / "pareto.png").is_file()
+
+
+def test_the_winner_is_judged_against_its_labels_only_twin(shared_search):
+    """What the teacher added: the winner's config with distill.alpha 0, everything else equal, retrained on the judging
+    seeds and set against the winner on halves of the held-out images that did not pick (as the hand-picked points
+    are); its test figure shipped the same way; said on the console and in summary.md's first lines."""
+    cfg, run_dir, lines = shared_search
+    rerank = json.loads((run_dir / "rerank.json").read_text())
+    twin = rerank["labels_only"]
+    assert twin["trial"] == rerank["winner"] and twin["seeds"] == rerank["judge_seeds"] and len(twin["values"]) == 1
+    winner = next(c for c in rerank["candidates"] if c["trial"] == rerank["winner"])
+    assert twin["alpha"] == winner["params"].get("distill.alpha", cfg.distill.alpha) > 0
+    assert twin["verdict"] in ("beats", "within_noise") and twin["standard_error"] > 0
+    from kd.selection import Z_CLAIM
+    assert twin["lower"] == pytest.approx(twin["difference"] - Z_CLAIM * twin["standard_error"])
+    assert (twin["verdict"] == "beats") == (twin["lower"] > 0)
+    assert len(twin["judged"]) == 2  # each half's pick against its own twin
+    best = json.loads((run_dir / "best" / "metrics.json").read_text())
+    shipped = best["labels_only"]
+    assert shipped["verdict"] == twin["verdict"] and shipped["difference"] == twin["difference"]
+    assert 0.0 <= shipped["test_balanced_accuracy"] <= 1.0 and shipped["test"]["n"] == best["test"]["n"]
+    assert set(shipped["val"]) >= {cfg.search.metric, "val_balanced_accuracy"}
+    # the twin's students were kept as the winner's were: its shipped model can be rebuilt
+    assert (run_dir / "labels_only_students.safetensors").is_file()
+    said = [line for line in lines if line.startswith("labels-only twin: ")]
+    assert len(said) == 1 and f"on test {shipped['test_balanced_accuracy']:.4f}" in said[0]
+    head = (run_dir / "summary.md").read_text().split("## ")[0]  # before the first section
+    assert "**What the teacher added:**" in head and "**Ships:**" in head
+    assert f"{best['test']['balanced_accuracy']:.4f}" in head
+    assert any(line.startswith("decision rule: ") for line in lines)

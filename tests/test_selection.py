@@ -17,7 +17,7 @@ from kd.selection import (
     held_out_metrics,
     validation_parts,
 )
-from kd.shipping import Way
+from kd.shipping import Way, decide
 from kd.student import train_student
 
 
@@ -117,7 +117,7 @@ def test_cross_validated_students_learn_and_resume_exactly(digits_setup):
     assert again.history[-1]["train_loss"] == pytest.approx(last["train_loss"], rel=1e-5)
     # and ships as one: refitted on the pool, its threshold tuned on the out-of-fold predictions it saved
     old_last = {**old, "history": full.history, "oof_probs": torch.from_numpy(full.probs.astype(np.float32))}
-    final = scheme.final(cfg, old_last, [], LocalCompute())
+    final = scheme.final(cfg.updated({"search.shipped_rule": "threshold"}), old_last, [], LocalCompute())
     pool = refit_data(data)
     assert final.way == Way.REFIT and final.sees_validation and final.train_images == len(pool.train) == len(full.probs)
     saved = old_last["oof_probs"].numpy()  # as checkpoints keep them, in float32
@@ -149,8 +149,38 @@ def test_a_holdout_is_one_member_judged_on_validation(digits_setup):
     flat = {**states[0]["members"][0], "history": states[0]["history"]}  # how a holdout trial checkpointed before
     resumed = scheme.fit(cfg, resume=flat)
     assert resumed.history[-1]["train_loss"] == pytest.approx(fit.history[-1]["train_loss"], rel=1e-5)
-    final = scheme.final(cfg, {**states[-1]["members"][0], "history": states[-1]["history"]}, [], LocalCompute())
+    state = {**states[-1]["members"][0], "history": states[-1]["history"], "probs": states[-1]["probs"]}
+    final = scheme.final(cfg.updated({"search.shipped_rule": "threshold"}), state, [], LocalCompute())
     assert final.way == Way.CHECKPOINT and not final.sees_validation and final.epoch == cfg.train.epochs
     assert final.threshold == fit.threshold  # the trial's own, tuned on all of validation
+    auto = scheme.final(cfg, state, [], LocalCompute()).decision  # the threshold only where it judged better
+    assert auto.tuned == pytest.approx(fit.threshold, abs=1e-6) and auto.how == "auto"
+    assert (auto.threshold is not None) == (auto.cross_fitted > auto.argmax)
     images = (data.test.images[:8].float() / 255 - 0.5) / 0.5
     assert torch.allclose(final.model.eval()(images), fit.model.cpu().eval()(images), atol=1e-5)
+
+
+def test_the_shipped_rule_is_a_threshold_only_where_it_judged_better_than_argmax():
+    """search.shipped_rule auto: each part of the held-out predictions is thresholded by the threshold the other
+    parts tuned, and that threshold ships only where it beats argmax there."""
+    labels = np.array([0] * 40 + [1] * 8)
+    parts = np.arange(48) % 2
+
+    def two(p1):
+        return np.stack([1 - p1, p1], axis=1)
+
+    # the rare class ranked apart but below 0.5: argmax never calls it, any threshold between the groups does
+    low = two(np.r_[np.linspace(0.01, 0.2, 40), np.linspace(0.3, 0.45, 8)])
+    chosen = decide(labels, [low], parts, "auto", tunes=True)
+    assert chosen.argmax == 0.5 and chosen.cross_fitted == 1.0
+    assert chosen.threshold == chosen.tuned and 0.2 < chosen.threshold < 0.3
+    assert chosen.called == pytest.approx([40 / 48, 8 / 48])
+    # already balanced at argmax, and a tuned cut that overfits one part: argmax ships (a tie would too)
+    noisy = two(np.r_[np.linspace(0.01, 0.45, 38), [0.55, 0.6], np.linspace(0.52, 0.9, 7), [0.4]])
+    kept = decide(labels, [noisy], parts, "auto", tunes=True)
+    assert kept.threshold is None and kept.tuned is not None and kept.argmax >= kept.cross_fitted
+    assert kept.text("the out-of-fold predictions").startswith("argmax: on the out-of-fold predictions, balanced")
+    # the rule as configured, or argmax where nothing is tuned (more classes, train.tune_threshold false)
+    assert decide(labels, [noisy], parts, "threshold", tunes=True).threshold == kept.tuned
+    assert decide(labels, [low], parts, "argmax", tunes=True).threshold is None
+    assert decide(labels, [low], parts, "auto", tunes=False).threshold is None
