@@ -77,7 +77,8 @@ def _heading(run: Run) -> list[str]:
         out[-1:] = [f"Wall time of the whole search: {record.seconds / 60:.1f} min.", ""]
     best = run.best
     if best is not None:
-        out += [f"**Warning:** {w[0].upper()}{w[1:]}." for w in best.warnings] + ([""] if best.warnings else [])
+        for w in best.warnings:  # a paragraph each
+            out += [f"**Warning:** {w[0].upper()}{w[1:]}.", ""]
         out += [f"**Ships:** {best.shipment.noun(best.members)}, {best.shipped_text()}; its decision rule: "
                 f"{best.rule_text()}. Test balanced accuracy {best.test['balanced_accuracy']:.4f}"
                 f"{interval_text(best.test)}.", ""]

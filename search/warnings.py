@@ -53,4 +53,4 @@ def twin_warning(twin: LabelsOnly | None) -> list[str]:
         return []
     return [f"the winner does not beat its labels-only twin (the same config, distill.alpha 0) beyond the noise "
             f"({twin.difference:+.4f}, it could find {twin.detectable:.4f}): the teacher added nothing measurable. "
-            "A better teacher (more epochs, pretrained weights) or a larger distill.alpha may"]
+            "A better teacher (more epochs, pretrained weights) may help"]
