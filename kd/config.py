@@ -14,10 +14,11 @@ from typing import Any, Literal, TypeVar
 import yaml
 
 from kd.errors import ConfigError
-from kd.files import atomic_write_text
-from kd.images import MAX_IMAGE_PIXELS
 from kd.typed import build, scalar_keys, set_dotted
 
+MAX_IMAGE_PIXELS = 89_478_485  # Pillow's decompression-bomb limit: the default of data.max_image_pixels
+# the held-out figures where lower is better (kd.selection; search.mode auto); the rest: higher is better
+LOWER_IS_BETTER = frozenset({"val_balanced_log_loss", "val_balanced_accuracy_fold_std"})
 IMBALANCE_METHODS = ("none", "inverse", "effective", "balanced_sampling", "logit_adjust")
 
 
@@ -277,6 +278,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     (search.config.Config adds the search's own settings)."""
     raw: dict[str, Any] = read_yaml(path) if path is not None else {}
     source = str(path) if path is not None else "defaults"
+    given: dict[str, str] = {}  # key -> the --set that gave its value
     for item in overrides or []:
         key, sep, text_value = item.partition("=")
         if not sep or not key.strip():
@@ -286,7 +288,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except yaml.YAMLError:
             value = text_value
         set_dotted(schema, raw, key.strip(), value, "--set")
-    return from_dict(raw, source, schema)
+        given[key.strip()] = item
+    try:
+        return from_dict(raw, source, schema)
+    except ConfigError as e:  # a value --set gave is blamed on --set, not on the file it overrode
+        text = str(e).removeprefix(f"{source}: ")
+        blamed = next((item for key, item in given.items() if text.startswith((f"'{key}'", f"{key} "))), None)
+        if blamed is None:
+            raise
+        raise ConfigError(f"--set {blamed}: {text}") from None
 
 
 def from_dict(raw: dict[str, Any], source: str = "config", schema: type[C] = Config) -> C:  # type: ignore[assignment]
@@ -325,6 +335,7 @@ def section(raw: dict[str, Any], name: str, cls: type[S], source: str) -> S:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
+    from kd.files import atomic_write_text  # torch's: a config is read without loading it
     atomic_write_text(Path(path), cfg.to_yaml())
 
 

@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from kd.config import DataConfig, SplitSource
+from kd.config import MAX_IMAGE_PIXELS, DataConfig, SplitSource
 from kd.errors import DataError
 from kd.files import CacheError, file_lock, load_tensors, save_tensors
 from kd.groups import check_leakage, column_of, subjects_of
-from kd.images import IMAGE_EXTENSIONS, MAX_IMAGE_PIXELS, decode_files, is_inside, list_images, resolve_workers
+from kd.images import IMAGE_EXTENSIONS, decode_files, is_inside, list_images, resolve_workers
 
 log = logging.getLogger("kd")
 SPLITS = ("train", "val", "test")

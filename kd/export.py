@@ -35,11 +35,10 @@ from torch import nn
 
 from kd.augment import Normalize, to_float
 from kd.compat import save_timm_config
-from kd.config import Config, ModelConfig
+from kd.config import MAX_IMAGE_PIXELS, Config, ModelConfig
 from kd.ensemble import Ensemble
 from kd.errors import UserError
 from kd.files import atomic_dir, atomic_write_json
-from kd.images import MAX_IMAGE_PIXELS
 from kd.infer import predict_probs
 from kd.metrics import predict
 from kd.models import create_model, is_distilled, mean_std

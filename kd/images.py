@@ -15,7 +15,6 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
-MAX_IMAGE_PIXELS = 89_478_485  # Pillow's decompression-bomb limit: the default of data.max_image_pixels
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")  # unsigned 16-bit greyscale: a fixed range 0..65535
 
 

@@ -31,7 +31,6 @@ from kd.errors import ConfigError
 from kd.metrics import balanced_log_loss, compute_metrics, flatten, macro_auc, tune_threshold
 
 THRESHOLD, ARGMAX = "threshold", "argmax"
-LOWER_IS_BETTER = frozenset({"val_balanced_log_loss", "val_balanced_accuracy_fold_std"})  # the rest: higher is better
 
 
 def decision_rule(num_classes: int, tune: bool = True) -> str:

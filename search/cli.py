@@ -14,8 +14,9 @@ log = logging.getLogger("kd")
 
 
 def load(args: argparse.Namespace):
+    path = presets.config_path(args.config)  # a missing file is said before anything heavy loads
     from search.config import load_config
-    return load_config(presets.config_path(args.config), args.set)
+    return load_config(path, args.set)
 
 
 def setup_logging(quiet: bool) -> None:
@@ -47,14 +48,16 @@ def resume_hint(args: argparse.Namespace) -> str | None:
 # -------------------------------------------------------------------------------------------- commands
 
 def cmd_distill(args: argparse.Namespace) -> int:
+    cfg = load(args)  # a config error is answered before the training modules load
     from kd.distill import run_distill
-    run_distill(load(args), args.out, progress=not args.quiet)
+    run_distill(cfg, args.out, progress=not args.quiet)
     return 0
 
 
 def cmd_teacher(args: argparse.Namespace) -> int:
+    cfg = load(args)
     from kd.distill import run_teacher
-    run_teacher(load(args), progress=not args.quiet)
+    run_teacher(cfg, progress=not args.quiet)
     return 0
 
 
@@ -73,8 +76,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    cfg = load(args)  # a config error is answered before Ray loads
     from search.driver import run_search
-    run_search(load(args), address=args.address, storage=args.storage, resume=args.resume, quiet=args.quiet,
+    run_search(cfg, address=args.address, storage=args.storage, resume=args.resume, quiet=args.quiet,
                resume_command=resume_hint(args))
     return 0
 
@@ -118,9 +122,24 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------- parser
 
+def version() -> str:
+    """The installed kd-search's version, with torch's, Ray's, Optuna's and timm's (what a bug report needs), read
+    from the packages' metadata: nothing heavy is imported."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    def of(name: str) -> str:
+        try:
+            return installed(name)
+        except PackageNotFoundError:
+            return "not installed"
+    return f"{of('kd-search')} (torch {of('torch')}, ray {of('ray')}, optuna {of('optuna')}, timm {of('timm')})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kdsearch", description="Hyperparameter search for knowledge distillation "
                                      "on small, imbalanced image datasets.")
+    parser.add_argument("--version", action="version", version=f"kdsearch {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:

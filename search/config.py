@@ -11,9 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from kd import config as library
-from kd.config import IMBALANCE_METHODS, SchemeConfig, require
-from kd.schemes import Scheme
-from kd.selection import LOWER_IS_BETTER
+from kd.config import IMBALANCE_METHODS, LOWER_IS_BETTER, SchemeConfig, require
 
 LOGGERS = ("tensorboard", "mlflow")  # Ray Tune's logger callbacks a search can turn on (search.tracking)
 
@@ -80,6 +78,7 @@ class SearchConfig(SchemeConfig):
 
     def check(self) -> None:
         super().check()
+        from kd.schemes import Scheme  # torch's: imported only once the rest of the config is known good
         Scheme.with_folds(self.folds).way(self.final)  # what its scheme can ship
         require(self.num_samples >= 1, "search.num_samples", "must be >= 1")
         if self.objectives:
@@ -130,6 +129,7 @@ class Config(library.Config):
     @property
     def ships(self) -> str:
         """The way its winner ships, `search.final` resolved (auto: the scheme's own)."""
+        from kd.schemes import Scheme
         return str(Scheme.of(self).way(self.search.final))
 
 

@@ -172,3 +172,44 @@ def test_an_earlier_versions_holdout_config_with_its_default_final_still_loads()
     assert old.search.final == "checkpoint" and old.ships == "checkpoint"
     assert load_config(None, ["search.folds=1"]).ships == "checkpoint"
     assert load_config(None, ["search.folds=3"]).ships == load_config(None, ["search.final=refit"]).ships == "refit"
+
+
+def test_version_names_the_installed_packages_without_importing_them(capsys):
+    import importlib.metadata
+    import subprocess
+    import sys
+
+    from search.cli import main
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    said = capsys.readouterr().out.strip()
+    assert said == (f"kdsearch {importlib.metadata.version('kd-search')} (torch {importlib.metadata.version('torch')}, "
+                    f"ray {importlib.metadata.version('ray')}, optuna {importlib.metadata.version('optuna')}, "
+                    f"timm {importlib.metadata.version('timm')})")
+    # in a fresh process: neither torch nor Ray is loaded to say it
+    probe = ("import sys; from search.cli import main\ntry:\n    main(['--version'])\nexcept SystemExit:\n    pass\n"
+             "print(sorted(m for m in ('torch', 'ray', 'optuna', 'timm') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip().endswith("[]")
+
+
+@pytest.mark.parametrize("args, said", [
+    (["search", "no-such-config.yaml"], "error: no config file or preset named 'no-such-config.yaml'"),
+    (["distill", "digits", "--set", "search.num_samples=many"],
+     "error: --set search.num_samples=many: 'search.num_samples' must be an integer, got 'many'"),
+    (["search", "digits", "--set", "data.image_size=4"], "error: --set data.image_size=4: 'data.image_size' must be "
+                                                          "at least 8"),
+    (["search", "digits", "--set", "data.bogus=1"], "error: --set: unknown key 'data.bogus'"),
+])
+def test_config_errors_are_answered_before_torch_and_ray_load(args, said):
+    """A missing file, a bad key and a bad value: one message naming what is wrong (a --set value blamed on --set,
+    not on the preset it overrode), exit 2, and none of the heavy modules loaded to say it."""
+    import subprocess
+    import sys
+    probe = ("import sys\nfrom search.cli import main\ncode = main(sys.argv[1:])\n"
+             "print('loaded:', sorted(m for m in ('torch', 'ray', 'optuna', 'timm', 'sklearn') if m in sys.modules))\n"
+             "sys.exit(code)")
+    run = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and run.stderr.startswith(said) and "Traceback" not in run.stderr, run.stderr
+    assert run.stdout.strip() == "loaded: []"
