@@ -60,7 +60,8 @@ def build_tuner(cfg: Config, scheme: Scheme, costs: Costs, exp_path: str, restor
                                   reuse_actors=True)
     run_config = tune.RunConfig(
         name=name, storage_path=root, verbose=0,
-        callbacks=[TrialLog(run_dir_of(cfg), s.metric, s.direction, cfg.train.epochs, echo=not quiet),
+        callbacks=[TrialLog(run_dir_of(cfg), s.metric, s.direction, cfg.train.epochs, echo=not quiet,
+                            total=s.num_samples),
                    *logger_callbacks(cfg, run_dir_of(cfg))],
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         failure_config=tune.FailureConfig(max_failures=s.max_failures))

@@ -48,3 +48,20 @@ def test_an_earlier_versions_events_still_read_and_a_renamed_field_names_the_fil
     (tmp_path / EVENTS).write_text(json.dumps({"trial": "c", "status": "lost"}) + "\n")
     with pytest.raises(UserError, match=rf"{EVENTS} line 1: 'status' must be one of"):
         read_events(tmp_path)
+
+
+def test_the_console_counts_trials_done_and_the_time_left(tmp_path, capsys, monkeypatch):
+    """Each finished trial's line: the trials done of search.num_samples, and the time left at this run's pace
+    (on a resumed search, the trials an earlier run finished count as done but not toward the pace)."""
+    clock = iter([1000.0, 1030.0, 1030.0, 1060.0, 1060.0, 1090.0, 1090.0])
+    monkeypatch.setattr("search.progress.time.time", lambda: next(clock))
+    log = TrialLog(tmp_path, "val_auc", "max", max_epochs=3, echo=True, total=6)  # started at 1000
+    earlier = SimpleNamespace(trial_id="old", status="TERMINATED")  # finished before a resume
+    for name, value in (("a", 0.9), ("b", 0.95)):
+        log.on_trial_result(0, [], _trial(name), {"epoch": 3, "val_auc": value})
+        log.on_trial_complete(0, [earlier], _trial(name))
+    log.on_trial_error(0, [earlier], _trial("c", "RuntimeError: x"))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("[  0:30 2/6, about 2 min left] trial a completed: val_auc 0.9000 (best 0.9000)")
+    assert lines[1].startswith("[  1:00 3/6, about 90 s left] trial b completed: val_auc 0.9500 (best 0.9500)")
+    assert lines[2].startswith("[  1:30 4/6, about 60 s left] trial c failed: RuntimeError: x")
