@@ -28,7 +28,7 @@ class SplitSource:
 
     In YAML a bare string is shorthand for `{path: ...}`.
     """
-    path: str = ""
+    path: str = ""          # folder: the directory of class folders; csv: the CSV file
     images: str = ""        # csv only: directory the file names are relative to (default: the CSV's folder)
     file_column: str = ""   # csv only: overrides data.file_column for this split
     label_column: str = ""  # csv only: overrides data.label_column for this split
@@ -36,25 +36,25 @@ class SplitSource:
 
 @dataclass
 class DataConfig:
-    source: Literal["digits", "folder", "csv"] = "digits"
+    source: Literal["digits", "folder", "csv"] = "digits"  # digits (built in), folder of class folders, or csv
     train: SplitSource | None = None  # a single pool given as train is split into train/val/test
     val: SplitSource | None = None    # missing val/test splits are carved from train, stratified
-    test: SplitSource | None = None
-    file_column: str = "file"
-    label_column: str = "label"
+    test: SplitSource | None = None   # the test split, evaluated once at the end (missing: carved from train)
+    file_column: str = "file"         # csv: the column of image file names
+    label_column: str = "label"       # csv: the column of labels
     classes: list[str] | None = None  # class order; default: sorted labels (integer labels index it)
-    image_size: int = 32
-    val_fraction: float = 0.2
-    test_fraction: float = 0.2
-    split_seed: int = 0
+    image_size: int = 32              # images are resized to image_size x image_size pixels
+    val_fraction: float = 0.2         # the share of train carved out as validation where none is given
+    test_fraction: float = 0.2        # the share of train carved out as test where none is given
+    split_seed: int = 0               # the seed of the stratified carving (and of the folds)
     digits_minority: int = 8          # digits: this digit is the rare class, every other digit the common one
-    on_bad_image: Literal["warn", "error"] = "warn"
+    on_bad_image: Literal["warn", "error"] = "warn"  # an image that cannot be decoded: skipped with a warning, or fatal
     groups: str = ""                  # column:NAME or pattern:REGEX: each image's subject, kept in one split/fold
     allow_leakage: bool = False       # the same image (or subject) in two splits is an error unless true
     allow_external_links: bool = False  # follow symlinks that point outside the dataset folder
     max_image_pixels: int = MAX_IMAGE_PIXELS  # Pillow's decompression-bomb limit
-    cache_dir: str = "results/cache"
-    pipeline: Literal["memory", "stream"] = "memory"
+    cache_dir: str = "results/cache"  # decoded images, teacher weights and logits, student costs: reused across runs
+    pipeline: Literal["memory", "stream"] = "memory"  # memory: decode once, keep in RAM; stream: read files each epoch
     workers: int = 0                  # decoding threads / stream workers; 0 = one per core, at most 8
 
     def check(self) -> None:
@@ -83,14 +83,14 @@ class AugmentConfig:
 
     Views are a function of (seed, epoch, index)."""
     crop_scale: list[float] = field(default_factory=lambda: [0.6, 1.0])  # random resized crop, area fraction
-    crop_ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333])
+    crop_ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333])  # its aspect ratio range
     flip: float = 0.5          # horizontal flip probability
     rotation: float = 15.0     # max degrees either way
     brightness: float = 0.2    # colour jitter strengths, as torchvision's ColorJitter
-    contrast: float = 0.2
-    saturation: float = 0.2
-    hue: float = 0.02
-    seed: int = 0
+    contrast: float = 0.2      # colour jitter: contrast strength
+    saturation: float = 0.2    # colour jitter: saturation strength
+    hue: float = 0.02          # colour jitter: hue shift, at most 0.5
+    seed: int = 0              # the seed of the views (each a function of seed, epoch and image index)
 
     def check(self) -> None:
         for key in ("crop_scale", "crop_ratio"):
@@ -107,18 +107,18 @@ class AugmentConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 10
-    batch_size: int = 64
-    optimizer: Literal["sgd", "adamw"] = "sgd"
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: Literal["cosine", "step", "constant"] = "cosine"
-    warmup_epochs: int = 0
+    epochs: int = 10            # passes over the training images
+    batch_size: int = 64        # images per step
+    optimizer: Literal["sgd", "adamw"] = "sgd"  # sgd (with momentum) or adamw
+    lr: float = 0.05            # the peak learning rate
+    momentum: float = 0.9       # sgd's momentum
+    weight_decay: float = 5e-4  # L2 weight decay (decoupled for adamw)
+    schedule: Literal["cosine", "step", "constant"] = "cosine"  # how lr moves over the epochs
+    warmup_epochs: int = 0      # epochs of linear warm-up before the schedule
     step_size: int = 7          # step schedule: multiply lr by gamma every step_size epochs
-    gamma: float = 0.1
+    gamma: float = 0.1          # step schedule: the factor
     grad_clip: float = 0.0      # max gradient norm; 0 = off
-    seed: int = 0
+    seed: int = 0               # the seed of the weights' initialisation and the batch order
     device: str = "auto"        # auto | cpu | cuda | cuda:N
     # bf16 autocast: auto = on CUDA only; bf16 = on any device (the CPU too); off. An older config's true
     # reads as auto, false as off. Parameters stay float32 either way.
@@ -127,7 +127,7 @@ class TrainConfig:
     # amp ("always", not "on": YAML reads a bare on as true).
     channels_last: Literal["auto", "always", "off"] = "auto"
     compile: bool = False       # torch.compile the model
-    eval_batch_size: int = 512
+    eval_batch_size: int = 512  # images per forward pass when predicting
     tune_threshold: bool = True  # two classes: pick the decision threshold on validation
 
     def check(self, prefix: str = "train", min_epochs: int = 1) -> None:
@@ -162,7 +162,7 @@ def _teacher_train() -> TrainConfig:
 
 @dataclass
 class TeacherConfig(ModelConfig):
-    name: str = "resnet18"
+    name: str = "resnet18"       # any timm model name
     train: TrainConfig = field(default_factory=_teacher_train)  # fine-tuning; epochs: 0 uses the weights as given
     class_weighted: bool = True                                 # inverse-frequency weights in the teacher's CE
 
@@ -177,9 +177,9 @@ class TeacherConfig(ModelConfig):
 class DistillConfig:
     """`alpha` weights the distillation term (the reference projects' and DeiT's convention); 1 - alpha weights the
     labels."""
-    mode: Literal["soft", "hard"] = "soft"
-    temperature: float = 4.0
-    alpha: float = 0.5
+    mode: Literal["soft", "hard"] = "soft"  # soft: KL to the teacher's softened probabilities; hard: CE to its argmax
+    temperature: float = 4.0    # soft mode: the softening temperature T (the KL term is scaled by T^2)
+    alpha: float = 0.5          # the weight of the teacher's term; 1 - alpha weighs the labels (0: labels only)
 
     def check(self) -> None:
         require(0.0 <= self.alpha <= 1.0, "distill.alpha", f"must be in [0, 1], got {self.alpha}")
@@ -188,6 +188,8 @@ class DistillConfig:
 
 @dataclass
 class ImbalanceConfig:
+    # how the rare classes are weighted: none, inverse frequency, effective number, balanced sampling, or logit
+    # adjustment
     method: Literal["none", "inverse", "effective", "balanced_sampling", "logit_adjust"] = "none"
     beta: float = 0.999   # effective number of samples (Cui et al. 2019)
     tau: float = 1.0      # logit adjustment strength (Menon et al. 2021)
@@ -220,16 +222,16 @@ S = TypeVar("S")
 @dataclass
 class Config:
     """The library's config: what one distillation needs (search.config.Config adds a search's settings)."""
-    name: str = "kd"
-    output_dir: str = "results"
-    data: DataConfig = field(default_factory=DataConfig)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    student: ModelConfig = field(default_factory=ModelConfig)
-    distill: DistillConfig = field(default_factory=DistillConfig)
-    imbalance: ImbalanceConfig = field(default_factory=ImbalanceConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    search: SchemeConfig = field(default_factory=SchemeConfig)
+    name: str = "kd"            # the run's name: its folder under output_dir
+    output_dir: str = "results"  # where runs are written
+    data: DataConfig = field(default_factory=DataConfig)  # the images, their splits and where they are cached
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # the training views
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)  # the large model, fine-tuned first
+    student: ModelConfig = field(default_factory=ModelConfig)  # the small model distilled from it
+    distill: DistillConfig = field(default_factory=DistillConfig)  # how the teacher's outputs enter the loss
+    imbalance: ImbalanceConfig = field(default_factory=ImbalanceConfig)  # the rare classes' correction
+    train: TrainConfig = field(default_factory=TrainConfig)  # the student's training
+    search: SchemeConfig = field(default_factory=SchemeConfig)  # how a student is judged and a winner ships
 
     def check(self: C) -> C:
         require(bool(self.name) and "/" not in self.name and self.name not in (".", ".."), "name",

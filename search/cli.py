@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import os
 import sys
 
 from kd.errors import Interrupted, KDError, UserError
@@ -115,6 +116,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    from search.configdoc import annotated_yaml
+    cfg = load(args)
+    sets = "".join(f" --set {s}" for s in args.set)
+    print(annotated_yaml(cfg, f"kd-search {version().split()[0]}: {args.config}{sets}, resolved (every key, its "
+                              f"meaning beside it).\nSave it and run it: kdsearch search FILE"), end="")
+    return 0
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     print(presets.listing())
     return 0
@@ -205,6 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "search's search.final)")
     p.set_defaults(func=cmd_export)
 
+    p = with_config(sub.add_parser("config", help="print a config resolved (a preset or file with its --set "
+                                   "overrides, and every default) as YAML, each key's meaning beside it"))
+    p.set_defaults(func=cmd_config)
+
     p = sub.add_parser("presets", help="list the shipped presets")
     p.set_defaults(func=cmd_presets)
     return parser
@@ -234,7 +248,12 @@ def entry() -> None:
     walking the millions of objects torch, timm and Ray leave behind took about 3 s after each `kdsearch
     distill` on this project's VM (the exit itself frees the memory; what the command wrote is already on disk).
     """
-    code = main()
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:  # `kdsearch config digits | head`: the reader left, nothing is wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own recipe: no second error at exit
+        code = 0
     gc.freeze()
     sys.exit(code)
 

@@ -35,18 +35,18 @@ COSTS = ("student_params", "student_mflops", "student_latency_ms")  # what a stu
 @dataclass
 class SearchConfig(SchemeConfig):
     """The `search` section: the library's part (folds, final: kd.config.SchemeConfig) and the search's own."""
-    num_samples: int = 16
+    num_samples: int = 16          # trials (the hand-picked points among them)
     metric: str = "val_auc"        # the ranking figure bench/quality.py chose (README: which figure ranks)
     mode: Literal["auto", "max", "min"] = "auto"  # auto: min for a loss (kd.selection.LOWER_IS_BETTER), else max
     objectives: list[str] = field(default_factory=list)  # [metric, a cost, ...]: a multi-objective search
-    scheduler: Literal["asha", "none"] = "asha"
+    scheduler: Literal["asha", "none"] = "asha"  # asha: stop weak trials early; none: every trial runs all epochs
     grace_period: int = 2          # ASHA: epochs every trial gets before it can be stopped
-    reduction_factor: int = 2
+    reduction_factor: int = 2      # ASHA: the share of trials kept at each rung is 1 / reduction_factor
     max_concurrent: int = 0        # 0 = as many as the resources allow
     gpus_per_trial: float = 0.25   # fractions pack several trials on one GPU; ignored where there is no GPU
-    cpus_per_trial: float = 1.0
-    seed: int = 0
-    space: dict[str, Any] = field(default_factory=default_space)
+    cpus_per_trial: float = 1.0    # CPUs a trial holds (torch uses as many threads)
+    seed: int = 0                  # the seed of Optuna's sampler
+    space: dict[str, Any] = field(default_factory=default_space)  # the searched keys: {key: {type, low, high | values}}
     points: list[dict[str, Any]] = field(default_factory=list)  # known configs to try first
     rerank: int = 3                # the top trials (and the hand-picked points) retrained with further seeds
     max_params: int = 0            # a budget the exported student must fit: parameters (0: none) ...
@@ -115,7 +115,7 @@ class SearchConfig(SchemeConfig):
 @dataclass
 class Config(library.Config):
     """A search's config: a distillation's (kd.config.Config) with the search's settings in `search`."""
-    search: SearchConfig = field(default_factory=SearchConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)  # the trials, their judging, Ray and the winner
 
     @classmethod
     def upgraded(cls, raw: dict[str, Any]) -> dict[str, Any]:

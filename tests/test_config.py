@@ -213,3 +213,32 @@ def test_config_errors_are_answered_before_torch_and_ray_load(args, said):
     run = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and run.stderr.startswith(said) and "Traceback" not in run.stderr, run.stderr
     assert run.stdout.strip() == "loaded: []"
+
+
+def test_kdsearch_config_prints_the_resolved_config_with_each_keys_meaning(tmp_path, capsys):
+    """`kdsearch config digits --set search.num_samples=7`: every key of the config, on a line of its own with its
+    meaning beside it, as YAML that loads back to the very config the search would run."""
+    from search.cli import main
+    from search.config import Config, load_config
+    from search.configdoc import meanings
+    from search.presets import config_path
+    assert main(["config", "digits", "--set", "search.num_samples=7"]) == 0
+    text = capsys.readouterr().out
+    (tmp_path / "resolved.yaml").write_text(text)
+    assert load_config(tmp_path / "resolved.yaml").to_dict() == \
+        load_config(config_path("digits"), ["search.num_samples=7"]).to_dict()
+    assert "  num_samples: 7" in text and text.startswith("# kd-search ")
+    known = meanings(Config)
+    assert all(known.values()), [k for k, v in known.items() if not v]  # every key of the config types has a meaning
+    for key in ("data.image_size", "distill.alpha", "search.shipped_rule", "train.lr", "teacher.train.epochs"):
+        name = key.split(".")[-1]
+        line = next(line for line in text.splitlines() if line.strip().startswith(f"{name}:"))
+        assert line.split("  # ", 1)[1] == known[key], line
+
+
+def test_presets_are_listed_with_their_whole_description(capsys):
+    from search.cli import main
+    assert main(["presets"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "Set the folder with: --set data.train=/path/to/ROOT Pretrained weights come from timm's hub cache" in out
+    assert out.count("Reference project") == 2

@@ -27,7 +27,18 @@ def config_path(name: str) -> str:
     raise UserError(f"no config file or preset named '{name}' (presets: {', '.join(preset_names())})")
 
 
+def description(name: str) -> str:
+    """A preset's description: the comment lines its file opens with, as one paragraph."""
+    lines = []
+    for line in (PRESETS / f"{name}.yaml").read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("# ").rstrip())
+    return " ".join(lines)
+
+
 def listing() -> str:
-    """One line per preset: its name and the first line of its file."""
-    return "\n".join(f"{name:<26} {(PRESETS / f'{name}.yaml').read_text().splitlines()[0].lstrip('# ')}"
-                     for name in preset_names())
+    """Each preset: its name, then its whole description, wrapped."""
+    import textwrap
+    return "\n\n".join(f"{name}\n" + textwrap.fill(description(name), 100, initial_indent="  ",
+                                                     subsequent_indent="  ") for name in preset_names())
