@@ -18,6 +18,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Any, cast
 
 import numpy as np
@@ -103,13 +104,15 @@ def _optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torc
 
 
 def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
-    """Linear warmup, then cosine to zero over the remaining steps, a step decay, or constant."""
+    """Linear warmup, then cosine to zero over the remaining steps (over each cycle, with `restarts`), a step
+    decay, or constant."""
     warm = cfg.warmup_epochs * steps_per_epoch
     if step < warm:
         return (step + 1) / warm
     if cfg.schedule == "cosine":
-        total = max(1, cfg.epochs * steps_per_epoch - warm)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / total)))
+        edges = [warm, *(e * steps_per_epoch for e in cfg.restarts), cfg.epochs * steps_per_epoch]
+        start, end = next(((a, b) for a, b in pairwise(edges) if step < b), (edges[-2], edges[-1]))
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - start) / max(1, end - start))))
     if cfg.schedule == "step":
         return cfg.gamma ** ((step // steps_per_epoch) // cfg.step_size)
     return 1.0

@@ -42,6 +42,9 @@ class SearchConfig(SchemeConfig):
     scheduler: Literal["asha", "none"] = "asha"  # asha: stop weak trials early; none: every trial runs all epochs
     grace_period: int = 2          # ASHA: epochs every trial gets before it can be stopped
     reduction_factor: int = 2      # ASHA: the share of trials kept at each rung is 1 / reduction_factor
+    # ASHA with a cosine schedule: lr anneals to zero at each rung and restarts (train.restarts set to the rungs),
+    # so a rung judges a student as it will be judged at the end, not one whose lr has not come down yet
+    anneal_at_rungs: bool = True
     max_concurrent: int = 0        # 0 = as many as the resources allow
     gpus_per_trial: float = 0.25   # fractions pack several trials on one GPU; ignored where there is no GPU
     cpus_per_trial: float = 1.0    # CPUs a trial holds (torch uses as many threads)

@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import warnings
+from dataclasses import replace
 from typing import Any, cast
 
 import optuna
@@ -133,6 +134,18 @@ def asha_milestones(cfg: Config) -> list[int]:
     grace, rf, top = min(cfg.search.grace_period, cfg.train.epochs), cfg.search.reduction_factor, cfg.train.epochs
     rungs = int(math.log(top / grace) / math.log(rf) + 1)
     return [grace * rf**k for k in range(rungs) if grace * rf**k < top]
+
+
+def at_rungs(cfg: Config) -> Config:
+    """The search's recipe: with `search.anneal_at_rungs`, ASHA and a cosine schedule, `train.restarts` set to
+    ASHA's rungs (where the config names none), so each trial's learning rate anneals to zero at every epoch a
+    rung judges it. A plain cosine over all the epochs is still high at the first rung: a trial with a high rate
+    looks worse there than it ends, and ASHA stops the slow starters (README: what a search does to the schedule)."""
+    t = cfg.train
+    if not cfg.search.anneal_at_rungs or t.restarts or t.schedule != "cosine":
+        return cfg
+    rungs = [e for e in asha_milestones(cfg) if e > t.warmup_epochs]
+    return replace(cfg, train=replace(t, restarts=rungs)) if rungs else cfg
 
 
 def checkpoint_epochs(cfg: Config) -> frozenset[int]:
