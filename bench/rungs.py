@@ -23,13 +23,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 from scipy.stats import spearmanr
 
-from bench.quality import ROOT, run, sets
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[0] = str(ROOT)  # run as a script: the repository, not bench/, is where `bench` is a package
+
+from bench.quality import run, sets  # noqa: E402
 
 SCHEDULES = {"cosine": "train.restarts=[]", "rungs": "train.restarts=[2, 4]"}
 EPOCHS, FIRST, SECOND = 8, 2, 4
