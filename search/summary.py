@@ -58,8 +58,13 @@ def summary_markdown(run: Run) -> str:
     best = run.best
     picked = best.trial if best is not None else top.iloc[0]["trial"] if len(top) else None
     if picked:
-        out += ["## Reproduce", "", "Every trial's full config is in `configs/`; the exported one outside Ray:", "",
-                f"    kdsearch distill {run.directory / 'configs' / (picked + '.yaml')}", ""]
+        name = run.directory.name
+        out += ["## Reproduce", "", f"The export in `best/`, rebuilt the way the search made it ({run.config.ships}, "
+                "with its decision rule), from the folder that holds this run:", "",
+                f"    kdsearch export {name} --trial {picked} --out {name}/best-rebuilt", "",
+                f"Every trial's full config is in `configs/` (the exported one: `configs/{picked}.yaml`); "
+                "`kdsearch distill` on it trains one student on the train split alone, checked on validation, "
+                "which is not the export.", ""]
     return "\n".join(out)
 
 

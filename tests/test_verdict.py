@@ -186,7 +186,8 @@ def test_the_standard_error_of_a_sum_over_images_is_that_of_resampling_them():
 def subjects_held_out() -> HeldOut:
     """The held-out images of held_out(), five to a subject (a subject's images share its class)."""
     held = held_out()
-    return HeldOut(held.labels, held.member, held.parts, held.classes, held.rule, groups=np.arange(len(held.labels)) // 5)
+    return HeldOut(held.labels, held.member, held.parts, held.classes, held.rule,
+                   groups=np.arange(len(held.labels)) // 5)
 
 
 @pytest.mark.parametrize("metric", ["val_balanced_log_loss", "val_auc"])
