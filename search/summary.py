@@ -76,7 +76,7 @@ def _heading(run: Run) -> list[str]:
     out = [f"# Search `{cfg.name}`", "",
            f"{cfg.search.num_samples} trials of `{cfg.student.name}` distilled from `{cfg.teacher.name}` "
            f"({data}), optimising `{cfg.search.metric}` ({cfg.search.direction}) with Optuna TPE"
-           f"{' and ASHA early stopping' if cfg.search.scheduler == 'asha' else ''}. "
+           f"{' and ASHA early stopping' if cfg.search.stops_early else ''}. "
            f"Trials so far: {len(table)} ({status}).", ""]
     if record and record.seconds:
         out[-1:] = [f"Wall time of the whole search: {record.seconds / 60:.1f} min.", ""]

@@ -129,7 +129,7 @@ def _searcher(cfg: Config) -> OptunaSearch:
 def asha_milestones(cfg: Config) -> list[int]:
     """The epochs at which ASHA may stop a trial: grace_period * reduction_factor**k below train.epochs, as Ray's
     ASHAScheduler places its rungs (one bracket)."""
-    if cfg.search.scheduler != "asha":
+    if not cfg.search.stops_early:
         return []
     grace, rf, top = min(cfg.search.grace_period, cfg.train.epochs), cfg.search.reduction_factor, cfg.train.epochs
     rungs = int(math.log(top / grace) / math.log(rf) + 1)
@@ -156,7 +156,7 @@ def checkpoint_epochs(cfg: Config) -> frozenset[int]:
 
 
 def _scheduler(cfg: Config) -> TrialScheduler:
-    if cfg.search.scheduler == "asha":
+    if cfg.search.stops_early:
         return ASHAScheduler(time_attr="training_iteration", max_t=cfg.train.epochs,
                              grace_period=min(cfg.search.grace_period, cfg.train.epochs),
                              reduction_factor=cfg.search.reduction_factor)
