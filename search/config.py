@@ -36,7 +36,7 @@ COSTS = ("student_params", "student_mflops", "student_latency_ms")  # what a stu
 class SearchConfig(SchemeConfig):
     """The `search` section: the library's part (folds, final: kd.config.SchemeConfig) and the search's own."""
     num_samples: int = 16          # trials (the hand-picked points among them)
-    metric: str = "val_auc"        # the ranking figure bench/quality.py chose (README: which figure ranks)
+    metric: str = "val_auc"        # the ranking figure bench/quality.py chose (bench/README.md: which figure ranks)
     mode: Literal["auto", "max", "min"] = "auto"  # auto: min for a loss (kd.selection.LOWER_IS_BETTER), else max
     objectives: list[str] = field(default_factory=list)  # [metric, a cost, ...]: a multi-objective search
     # asha: stop weak trials early; none: every trial runs all epochs; auto: asha, but none in a multi-objective

@@ -119,7 +119,8 @@ def _searcher(cfg: Config) -> OptunaSearch:
     # The study lives beside the results (not in remote storage): Optuna's own tools can load it from there.
     journal = run_dir_of(cfg) / JOURNAL
     storage = JournalStorage(JournalFileBackend(str(journal)))
-    # several objectives (search.objectives): the same TPE in its multi-objective mode (README: accuracy against cost)
+    # several objectives (search.objectives): the same TPE in its multi-objective mode
+    # (docs/searching.md: accuracy against cost)
     metric, mode = (s.objectives, s.directions) if s.objectives else (s.metric, s.direction)
     return Searcher(epochs=cfg.train.epochs, space=DefineByRun(params, cfg), metric=metric, mode=mode,
                         points_to_evaluate=check_points(s.points, params, cfg) or None, sampler=sampler,
@@ -140,7 +141,8 @@ def at_rungs(cfg: Config) -> Config:
     """The search's recipe: with `search.anneal_at_rungs`, ASHA and a cosine schedule, `train.restarts` set to
     ASHA's rungs (where the config names none), so each trial's learning rate anneals to zero at every epoch a
     rung judges it. A plain cosine over all the epochs is still high at the first rung: a trial with a high rate
-    looks worse there than it ends, and ASHA stops the slow starters (README: what a search does to the schedule)."""
+    looks worse there than it ends, and ASHA stops the slow starters (docs/searching.md: what a search does to the
+    schedule; bench/rungs.py measures it)."""
     t = cfg.train
     if not cfg.search.anneal_at_rungs or t.restarts or t.schedule != "cosine":
         return cfg
