@@ -47,7 +47,9 @@ def summary_markdown(run: Run) -> str:
     for name, title in ((("trials.png", f"{metric} per trial"), ("importance.png", "parameter importance"),
                          ("params.png", f"each parameter against {metric}"),
                          ("learning_curves.png", "learning curves of the top trials"),
-                         ("soft_vs_hard.png", "best soft vs best hard"))):
+                         ("soft_vs_hard.png", "best soft vs best hard"),
+                         ("timeline.png", "each trial slot over the search: where the time went"),
+                         ("confusion_matrix_test.png", "the exported model on the test split"))):
         if (run.directory / "plots" / name).is_file():
             out += [f"![{title}](plots/{name})", ""]
         elif name == "importance.png" and len(run.table):
