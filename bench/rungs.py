@@ -16,7 +16,7 @@ first rung (ASHA's cut at reduction_factor 2 keeps the top half), and the trials
 the restarts cost or bought at the end). The same 12 trials' configs under both schedules where the sampler
 draws them alike (Optuna's seed; its first 10 are random draws, the 2 reference points among them).
 
-    .venv/bin/python bench/rungs.py                   # 3 split seeds x 2 schedules (about 25 minutes on 2 cores)
+    .venv/bin/python bench/rungs.py                   # 3 split seeds x 2 schedules (about 35 minutes on 2 cores)
     .venv/bin/python bench/rungs.py --seeds 0
 """
 from __future__ import annotations
