@@ -115,6 +115,9 @@ class TrainConfig:
     weight_decay: float = 5e-4  # L2 weight decay (decoupled for adamw)
     schedule: Literal["cosine", "step", "constant"] = "cosine"  # how lr moves over the epochs
     warmup_epochs: int = 0      # epochs of linear warm-up before the schedule
+    # cosine: the epochs after which lr, annealed to zero, restarts at its peak (SGDR, Loshchilov & Hutter 2017). A
+    # search with ASHA sets them to its rungs (search.anneal_at_rungs), so a rung judges an annealed student.
+    restarts: list[int] = field(default_factory=list)
     step_size: int = 7          # step schedule: multiply lr by gamma every step_size epochs
     gamma: float = 0.1          # step schedule: the factor
     grad_clip: float = 0.0      # max gradient norm; 0 = off
@@ -139,6 +142,9 @@ class TrainConfig:
         require(self.weight_decay >= 0, f"{prefix}.weight_decay", "must be >= 0")
         require(0 <= self.warmup_epochs < max(self.epochs, 1), f"{prefix}.warmup_epochs", "must be >= 0 and < epochs")
         require(self.step_size >= 1, f"{prefix}.step_size", "must be >= 1")
+        require(all(self.warmup_epochs < e < self.epochs for e in self.restarts)
+                and self.restarts == sorted(set(self.restarts)), f"{prefix}.restarts",
+                "must be increasing epochs between warmup_epochs and epochs")
         require(0 < self.gamma <= 1, f"{prefix}.gamma", "must be in (0, 1]")
         require(self.grad_clip >= 0, f"{prefix}.grad_clip", "must be >= 0")
         require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),

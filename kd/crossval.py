@@ -15,7 +15,7 @@ import torch
 
 from kd.data import Dataset, Split
 from kd.errors import DataError
-from kd.selection import fold_ids
+from kd.selection import fold_ids, subject_codes
 
 
 @dataclass
@@ -24,6 +24,7 @@ class Folds:
     ids: np.ndarray                # the fold of each pooled image (train images first, then validation)
     labels: np.ndarray             # the pooled labels
     datasets: list[Dataset]        # per fold: train = the other folds, val = this fold, test = the test split
+    groups: np.ndarray | None = None  # each pooled image's subject code where subjects repeat (selection.subject_codes)
 
 
 def pooled(data: Dataset) -> Split:
@@ -57,7 +58,7 @@ def make_folds(data: Dataset, k: int, seed: int) -> Folds:
     ids = fold_ids(labels, groups, k, seed)
     datasets = [replace(data, train=pool.subset(np.flatnonzero(ids != f)), val=pool.subset(np.flatnonzero(ids == f)),
                         fingerprint=_derived(data.fingerprint, "fold", f, k, seed)) for f in range(k)]
-    return Folds(ids, labels, datasets)
+    return Folds(ids, labels, datasets, subject_codes(groups))
 
 
 def refit_data(data: Dataset) -> Dataset:

@@ -41,6 +41,7 @@ from kd.errors import UserError
 from kd.files import atomic_dir, atomic_write_json
 from kd.infer import predict_probs
 from kd.metrics import predict
+from kd.modelcard import model_card
 from kd.models import create_model, is_distilled, mean_std
 from kd.records import JsonRecord
 
@@ -50,6 +51,7 @@ OLD_FORMATS = ("kd-search-student-1",)  # everything in config.json, which timm 
 METADATA_FILE = "kdsearch.json"
 TIMM_CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+CARD_FILE = "README.md"  # the model card, as the Hugging Face hub shows one (kd/modelcard.py)
 GRAPH_FILE = "model.pt2"
 ONNX_FILE = "model.onnx"
 TOLERANCE = 1e-4  # largest |logit difference| accepted between a graph and the PyTorch model
@@ -139,14 +141,21 @@ def export_student(out_dir: str | Path, model: torch.nn.Module, cfg: Config, cla
                              "student": vars(cfg.student), "teacher": cfg.teacher.name},
             metrics={k: v for k, v in metrics.items() if k != "cost"},  # the cost is `compression`, below
             config=cfg.to_dict(),
-            files={"weights": WEIGHTS_FILE, "timm_config": TIMM_CONFIG_FILE, "metrics": "metrics.json"},
+            files={"weights": WEIGHTS_FILE, "timm_config": TIMM_CONFIG_FILE, "metrics": "metrics.json",
+                   "model_card": CARD_FILE},
             graph=graph_file, onnx=onnx_file, checks=checks,
             compression=cost if cost is not None else metrics.get("cost"),
             weights_bytes=(tmp / WEIGHTS_FILE).stat().st_size,
         )
         atomic_write_json(tmp / METADATA_FILE, meta.to_dict())
         atomic_write_json(tmp / "metrics.json", metrics)
+        params = sum(p.numel() for p in model.parameters())
+        (tmp / CARD_FILE).write_text(model_card(cfg, list(classes), threshold, metrics, params))
     return out_dir
+
+
+FOREIGN_PRETRAINED_KEYS = ("tag", "license", "hf_hub_id", "hf_hub_filename", "url", "origin_url", "paper_ids",
+                           "paper_name", "notes", "description")
 
 
 def write_timm_config(model: nn.Module, path: Path, classes: list[str], image_size: int) -> None:
@@ -155,6 +164,14 @@ def write_timm_config(model: nn.Module, path: Path, classes: list[str], image_si
     save_timm_config(model, path, model_config={"label_names": list(classes)},
                      data_config={"input_size": (3, image_size, image_size), "crop_pct": 1.0,
                                   "interpolation": INTERPOLATION, "mean": tuple(mean), "std": tuple(std)})
+    # these weights were trained here: timm's pretrained tag, licence and source describe the weights it would have
+    # downloaded for the architecture, not these
+    config = json.loads(path.read_text())
+    pretrained = config.get("pretrained_cfg", {})
+    for key in FOREIGN_PRETRAINED_KEYS:
+        pretrained.pop(key, None)
+    pretrained["tag"] = "kd-search"
+    path.write_text(json.dumps(config, indent=2))
 
 
 def _max_diff(got: Any, expected: torch.Tensor) -> float:

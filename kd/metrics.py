@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from scipy import stats
 from scipy.stats import binomtest
 from sklearn.metrics import classification_report, confusion_matrix, f1_score, log_loss, roc_auc_score
 
@@ -31,10 +32,12 @@ def calibration_shift(shipped: np.ndarray, tuned_on: list[np.ndarray], threshold
 
 
 def compute_metrics(labels: np.ndarray, probs: np.ndarray, classes: list[str],
-                    threshold: float | None = None, full: bool = False) -> dict[str, Any]:
+                    threshold: float | None = None, full: bool = False,
+                    groups: np.ndarray | list[str] | None = None) -> dict[str, Any]:
     """Accuracy, balanced accuracy (mean recall over the classes present), macro F1, recall per class, confusion;
     `full` (a test split's report) adds balanced accuracy's 95% interval (`balanced_accuracy_interval`:
-    balanced_accuracy_ci) and the threshold-free `auc` and `balanced_log_loss` of the probabilities."""
+    balanced_accuracy_ci, or with `groups`, each image's subject, grouped_balanced_accuracy_ci) and the
+    threshold-free `auc` and `balanced_log_loss` of the probabilities."""
     labels = np.asarray(labels, dtype=np.int64)
     pred = predict(probs, threshold)
     k = len(classes)
@@ -49,7 +52,10 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray, classes: list[str],
         "confusion_matrix": cm.tolist(),
         "n": len(labels),
         "threshold": threshold,
-        **({"balanced_accuracy_interval": balanced_accuracy_ci(cm), "auc": macro_auc(labels, probs),
+        **({"balanced_accuracy_interval": grouped_balanced_accuracy_ci(labels, pred, groups)
+            if groups is not None and repeated(groups) else balanced_accuracy_ci(cm),
+            **({"subjects": len(set(np.asarray(groups).tolist()))} if groups is not None and repeated(groups) else {}),
+            "auc": macro_auc(labels, probs),
             "balanced_log_loss": balanced_log_loss(labels, probs)} if full else {}),
     }
 
@@ -73,11 +79,73 @@ def balanced_accuracy_ci(confusion: np.ndarray | list[list[int]], level: float =
     recall = right[present] / support[present]
     bounds = np.array([binomtest(int(right[c]), int(support[c])).proportion_ci(level, "wilsoncc") for c in present],
                       dtype=np.float64)
-    k = len(present)
-    mean = float(recall.mean())
+    return _mover(recall, bounds)
+
+
+def _mover(recall: np.ndarray, bounds: np.ndarray) -> list[float]:
+    """The interval of the mean of independent proportions from each one's interval (MOVER, Zou and Donner 2008)."""
+    k, mean = len(recall), float(recall.mean())
     low = mean - float(np.sqrt(np.sum((recall - bounds[:, 0]) ** 2))) / k
     high = mean + float(np.sqrt(np.sum((bounds[:, 1] - recall) ** 2))) / k
     return [max(0.0, low), min(1.0, high)]
+
+
+def repeated(groups: np.ndarray | list[str] | None) -> bool:
+    """Whether some subject has more than one image (`groups`: each image's subject; None: each its own)."""
+    return groups is not None and len(set(np.asarray(groups).tolist())) < len(groups)
+
+
+def wilson_cc(found: float, n: float, z: float) -> tuple[float, float]:
+    """The continuity-corrected Wilson score interval of found / n in Newcombe's (1998) closed form, which also
+    takes the effective (non-integer) counts of a clustered sample; scipy's own for whole counts agrees
+    (tests/test_metrics.py)."""
+    p = found / n
+    q = 1 - p
+    low = (2 * n * p + z * z - 1 - z * np.sqrt(max(0.0, z * z - 2 - 1 / n + 4 * p * (n * q + 1)))) / (2 * (n + z * z))
+    high = (2 * n * p + z * z + 1 + z * np.sqrt(max(0.0, z * z + 2 - 1 / n + 4 * p * (n * q - 1)))) / (2 * (n + z * z))
+    return (0.0 if p <= 0 else max(0.0, float(low))), (1.0 if p >= 1 else min(1.0, float(high)))
+
+
+def effective_count(right: np.ndarray, groups: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """One class's images found and in all, each shrunk by the design effect of their subjects (Kish): the variance
+    of the recall when whole subjects are resampled against that of independent images, with Korn and Graubard's
+    (1998) correction for few subjects (the t quantile on subjects - 1 degrees of freedom in place of z). Where
+    every image was found or every one missed there is no spread to measure, and each subject counts as its
+    images standing or falling together (the design effect of a perfect correlation, the mean subject size)."""
+    n = len(right)
+    _, subject = np.unique(groups, return_inverse=True)
+    g = int(subject.max()) + 1 if n else 0
+    found = float(np.sum(right))
+    if g >= n:
+        return found, float(n)
+    p = found / n
+    if g < 2:
+        deff = float(n)  # one subject: one observation
+    elif 0 < p < 1:
+        sizes, hits = np.bincount(subject), np.bincount(subject, weights=right.astype(np.float64))
+        var = g / (g - 1) * float(np.sum((hits - p * sizes) ** 2)) / n**2
+        deff = max(1.0, var / (p * (1 - p) / n))
+    else:
+        deff = n / g
+    tail = (1 + level) / 2
+    few = (stats.norm.ppf(tail) / stats.t.ppf(tail, max(g - 1, 1))) ** 2
+    n_eff = n / deff * few
+    return p * n_eff, n_eff
+
+
+def grouped_balanced_accuracy_ci(labels: np.ndarray, pred: np.ndarray, groups: np.ndarray | list[str],
+                                 level: float = 0.95) -> list[float]:
+    """balanced_accuracy_ci where images come in subjects (`data.groups`: one patient's scans): one patient's images
+    are not independent evidence of a recall, so each class's score interval is taken on its effective counts
+    (effective_count) and the classes combined by MOVER. Coverage simulated with subjects whose own recalls vary
+    (tests/test_metrics.py)."""
+    labels, right = np.asarray(labels), np.asarray(pred) == np.asarray(labels)
+    groups = np.asarray(groups)
+    present = np.unique(labels)
+    z = float(stats.norm.ppf((1 + level) / 2))
+    counts = [effective_count(right[labels == c], groups[labels == c], level) for c in present]
+    recall = np.array([right[labels == c].mean() for c in present])
+    return _mover(recall, np.array([wilson_cc(x, n, z) for x, n in counts], dtype=np.float64))
 
 
 def macro_auc(labels: np.ndarray, probs: np.ndarray) -> float:
@@ -164,7 +232,10 @@ def format_metrics(metrics: dict[str, Any], classes: list[str], title: str = "")
 def interval_text(metrics: dict[str, Any]) -> str:
     """` (95% interval 0.871-0.952)` where the metrics carry balanced accuracy's interval, else nothing."""
     lo_hi = metrics.get("balanced_accuracy_interval")
-    return f" (95% interval {lo_hi[0]:.3f}-{lo_hi[1]:.3f}, from each class's score interval)" if lo_hi else ""
+    if not lo_hi:
+        return ""
+    over = f" over its {metrics['subjects']} subjects" if metrics.get("subjects") else ""
+    return f" (95% interval {lo_hi[0]:.3f}-{lo_hi[1]:.3f}, from each class's score interval{over})"
 
 
 def mean_metrics(runs: list[dict[str, Any]]) -> dict[str, Any]:

@@ -38,6 +38,9 @@ def chance_level(metric: str, classes: int) -> float | None:
     return None
 
 
+THRESHOLD_FREE = ("val_auc", "val_balanced_log_loss")  # figures of the probabilities themselves: no decision rule
+
+
 def learning_curves(histories: dict[str, list[dict[str, Any]]], path: str | Path, title: str = "",
                     rule: str = "", metric: str = "val_balanced_accuracy", classes: int = 2) -> None:
     """Training loss and the held-out `metric` per epoch, one line per run, with its chance level dotted."""
@@ -49,11 +52,15 @@ def learning_curves(histories: dict[str, list[dict[str, Any]]], path: str | Path
         ax_metric.plot(epochs, [h.get(metric, np.nan) for h in history], marker=".", label=label)
     ax_loss.set(xlabel="epoch", ylabel="training loss", title="training loss")
     name = metric.removeprefix("val_").replace("_", " ").replace("auc", "AUC")
+    rule = "" if metric in THRESHOLD_FREE else rule  # AUC and the log-loss judge probabilities: no rule
     ax_metric.set(xlabel="epoch", ylabel=name, title=f"validation {name}" + (f"\n({rule})" if rule else ""))
-    if "log_loss" not in metric:
-        ax_metric.set_ylim(0.0, 1.02)
+    seen = [float(h[metric]) for history in histories.values() for h in history if h.get(metric) is not None
+            and not np.isnan(h[metric])]
+    if "log_loss" not in metric and seen:  # the lines' own range (with chance, where it is near): not 0 to 1
+        low = min(min(seen), 1.0)
+        ax_metric.set_ylim(max(0.0, low - 0.05 * (1.02 - low) - 0.01), 1.0 + 0.05 * (1.0 - low) + 0.005)
     chance = chance_level(metric, classes)
-    if chance is not None:
+    if chance is not None and (not seen or chance >= min(seen) - 0.1):  # chance, where it is in view
         ax_metric.axhline(chance, color="grey", linestyle=":", linewidth=1, label=f"chance ({chance:.2f})")
     for ax in (ax_loss, ax_metric):
         ax.grid(alpha=0.3)

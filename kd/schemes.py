@@ -222,7 +222,7 @@ class CrossValidated(Scheme):
     def split(cls, cfg: Config, data: Dataset) -> CrossValidated:
         folds = make_folds(data, cfg.search.folds, cfg.data.split_seed)
         held = HeldOut(folds.labels, folds.ids, folds.ids, data.classes,
-                       decision_rule(len(data.classes), cfg.train.tune_threshold), spread=True)
+                       decision_rule(len(data.classes), cfg.train.tune_threshold), spread=True, groups=folds.groups)
         return cls(data, folds.datasets, held)
 
     def final_teacher_data(self) -> Dataset:

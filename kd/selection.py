@@ -66,12 +66,25 @@ def fold_ids(labels: np.ndarray, groups: list[str] | None, k: int, seed: int) ->
     return out
 
 
-def validation_parts(labels: np.ndarray, seed: int) -> np.ndarray:
-    """Two stratified halves of a validation split (0/1 per sample): the parts a holdout cross-fits over."""
+def subject_codes(groups: list[str] | None) -> np.ndarray | None:
+    """Each image's subject as an integer code where some subject has several images; None where every image is
+    its own (nothing to keep together)."""
+    if groups is None:
+        return None
+    names, codes = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)
+    return codes.astype(np.int64) if len(names) < len(groups) else None
+
+
+def validation_parts(labels: np.ndarray, seed: int, groups: np.ndarray | None = None) -> np.ndarray:
+    """Two stratified halves of held-out images (0/1 per sample): the parts a holdout cross-fits over, the halves the
+    re-ranking judges on. With `groups` (each image's subject), a subject's images stay in one half."""
     labels = np.asarray(labels)
-    if np.bincount(labels).min(initial=0) < 2 or len(np.unique(labels)) < 2:
+    counts = np.bincount(labels) if len(labels) else np.zeros(0, dtype=np.int64)
+    if len(np.unique(labels)) < 2 or counts[counts > 0].min() < 2:
         return np.arange(len(labels)) % 2  # a class with a single image: no stratified halves exist
-    return fold_ids(labels, None, 2, seed)
+    if groups is not None and len(np.unique(groups)) < 2:
+        return np.arange(len(labels)) % 2  # one subject: no halves can keep it whole
+    return fold_ids(labels, None if groups is None else list(groups), 2, seed)
 
 
 def cross_fitted_predictions(labels: np.ndarray, probs: np.ndarray, parts: np.ndarray) -> np.ndarray:
@@ -195,8 +208,11 @@ def paired_difference(metric: str, held: Any, a: list[np.ndarray], b: list[np.nd
     labels, cross-fitting parts, rule), each given as its probabilities from one or more seeds, seed i of `a`
     beside seed i of `b`. The standard error is that of a stratified resampling of the images: for a figure that
     is a sum over images, exactly (the per-image differences averaged over the seeds); for the others, a
-    bootstrap of `reps` resamplings (images stratified by class, seeds resampled too)."""
+    bootstrap of `reps` resamplings (images stratified by class, seeds resampled too). Where `held.groups` says some
+    subject has several images, subjects are resampled whole: the standard error is that of a cluster resampling
+    (each figure linearised, its per-image terms summed by subject; the bootstrap draws subjects)."""
     labels, parts, rule = np.asarray(held.labels), np.asarray(held.parts), held.rule
+    groups = getattr(held, "groups", None)
     pairs = list(zip(a, b, strict=True))
     if not pairs or np.bincount(labels)[np.unique(labels)].min(initial=len(labels)) < 2:
         return Difference(math.nan, math.nan, len(pairs))  # a class of one image: its spread is unknown
@@ -209,12 +225,17 @@ def paired_difference(metric: str, held: Any, a: list[np.ndarray], b: list[np.nd
         differences.append(ta[1] - tb[1])
     else:  # a sum over images: its variance under a stratified resampling of them, exactly
         d = sign * np.mean(differences, axis=0)
+        if groups is not None:  # each class's share moves with the subjects drawn: linearised, by subject
+            centred = d.copy()
+            for c in np.unique(labels):
+                centred[labels == c] -= d[labels == c].mean()
+            return Difference(float(np.sum(weights * d)), clustered_error(weights * centred, groups), len(pairs))
         var = sum((labels == c).sum() * weights[labels == c][0] ** 2 * d[labels == c].var(ddof=1)
                   for c in np.unique(labels) if (labels == c).sum() > 1)
         return Difference(float(np.sum(weights * d)), float(math.sqrt(var)), len(pairs))
 
     if metric == "val_auc" and all(pa.shape[1] == 2 for pa, _ in pairs):  # DeLong's paired test, per image
-        return _delong(labels, pairs, sign)
+        return _delong(labels, pairs, sign, groups)
     members = np.asarray(held.member) if getattr(held, "spread", False) else None
 
     def figure(probs: np.ndarray, idx: np.ndarray) -> float:
@@ -227,9 +248,15 @@ def paired_difference(metric: str, held: Any, a: list[np.ndarray], b: list[np.nd
     mean = sign * float(np.mean([figure(pa, everyone) - figure(pb, everyone) for pa, pb in pairs]))
     rng = np.random.default_rng(seed)
     by_class = [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    by_subject = [np.flatnonzero(groups == g) for g in np.unique(groups)] if groups is not None else []
     draws = []
     for _ in range(reps):
-        idx = np.concatenate([rng.choice(members, len(members)) for members in by_class])
+        if groups is not None:  # whole subjects, drawn until every class is among their images
+            while len(np.unique(labels[idx := np.concatenate(
+                    [by_subject[i] for i in rng.choice(len(by_subject), len(by_subject))])])) < len(by_class):
+                pass
+        else:
+            idx = np.concatenate([rng.choice(members, len(members)) for members in by_class])
         chosen = rng.choice(len(pairs), len(pairs)) if len(pairs) > 1 else [0]
         draws.append(sign * np.mean([figure(pairs[s][0], idx) - figure(pairs[s][1], idx) for s in chosen]))
     return Difference(mean, float(np.std(draws, ddof=1)), len(pairs))
@@ -247,12 +274,28 @@ def _placements(labels: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.n
     return (below + 0.5 * tied) / len(neg), (above + 0.5 * tied_neg) / len(pos)
 
 
-def _delong(labels: np.ndarray, pairs: list[tuple[np.ndarray, np.ndarray]], sign: int) -> Difference:
+def _delong(labels: np.ndarray, pairs: list[tuple[np.ndarray, np.ndarray]], sign: int,
+            groups: np.ndarray | None = None) -> Difference:
     """The paired difference of two models' AUC with DeLong's standard error (DeLong et al. 1988): each image's
     structural component, averaged over the seeds, differenced between the models; the variance of a resampling
-    of the positives and of the negatives."""
+    of the positives and of the negatives. With `groups`, of a resampling of subjects: each image's share of the
+    difference summed by subject (Obuchowski 1997's clustered AUC)."""
     comps = [(_placements(labels, a[:, 1]), _placements(labels, b[:, 1])) for a, b in pairs]
     d_pos = sign * np.mean([ca[0] - cb[0] for ca, cb in comps], axis=0)
     d_neg = sign * np.mean([ca[1] - cb[1] for ca, cb in comps], axis=0)
+    if groups is not None:
+        share = np.zeros(len(labels))
+        share[labels == 1] = (d_pos - d_pos.mean()) / len(d_pos)
+        share[labels == 0] = (d_neg - d_neg.mean()) / len(d_neg)
+        return Difference(float(d_pos.mean()), clustered_error(share, groups), len(pairs))
     var = d_pos.var(ddof=1) / len(d_pos) + d_neg.var(ddof=1) / len(d_neg)
     return Difference(float(d_pos.mean()), float(math.sqrt(var)), len(pairs))
+
+
+def clustered_error(terms: np.ndarray, groups: np.ndarray) -> float:
+    """The standard error of a figure whose linearised per-image terms (each image's share of its deviation) are
+    `terms`, under a resampling of whole subjects (`groups`, per image): the subjects' totals' spread."""
+    _, subject = np.unique(groups, return_inverse=True)
+    totals = np.bincount(subject, weights=terms)
+    g = len(totals)
+    return float(math.sqrt(g / (g - 1) * np.sum(totals ** 2))) if g > 1 else math.nan

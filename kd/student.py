@@ -66,5 +66,6 @@ def evaluate_model(model: torch.nn.Module, data: Dataset, split: str, threshold:
                    cfg: Config) -> dict[str, Any]:
     """Metrics of an in-memory model on one split, at the given decision threshold; on the test split, the full
     report (balanced accuracy's interval, AUC and balanced log-loss: kd.metrics.compute_metrics)."""
-    return compute_metrics(data.split(split).labels.numpy(), split_probs(model, data, split, cfg), data.classes,
-                           threshold, full=split == "test")
+    part = data.split(split)
+    return compute_metrics(part.labels.numpy(), split_probs(model, data, split, cfg), data.classes, threshold,
+                           full=split == "test", groups=part.groups())

@@ -18,6 +18,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Any, cast
 
 import numpy as np
@@ -32,7 +33,7 @@ from kd.files import atomic_path
 from kd.infer import Runner, resolve_device
 from kd.losses import DistillLoss
 from kd.models import is_distilled
-from kd.selection import decision_rule, held_out_metrics, validation_parts
+from kd.selection import decision_rule, held_out_metrics, subject_codes, validation_parts
 from kd.stream import BatchSource
 from kd.typed import Vocabulary
 
@@ -103,13 +104,15 @@ def _optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torc
 
 
 def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
-    """Linear warmup, then cosine to zero over the remaining steps, a step decay, or constant."""
+    """Linear warmup, then cosine to zero over the remaining steps (over each cycle, with `restarts`), a step
+    decay, or constant."""
     warm = cfg.warmup_epochs * steps_per_epoch
     if step < warm:
         return (step + 1) / warm
     if cfg.schedule == "cosine":
-        total = max(1, cfg.epochs * steps_per_epoch - warm)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / total)))
+        edges = [warm, *(e * steps_per_epoch for e in cfg.restarts), cfg.epochs * steps_per_epoch]
+        start, end = next(((a, b) for a, b in pairwise(edges) if step < b), (edges[-2], edges[-1]))
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - start) / max(1, end - start))))
     if cfg.schedule == "step":
         return cfg.gamma ** ((step // steps_per_epoch) // cfg.step_size)
     return 1.0
@@ -227,13 +230,16 @@ class Training:
 class HeldOut:
     """The images a fit is judged on after every epoch: their labels, which member predicts each (one member on a
     validation split; fold f's student on fold f), the parts a threshold is cross-fitted over, and the decision rule
-    (kd.selection). `spread` adds the spread of balanced accuracy across the members' own images."""
+    (kd.selection). `spread` adds the spread of balanced accuracy across the members' own images. `groups`: each
+    image's subject (an integer code) where some subject has several images (data.groups, or identical images), so
+    that halves keep a subject whole and standard errors resample subjects; None: every image its own."""
     labels: np.ndarray
     member: np.ndarray
     parts: np.ndarray
     classes: list[str]
     rule: str
     spread: bool = False
+    groups: np.ndarray | None = None
 
     @classmethod
     def validation(cls, data: Dataset, tune_threshold: bool) -> HeldOut | None:
@@ -241,13 +247,14 @@ class HeldOut:
         trial: comparisons share their noise); None where there is no validation split (a final refit)."""
         if not len(data.val):
             return None
-        labels = data.val.labels.numpy()
-        return cls(labels, np.zeros(len(labels), dtype=np.int64), validation_parts(labels, seed=0), data.classes,
-                   decision_rule(len(data.classes), tune_threshold))
+        labels, groups = data.val.labels.numpy(), subject_codes(data.val.groups())
+        return cls(labels, np.zeros(len(labels), dtype=np.int64), validation_parts(labels, 0, groups), data.classes,
+                   decision_rule(len(data.classes), tune_threshold), groups=groups)
 
     def subset(self, idx: np.ndarray) -> HeldOut:
         """The same held-out images, only those of `idx` (a half that judges what the other half picked)."""
-        return dataclasses.replace(self, labels=self.labels[idx], member=self.member[idx], parts=self.parts[idx])
+        return dataclasses.replace(self, labels=self.labels[idx], member=self.member[idx], parts=self.parts[idx],
+                                   groups=self.groups[idx] if self.groups is not None else None)
 
     def pool(self, trainings: list[Training]) -> np.ndarray:
         """Every held-out image's probabilities, each from the member that holds it out."""

@@ -36,12 +36,17 @@ COSTS = ("student_params", "student_mflops", "student_latency_ms")  # what a stu
 class SearchConfig(SchemeConfig):
     """The `search` section: the library's part (folds, final: kd.config.SchemeConfig) and the search's own."""
     num_samples: int = 16          # trials (the hand-picked points among them)
-    metric: str = "val_auc"        # the ranking figure bench/quality.py chose (README: which figure ranks)
+    metric: str = "val_auc"        # the ranking figure bench/quality.py chose (bench/README.md: which figure ranks)
     mode: Literal["auto", "max", "min"] = "auto"  # auto: min for a loss (kd.selection.LOWER_IS_BETTER), else max
     objectives: list[str] = field(default_factory=list)  # [metric, a cost, ...]: a multi-objective search
-    scheduler: Literal["asha", "none"] = "asha"  # asha: stop weak trials early; none: every trial runs all epochs
+    # asha: stop weak trials early; none: every trial runs all epochs; auto: asha, but none in a multi-objective
+    # search (ASHA judges on accuracy alone and would stop the cheap students before they reach the front)
+    scheduler: Literal["auto", "asha", "none"] = "auto"
     grace_period: int = 2          # ASHA: epochs every trial gets before it can be stopped
     reduction_factor: int = 2      # ASHA: the share of trials kept at each rung is 1 / reduction_factor
+    # ASHA with a cosine schedule: lr anneals to zero at each rung and restarts (train.restarts set to the rungs),
+    # so a rung judges a student as it will be judged at the end, not one whose lr has not come down yet
+    anneal_at_rungs: bool = True
     max_concurrent: int = 0        # 0 = as many as the resources allow
     gpus_per_trial: float = 0.25   # fractions pack several trials on one GPU; ignored where there is no GPU
     cpus_per_trial: float = 1.0    # CPUs a trial holds (torch uses as many threads)
@@ -71,6 +76,11 @@ class SearchConfig(SchemeConfig):
         if name == self.metric:
             return self.direction
         return "min" if name in COSTS or name in LOWER_IS_BETTER else "max"
+
+    @property
+    def stops_early(self) -> bool:
+        """Whether ASHA stops weak trials: `scheduler` with auto resolved."""
+        return self.scheduler == "asha" or (self.scheduler == "auto" and not self.objectives)
 
     @property
     def directions(self) -> list[Literal["max", "min"]]:

@@ -1,5 +1,6 @@
 """What each config key means, read from the config types' own comments, and the resolved config printed with them
-(`kdsearch config PRESET|FILE [--set KEY=VALUE ...]`).
+(`kdsearch config PRESET|FILE [--set KEY=VALUE ...]`), and the default config so printed as docs/configuration.md
+(`python -m search.configdoc > docs/configuration.md`).
 
 A key's meaning is the comment on its field's line in kd/config.py or search/config.py, or the comment lines just
 above it; tests/test_config.py checks that every key has one, so a new setting cannot ship without its meaning.
@@ -96,3 +97,24 @@ def _flow(value: Any) -> str:
 
 def _commented(line: str, meaning: str) -> str:
     return f"{line:<40}  # {meaning}" if meaning else line
+
+
+def reference() -> str:
+    """docs/configuration.md: every key of a search's config with its default and its meaning, as Markdown
+    (tests/test_config.py checks the file is this, so a key or a meaning changed without regenerating fails)."""
+    from search.config import load_config
+
+    return (
+        "# Configuration reference\n\n"
+        "Every key of a search's config, with its default and its meaning (the comment on its field in `kd/config.py`\n"
+        "or `search/config.py`). Generated from those config types by `search/configdoc.py`: do not edit it by hand,\n"
+        "regenerate it with\n\n"
+        "```bash\npython -m search.configdoc > docs/configuration.md\n```\n\n"
+        "`kdsearch config PRESET|FILE [--set KEY=VALUE ...]` prints the same for a preset or a config of your own,\n"
+        "resolved; the conventions behind the keys are in [getting-started.md](getting-started.md#configuration).\n\n"
+        "```yaml\n" + annotated_yaml(load_config(None)) + "```\n"
+    )
+
+
+if __name__ == "__main__":
+    print(reference(), end="")

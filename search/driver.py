@@ -40,12 +40,13 @@ from search.session import exclusive, experiment_path, run_dir_of, set_aside_sta
 from search.space import check_points, check_searched_models, parse_space
 from search.teachers import prepare_teachers
 from search.tracking import check_loggers, exact_loggers
-from search.tuner import build_tuner
+from search.tuner import at_rungs, build_tuner
 
 
 def run_search(cfg: Config, address: str | None = None, storage: str | None = None, resume: bool = False,
                quiet: bool = False, echo: Callable[[str], None] = print, resume_command: str | None = None) -> Path:
     """`resume_command`: the command that continues this search, told when it is interrupted."""
+    cfg = at_rungs(cfg)  # the recipe every trial, re-ranking fit and refit of this search trains with
     params = parse_space(cfg)  # a bad space, point or model is reported before anything starts
     check_points(cfg.search.points, params, cfg)
     hub_models = check_searched_models(cfg, params)  # timm weights downloaded here, once, where not cached

@@ -75,20 +75,20 @@ def _evaluate_and_export(run: Run, row: pd.Series, tcfg: Config, state: dict[str
     as_teacher = dataclasses.replace(tcfg, train=tcfg.teacher.train)  # its own forward settings (amp, channels_last)
     teacher_test = evaluate_model(teacher_model, data, "test", None, as_teacher)
     shipped = split_probs(final.model, data, "test", tcfg)  # one forward pass: its figures at argmax and as shipped
-    labels = data.test.labels.numpy()
-    student_argmax = compute_metrics(labels, shipped, data.classes, None, full=True)
+    labels, subjects = data.test.labels.numpy(), data.test.groups()  # subjects: the interval resamples them
+    student_argmax = compute_metrics(labels, shipped, data.classes, None, full=True, groups=subjects)
     cost = distill_report(tcfg, final.model, teacher_model, teacher_test, student_argmax,
                           "test balanced accuracy at argmax (both)")
     # each fold student's test probabilities, once: the calibration shift and a distilled student's teacher read them
     fold_probs = functools.cache(lambda model: split_probs(model, data, "test", tcfg))
     taught = final.distilled_from  # a distilled student's teacher: the fold ensemble (their mean), under the same rule
     ensemble_test = compute_metrics(labels, np.mean([fold_probs(m) for m in taught.members], axis=0), data.classes,
-                                    None, full=True) if taught is not None else {}
+                                    None, full=True, groups=subjects) if taught is not None else {}
     shift = {**calibration_shift(shipped, [fold_probs(m) for m in final.tuned_on], final.threshold),
              "fits_tuned_on": final.fits_tuned_on} if final.threshold is not None and final.tuned_on else {}
-    test = compute_metrics(labels, shipped, data.classes, final.threshold, full=True)
+    test = compute_metrics(labels, shipped, data.classes, final.threshold, full=True, groups=subjects)
     decision = final.decision
-    tuned_test = compute_metrics(labels, shipped, data.classes, decision.tuned, full=True) \
+    tuned_test = compute_metrics(labels, shipped, data.classes, decision.tuned, full=True, groups=subjects) \
         if decision.tuned is not None and decision.threshold is None else {}
     best = BestRecord(trial=row["trial"], classes=data.classes, threshold=final.threshold, epoch=final.epoch,
                       params=run.params(row), trial_val=judged, val_about=_val_about(final), teacher_test=teacher_test,
@@ -118,7 +118,8 @@ def _labels_only(run: Run, twin: Final | None, data: Dataset, tcfg: Config) -> d
                            "lower": record.lower, "verdict": record.verdict, "seeds": record.seeds, "text": record.text}
     if twin is not None:
         probs = split_probs(twin.model, data, "test", tcfg)
-        out["test"] = compute_metrics(data.test.labels.numpy(), probs, data.classes, twin.threshold, full=True)
+        out["test"] = compute_metrics(data.test.labels.numpy(), probs, data.classes, twin.threshold, full=True,
+                                      groups=data.test.groups())
         out["test_balanced_accuracy"] = out["test"]["balanced_accuracy"]
     return out
 

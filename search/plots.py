@@ -8,11 +8,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from kd import plots as kplots
-from kd.plots import new_figure, save_figure
+from kd.plots import THRESHOLD_FREE, new_figure, save_figure
 from search.config import COSTS
 from search.records import JOURNAL, RANKED, TrialStatus
 from search.run import Run
@@ -36,8 +37,10 @@ def draw_all(run: Run) -> None:
         top = run.best_trials(5)
         if len(top):
             metric = run.config.search.metric
-            kplots.learning_curves({f"{r['trial']} ({r['status']})": run.histories[r["trial"]]
-                                    for _, r in top.iterrows()}, out / "learning_curves.png",
+            exported = run.best.trial if run.best is not None else None
+            kplots.learning_curves({f"{r['trial']}{' (exported)' if r['trial'] == exported else ''} "
+                                    f"({r['status']}, {r.get('distill.mode', '')})".replace(", )", ")"):
+                                    run.histories[r["trial"]] for _, r in top.iterrows()}, out / "learning_curves.png",
                                    f"the top trials by {metric}", run.rule_label, metric, len(run.classes))
         soft_vs_hard(run, out / "soft_vs_hard.png")
         pareto(run, out / "pareto.png")
@@ -45,8 +48,10 @@ def draw_all(run: Run) -> None:
         timeline(run, out / "timeline.png")
     best = run.best
     if best is not None:
+        rule = "argmax" if best.threshold is None else f"p({best.classes[1]}) >= {best.threshold:.3f}"
         kplots.confusion_matrix(best.test["confusion_matrix"], best.classes, out / "confusion_matrix_test.png",
-                                f"best student (trial {best.trial}) on the held-out test split")
+                                f"the exported {best.final} (trial {best.trial}'s config)\non the held-out test "
+                                f"split, at {rule}")
 
 
 def trials_in_order(run: Run, path: Path) -> None:
@@ -62,9 +67,19 @@ def trials_in_order(run: Run, path: Path) -> None:
     if len(done):
         running = done[metric].cummax() if cfg.search.direction == "max" else done[metric].cummin()
         ax.step(done["number"], running, where="post", color="black", linewidth=1.2, label="best so far")
+    marked = [(run.best.trial if run.best is not None else None, "exported", "*", 260)]
+    marked += [(r["trial"], f"hand-picked {i + 1}", "D", 90) for i, point in enumerate(cfg.search.points)
+               if (r := run.point_trial(point)) is not None]
+    for trial, what, marker, size in marked:
+        row = table[table["trial"] == trial]
+        if len(row) and pd.notna(row.iloc[0][metric]):
+            x, y = row.iloc[0]["number"], row.iloc[0][metric]
+            ax.scatter([x], [y], s=size, marker=marker, facecolors="none", edgecolors="black", zorder=4)
+            ax.annotate(f"{trial}\n{what}", (x, y), textcoords="offset points", xytext=(6, -18), fontsize=7)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set(xlabel="trial (in order of start)", ylabel=metric,
-           title=f"{metric} per trial, its last epoch ({run.rule_label})")
+    rule = "" if metric in THRESHOLD_FREE else f" ({run.rule_label})"
+    ax.set(xlabel="trial, in order of start (the table's trial ids at the marked ones)", ylabel=metric,
+           title=f"{metric} per trial, at its last epoch{rule}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: no point hides behind it
     save_figure(fig, path)
@@ -112,13 +127,25 @@ def params_vs_metric(run: Run, path: Path) -> None:
             x = sub[key].astype(float)
             if spec.get("type") == "loguniform" or spec.get("log"):
                 log_axis(ax, float(spec["low"]), float(spec["high"]))
-        ax.scatter(x, sub[metric], c=colours, s=24, alpha=0.8, edgecolors="none")
+        stopped = (sub["status"] != TrialStatus.COMPLETED).to_numpy() if len(sub) else np.zeros(0, dtype=bool)
+        xs = np.asarray(x, dtype=float)
+        ys = sub[metric].to_numpy(dtype=float)
+        ax.scatter(xs[~stopped], ys[~stopped], c=[c for c, s in zip(colours, stopped, strict=True) if not s], s=24,
+                   alpha=0.8, edgecolors="none")
+        ax.scatter(xs[stopped], ys[stopped], facecolors="none", s=24, alpha=0.8,
+                   edgecolors=[c for c, s in zip(colours, stopped, strict=True) if s])
         ax.set(title=key, ylabel=metric if ax in axes[:, 0] else "")
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
-    fig.suptitle(f"each searched parameter against {metric} ({run.rule_label}; blue: soft, green: hard)")
-    fig.tight_layout()
+    rule = "" if metric in THRESHOLD_FREE else f" ({run.rule_label})"
+    fig.suptitle(f"each searched parameter against {metric}{rule}, each trial at its last epoch")
+    key_handles = [Line2D([], [], marker="o", linestyle="", color=c, label=f"{m} distillation")
+                   for m, c in mode_colour.items()]
+    key_handles.append(Line2D([], [], marker="o", linestyle="", markerfacecolor="none", color="grey",
+                              label="stopped early (an earlier epoch's figure)"))
+    fig.legend(handles=key_handles, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     save_figure(fig, path)
 
 
@@ -137,7 +164,8 @@ def soft_vs_hard(run: Run, path: Path) -> None:
     ax = fig.subplots()
     for i, (mode, b) in enumerate(best.items()):
         values = [float(b.iloc[0][n]) for n in names]
-        bars = ax.bar(x + (i - 0.5) * 0.38, values, 0.38, label=f"best {mode} (trial {b.iloc[0]['trial']})")
+        bars = ax.bar(x + (i - 0.5) * 0.38, values, 0.38,
+                      label=f"best {mode} (trial {b.iloc[0]['trial']}, epoch {int(b.iloc[0]['epochs'])})")
         ax.bar_label(bars, fmt="%.3f", fontsize=7)
     ax.set_xticks(x, [n.removeprefix("val_").replace("_", " ") for n in names], fontsize=8)
     ax.set(ylim=(0, 1.1), title=f"best soft vs best hard distillation, by {run.config.search.metric} "

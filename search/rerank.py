@@ -163,7 +163,7 @@ def pick(entries: list[Candidate], allowed: set[str], sign: int) -> int:
 def judging_halves(held: HeldOut | None) -> np.ndarray:
     """Two stratified halves of the held-out images (0/1 per image, fixed): each half judges what the other
     picked."""
-    return validation_parts(held.labels, seed=1) if held is not None else np.zeros(0, dtype=np.int64)
+    return validation_parts(held.labels, 1, held.groups) if held is not None else np.zeros(0, dtype=np.int64)
 
 
 def half_figure(metric: str, held: HeldOut, probs: np.ndarray, idx: np.ndarray) -> float:

@@ -47,7 +47,9 @@ def summary_markdown(run: Run) -> str:
     for name, title in ((("trials.png", f"{metric} per trial"), ("importance.png", "parameter importance"),
                          ("params.png", f"each parameter against {metric}"),
                          ("learning_curves.png", "learning curves of the top trials"),
-                         ("soft_vs_hard.png", "best soft vs best hard"))):
+                         ("soft_vs_hard.png", "best soft vs best hard"),
+                         ("timeline.png", "each trial slot over the search: where the time went"),
+                         ("confusion_matrix_test.png", "the exported model on the test split"))):
         if (run.directory / "plots" / name).is_file():
             out += [f"![{title}](plots/{name})", ""]
         elif name == "importance.png" and len(run.table):
@@ -58,8 +60,13 @@ def summary_markdown(run: Run) -> str:
     best = run.best
     picked = best.trial if best is not None else top.iloc[0]["trial"] if len(top) else None
     if picked:
-        out += ["## Reproduce", "", "Every trial's full config is in `configs/`; the exported one outside Ray:", "",
-                f"    kdsearch distill {run.directory / 'configs' / (picked + '.yaml')}", ""]
+        name = run.directory.name
+        out += ["## Reproduce", "", f"The export in `best/`, rebuilt the way the search made it ({run.config.ships}, "
+                "with its decision rule), from the folder that holds this run:", "",
+                f"    kdsearch export {name} --trial {picked} --out {name}/best-rebuilt", "",
+                f"Every trial's full config is in `configs/` (the exported one: `configs/{picked}.yaml`); "
+                "`kdsearch distill` on it trains one student on the train split alone, checked on validation, "
+                "which is not the export.", ""]
     return "\n".join(out)
 
 
@@ -71,7 +78,7 @@ def _heading(run: Run) -> list[str]:
     out = [f"# Search `{cfg.name}`", "",
            f"{cfg.search.num_samples} trials of `{cfg.student.name}` distilled from `{cfg.teacher.name}` "
            f"({data}), optimising `{cfg.search.metric}` ({cfg.search.direction}) with Optuna TPE"
-           f"{' and ASHA early stopping' if cfg.search.scheduler == 'asha' else ''}. "
+           f"{' and ASHA early stopping' if cfg.search.stops_early else ''}. "
            f"Trials so far: {len(table)} ({status}).", ""]
     if record and record.seconds:
         out[-1:] = [f"Wall time of the whole search: {record.seconds / 60:.1f} min.", ""]
@@ -87,11 +94,56 @@ def _heading(run: Run) -> list[str]:
             tested = (f" On the test split the twin, shipped the same way, scored {twin['test_balanced_accuracy']:.4f}"
                       f" against {best.test['balanced_accuracy']:.4f}." if "test_balanced_accuracy" in twin else "")
             out += [f"**What the teacher added:** {twin['text'][0].upper()}{twin['text'][1:]}.{tested}", ""]
+        against = _against_points(run)
+        if against:
+            out += [f"**Against the hand-picked settings:** {against}.", ""]
+        out += [f"**Next to try:** {next_step(run, best)}", ""]
     if best is not None and best.cost:
         out += [f"**What distillation bought:** {best.cost['summary']} (the exported best; parameters, FLOPs from "
                 "torch's flop counter and latency measured the same way for both, details in "
                 "`best/kdsearch.json` under `compression`).", ""]
     return out
+
+
+def _against_points(run: Run) -> str:
+    """One clause per hand-picked point: the re-ranking's verdict, in a line."""
+    rr = run.reranking
+    if rr is None:
+        return ""
+    parts = []
+    for c in rr.against_points:
+        what = f"hand-picked {c.point} (`{c.trial}`)"
+        if c.verdict == Verdict.BEATS:
+            parts.append(f"beats {what} beyond the noise ({c.difference:+.4f} in `{rr.metric}`)")
+        elif c.verdict == Verdict.WITHIN_NOISE:
+            parts.append(f"does not beat {what} beyond the noise ({c.difference:+.4f}; the test could find "
+                         f"{c.detectable:.4f})")
+        elif c.verdict == Verdict.SAME:
+            parts.append(f"is {what} itself")
+        else:
+            parts.append(f"was not judged against {what}")
+    return "the winner " + "; ".join(parts) if parts else ""
+
+
+def next_step(run: Run, best: BestRecord) -> str:
+    """What to try next, from what the search measured: the first that applies."""
+    rr, cfg = run.reranking, run.config
+    twin = rr.labels_only if rr is not None else None
+    if twin is not None and twin.verdict == Verdict.WITHIN_NOISE:
+        return ("a stronger teacher (more `teacher.train.epochs`, `teacher.pretrained: true`, a larger "
+                "`data.image_size`): the teacher added nothing measurable, so distillation has nothing to pass on.")
+    if best.warnings:
+        return "act on the warning above; then search again."
+    if rr is not None and rr.against_points and all(c.verdict == Verdict.WITHIN_NOISE for c in rr.against_points):
+        return (f"more trials (`search.num_samples`, {cfg.search.num_samples} now) or more judging seeds "
+                f"(`search.judge_seeds`, {cfg.search.judge_seeds} now): the search's pick is not yet told apart "
+                "from the hand-picked settings.")
+    interval = best.test.get("balanced_accuracy_interval")
+    if interval and interval[1] - interval[0] > 0.1:
+        rare = min(sum(row) for row in best.test["confusion_matrix"])
+        return (f"more test images of the rare class before trusting the figure to a few points: {rare} leave "
+                f"its 95% interval {interval[1] - interval[0]:.2f} wide. The model itself is ready to use.")
+    return "nothing the search measured asks for more; use the export in `best/`."
 
 
 def _teacher(run: Run) -> list[str]:
@@ -133,9 +185,14 @@ def _top_trials(run: Run, top: pd.DataFrame) -> list[str]:
         keys = run.searched_keys()
         names, labels = _figures(run, classes, top)
         header = ["trial", *[param_name(k) for k in keys], *labels, "epochs", "status"]
-        rows = [[r["trial"], *[r.get(k) for k in keys], *[r[n] for n in names], r["epochs"], r["status"]]
-                for _, r in top.iterrows()]
+        exported = run.best.trial if run.best is not None else None
+        rows = [[f"{r['trial']} (exported)" if r["trial"] == exported else r["trial"], *[r.get(k) for k in keys],
+                 *[r[n] for n in names], r["epochs"], r["status"]] for _, r in top.iterrows()]
         out += [_table(header, rows), ""]
+        if exported is not None:
+            out += [f"Each trial's figures are from its last epoch (the epochs column: ASHA stopped some early). "
+                    f"The export is `{exported}`'s config, retrained as `search.final` says; its own figures are in "
+                    "the re-ranking and the test below.", ""]
     else:
         out += ["No trial has finished yet.", ""]
     failed = table[table["status"] == TrialStatus.FAILED] if len(table) else table
@@ -175,8 +232,12 @@ def _soft_vs_hard(run: Run, top: pd.DataFrame) -> list[str]:
     rows = [["trial", s["trial"], h["trial"]], ["accuracy", s["val_accuracy"], h["val_accuracy"]],
             ["balanced accuracy", s["val_balanced_accuracy"], h["val_balanced_accuracy"]],
             *[[f"recall {c}", s[f"val_recall_{c}"], h[f"val_recall_{c}"]] for c in classes],
-            ["macro F1", s["val_macro_f1"], h["val_macro_f1"]]]
-    return ["## Best soft vs best hard distillation (validation)", "", _table(["", "soft", "hard"], rows), ""]
+            ["macro F1", s["val_macro_f1"], h["val_macro_f1"]], ["epochs", s["epochs"], h["epochs"]]]
+    note = ("" if s["epochs"] == h["epochs"] else
+            " Their figures are from different epochs (ASHA stopped one earlier): not a like-for-like comparison.")
+    return ["## Best soft vs best hard distillation (validation)", "",
+            f"Each mode's best trial by the search's figure, at its last epoch.{note}", "",
+            _table(["", "soft", "hard"], rows), ""]
 
 
 def _pareto(run: Run) -> list[str]:

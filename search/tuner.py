@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import warnings
+from dataclasses import replace
 from typing import Any, cast
 
 import optuna
@@ -118,7 +119,8 @@ def _searcher(cfg: Config) -> OptunaSearch:
     # The study lives beside the results (not in remote storage): Optuna's own tools can load it from there.
     journal = run_dir_of(cfg) / JOURNAL
     storage = JournalStorage(JournalFileBackend(str(journal)))
-    # several objectives (search.objectives): the same TPE in its multi-objective mode (README: accuracy against cost)
+    # several objectives (search.objectives): the same TPE in its multi-objective mode
+    # (docs/searching.md: accuracy against cost)
     metric, mode = (s.objectives, s.directions) if s.objectives else (s.metric, s.direction)
     return Searcher(epochs=cfg.train.epochs, space=DefineByRun(params, cfg), metric=metric, mode=mode,
                         points_to_evaluate=check_points(s.points, params, cfg) or None, sampler=sampler,
@@ -128,11 +130,24 @@ def _searcher(cfg: Config) -> OptunaSearch:
 def asha_milestones(cfg: Config) -> list[int]:
     """The epochs at which ASHA may stop a trial: grace_period * reduction_factor**k below train.epochs, as Ray's
     ASHAScheduler places its rungs (one bracket)."""
-    if cfg.search.scheduler != "asha":
+    if not cfg.search.stops_early:
         return []
     grace, rf, top = min(cfg.search.grace_period, cfg.train.epochs), cfg.search.reduction_factor, cfg.train.epochs
     rungs = int(math.log(top / grace) / math.log(rf) + 1)
     return [grace * rf**k for k in range(rungs) if grace * rf**k < top]
+
+
+def at_rungs(cfg: Config) -> Config:
+    """The search's recipe: with `search.anneal_at_rungs`, ASHA and a cosine schedule, `train.restarts` set to
+    ASHA's rungs (where the config names none), so each trial's learning rate anneals to zero at every epoch a
+    rung judges it. A plain cosine over all the epochs is still high at the first rung: a trial with a high rate
+    looks worse there than it ends, and ASHA stops the slow starters (docs/searching.md: what a search does to the
+    schedule; bench/rungs.py measures it)."""
+    t = cfg.train
+    if not cfg.search.anneal_at_rungs or t.restarts or t.schedule != "cosine":
+        return cfg
+    rungs = [e for e in asha_milestones(cfg) if e > t.warmup_epochs]
+    return replace(cfg, train=replace(t, restarts=rungs)) if rungs else cfg
 
 
 def checkpoint_epochs(cfg: Config) -> frozenset[int]:
@@ -143,7 +158,7 @@ def checkpoint_epochs(cfg: Config) -> frozenset[int]:
 
 
 def _scheduler(cfg: Config) -> TrialScheduler:
-    if cfg.search.scheduler == "asha":
+    if cfg.search.stops_early:
         return ASHAScheduler(time_attr="training_iteration", max_t=cfg.train.epochs,
                              grace_period=min(cfg.search.grace_period, cfg.train.epochs),
                              reduction_factor=cfg.search.reduction_factor)

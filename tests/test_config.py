@@ -236,6 +236,17 @@ def test_kdsearch_config_prints_the_resolved_config_with_each_keys_meaning(tmp_p
         assert line.split("  # ", 1)[1] == known[key], line
 
 
+def test_the_configuration_reference_in_docs_is_generated_from_the_config_types():
+    """docs/configuration.md is `search.configdoc.reference()`: a key added, renamed or given another meaning in
+    kd/config.py or search/config.py fails here until the file is regenerated (`python -m search.configdoc >
+    docs/configuration.md`)."""
+    from pathlib import Path
+
+    from search.configdoc import reference
+    path = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
+    assert path.read_text() == reference(), "docs/configuration.md is stale: python -m search.configdoc > " \
+        "docs/configuration.md"
+
 def test_presets_are_listed_with_their_whole_description(capsys):
     from search.cli import main
     assert main(["presets"]) == 0

@@ -182,7 +182,12 @@ def test_export_round_trips_to_identical_logits(digits_setup, tmp_path):
     assert torch.allclose(graph(images.float() / 255), direct, atol=1e-5)
     info = json.loads((out / "kdsearch.json").read_text())
     assert info["architecture"] == "test_resnet" and info["classes"] == data.classes
-    assert json.loads((out / "config.json").read_text())["label_names"] == data.classes  # timm's own config
+    timm_config = json.loads((out / "config.json").read_text())
+    assert timm_config["label_names"] == data.classes  # timm's own config, describing these weights, not timm's own
+    assert timm_config["pretrained_cfg"]["tag"] == "kd-search" and "license" not in timm_config["pretrained_cfg"]
+    card = (out / "README.md").read_text()  # the model card, as the hub shows one
+    assert card.startswith("---\nlibrary_name: timm") and f"p(`{data.classes[1]}`) >= {result.threshold:.4f}" in card
+    assert "## Intended use and limits" in card and "alpha 0.5" in card
     assert info["threshold"] == pytest.approx(result.threshold) and info["config"]["distill"]["alpha"] == 0.5
     probs = loaded.probs(images)
     assert np.array_equal(loaded.predict(images), (probs[:, 1] >= result.threshold).astype(int))

@@ -121,3 +121,27 @@ def test_a_missing_column_or_an_unmatched_name_names_the_file(tmp_path):
     with pytest.raises(DataError, match="finds no subject in 1 of the 121 file names of data.train "
                                         r"\(first: .*scan-without-patient.png\)"):
         load_dataset(data_config(tmp_path, "csv", train, r"pattern:^(P\d+)_"), progress=False)
+
+
+def test_the_halves_that_judge_and_cross_fit_keep_a_subject_whole(tmp_path):
+    """After the folds: the holdout's cross-fitting halves, the re-ranking's judging halves and the test interval
+    all take a patient's scans as one."""
+    from kd.schemes import CrossValidated
+    from kd.train import HeldOut
+    from search.rerank import judging_halves
+    cfg = load_config(None, ["data.source=csv", f"data.train={scans(tmp_path)}", "data.groups=column:patient",
+                             "data.image_size=16", f"data.cache_dir={tmp_path / 'cache'}", "data.val_fraction=0.25",
+                             "data.test_fraction=0.25", f"data.train.images={tmp_path / 'images'}", "search.folds=3"])
+    data = load_dataset(cfg.data, progress=False)
+
+    def whole(subjects, parts):
+        seen = {}
+        return all(seen.setdefault(s, p) == p for s, p in zip(subjects, parts, strict=True)) and len(set(parts)) == 2
+
+    validation = HeldOut.validation(data, tune_threshold=True)
+    assert validation.groups is not None and whole(data.val.subjects, validation.parts)
+    assert whole(data.val.subjects, judging_halves(validation))
+    held = CrossValidated.split(cfg, data).held
+    assert whole(data.train.subjects + data.val.subjects, judging_halves(held))
+    half = held.subset(judging_halves(held) == 0)
+    assert len(half.groups) == len(half.labels)

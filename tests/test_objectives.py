@@ -69,15 +69,33 @@ def test_each_student_is_measured_once_and_kept_across_searches(tmp_path, monkey
     assert len(json.loads((tmp_path / "cache" / COSTS_FILE).read_text())["costs"]) == 3
 
 
+def test_a_multi_objective_search_stops_no_trial_early_unless_asked():
+    """ASHA judges a trial on the accuracy figure alone: in a search for accuracy and cost it would stop the small
+    students that start slower before they reach the front. So `search.scheduler: auto` is ASHA for one objective
+    and none for several; asha or none still say which."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from search.tuner import _scheduler, asha_milestones
+    both = "search.objectives=[val_auc,student_params]"
+    assert isinstance(_scheduler(load_config(None, [both])), FIFOScheduler)
+    assert not isinstance(_scheduler(load_config(None, [both])), ASHAScheduler)
+    assert asha_milestones(load_config(None, [both, "train.epochs=8"])) == []  # and so no rung restarts
+    assert isinstance(_scheduler(load_config(None, [both, "search.scheduler=asha"])), ASHAScheduler)
+    assert isinstance(_scheduler(load_config(None, [])), ASHAScheduler)
+    assert isinstance(_scheduler(load_config(None, ["search.scheduler=none"])), FIFOScheduler)
+
+
 @pytest.mark.slow
 def test_a_search_for_accuracy_and_size_finds_its_front(tmp_path, shared_cache):
-    """Two students of different size; ASHA stops some trials (PRUNED in the study, off the front). No loggers asked
-    for: Ray adds none of its own (its TensorBoard logger would write event files into the trial folders)."""
+    """Two students of different size; ASHA, asked for (a multi-objective search has none by default), stops some
+    trials (PRUNED in the study, off the front). No loggers asked for: Ray adds none of its own (its TensorBoard
+    logger would write event files into the trial folders)."""
     space = {"student.name": {"type": "choice", "values": ["test_resnet", "test_efficientnet"]},
              "train.lr": {"type": "loguniform", "low": 1e-3, "high": 3e-2}}
     cfg = load_config(None, tiny_overrides(shared_cache, tmp_path / "results") + [
         "name=front", "search.num_samples=6", "train.epochs=2", "search.grace_period=1", "search.confirm_seeds=1",
         "search.judge_seeds=0", "search.objectives=[val_auc,student_params]", "search.loggers=[]",
+        "search.scheduler=asha",
     ]).updated({"search.space": space})
     lines: list[str] = []
     run_dir = run_search(cfg, quiet=True, echo=lines.append)

@@ -148,6 +148,10 @@ def test_summary_names_the_rule_and_sets_the_search_beside_its_reranking_and_tes
     assert "**Against hand-picked 1**" in summary  # said plainly, beaten beyond the noise or not
     assert "judged on images and seeds that did not pick" in summary
     assert "balanced accuracy, 95% interval (from each class's score interval)" in summary
+    opening = summary.split("## Teacher")[0]  # what happened, first: the verdicts in a line and the next step
+    assert "**Against the hand-picked settings:** the winner " in opening and "**Next to try:** " in opening
+    assert f"| {best['trial']} (exported) |" in summary  # the exported trial marked where the trials are listed
+    assert f"    kdsearch export {run_dir.name} --trial {best['trial']} --out {run_dir.name}/best-rebuilt" in summary
 
 
 def test_teacher_ran_once_before_the_trials(shared_search):

@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import optuna
+import pytest
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from ray.tune.result import DONE, TRAINING_ITERATION
 
@@ -64,3 +65,30 @@ def test_a_failed_trial_is_failed_and_a_finished_one_complete(tmp_path):
     a, b = optuna.load_study(study_name="study", storage=journal).trials
     assert a.state == optuna.trial.TrialState.FAIL
     assert b.state == optuna.trial.TrialState.COMPLETE and b.value == 0.75
+
+
+def test_a_search_anneals_the_learning_rate_at_each_asha_rung_and_restarts_it():
+    """A plain cosine over 8 epochs is still at 85% of its peak at the end of epoch 2, where ASHA's first rung
+    judges: the search's recipe anneals to zero at each rung and restarts at the peak; the user's config wins."""
+    from kd.errors import ConfigError
+    from kd.train import lr_factor
+    from search.tuner import at_rungs
+
+    cfg = load_config(None, ["train.epochs=8", "search.grace_period=2", "search.reduction_factor=2"])
+    plain = [lr_factor(cfg.train, s, 10) for s in range(80)]
+    assert plain[19] == pytest.approx(0.5 * (1 + math.cos(math.pi * 19 / 80))) and plain[19] > 0.85
+    searched = at_rungs(cfg)
+    assert searched.train.restarts == [2, 4] and cfg.train.restarts == []
+    f = [lr_factor(searched.train, s, 10) for s in range(80)]
+    for start, end in ((0, 20), (20, 40), (40, 80)):  # each cycle: from the peak down to near zero, never up
+        assert f[start] == 1.0 and f[end - 1] < 0.01
+        assert all(a >= b for a, b in zip(f[start:end], f[start + 1:end], strict=False))
+        assert f[start + (end - start) // 2] == pytest.approx(0.5)
+    assert at_rungs(load_config(None, ["train.epochs=8", "search.scheduler=none"])).train.restarts == []
+    assert at_rungs(load_config(None, ["train.epochs=8", "search.anneal_at_rungs=false"])).train.restarts == []
+    assert at_rungs(load_config(None, ["train.epochs=8", "train.schedule=step"])).train.restarts == []
+    assert at_rungs(load_config(None, ["train.epochs=8", "train.restarts=[3]"])).train.restarts == [3]
+    assert at_rungs(load_config(None, ["train.epochs=8", "train.warmup_epochs=2"])).train.restarts == [4]
+    for bad in ("[4, 3]", "[8]", "[0]"):
+        with pytest.raises(ConfigError, match=r"train\.restarts"):
+            load_config(None, ["train.epochs=8", f"train.restarts={bad}"])

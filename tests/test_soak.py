@@ -1,7 +1,7 @@
 """Soak: a search of many tiny trials keeps the driver's memory flat and the results folder bounded.
 
 CI runs a reduced form (8 trials); `KDSEARCH_SOAK_TRIALS=40 pytest tests/test_soak.py -s` is the full one
-(its figures are in the README).
+(its figures are in docs/reliability.md).
 """
 import contextlib
 import json

@@ -66,15 +66,21 @@ def search_once(held: HeldOut, metric: str, rng: np.random.Generator, gain: floa
     return compare(best, winners, 3, entries, judged, held, halves, metric, sign).verdict
 
 
-@pytest.mark.parametrize("metric", ["val_auc", "val_balanced_accuracy", "val_balanced_log_loss"])
-def test_equal_candidates_are_said_to_beat_the_point_at_most_one_time_in_twenty(metric):
+@pytest.mark.parametrize("metric,searches,bound", [("val_auc", 300, 0.10), ("val_balanced_accuracy", 1500, 0.065),
+                                                    ("val_balanced_log_loss", 1500, 0.065)])
+def test_equal_candidates_are_said_to_beat_the_point_at_most_one_time_in_twenty(metric, searches, bound):
+    """The rate of false "beats" is itself measured with noise: the test bounds it from above (the 95% score
+    interval's upper end) rather than its point figure, which one realisation puts on either side of 5%. Measured
+    over 2000 searches (1000 for AUC, whose scikit-learn figure is the slow part and gets a looser bound here):
+    3.6% for the balanced log-loss, 4.3% for balanced accuracy, 3.3% for AUC."""
+    from scipy.stats import binomtest
     held, rng = held_out(), np.random.default_rng(7)
-    searches = 300 if metric == "val_auc" else 600  # scikit-learn's AUC is the slow part
     verdicts = [search_once(held, metric, rng) for _ in range(searches)]
     judged = [v for v in verdicts if v != Verdict.SAME]
-    false_positives = sum(v == Verdict.BEATS for v in judged) / len(judged)
+    said = sum(v == Verdict.BEATS for v in judged)
     assert len(judged) > 0.65 * searches  # three times in four a top trial wins, and is judged
-    assert false_positives <= 0.05, false_positives
+    upper = binomtest(said, len(judged)).proportion_ci(0.95, "wilson").high
+    assert upper <= bound, (said / len(judged), upper)
 
 
 def test_judged_on_the_images_that_picked_it_the_winner_beats_equal_points_too_often():
@@ -175,3 +181,41 @@ def test_the_standard_error_of_a_sum_over_images_is_that_of_resampling_them():
                                                  figure("val_balanced_log_loss", held, pb[everyone])
                                                  for pa, pb in zip(a, b, strict=True)]))
     assert exact.standard_error == pytest.approx(np.std(draws), rel=0.08)
+
+
+def subjects_held_out() -> HeldOut:
+    """The held-out images of held_out(), five to a subject (a subject's images share its class)."""
+    held = held_out()
+    return HeldOut(held.labels, held.member, held.parts, held.classes, held.rule,
+                   groups=np.arange(len(held.labels)) // 5)
+
+
+@pytest.mark.parametrize("metric", ["val_balanced_log_loss", "val_auc"])
+def test_with_subjects_the_standard_error_is_that_of_resampling_subjects(metric):
+    """Where one subject's images move together (a subject effect shared by its five images), the paired standard
+    error agrees with a brute-force bootstrap of whole subjects (within each class), and is larger than the one
+    that takes the images as independent."""
+    from scipy.stats import rankdata
+    held, rng = subjects_held_out(), np.random.default_rng(14)
+    difficulty = np.repeat(rng.normal(0, 1.5, len(held.labels) // 5), 5) * (2 * held.labels - 1)
+    a = [student(held, difficulty, rng, 0.5, np.repeat(rng.normal(0, 1.0, 60), 5))["probs"] for _ in range(2)]
+    b = [student(held, difficulty, rng, 0.0, np.repeat(rng.normal(0, 1.0, 60), 5))["probs"] for _ in range(2)]
+    sign = -1 if metric == "val_balanced_log_loss" else 1
+    clustered = paired_difference(metric, held, a, b, sign)
+    alone = paired_difference(metric, held_out(), a, b, sign)
+    assert clustered.mean == pytest.approx(alone.mean) and clustered.standard_error > 1.3 * alone.standard_error
+
+    def value(probs, idx):
+        if metric == "val_auc":  # Mann-Whitney, as roc_auc_score computes it, faster
+            y, ranks = held.labels[idx], rankdata(probs[idx, 1])
+            positives = int(y.sum())
+            return (ranks[y == 1].sum() - positives * (positives + 1) / 2) / (positives * (len(y) - positives))
+        return figure(metric, HeldOut(held.labels[idx], held.member[idx], held.parts[idx], CLASSES, THRESHOLD),
+                      probs[idx])
+    by_class = [np.unique(held.groups[held.labels == c]) for c in (0, 1)]
+    draws = []
+    for _ in range(1000):
+        chosen = np.concatenate([rng.choice(s, len(s)) for s in by_class])
+        idx = (chosen[:, None] * 5 + np.arange(5)).ravel()  # subject g holds images 5g to 5g + 4
+        draws.append(sign * np.mean([value(pa, idx) - value(pb, idx) for pa, pb in zip(a, b, strict=True)]))
+    assert clustered.standard_error == pytest.approx(np.std(draws), rel=0.15)

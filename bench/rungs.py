@@ -1,0 +1,107 @@
+"""Does a trial's figure at ASHA's first rung predict its figure after all its epochs?
+
+ASHA stops a trial at a rung on the figure it has there. Under a cosine over all the epochs, a trial with a high
+learning rate is far from annealed at the first rung and looks worse than it ends ("slow starters"). This runs
+the demo's search (scikit-learn's digits, 8 against the rest, resnet18 teacher, test_resnet student, 16 px,
+3 folds) with 8 epochs and no early stopping (`search.scheduler=none`: every trial runs every epoch), once per
+schedule and split seed, and reads each trial's figure (search.metric, val_auc) at every epoch:
+
+  cosine    one cosine over the 8 epochs (what a search did before search.anneal_at_rungs)
+  rungs     the learning rate annealed to zero at ASHA's rungs (epochs 2 and 4) and restarted: what a search
+            with ASHA now trains (train.restarts = the rungs)
+
+For each it prints the rank correlation (Spearman) between the figure at the first rung (epoch 2) and the last
+epoch's, the same for the second rung (epoch 4), whether the trial best at the end was in the top half at the
+first rung (ASHA's cut at reduction_factor 2 keeps the top half), and the trials' mean and best final figure (what
+the restarts cost or bought at the end). The same 12 trials' configs under both schedules where the sampler
+draws them alike (Optuna's seed; its first 10 are random draws, the 2 reference points among them).
+
+    .venv/bin/python bench/rungs.py                   # 3 split seeds x 2 schedules (about 35 minutes on 2 cores)
+    .venv/bin/python bench/rungs.py --seeds 0
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from scipy.stats import spearmanr
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[0] = str(ROOT)  # run as a script: the repository, not bench/, is where `bench` is a package
+
+from bench.quality import run, sets  # noqa: E402
+
+SCHEDULES = {"cosine": "train.restarts=[]", "rungs": "train.restarts=[2, 4]"}
+EPOCHS, FIRST, SECOND = 8, 2, 4
+
+
+def one(schedule: str, seed: int, work: Path, trials: int) -> dict[str, float]:
+    """One search where every trial runs every epoch: the rung figures against the last epoch's."""
+    from search.run import Run
+    name = f"rungs-{schedule}-{seed}"
+    common = [f"train.epochs={EPOCHS}", "search.scheduler=none", f"search.num_samples={trials}",
+              "search.confirm_seeds=1", "search.judge_seeds=0", "search.rerank=1", f"data.split_seed={seed}",
+              f"data.cache_dir={work / 'cache'}", f"output_dir={work}", f"name={name}", SCHEDULES[schedule]]
+    seconds = run(["search", "digits", *sets(common)], work)
+    found = Run(work / name)
+    metric = "val_auc"
+    curves = {t: {int(r["epoch"]): float(r[metric]) for r in rows if metric in r}
+              for t, rows in found.histories.items()}
+    curves = {t: c for t, c in curves.items() if EPOCHS in c}
+    ids = sorted(curves)
+    at = {e: np.array([curves[t][e] for t in ids]) for e in (FIRST, SECOND, EPOCHS)}
+    best_end = int(np.argmax(at[EPOCHS]))
+    rank_first = int((at[FIRST] > at[FIRST][best_end]).sum())  # trials ahead of the final best at the first rung
+    return {"trials": len(ids), "seconds": seconds,
+            "spearman_first": float(spearmanr(at[FIRST], at[EPOCHS]).statistic),
+            "spearman_second": float(spearmanr(at[SECOND], at[EPOCHS]).statistic),
+            "best_kept": float(rank_first < len(ids) / 2), "best_rank_first": rank_first + 1,
+            "mean_end": float(at[EPOCHS].mean()), "best_end": float(at[EPOCHS].max())}
+
+
+def table(results: dict[str, dict[str, dict[str, float]]]) -> str:
+    lines = [f"{'schedule':10} {'rho(2, 8)':>16} {'rho(4, 8)':>16} {'best kept':>10} {'mean at 8':>16} "
+             f"{'best at 8':>16}"]
+    for schedule, by_seed in results.items():
+        rows = list(by_seed.values())
+
+        def stat(key: str, rows: list[dict[str, float]] = rows) -> str:
+            v = np.array([r[key] for r in rows])
+            return f"{v.mean():.3f} ± {v.std(ddof=1) if len(v) > 1 else 0:.3f}"
+        kept = sum(int(r["best_kept"]) for r in rows)
+        lines.append(f"{schedule:10} {stat('spearman_first'):>16} {stat('spearman_second'):>16} "
+                     f"{f'{kept}/{len(rows)}':>10} {stat('mean_end'):>16} {stat('best_end'):>16}")
+    lines.append("(mean ± std over split seeds " + ", ".join(next(iter(results.values()))) + "; best kept: the trial "
+                 "best at epoch 8 was in the top half at epoch 2, which ASHA keeps)")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
+    parser.add_argument("--trials", type=int, default=12)
+    parser.add_argument("--work", default="/tmp/kd-rungs", help="where runs write (default: /tmp/kd-rungs)")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results-rungs.json"))
+    args = parser.parse_args()
+    work, out_path = Path(args.work), Path(args.out)
+    work.mkdir(parents=True, exist_ok=True)
+    results: dict = json.loads(out_path.read_text()) if out_path.is_file() else {}
+    for seed in args.seeds:
+        for schedule in SCHEDULES:
+            if str(seed) in results.get(schedule, {}):
+                continue  # kept from an earlier run: the script resumes where it stopped
+            t0 = time.perf_counter()
+            results.setdefault(schedule, {})[str(seed)] = r = one(schedule, seed, work, args.trials)
+            out_path.write_text(json.dumps(results, indent=2) + "\n")
+            print(f"{schedule} split seed {seed}: rho(2, 8) {r['spearman_first']:.3f}, rho(4, 8) "
+                  f"{r['spearman_second']:.3f}, the final best ranked {r['best_rank_first']} of {r['trials']} at "
+                  f"epoch 2 ({time.perf_counter() - t0:.0f} s)", flush=True)
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
