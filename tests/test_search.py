@@ -208,7 +208,10 @@ def test_analyze_on_a_copy_reproduces_the_tables(shared_search, tmp_path, capsys
     assert "4 trials" in capsys.readouterr().out
     original, rebuilt = read_table(run_dir / "trials.csv"), read_table(copy / "trials.csv")
     pd.testing.assert_frame_equal(original, rebuilt)
-    assert (copy / "summary.md").read_text() == (run_dir / "summary.md").read_text().replace(str(run_dir), str(copy))
+    moved = (run_dir / "summary.md").read_text().replace(str(run_dir), str(copy))  # the run's folder, by its new name
+    moved = moved.replace(f"export {run_dir.name} ", f"export {copy.name} ").replace(f"--out {run_dir.name}/",
+                                                                                   f"--out {copy.name}/")
+    assert (copy / "summary.md").read_text() == moved
     assert (copy / "plots" / "trials.png").is_file()
 
 
