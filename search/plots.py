@@ -237,6 +237,8 @@ def pareto(run: Run, path: Path) -> None:
         return
     costs = list(dict.fromkeys([n for n in run.objectives if n in COSTS] + ["student_latency_ms", "student_params"]))
     students = done.get("student.name", pd.Series([run.config.student.name] * len(done), index=done.index))
+    if students.nunique() < 2 and not run.config.search.objectives:
+        return  # one architecture: every trial costs the same, and a column of points is no front (summary.md says)
     full = done["status"] == TrialStatus.COMPLETED
     fig = new_figure((11, 4))
     axes = fig.subplots(1, 2)
@@ -266,7 +268,8 @@ def pareto(run: Run, path: Path) -> None:
     handles, labels = axes[0].get_legend_handles_labels()  # the first panel's front is the search's (or summary's)
     axes[1].legend(handles, labels, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     searched = ", the search's objectives" if run.config.search.objectives else ""
-    fig.suptitle(f"accuracy against what the student costs{searched} ({run.rule_label})\n"
+    rule = "" if metric in THRESHOLD_FREE else f" ({run.rule_label})"
+    fig.suptitle(f"accuracy against what the student costs{searched}{rule}\n"
                  "each student's cost measured once before the trials, on a trial's device", fontsize=10)
     fig.tight_layout()
     save_figure(fig, path)

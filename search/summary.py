@@ -246,6 +246,14 @@ def _pareto(run: Run) -> list[str]:
     if not len(front):
         return []
     s = run.config.search
+    done = run.best_trials(len(run.table))
+    if "student.name" not in done or (done["student.name"].nunique() < 2 and not s.objectives):
+        r = front.iloc[0]
+        return ["## Accuracy against cost", "",
+                f"One student architecture (`{r.get('student.name', run.config.student.name)}`): every trial costs "
+                f"the same ({r['student_params'] / 1e6:.2f}M parameters, {number(r['student_latency_ms'])} ms at "
+                "batch 1 on a trial's device), so there is no front to draw. Put `student.name` in "
+                "`search.space` (and `search.objectives`) to weigh accuracy against size.", ""]
     figures = [n for n in run.objectives if n not in COSTS]
     budget = [f"at most {s.max_params:,} parameters" if s.max_params else "",
               f"at most {s.max_latency_ms:g} ms at batch 1" if s.max_latency_ms else ""]
