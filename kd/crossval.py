@@ -15,7 +15,8 @@ import torch
 
 from kd.data import Dataset, Split
 from kd.errors import DataError
-from kd.selection import fold_ids, subject_codes
+from kd.metrics import subject_codes
+from kd.selection import fold_ids
 
 
 @dataclass
@@ -24,7 +25,7 @@ class Folds:
     ids: np.ndarray                # the fold of each pooled image (train images first, then validation)
     labels: np.ndarray             # the pooled labels
     datasets: list[Dataset]        # per fold: train = the other folds, val = this fold, test = the test split
-    groups: np.ndarray | None = None  # each pooled image's subject code where subjects repeat (selection.subject_codes)
+    groups: np.ndarray | None = None  # each pooled image's subject code where subjects repeat (metrics.subject_codes)
 
 
 def pooled(data: Dataset) -> Split:

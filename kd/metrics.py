@@ -41,6 +41,7 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray, classes: list[str],
     labels = np.asarray(labels, dtype=np.int64)
     pred = predict(probs, threshold)
     k = len(classes)
+    subjects = subject_codes(groups) if full else None
     cm = confusion_matrix(labels, pred, labels=list(range(k)))
     support = cm.sum(axis=1)
     recall = np.divide(np.diag(cm), support, out=np.zeros(k), where=support > 0)
@@ -52,9 +53,9 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray, classes: list[str],
         "confusion_matrix": cm.tolist(),
         "n": len(labels),
         "threshold": threshold,
-        **({"balanced_accuracy_interval": grouped_balanced_accuracy_ci(labels, pred, groups)
-            if groups is not None and repeated(groups) else balanced_accuracy_ci(cm),
-            **({"subjects": len(set(np.asarray(groups).tolist()))} if groups is not None and repeated(groups) else {}),
+        **({"balanced_accuracy_interval": grouped_balanced_accuracy_ci(labels, pred, subjects)
+            if subjects is not None else balanced_accuracy_ci(cm),
+            **({"subjects": int(subjects.max()) + 1} if subjects is not None else {}),
             "auc": macro_auc(labels, probs),
             "balanced_log_loss": balanced_log_loss(labels, probs)} if full else {}),
     }
@@ -90,9 +91,13 @@ def _mover(recall: np.ndarray, bounds: np.ndarray) -> list[float]:
     return [max(0.0, low), min(1.0, high)]
 
 
-def repeated(groups: np.ndarray | list[str] | None) -> bool:
-    """Whether some subject has more than one image (`groups`: each image's subject; None: each its own)."""
-    return groups is not None and len(set(np.asarray(groups).tolist())) < len(groups)
+def subject_codes(groups: np.ndarray | list[str] | None) -> np.ndarray | None:
+    """Each image's subject as an integer code where some subject has several images; None where every image is
+    its own (nothing to keep together)."""
+    if groups is None:
+        return None
+    names, codes = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)
+    return codes.astype(np.int64) if len(names) < len(groups) else None
 
 
 def wilson_cc(found: float, n: float, z: float) -> tuple[float, float]:

@@ -66,15 +66,6 @@ def fold_ids(labels: np.ndarray, groups: list[str] | None, k: int, seed: int) ->
     return out
 
 
-def subject_codes(groups: list[str] | None) -> np.ndarray | None:
-    """Each image's subject as an integer code where some subject has several images; None where every image is
-    its own (nothing to keep together)."""
-    if groups is None:
-        return None
-    names, codes = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)
-    return codes.astype(np.int64) if len(names) < len(groups) else None
-
-
 def validation_parts(labels: np.ndarray, seed: int, groups: np.ndarray | None = None) -> np.ndarray:
     """Two stratified halves of held-out images (0/1 per sample): the parts a holdout cross-fits over, the halves the
     re-ranking judges on. With `groups` (each image's subject), a subject's images stay in one half."""
@@ -251,10 +242,10 @@ def paired_difference(metric: str, held: Any, a: list[np.ndarray], b: list[np.nd
     by_subject = [np.flatnonzero(groups == g) for g in np.unique(groups)] if groups is not None else []
     draws = []
     for _ in range(reps):
-        if groups is not None:  # whole subjects, drawn until every class is among their images
-            while len(np.unique(labels[idx := np.concatenate(
-                    [by_subject[i] for i in rng.choice(len(by_subject), len(by_subject))])])) < len(by_class):
-                pass
+        if groups is not None:  # whole subjects, drawn again until every class is among their images
+            idx = np.concatenate([by_subject[i] for i in rng.choice(len(by_subject), len(by_subject))])
+            while len(np.unique(labels[idx])) < len(by_class):
+                idx = np.concatenate([by_subject[i] for i in rng.choice(len(by_subject), len(by_subject))])
         else:
             idx = np.concatenate([rng.choice(members, len(members)) for members in by_class])
         chosen = rng.choice(len(pairs), len(pairs)) if len(pairs) > 1 else [0]

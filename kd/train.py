@@ -32,8 +32,9 @@ from kd.data import Dataset
 from kd.files import atomic_path
 from kd.infer import Runner, resolve_device
 from kd.losses import DistillLoss
+from kd.metrics import subject_codes
 from kd.models import is_distilled
-from kd.selection import decision_rule, held_out_metrics, subject_codes, validation_parts
+from kd.selection import decision_rule, held_out_metrics, validation_parts
 from kd.stream import BatchSource
 from kd.typed import Vocabulary
 

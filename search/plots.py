@@ -77,12 +77,17 @@ def trials_in_order(run: Run, path: Path) -> None:
             ax.scatter([x], [y], s=size, marker=marker, facecolors="none", edgecolors="black", zorder=4)
             ax.annotate(f"{trial}\n{what}", (x, y), textcoords="offset points", xytext=(6, -18), fontsize=7)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    rule = "" if metric in THRESHOLD_FREE else f" ({run.rule_label})"
+    rule = _rule_note(run, metric)
     ax.set(xlabel="trial, in order of start (the table's trial ids at the marked ones)", ylabel=metric,
            title=f"{metric} per trial, at its last epoch{rule}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: no point hides behind it
     save_figure(fig, path)
+
+
+def _rule_note(run: Run, metric: str) -> str:
+    """` (the decision rule)` for a figure that has one; nothing for AUC and the log-loss, which judge probabilities."""
+    return "" if metric in THRESHOLD_FREE else f" ({run.rule_label})"
 
 
 def log_axis(ax: Any, low: float, high: float) -> None:
@@ -138,7 +143,7 @@ def params_vs_metric(run: Run, path: Path) -> None:
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
-    rule = "" if metric in THRESHOLD_FREE else f" ({run.rule_label})"
+    rule = _rule_note(run, metric)
     fig.suptitle(f"each searched parameter against {metric}{rule}, each trial at its last epoch")
     key_handles = [Line2D([], [], marker="o", linestyle="", color=c, label=f"{m} distillation")
                    for m, c in mode_colour.items()]
@@ -236,9 +241,9 @@ def pareto(run: Run, path: Path) -> None:
     if not len(done) or "student_latency_ms" not in done or done["student_latency_ms"].isna().all():
         return
     costs = list(dict.fromkeys([n for n in run.objectives if n in COSTS] + ["student_latency_ms", "student_params"]))
+    if run.costs_alike:
+        return  # a column of points at one cost is no front (summary.md says why)
     students = done.get("student.name", pd.Series([run.config.student.name] * len(done), index=done.index))
-    if students.nunique() < 2 and not run.config.search.objectives:
-        return  # one architecture: every trial costs the same, and a column of points is no front (summary.md says)
     full = done["status"] == TrialStatus.COMPLETED
     fig = new_figure((11, 4))
     axes = fig.subplots(1, 2)
@@ -268,7 +273,7 @@ def pareto(run: Run, path: Path) -> None:
     handles, labels = axes[0].get_legend_handles_labels()  # the first panel's front is the search's (or summary's)
     axes[1].legend(handles, labels, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     searched = ", the search's objectives" if run.config.search.objectives else ""
-    rule = "" if metric in THRESHOLD_FREE else f" ({run.rule_label})"
+    rule = _rule_note(run, metric)
     fig.suptitle(f"accuracy against what the student costs{searched}{rule}\n"
                  "each student's cost measured once before the trials, on a trial's device", fontsize=10)
     fig.tight_layout()

@@ -207,6 +207,14 @@ class Run:
         """What the front is over: `search.objectives`, or the metric against the student's latency."""
         return self.config.search.objectives or [self.config.search.metric, "student_latency_ms"]
 
+    @property
+    def costs_alike(self) -> bool:
+        """One student architecture and no cost among the objectives: every trial costs the same, so there is no
+        front of accuracy against cost to draw or list."""
+        table = self.table
+        students = table["student.name"].nunique() if "student.name" in table else 1
+        return students < 2 and not self.config.search.objectives
+
     def front(self, objectives: list[str] | None = None) -> pd.DataFrame:
         """The trials that ran every epoch (an early-stopped trial's figure is not comparable) and that no other such
         trial beats on all of `objectives` (default: `self.objectives`), cheapest first. Optuna's study of a

@@ -246,8 +246,7 @@ def _pareto(run: Run) -> list[str]:
     if not len(front):
         return []
     s = run.config.search
-    done = run.best_trials(len(run.table))
-    if "student.name" not in done or (done["student.name"].nunique() < 2 and not s.objectives):
+    if run.costs_alike:
         r = front.iloc[0]
         return ["## Accuracy against cost", "",
                 f"One student architecture (`{r.get('student.name', run.config.student.name)}`): every trial costs "
