@@ -25,10 +25,10 @@ lint: install
 	$(VENV)/bin/mypy
 
 test: install
-	$(PY) -m pytest -q -m "not cluster and not reliability" --durations=25
+	$(PY) -m pytest -q -n auto --dist loadgroup -m "not cluster and not reliability" --durations=25
 
 test-fast: install
-	$(PY) -m pytest -q -m "not slow and not cluster and not reliability" --durations=10
+	$(PY) -m pytest -q -n auto --dist loadgroup -m "not slow and not cluster and not reliability" --durations=10
 
 test-reliability: install
 	$(PY) -m pytest -q -m reliability --durations=10

@@ -2,12 +2,29 @@
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Generator
 from pathlib import Path
 
 import pytest
 
 from search.config import Config, load_config
 from tests.helpers import tiny_overrides
+
+# `make test` runs the suite in pytest-xdist workers, one per core: each worker's torch (and the kdsearch processes
+# and Ray workers it starts) gets its share of the cores, so that two workers do not fight over both.
+if (_workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))) > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
+
+
+@pytest.hookimpl(wrapper=True)  # a wrapper: its first half runs before xdist's own hook reads the groups
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> Generator[None, None, None]:
+    """Every test that reads the one shared search runs in the same xdist worker (`--dist loadgroup`), so that the
+    search is made once per test run, not once per worker."""
+    for item in items:
+        if "shared_search" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("shared_search"))
+    return (yield)
 
 
 @pytest.fixture

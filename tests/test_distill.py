@@ -199,7 +199,8 @@ def test_distilled_deit_student_uses_both_heads(digits_setup):
     result = train_student(deit, data, teacher.logits, progress=False)
     assert result.status == "completed"
     assert not result.model.distilled_training  # inference averages the two heads
-    out = result.model(torch.zeros(2, 3, 32, 32))
+    size = cfg.data.image_size
+    out = result.model(torch.zeros(2, 3, size, size))
     assert isinstance(out, torch.Tensor) and out.shape == (2, 2)
 
 

@@ -22,7 +22,8 @@ CLASSES = ["other", "digit_8"]
 
 
 def student_and_config(tmp_path, name="test_resnet", **sets):
-    cfg = load_config(None, tiny_overrides(tmp_path / "cache") + [f"student.name={name}"]
+    """An untrained student at 32 px (the images these tests feed it), its weights nudged off their init."""
+    cfg = load_config(None, tiny_overrides(tmp_path / "cache") + [f"student.name={name}", "data.image_size=32"]
                       + [f"{k}={v}" for k, v in sets.items()])
     torch.manual_seed(0)
     model = create_model(cfg.student, len(CLASSES), cfg.data.image_size)
