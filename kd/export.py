@@ -15,13 +15,12 @@ An export is a folder in timm's Hugging Face hub layout, plus kd-search's own me
   deployable graphs that run without timm or this package. Both take float32 RGB images in [0, 1]
   (pixel / 255), N x 3 x H x W with H = W = the export's image size and any batch size, and return logits:
   the normalisation (mean/std) is inside the graph. Each is compared with the PyTorch model's logits right
-  after it is written and dropped (with a warning) when they differ by more than `TOLERANCE`.
+  after it is written and dropped (with a warning) when they differ by more than `kd.graphs.TOLERANCE`.
 """
 from __future__ import annotations
 
 import json
 import logging
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +38,7 @@ from kd.config import MAX_IMAGE_PIXELS, Config, ModelConfig
 from kd.ensemble import Ensemble
 from kd.errors import UserError
 from kd.files import atomic_dir, atomic_write_json
+from kd.graphs import Preprocessed, export_graph, export_onnx
 from kd.infer import predict_probs
 from kd.metrics import predict
 from kd.modelcard import model_card
@@ -54,7 +54,6 @@ WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "README.md"  # the model card, as the Hugging Face hub shows one (kd/modelcard.py)
 GRAPH_FILE = "model.pt2"
 ONNX_FILE = "model.onnx"
-TOLERANCE = 1e-4  # largest |logit difference| accepted between a graph and the PyTorch model
 GRAPH_INPUT = ("float32 RGB images in [0, 1] (pixel / 255), N x 3 x H x W, H = W = image_size, any batch size; "
                "the normalisation (mean, std) is inside the graph; output: logits, N x num_classes")
 INTERPOLATION = "bilinear"  # kd.images resizes (squashes, no crop) the whole image to size x size with it
@@ -89,18 +88,6 @@ class ExportMetadata(JsonRecord):
     weights_bytes: int = 0
 
 
-class Preprocessed(nn.Module):
-    """A model with its input normalisation inside: float images in [0, 1] -> logits (what the graphs hold)."""
-
-    def __init__(self, model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]):
-        super().__init__()
-        self.normalize = Normalize(mean, std)
-        self.model = model
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(self.normalize(images))
-
-
 def export_student(out_dir: str | Path, model: torch.nn.Module, cfg: Config, classes: list[str],
                    threshold: float | None, metrics: dict[str, Any], graph: bool = True, onnx: bool = True,
                    cost: dict[str, Any] | None = None) -> Path:
@@ -126,10 +113,10 @@ def export_student(out_dir: str | Path, model: torch.nn.Module, cfg: Config, cla
             with torch.no_grad():
                 expected = deploy(check)
             if graph:
-                graph_file, checks["graph_max_abs_diff"] = _export_graph(deploy, size, tmp / GRAPH_FILE, check,
+                graph_file, checks["graph_max_abs_diff"] = export_graph(deploy, size, tmp / GRAPH_FILE, check,
                                                                          expected)
             if onnx:
-                onnx_file, checks["onnx_max_abs_diff"] = _export_onnx(deploy, size, tmp / ONNX_FILE, check, expected)
+                onnx_file, checks["onnx_max_abs_diff"] = export_onnx(deploy, size, tmp / ONNX_FILE, check, expected)
         meta = ExportMetadata(
             architecture=cfg.student.name,
             ensemble=len(model) if isinstance(model, Ensemble) else 0,
@@ -172,100 +159,6 @@ def write_timm_config(model: nn.Module, path: Path, classes: list[str], image_si
         pretrained.pop(key, None)
     pretrained["tag"] = "kd-search"
     path.write_text(json.dumps(config, indent=2))
-
-
-def _max_diff(got: Any, expected: torch.Tensor) -> float:
-    got = torch.as_tensor(np.asarray(got) if not torch.is_tensor(got) else got).float()
-    if got.shape != expected.shape:
-        return float("inf")
-    return float((got - expected).abs().max())
-
-
-def _checked(path: Path, what: str, diff: float) -> tuple[str | None, float | None]:
-    if diff <= TOLERANCE:
-        return path.name, diff
-    path.unlink(missing_ok=True)
-    log.warning("the %s differs from the PyTorch model by up to %.3g in its logits (more than %g): not exported",
-                what, diff, TOLERANCE)
-    return None, diff if np.isfinite(diff) else None
-
-
-def _export_graph(deploy: nn.Module, size: int, path: Path, check: torch.Tensor,
-                  expected: torch.Tensor) -> tuple[str | None, float | None]:
-    """`torch.export` graph with a dynamic batch dimension, normalisation included; a model torch.export
-    cannot trace is skipped (the safetensors weights are the export)."""
-    example = torch.rand(2, 3, size, size)
-    try:
-        batch = torch.export.Dim("batch", min=1, max=65536)
-        program = torch.export.export(deploy, (example,), dynamic_shapes=({0: batch},))
-        with warnings.catch_warnings():
-            # torch's archive writer notes weights sharing storage in odd layouts; the graph is read back and its
-            # logits checked against the model below, which decides
-            warnings.filterwarnings("ignore", message="No complete tensor found")
-            torch.export.save(program, str(path))
-        with torch.no_grad():
-            got = torch.export.load(str(path)).module()(check)
-    except Exception as e:
-        path.unlink(missing_ok=True)
-        log.warning("could not export a torch.export graph (%s: %s); weights are exported", type(e).__name__, e)
-        return None, None
-    return _checked(path, "torch.export graph", _max_diff(got, expected))
-
-
-def onnx_available() -> bool:
-    try:
-        import onnx  # noqa: F401
-        import onnxruntime  # noqa: F401
-        import onnxscript  # noqa: F401  (torch.onnx.export's exporter)
-    except ImportError:
-        return False
-    return True
-
-
-def _export_onnx(deploy: nn.Module, size: int, path: Path, check: torch.Tensor,
-                 expected: torch.Tensor) -> tuple[str | None, float | None]:
-    """ONNX graph (input `images`, output `logits`, dynamic batch), checked with onnxruntime. torch's TorchScript
-    exporter first: it writes a small model's graph in well under a second, where the torch.export-based one takes
-    5 to 10 s (it decomposes the whole program again); that one where the first cannot trace the model or its graph
-    does not match the model."""
-    if not onnx_available():
-        log.info("model.onnx not written: install the onnx extra (pip install 'kd-search[onnx]') for it")
-        return None, None
-    import onnxruntime as ort
-
-    example = torch.rand(2, 3, size, size)
-    failure = ""
-    for dynamo in (False, True):
-        try:
-            _write_onnx(deploy, example, path, dynamo)
-            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-            got = session.run(["logits"], {"images": check.numpy()})[0]
-        except Exception as e:
-            failure = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            continue
-        if _max_diff(got, expected) <= TOLERANCE or dynamo:
-            return _checked(path, "ONNX graph", _max_diff(got, expected))
-        failure = f"its logits differ by {_max_diff(got, expected):.3g}"
-    path.unlink(missing_ok=True)
-    for extra in path.parent.glob(path.name + ".*"):  # external data, if the exporter wrote any
-        extra.unlink(missing_ok=True)
-    log.warning("could not export an ONNX graph (%s); weights are exported", failure)
-    return None, None
-
-
-def _write_onnx(deploy: nn.Module, example: torch.Tensor, path: Path, dynamo: bool) -> None:
-    """One of torch's two ONNX exporters, with a dynamic batch and no external data."""
-    path.unlink(missing_ok=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes: the check decides
-        if dynamo:
-            batch = torch.export.Dim("batch", min=1, max=65536)
-            torch.onnx.export(deploy, (example,), str(path), input_names=["images"], output_names=["logits"],
-                              dynamic_shapes=({0: batch},), dynamo=True, external_data=False, verbose=False)
-        else:
-            torch.onnx.export(deploy, (example,), str(path), input_names=["images"], output_names=["logits"],
-                              dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=18,
-                              dynamo=False)
 
 
 class ExportInfo:
