@@ -45,7 +45,7 @@ def test_a_failed_write_leaves_the_old_file_and_no_debris(tmp_path):
 
 EXPORT_STAGES = [  # kd.export's name for a step of the write, what it writes, the file it leaves in the new folder
     ("save_file", "the weights", "model.safetensors"),                  # the first step
-    ("_export_graph", "the torch.export graph", "model.pt2"),          # one in the middle
+    ("export_graph", "the torch.export graph", "model.pt2"),            # one in the middle
     ("atomic_write_json", "kdsearch.json", "kdsearch.json"),            # the last before the new folder moves in
 ]
 
