@@ -39,6 +39,7 @@ def cluster():
 
 
 EPOCHS = 3
+WAIT = 480  # seconds for a trial on the node to be killed to save its first checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -66,14 +67,14 @@ def lost_node_search(cluster, tmp_path_factory):
                             cwd=tmp, env=token_env(), start_new_session=True)
     experiment = storage / "lost-node" / "ray"
     try:
-        deadline = time.time() + 300
+        deadline = time.time() + WAIT  # a hang's limit, not a speed: CI runs the reliability tests beside these
         while not checkpointed_on(experiment, victim.node_id):
             if proc.poll() is not None:
                 pytest.fail(f"the search ended (exit {proc.returncode}) before a trial on worker node 1 saved a "
                             f"checkpoint:\n{proc.stdout.read()}")
             if time.time() > deadline:
                 proc.kill()
-                pytest.fail(f"no trial on worker node 1 ({victim.node_id[:8]}) saved a checkpoint within 300 s, so "
+                pytest.fail(f"no trial on worker node 1 ({victim.node_id[:8]}) saved a checkpoint within {WAIT} s, so "
                             f"the node was not killed; the search said:\n{proc.communicate()[0]}")
             time.sleep(0.2)
         time.sleep(0.5)  # the checkpoint's folder is written before Ray's controller hears of it
