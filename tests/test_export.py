@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import kd.export
+import kd.graphs
 from kd.errors import UserError
 from kd.export import export_student, load_graph, load_student
 from kd.models import create_model
@@ -187,7 +188,7 @@ def test_collect_images_refuses_links_out_of_the_folder(tmp_path, caplog):
 def test_graphs_that_do_not_match_or_cannot_be_made_are_left_out(tmp_path, monkeypatch, caplog):
     model, cfg = student_and_config(tmp_path)
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if the onnx extra were not installed
-    monkeypatch.setattr(kd.export, "TOLERANCE", -1.0)  # every graph "differs"
+    monkeypatch.setattr(kd.graphs, "TOLERANCE", -1.0)  # every graph "differs"
     with caplog.at_level(logging.INFO, logger="kd"):
         out = export_student(tmp_path / "m", model, cfg, CLASSES, None, {})
     assert not (out / "model.onnx").exists() and not (out / "model.pt2").exists()
