@@ -3,7 +3,8 @@
 # `make lint`: ruff and mypy (settings in pyproject.toml); `make test-fast`: the suite without the searches;
 # `make test-reliability`: searches run as processes of their own and killed, interrupted or soaked;
 # `make test-cluster`: the multi-node tests, which start a 3-node Ray cluster of their own (CI runs all four).
-# Each prints its slowest tests (pytest --durations), so the next estimate is a measurement.
+# Each prints its slowest tests (pytest --durations), so the next estimate is a measurement. `make test` and
+# `make test-fast` run in pytest-xdist workers, one per core (the shared search's tests in one: tests/conftest.py).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 

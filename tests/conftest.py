@@ -7,14 +7,17 @@ from collections.abc import Generator
 from pathlib import Path
 
 import pytest
+import torch
 
 from search.config import Config, load_config
 from tests.helpers import tiny_overrides
 
 # `make test` runs the suite in pytest-xdist workers, one per core: each worker's torch (and the kdsearch processes
-# and Ray workers it starts) gets its share of the cores, so that two workers do not fight over both.
+# and Ray workers it starts) gets its share of the cores, so that two workers do not fight over both. torch is
+# imported by now (tests.helpers imports kd), so its threads are set here, not through the environment alone.
 if (_workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))) > 1:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.hookimpl(wrapper=True)  # a wrapper: its first half runs before xdist's own hook reads the groups
