@@ -7,6 +7,7 @@
 # `make test-fast` run in pytest-xdist workers, one per core (the shared search's tests in one: tests/conftest.py).
 VENV ?= .venv
 PY := $(VENV)/bin/python
+WORKERS := -n auto --dist loadgroup
 
 .PHONY: install demo lint test test-fast test-reliability test-cluster clean
 
@@ -26,10 +27,10 @@ lint: install
 	$(VENV)/bin/mypy
 
 test: install
-	$(PY) -m pytest -q -n auto --dist loadgroup -m "not cluster and not reliability" --durations=25
+	$(PY) -m pytest -q $(WORKERS) -m "not cluster and not reliability" --durations=25
 
 test-fast: install
-	$(PY) -m pytest -q -n auto --dist loadgroup -m "not slow and not cluster and not reliability" --durations=10
+	$(PY) -m pytest -q $(WORKERS) -m "not slow and not cluster and not reliability" --durations=10
 
 test-reliability: install
 	$(PY) -m pytest -q -m reliability --durations=10

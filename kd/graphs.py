@@ -50,7 +50,7 @@ def _checked(path: Path, what: str, diff: float) -> tuple[str | None, float | No
 
 
 def export_graph(deploy: nn.Module, size: int, path: Path, check: torch.Tensor,
-                  expected: torch.Tensor) -> tuple[str | None, float | None]:
+                 expected: torch.Tensor) -> tuple[str | None, float | None]:
     """`torch.export` graph with a dynamic batch dimension, normalisation included; a model torch.export
     cannot trace is skipped (the safetensors weights are the export)."""
     example = torch.rand(2, 3, size, size)
@@ -82,7 +82,7 @@ def onnx_available() -> bool:
 
 
 def export_onnx(deploy: nn.Module, size: int, path: Path, check: torch.Tensor,
-                 expected: torch.Tensor) -> tuple[str | None, float | None]:
+                expected: torch.Tensor) -> tuple[str | None, float | None]:
     """ONNX graph (input `images`, output `logits`, dynamic batch), checked with onnxruntime. torch's TorchScript
     exporter first: it writes a small model's graph in well under a second, where the torch.export-based one takes
     5 to 10 s (it decomposes the whole program again); that one where the first cannot trace the model or its graph

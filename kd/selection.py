@@ -242,10 +242,11 @@ def paired_difference(metric: str, held: Any, a: list[np.ndarray], b: list[np.nd
     by_subject = [np.flatnonzero(groups == g) for g in np.unique(groups)] if groups is not None else []
     draws = []
     for _ in range(reps):
-        if groups is not None:  # whole subjects, drawn again until every class is among their images
-            idx = np.concatenate([by_subject[i] for i in rng.choice(len(by_subject), len(by_subject))])
-            while len(np.unique(labels[idx])) < len(by_class):
+        if groups is not None:  # whole subjects, drawn until every class is among their images
+            while True:
                 idx = np.concatenate([by_subject[i] for i in rng.choice(len(by_subject), len(by_subject))])
+                if len(np.unique(labels[idx])) == len(by_class):
+                    break
         else:
             idx = np.concatenate([rng.choice(members, len(members)) for members in by_class])
         chosen = rng.choice(len(pairs), len(pairs)) if len(pairs) > 1 else [0]
