@@ -67,7 +67,7 @@ def lost_node_search(cluster, tmp_path_factory):
                             cwd=tmp, env=token_env(), start_new_session=True)
     experiment = storage / "lost-node" / "ray"
     try:
-        deadline = time.time() + WAIT  # a hang's limit, not a speed: CI runs the reliability tests beside these
+        deadline = time.time() + WAIT  # a hang's limit, not a speed
         while not checkpointed_on(experiment, victim.node_id):
             if proc.poll() is not None:
                 pytest.fail(f"the search ended (exit {proc.returncode}) before a trial on worker node 1 saved a "
