@@ -23,7 +23,7 @@ from kd.files import read_jsonl
 from search.compat import trial_folder_id, trial_statuses
 from search.config import Config
 from search.events import TrialEvent, read_events
-from search.records import COST, METRICS, MIRROR, PLACEMENT, STATE_FILE, TEACHER_WORK, TrialStatus
+from search.records import COST, HALF_FIGURES, METRICS, MIRROR, PLACEMENT, STATE_FILE, TEACHER_WORK, TrialStatus
 
 log = logging.getLogger("search")
 
@@ -118,7 +118,7 @@ def load_trials(cfg: Config, exp: str, run_dir: Path) -> tuple[pd.DataFrame, dic
         row["best_epoch"] = best.get("epoch", np.nan)  # the epoch with the best search metric, and its metrics
         for key in (*METRICS, *recalls):
             row[f"best_{key}"] = best.get(key, np.nan)
-        for key in COST:
+        for key in (*COST, *HALF_FIGURES):
             row[key] = last.get(key, np.nan)
         counted = [h[TEACHER_WORK] for h in history if TEACHER_WORK in h]  # none in a run of an earlier version
         row[TEACHER_WORK] = max(counted) if counted else np.nan

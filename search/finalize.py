@@ -186,13 +186,16 @@ def finalize(run_dir: Path, prepared: Prepared, phases: Phases, echo: Callable[[
         if record is None or record.seeds != seeds or record.judge_seeds != judge_seeds:
             pool, from_front = run.rerank_pool()
             chosen = candidates(run, pool)
-            judging = f", then the winner against them with {len(judge_seeds)} more" if judge_seeds and any(
-                point for _, point in chosen) else ""
+            judging = bool(judge_seeds) and any(point for _, point in chosen)
+            pools = run.half_pools() if judging else None  # each judging half's pick, chosen on the other half
+            chosen = candidates(run, pool, pools)
             top_text = "the front's members" if from_front else f"the top {cfg.search.rerank}"
-            echo(f"re-ranking {len(chosen)} candidates ({top_text} and the hand-picked points) "
-                 f"with {len(seeds)} further seeds{judging} ...")
+            halves_text = f", the top {cfg.search.rerank} on each half of the images" if pools else ""
+            echo(f"re-ranking {len(chosen)} candidates ({top_text}{halves_text} and the hand-picked points) "
+                 f"with {len(seeds)} further seeds"
+                 + (f", then the winner against them with {len(judge_seeds)} more" if judging else "") + " ...")
             with phases("re-ranking"):
-                reranked = rerank(run, prepared, seeds, judge_seeds, chosen)
+                reranked = rerank(run, prepared, seeds, judge_seeds, chosen, pools)
             record, probs, judged, twin = reranked.record, reranked.probs, reranked.judged, reranked.twin
             if probs:  # the winner's held-out probabilities: the final student's threshold, after a resume too
                 save_tensors(run_dir / RERANK_PROBS, {"probs": torch.from_numpy(np.stack(probs))}, {})

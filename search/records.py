@@ -54,6 +54,9 @@ METRICS = ("val_balanced_accuracy", "val_accuracy", "val_macro_f1", "val_auc", "
            "val_balanced_accuracy_fold_mean", "val_balanced_accuracy_fold_std")
 COST = ("student_params", "student_mflops", "student_latency_ms", "student_images_per_s")  # measured in each trial
 PLACEMENT = ("node", "gpus", "device", "pid")  # the Ray node, the GPU ids Ray gave it, torch's device, its process
+# the search metric on each judging half of the held-out images (search.halves.judging_halves), reported with every
+# epoch: each half's re-ranking pool is chosen on the other half alone
+HALF_FIGURES = ("half0_figure", "half1_figure")
 TEACHER_WORK = "teacher_forward_images"  # images the trial ran through a teacher itself (its process counted them)
 
 

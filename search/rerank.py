@@ -6,13 +6,14 @@ ran: cross-validated when the search is) and the winner is the best mean over th
 search's own figure picked the candidates, so counting it again would favour the luckiest).
 
 Whether the search beats a hand-picked point is judged on images and seeds that did not pick: the held-out
-images are cut into two stratified halves; on each half, the candidate that the other half's re-ranking figures
-pick is set against the point, both retrained with `search.judge_seeds` seeds more, and their paired differences
-on the two halves are averaged (kd.selection.paired_difference: the images resampled by class, the seeds
-averaged). The search beats the point when that difference is above 1.96 standard errors. Judged on the seeds
-and images that chose it, the best of four equal candidates "beat" a point about one time in four; on fresh seeds
-but the same images, 6 to 10 times in a hundred once candidates differ image by image; on fresh seeds and fresh
-images, fewer than one time in twenty (tests/test_verdict.py simulates all three).
+images are cut into two halves (search.halves: whole folds of pooled out-of-fold predictions); on each half, the
+candidate picked on the other half alone (the top trials by their figure there, then the best mean over the
+re-ranking seeds there) is set against the point, both retrained with `search.judge_seeds` seeds more, and their
+paired differences on the two halves are averaged (kd.selection.paired_difference: the images resampled by class,
+the seeds averaged, and the seeds' own spread added: `seed_variance`). The search beats the point when that
+difference is above 1.96 standard errors. Simulated as a search runs (tests/test_verdict.py), among equal
+candidates this says "beats" 2 to 4 times in a hundred; the rule before each half had its own pool, whole folds
+and the seeds' spread, 7 times; judged on the seeds and images that chose it, about one time in four.
 """
 from __future__ import annotations
 
@@ -26,13 +27,14 @@ import pandas as pd
 import ray
 import torch
 
-from kd.metrics import macro_auc, scalars
+from kd.metrics import scalars
 from kd.schemes import Scheme
-from kd.selection import Difference, held_out_metrics, image_terms, paired_difference, validation_parts
+from kd.selection import Difference, image_terms, paired_difference
 from kd.shipping import Judged
 from kd.train import HeldOut, Outcome
 from search.cluster import remote, trial_resources
 from search.config import Config
+from search.halves import half_figure, judging_halves
 from search.records import (
     RANKED,
     Candidate,
@@ -58,16 +60,18 @@ def retrain(cfg: Config, scheme: Scheme) -> tuple[dict[str, Any], list[dict[str,
     return {"status": fit.status, "metrics": scalars(fit.history[-1]), "probs": fit.probs.astype(np.float32)}, weights
 
 
-def candidates(run: Run, ranked: pd.DataFrame) -> list[tuple[pd.Series, int | None]]:
+def candidates(run: Run, ranked: pd.DataFrame,
+               pools: list[list[str]] | None = None) -> list[tuple[pd.Series, int | None]]:
     """(trial row, hand-picked point number or None): the `ranked` trials (`Run.rerank_pool`: the top trials or the
-    front's members), then each point's trial, each once."""
-    points: dict[str, tuple[pd.Series, int]] = {}
+    front's members), then those of each judging half's pool (`Run.half_pools`) not among them, then each point's
+    trial, each once."""
+    points: dict[str, int] = {}
     for i, point in enumerate(run.config.search.points):
         row = run.point_trial(point)
         if row is not None and row["status"] in RANKED:
-            points.setdefault(row["trial"], (row, i + 1))
-    top = [(row, points[row["trial"]][1] if row["trial"] in points else None) for _, row in ranked.iterrows()]
-    return top + [c for t, c in points.items() if t not in {r["trial"] for r, _ in top}]
+            points.setdefault(row["trial"], i + 1)
+    trials = dict.fromkeys([*ranked["trial"], *(t for pool in pools or [] for t in pool), *points])
+    return [(run.trial(t), points.get(t)) for t in trials]
 
 
 @dataclass
@@ -82,7 +86,7 @@ class Reranked:
 
 
 def rerank(run: Run, prepared: Prepared, seeds: list[int], judge_seeds: list[int],
-           chosen: list[tuple[pd.Series, int | None]]) -> Reranked:
+           chosen: list[tuple[pd.Series, int | None]], pools: list[list[str]] | None = None) -> Reranked:
     """Retrain every candidate (`candidates`) with every seed of `seeds`, pick the winner, judge it against each
     hand-picked point and against its labels-only twin on `judge_seeds`; the record (rerank.json), the winner's
     held-out probabilities and the students it judged."""
@@ -108,7 +112,9 @@ def rerank(run: Run, prepared: Prepared, seeds: list[int], judge_seeds: list[int
     best = pick(entries, {e.trial for e, ok in zip(entries, allowed, strict=True) if ok}, sign)
     held = prepared.scheme.held
     halves = judging_halves(held)
-    winners = half_winners(results, allowed, held, halves, metric, sign) if held is not None and judge_seeds else []
+    eligible = [[ok and (pools is None or e.trial in pools[h] or e.hand_picked is not None)
+                 for e, ok in zip(entries, allowed, strict=True)] for h in (0, 1)]
+    winners = half_winners(results, eligible, held, halves, metric, sign) if held is not None and judge_seeds else []
     for i in {best, *winners} - set(judging):
         judging[i] = start(configs[i], judge_seeds)
     # the labels-only twin of each candidate the winner is judged as: its config with the teacher's weight at 0
@@ -118,7 +124,7 @@ def rerank(run: Run, prepared: Prepared, seeds: list[int], judge_seeds: list[int
     twin_runs = {i: fetched(j) for i, j in twins.items()}
     entries = [dataclasses.replace(e, judged=[_value(r, metric) for r in judged.get(i, [])])
                for i, e in enumerate(entries)]
-    comparisons = [compare(best, winners, i, entries, judged, held, halves, metric, sign)
+    comparisons = [compare(best, winners, i, entries, judged, held, halves, metric, sign, results)
                    for i, e in enumerate(entries) if e.hand_picked]
     twin = against_twin(best, winners, entries, configs, judged, twin_runs, held, halves, metric, sign,
                         twin_seeds) if held is not None else None
@@ -160,52 +166,40 @@ def pick(entries: list[Candidate], allowed: set[str], sign: int) -> int:
     return ranked[0]
 
 
-def judging_halves(held: HeldOut | None) -> np.ndarray:
-    """Two stratified halves of the held-out images (0/1 per image, fixed): each half judges what the other
-    picked."""
-    return validation_parts(held.labels, 1, held.groups) if held is not None else np.zeros(0, dtype=np.int64)
-
-
-def half_figure(metric: str, held: HeldOut, probs: np.ndarray, idx: np.ndarray) -> float:
-    """`metric` of the held-out images `idx` under the search's rule (kd.selection.held_out_metrics)."""
-    sub = held.subset(idx)
-    if metric == "val_auc":
-        return macro_auc(sub.labels, probs[idx])
-    terms = image_terms(metric, sub.labels, probs[idx], sub.parts, sub.rule)
-    if terms is not None:  # a sum over images (the same figure, without the rest of the report)
-        return float(np.sum(terms[0] * terms[1]))
-    return float(held_out_metrics(sub.labels, probs[idx], sub.classes, sub.parts, sub.rule,
-                                  folds=sub.member if sub.spread else None).get(metric, math.nan))
-
-
-def half_winners(results: list[list[dict[str, Any]]], allowed: list[bool], held: HeldOut, halves: np.ndarray,
+def half_winners(results: list[list[dict[str, Any]]], eligible: list[list[bool]], held: HeldOut, halves: np.ndarray,
                  metric: str, sign: int) -> list[int]:
     """For each half h, the candidate the other half picks: the best mean over the re-ranking seeds of `metric` on
-    the other half's images (among the candidates within the budget)."""
+    the other half's images, among the candidates `eligible[h]` (within the budget, and of the pool chosen on the
+    other half: Run.half_pools)."""
     winners = []
     for h in (0, 1):
         other = np.flatnonzero(halves != h)
         means = [_mean([half_figure(metric, held, r["probs"], other) if r["status"] == Outcome.COMPLETED
                         else math.nan for r in runs]) if ok else math.nan
-                 for runs, ok in zip(results, allowed, strict=True)]
+                 for runs, ok in zip(results, eligible[h], strict=True)]
         order = sorted(range(len(means)), key=lambda i: -sign * means[i] if not math.isnan(means[i]) else math.inf)
         winners.append(order[0])
     return winners
 
 
-def compare(best: int, winners: list[int], point: int, entries: list[Candidate],
-            judged: dict[int, list[dict[str, Any]]], held: HeldOut | None, halves: np.ndarray, metric: str,
-            sign: int) -> Comparison:
+Runs = list[dict[str, Any]]
+
+
+def compare(best: int, winners: list[int], point: int, entries: list[Candidate], judged: dict[int, Runs],
+            held: HeldOut | None, halves: np.ndarray, metric: str, sign: int,
+            further: list[Runs] | None = None) -> Comparison:
     """The search against hand-picked point `point` (indices into `entries`): on each half of the held-out images,
     the candidate the other half picked (`winners`) against the point, both retrained on the judging seeds; the
-    two halves' paired differences averaged, and whether the 97.5% lower bound is above 0."""
+    two halves' paired differences averaged, and whether the 97.5% lower bound is above 0. `further`: each
+    candidate's fits on the re-ranking seeds, whose paired differences on the half add to the seed-to-seed spread."""
     mine = entries[point]
     assert mine.hand_picked is not None
     if best == point:
         return Comparison(point=mine.hand_picked, trial=mine.trial, difference=0.0, standard_error=0.0, seeds=0,
                           verdict=Verdict.SAME)
     sides = [None if winner == point else (judged.get(winner, []), judged.get(point, [])) for winner in winners]
-    d = halves_difference(sides, held, halves, metric, sign)
+    more = [None if further is None or winner == point else (further[winner], further[point]) for winner in winners]
+    d = halves_difference(sides, held, halves, metric, sign, more)
     if d is None:
         return Comparison(point=mine.hand_picked, trial=mine.trial, difference=math.nan, standard_error=math.nan,
                           seeds=0, verdict=Verdict.UNJUDGED)
@@ -214,28 +208,62 @@ def compare(best: int, winners: list[int], point: int, entries: list[Candidate],
                       detectable=d.detectable, judged=[entries[w].trial for w in winners])
 
 
-def halves_difference(sides: list[tuple[list[dict[str, Any]], list[dict[str, Any]]] | None], held: HeldOut | None,
-                      halves: np.ndarray, metric: str, sign: int) -> Difference | None:
+def _completed_pairs(a: Runs, b: Runs) -> list[tuple[np.ndarray, np.ndarray]]:
+    return [(x["probs"], y["probs"]) for x, y in zip(a, b, strict=True)
+            if x["status"] == Outcome.COMPLETED and y["status"] == Outcome.COMPLETED]
+
+
+def halves_difference(sides: list[tuple[Runs, Runs] | None], held: HeldOut | None, halves: np.ndarray, metric: str,
+                      sign: int, further: list[tuple[Runs, Runs] | None] | None = None) -> Difference | None:
     """On each half h of the held-out images, how much better the fits `sides[h][0]` are than `sides[h][1]` (the
     same judging seeds, paired; None: the same model on both sides, no difference and no noise in it); the two
-    halves' differences averaged. None where a half could not be judged."""
+    halves' differences averaged. None where a half could not be judged.
+
+    A half's standard error is that of resampling its images (kd.selection.paired_difference) and, on top, the
+    seed-to-seed spread of the paired difference over the judging seeds and the `further` ones (the re-ranking's,
+    paired the same way) divided by the judging seeds: a seed moves a model's figure on every image at once, which
+    no resampling of the images sees."""
     parts: list[Difference] = []
     for h, side in enumerate(sides):
         if side is None:
             parts.append(Difference(0.0, 0.0, 0))
             continue
-        pairs = [(a["probs"], b["probs"]) for a, b in zip(*side, strict=True)
-                 if a["status"] == Outcome.COMPLETED and b["status"] == Outcome.COMPLETED]
+        pairs = _completed_pairs(*side)
         if held is None or not pairs:
             return None
         idx = np.flatnonzero(halves == h)
-        parts.append(paired_difference(metric, held.subset(idx), [a[idx] for a, _ in pairs], [b[idx] for _, b in pairs],
-                                       sign))
+        d = paired_difference(metric, held.subset(idx), [a[idx] for a, _ in pairs], [b[idx] for _, b in pairs], sign)
+        more = further[h] if further else None
+        spread = pairs + (_completed_pairs(*more) if more else [])
+        if len(spread) > 1:
+            d = Difference(d.mean, math.sqrt(d.standard_error ** 2 + seed_variance(metric, held, idx, spread)
+                                             / len(pairs)), d.seeds)
+        parts.append(d)
     if len(parts) < 2 or any(math.isnan(d.standard_error) for d in parts):
         return None
     return Difference((parts[0].mean + parts[1].mean) / 2,
                       math.hypot(parts[0].standard_error, parts[1].standard_error) / 2,
                       min(p.seeds for p in parts if p.seeds) if any(p.seeds for p in parts) else 0)
+
+
+def seed_variance(metric: str, held: HeldOut, idx: np.ndarray, pairs: list[tuple[np.ndarray, np.ndarray]]) -> float:
+    """The variance one seed adds to a paired difference of `metric` on the held-out images `idx` on top of the
+    images' own noise: the spread of the seeds' differences (`pairs`, seed by seed), less what their image-by-image
+    noise from seed to seed explains, for a figure that is a sum over images (that noise is already in the images'
+    resampling); all of the spread for the others."""
+    sub = held.subset(idx)
+    weights, differences = np.zeros(len(idx)), []
+    for a, b in pairs:
+        ta = image_terms(metric, sub.labels, a[idx], sub.parts, sub.rule)
+        tb = image_terms(metric, sub.labels, b[idx], sub.parts, sub.rule)
+        if ta is None or tb is None:
+            return float(np.var([half_figure(metric, held, a, idx) - half_figure(metric, held, b, idx)
+                                 for a, b in pairs], ddof=1))
+        weights = ta[0]
+        differences.append(ta[1] - tb[1])
+    per_image = np.array(differences)  # seeds x images
+    noise = float(np.sum(weights ** 2 * per_image.var(axis=0, ddof=1)))
+    return max(0.0, float(np.var(per_image @ weights, ddof=1)) - noise)
 
 
 def against_twin(best: int, winners: list[int], entries: list[Candidate], configs: list[Config],

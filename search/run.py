@@ -27,6 +27,7 @@ from search.records import (
     CONFIG,
     EXPERIMENT,
     FINISHED,
+    HALF_FIGURES,
     MIRROR,
     RANKED,
     RERANK_PROBS,
@@ -243,6 +244,14 @@ class Run:
                 return ordered[ordered["trial"].isin(front["trial"])], True
         return self.best_trials(self.config.search.rerank, within_budget=True), False
 
+    def half_pools(self) -> list[list[str]] | None:
+        """For each judging half h (search.halves), the trials its pick comes from (`half_pools`), within the budget;
+        None for a run of an earlier version, whose trials did not report their halves' figures."""
+        table = self.table
+        if not len(table) or any(c not in table or table[c].isna().all() for c in HALF_FIGURES):
+            return None
+        return half_pools(self.config, table[self.within_budget(table)])
+
     def slot_use(self) -> SlotUse | None:
         """How busy the trial slots were while trials ran, and how long a slot waited between trials."""
         return slot_use(self.histories, self.record.slots if self.record else None)
@@ -283,6 +292,14 @@ def best_trials(cfg: Config, table: pd.DataFrame, k: int = 5) -> pd.DataFrame:
     ok["_full"] = ok["status"] == TrialStatus.COMPLETED
     ok = ok.sort_values(["_full", metric], ascending=[False, cfg.search.direction == "min"])
     return ok.drop(columns="_full").head(k)
+
+
+def half_pools(cfg: Config, table: pd.DataFrame) -> list[list[str]]:
+    """For each judging half h, the top `search.rerank` trials of `table` by the search metric on the other half
+    alone, as the trials reported it (HALF_FIGURES): nothing a half judges was chosen on its images."""
+    metric = cfg.search.metric
+    return [list(best_trials(cfg, table.assign(**{metric: table[HALF_FIGURES[1 - h]]}), cfg.search.rerank)["trial"])
+            for h in (0, 1)]
 
 
 def _missing(value: Any) -> bool:

@@ -298,13 +298,16 @@ def _reranking(run: Run) -> list[str]:
                     "per seed", "judging seeds", ""], rows), ""]
     if rr.judge_seeds and rr.against_points:
         out += ["Whether the search beats a hand-picked point is judged on images and seeds that did not pick: "
-                "the held-out images are cut into two stratified halves; on each half the candidate the other "
-                f"half picks is set against the point, both retrained with seeds {rr.judge_seeds}, and the two "
-                f"halves' paired differences in `{metric}` are averaged. The search beats the point when that "
-                "difference is above 1.96 standard errors (from resampling the images within each class: its "
-                "97.5% lower bound must be above 0). Among equal candidates this says \"beats\" fewer than one "
-                "time in twenty (simulated: 4%); judged on the images and seeds that picked it, about one time in "
-                "four.", ""]
+                "the held-out images are cut into two halves; on each half the candidate the other "
+                f"half picks (among the top {run.config.search.rerank} trials by the search's figure on that other "
+                "half, by their mean over the re-ranking seeds there) is set against the point, both retrained "
+                f"with seeds {rr.judge_seeds}, and the two halves' paired differences in `{metric}` are averaged. "
+                "The search beats the point when that difference is above 1.96 standard errors (from resampling "
+                "the images within each class, and the paired difference's spread from seed to seed: its 97.5% "
+                "lower bound must be above 0). With pooled out-of-fold predictions the halves are whole folds, "
+                "so that no half picks on a candidate's luck with a fold it then judges. Simulated as a search "
+                "runs (16 equal trials, seed shifts and candidate-by-fold effects) this says \"beats\" 2 to 4 "
+                "times in a hundred; judged on the images and seeds that picked it, about one time in four.", ""]
     for c in rr.against_points:
         if c.verdict == Verdict.SAME:
             out += [f"**Against hand-picked {c.point}**: the search's winner is that point itself.", ""]

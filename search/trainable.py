@@ -30,6 +30,7 @@ from kd.train import Fitting, Outcome, load_state, save_state
 from search.cluster import where
 from search.config import from_dict
 from search.costs import Costs
+from search.halves import half_figures
 from search.records import STATE_FILE, TEACHER_WORK
 
 
@@ -86,6 +87,9 @@ class DistillTrainable(tune.Trainable):
             raise TrialDiverged(f"non-finite loss at epoch {row['epoch']}: the trial diverged")
         metrics = {**scalars(row), **self.cost, **self.placed,
                    TEACHER_WORK: self.teacher_work.images, "reported_at": time.time()}
+        held, probs = self.scheme.held, self.fitting.result.probs
+        if held is not None and probs is not None and self.cfg.search.metric in row:  # each half's pool: search.rerank
+            metrics.update(half_figures(self.cfg.search.metric, held, probs))
         if row["epoch"] in self.checkpoint_epochs:
             metrics[tune.result.SHOULD_CHECKPOINT] = True
         if self.fitting.done:

@@ -4,6 +4,7 @@ import gc
 import json
 import sys
 from importlib.metadata import entry_points
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -77,6 +78,7 @@ def test_a_trial_reports_the_teacher_work_of_its_own_steps_alone(monkeypatch):
 
     class Fitting:
         done = False
+        result = SimpleNamespace(probs=None)  # no held-out predictions: no halves' figures
 
         def step(self):
             kd.teacher._count_forward(7)  # as kd.teacher._logits counts a forward pass
@@ -84,7 +86,7 @@ def test_a_trial_reports_the_teacher_work_of_its_own_steps_alone(monkeypatch):
 
     trial = object.__new__(DistillTrainable)  # no Ray: the trial's state as _begin and its first step leave it
     monkeypatch.setattr("search.trainable.placement", lambda device: {"attempt_started": 0.0})
-    trial.checkpoint_epochs, trial.cost = frozenset(), {}
+    trial.checkpoint_epochs, trial.cost, trial.scheme = frozenset(), {}, SimpleNamespace(held=None)
     trial._begin({})
     trial.fitting = Fitting()
     kd.teacher._count_forward(100)  # outside the trial's steps

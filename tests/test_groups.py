@@ -128,7 +128,7 @@ def test_the_halves_that_judge_and_cross_fit_keep_a_subject_whole(tmp_path):
     all take a patient's scans as one."""
     from kd.schemes import CrossValidated
     from kd.train import HeldOut
-    from search.rerank import judging_halves
+    from search.halves import judging_halves
     cfg = load_config(None, ["data.source=csv", f"data.train={scans(tmp_path)}", "data.groups=column:patient",
                              "data.image_size=16", f"data.cache_dir={tmp_path / 'cache'}", "data.val_fraction=0.25",
                              "data.test_fraction=0.25", f"data.train.images={tmp_path / 'images'}", "search.folds=3"])

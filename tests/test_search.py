@@ -20,6 +20,7 @@ from search.cli import main
 from search.config import load_config
 from search.driver import run_search
 from search.format import number
+from search.records import HALF_FIGURES
 from tests.helpers import read_table, tiny_overrides, trial_results
 
 pytestmark = pytest.mark.slow
@@ -192,7 +193,10 @@ def test_failing_and_diverging_trials_are_recorded_and_the_search_goes_on(shared
     errors = " ".join(failed["error"].astype(str))
     assert "Kernel size can't be greater than actual input size" in errors and "non-finite loss" in errors
     assert (failed["failures"] == 1).all()  # not retried (search.max_failures=0): failed once, then recorded
-    assert table["status"].isin(["completed", "stopped early"]).sum() == 2
+    ranked = table[table["status"].isin(["completed", "stopped early"])]
+    assert len(ranked) == 2
+    assert ranked[list(HALF_FIGURES)].map(lambda v: 0 <= v <= 1).all().all()  # each half's figure: its own pool
+    assert failed[list(HALF_FIGURES)].isna().all().all()
 
 
 def test_analyze_on_a_copy_reproduces_the_tables(shared_search, tmp_path, capsys):
