@@ -2,6 +2,7 @@
 
     python bench/bench.py --profile cpu    # this 2-core machine: digits at 32 px, resnet18 -> test_resnet
     python bench/bench.py --profile gpu    # one GPU: ~3000 images at 224 px, DeiT-Small -> ResNet-50
+    python bench/bench.py --profile demo --cases demo  # `kdsearch demo` against one reference-style distillation
 
 Every case runs in its own process (peak memory is that process tree's, Ray's workers included) on the
 same files, models, image size and epochs, and the table gives each one's ratio against the reference:
@@ -119,6 +120,44 @@ def kd_distill(p: Profile, work: Path, epochs: int, **sets: Any) -> dict[str, An
             "val_balanced_accuracy": metrics.val["balanced_accuracy"], "phases": metrics.phases}
 
 
+def kd_demo(p: Profile, work: Path) -> dict[str, Any]:
+    """`kdsearch demo`, the whole search a new user runs first, from an empty folder (nothing cached), in a process of
+    its own, from its start to its exit."""
+    from search.run import Run
+    folder = work / "demo"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    t0 = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "search.cli", "demo", "--quiet"], cwd=folder, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    seconds = time.perf_counter() - t0
+    if done.returncode:
+        raise SystemExit(f"kdsearch demo failed: {done.stderr[-2000:]}")
+    run = Run(folder / "results" / "digits")
+    best = json.loads((run.directory / "best" / "metrics.json").read_text())
+    return {"seconds": seconds, "phases": run.record.phases if run.record else {},
+            "test_balanced_accuracy": best["test"]["balanced_accuracy"]}
+
+
+def demo_against_reference(args: argparse.Namespace, p: Profile) -> None:
+    """The demo's whole search against one distillation as the reference projects ran it (its teacher fine-tuned
+    first), on the same digits (8 against the rest), teacher, student and image size: the ratio of their wall times,
+    in one run (bar: 1.0)."""
+    reference = run_case(args, "seed", epochs=p["epochs"], teacher_epochs=p["teacher_epochs"])
+    demo = run_case(args, "demo")
+    print(f"\nkd-search demo against one reference-style distillation: digits at {p['size']} px, teacher "
+          f"{p['teacher']}, student {p['student']}")
+    print(f"  one distillation, teacher {p['teacher_epochs']} epochs + student {p['epochs']} epochs (PIL DataLoader, "
+          f"the teacher on every batch): {reference['seconds']:.1f} s, validation balanced accuracy "
+          f"{reference['val_balanced_accuracy']:.3f}, peak RSS {reference['peak_rss_gb']:.2f} GB")
+    print(f"  kdsearch demo, the whole search from an empty cache: {demo['seconds']:.1f} s, test balanced accuracy "
+          f"{demo['test_balanced_accuracy']:.3f}, peak RSS {demo['peak_rss_gb']:.2f} GB")
+    print("    its phases: " + ", ".join(f"{k} {v:.1f} s" for k, v in demo["phases"].items()))
+    print(f"  ratio (demo / one distillation): {demo['seconds'] / reference['seconds']:.2f}")
+    if args.out:
+        args.out.write_text(json.dumps({"profile": args.profile, "reference": reference, "demo": demo}, indent=2))
+
+
 def _train_size(describe: str) -> int:
     return int(describe.split("train ")[1].split(" ")[0])
 
@@ -184,7 +223,7 @@ def run_case(args: argparse.Namespace, case: str, **kwargs: Any) -> dict[str, An
 def child(args: argparse.Namespace) -> None:
     p, work, kwargs = PROFILES[args.profile], args.work, json.loads(args.kwargs)
     cases: dict[str, Callable[..., dict[str, Any]]] = {"seed": seed_style, "trial": kd_trial, "search": kd_search,
-                                                        "distill": kd_distill}
+                                                        "distill": kd_distill, "demo": kd_demo}
     fn = cases[args.case]
     print(json.dumps(fn(p, work, **kwargs)))
 
@@ -195,8 +234,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=ROOT / "results" / "bench")
     parser.add_argument("--out", type=Path, help="also write the figures as JSON here")
     parser.add_argument("--cases", default="all", help="comma list of: trial (reference-style loop and trials), "
-                        "search, "
-                        "pack; default all (a long GPU benchmark can be split across calls)")
+                        "search, pack, demo (`kdsearch demo` against one reference-style distillation, alone); default "
+                        "all but demo (a long GPU benchmark can be split across calls)")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--kwargs", default="{}", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -205,6 +244,8 @@ def main() -> None:
     args.work = args.work.absolute() / args.profile
     p = PROFILES[args.profile]
     make_files(args.work / "images", p["size"], p["images"])
+    if args.cases == "demo":
+        return demo_against_reference(args, p)
     ep, trial_ep = p["epochs"], p.get("trial_epochs", p["epochs"])
     cases = {"trial", "search", "pack"} if args.cases == "all" else set(args.cases.split(","))
     print(f"preparing data and teacher ({p['teacher']}, {p['teacher_epochs']} epochs) ...", file=sys.stderr)

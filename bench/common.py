@@ -32,6 +32,9 @@ class Profile(_Profile, total=False):
 PROFILES: dict[str, Profile] = {
     "cpu": Profile(size=32, images=1797, teacher="resnet18", student="test_resnet", batch=64, epochs=20, trials=8,
                    teacher_epochs=10, teacher_lr=0.002, lr=0.05, workers=2, compile=False, pack=0),
+    # the demo (search/presets/digits.yaml) against one distillation as the reference projects ran it on its data
+    "demo": Profile(size=16, images=1797, teacher="resnet18", student="test_resnet", batch=64, epochs=20, trials=10,
+                    teacher_epochs=4, teacher_lr=0.002, lr=0.05, workers=2, compile=False, pack=0),
     "smoke": Profile(size=32, images=400, teacher="test_resnet", student="test_resnet", batch=64, epochs=3, trials=2,
                      teacher_epochs=1, teacher_lr=0.003, lr=0.05, workers=2, compile=False, pack=2, trial_epochs=2),
     "gpu": Profile(size=224, images=3000, teacher="deit_small_distilled_patch16_224", student="resnet50", batch=128,

@@ -9,9 +9,11 @@ from typing import Any
 from bench.common import Profile, config, gpu_peak
 
 
-def seed_style(p: Profile, work: Path, epochs: int) -> dict[str, Any]:
+def seed_style(p: Profile, work: Path, epochs: int, teacher_epochs: int = 0) -> dict[str, Any]:
     """The reference projects' loop: PIL decoding and transforms in DataLoader workers every epoch, teacher forward on
-    every batch, fp32, soft KD (T=5, alpha 0.5), SGD with StepLR. The teacher is the one kd-search cached."""
+    every batch, fp32, soft KD (T=5, alpha 0.5), SGD with StepLR. The teacher is the one kd-search cached, or, with
+    `teacher_epochs`, one distillation as the reference projects ran it from the start: the teacher fine-tuned that
+    many epochs by the same kind of loop (cross-entropy, AdamW at the profile's teacher rate), inside the timing."""
     import torch
     import torch.nn.functional as F
     from PIL import Image
@@ -24,10 +26,12 @@ def seed_style(p: Profile, work: Path, epochs: int) -> dict[str, Any]:
 
     cfg = config(p, work)
     data = load_dataset(cfg.data, progress=False)
-    teacher_dir = prepare_teacher(cfg, data, epochs=1, progress=False).directory
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    teacher, _ = load_teacher_model(cfg, data, teacher_dir)
-    teacher = teacher.to(device).eval()
+    if teacher_epochs:
+        teacher = create_model(cfg.teacher, len(data.classes), p["size"]).to(device)
+    else:
+        teacher, _ = load_teacher_model(cfg, data, prepare_teacher(cfg, data, epochs=1, progress=False).directory)
+        teacher = teacher.to(device).eval()
     t_mean, t_std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in mean_std(teacher))
     torch.manual_seed(0)
     student = create_model(cfg.student, len(data.classes), p["size"]).to(device)
@@ -58,6 +62,19 @@ def seed_style(p: Profile, work: Path, epochs: int) -> dict[str, Any]:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
+    if teacher_epochs:  # the teacher's own fine-tuning, on its normalisation
+        t_train = torch.utils.data.DataLoader(
+            Files(data.train, T.Compose([*train_tf.transforms[:-1], T.Normalize(*mean_std(teacher))])), shuffle=True,
+            drop_last=True, batch_size=batch, num_workers=workers, pin_memory=pin)
+        t_opt = torch.optim.AdamW(teacher.parameters(), lr=p["teacher_lr"], weight_decay=0.05)
+        teacher.train()
+        for _ in range(teacher_epochs):
+            for x, y in t_train:
+                loss = F.cross_entropy(teacher(x.to(device)), y.to(device))
+                t_opt.zero_grad()
+                loss.backward()
+                t_opt.step()
+        teacher.eval()
     for _ in range(epochs):
         student.train()
         for x, y in train:
