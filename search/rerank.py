@@ -10,10 +10,11 @@ images are cut into two halves (search.halves: whole folds of pooled out-of-fold
 candidate picked on the other half alone (the top trials by their figure there, then the best mean over the
 re-ranking seeds there) is set against the point, both retrained with `search.judge_seeds` seeds more, and their
 paired differences on the two halves are averaged (kd.selection.paired_difference: the images resampled by class,
-the seeds averaged, and the seeds' own spread added: `seed_variance`). The search beats the point when that
-difference is above 1.96 standard errors. Simulated as a search runs (tests/test_verdict.py), among equal
-candidates this says "beats" 2 to 4 times in a hundred; the rule before each half had its own pool, whole folds
-and the seeds' spread, 7 times; judged on the seeds and images that chose it, about one time in four.
+the seeds averaged, the seeds' own spread added, `seed_variance`, and the candidates' luck with a fold,
+`fold_variance`). The search beats the point when that difference is above 1.96 standard errors. Simulated as a
+search runs (tests/test_verdict.py), among equal candidates this says "beats" 1 to 2 times in a hundred; the rule
+before each half had its own pool, whole folds and the spreads, 7 times; judged on the seeds and images that chose
+it, about one time in four.
 """
 from __future__ import annotations
 
@@ -191,7 +192,8 @@ def compare(best: int, winners: list[int], point: int, entries: list[Candidate],
     """The search against hand-picked point `point` (indices into `entries`): on each half of the held-out images,
     the candidate the other half picked (`winners`) against the point, both retrained on the judging seeds; the
     two halves' paired differences averaged, and whether the 97.5% lower bound is above 0. `further`: each
-    candidate's fits on the re-ranking seeds, whose paired differences on the half add to the seed-to-seed spread."""
+    candidate's fits on the re-ranking seeds, whose paired differences on the half add to the seed-to-seed spread,
+    and whose figures fold by fold measure how much a candidate's luck with a fold moves it (`fold_variance`)."""
     mine = entries[point]
     assert mine.hand_picked is not None
     if best == point:
@@ -199,7 +201,8 @@ def compare(best: int, winners: list[int], point: int, entries: list[Candidate],
                           verdict=Verdict.SAME)
     sides = [None if winner == point else (judged.get(winner, []), judged.get(point, [])) for winner in winners]
     more = [None if further is None or winner == point else (further[winner], further[point]) for winner in winners]
-    d = halves_difference(sides, held, halves, metric, sign, more)
+    folds = fold_variance(metric, held, further) if held is not None and further else 0.0
+    d = halves_difference(sides, held, halves, metric, sign, more, folds)
     if d is None:
         return Comparison(point=mine.hand_picked, trial=mine.trial, difference=math.nan, standard_error=math.nan,
                           seeds=0, verdict=Verdict.UNJUDGED)
@@ -214,7 +217,8 @@ def _completed_pairs(a: Runs, b: Runs) -> list[tuple[np.ndarray, np.ndarray]]:
 
 
 def halves_difference(sides: list[tuple[Runs, Runs] | None], held: HeldOut | None, halves: np.ndarray, metric: str,
-                      sign: int, further: list[tuple[Runs, Runs] | None] | None = None) -> Difference | None:
+                      sign: int, further: list[tuple[Runs, Runs] | None] | None = None,
+                      folds: float = 0.0) -> Difference | None:
     """On each half h of the held-out images, how much better the fits `sides[h][0]` are than `sides[h][1]` (the
     same judging seeds, paired; None: the same model on both sides, no difference and no noise in it); the two
     halves' differences averaged. None where a half could not be judged.
@@ -222,7 +226,8 @@ def halves_difference(sides: list[tuple[Runs, Runs] | None], held: HeldOut | Non
     A half's standard error is that of resampling its images (kd.selection.paired_difference) and, on top, the
     seed-to-seed spread of the paired difference over the judging seeds and the `further` ones (the re-ranking's,
     paired the same way) divided by the judging seeds: a seed moves a model's figure on every image at once, which
-    no resampling of the images sees."""
+    no resampling of the images sees; and `folds`, the variance of a candidate's luck with one fold (`fold_variance`),
+    for the two models' luck with each fold of the half, which no seed redraws."""
     parts: list[Difference] = []
     for h, side in enumerate(sides):
         if side is None:
@@ -235,9 +240,11 @@ def halves_difference(sides: list[tuple[Runs, Runs] | None], held: HeldOut | Non
         d = paired_difference(metric, held.subset(idx), [a[idx] for a, _ in pairs], [b[idx] for _, b in pairs], sign)
         more = further[h] if further else None
         spread = pairs + (_completed_pairs(*more) if more else [])
-        if len(spread) > 1:
-            d = Difference(d.mean, math.sqrt(d.standard_error ** 2 + seed_variance(metric, held, idx, spread)
-                                             / len(pairs)), d.seeds)
+        extra = seed_variance(metric, held, idx, spread) / len(pairs) if len(spread) > 1 else 0.0
+        if folds:  # each fold's share of the half, squared: two models' independent luck with each
+            shares = np.bincount(held.member[idx]) / len(idx)
+            extra += 2 * folds * float(np.sum(shares ** 2))
+        d = Difference(d.mean, math.sqrt(d.standard_error ** 2 + extra), d.seeds)
         parts.append(d)
     if len(parts) < 2 or any(math.isnan(d.standard_error) for d in parts):
         return None
@@ -264,6 +271,25 @@ def seed_variance(metric: str, held: HeldOut, idx: np.ndarray, pairs: list[tuple
     per_image = np.array(differences)  # seeds x images
     noise = float(np.sum(weights ** 2 * per_image.var(axis=0, ddof=1)))
     return max(0.0, float(np.var(per_image @ weights, ddof=1)) - noise)
+
+
+def fold_variance(metric: str, held: HeldOut, fits: list[Runs]) -> float:
+    """How much a candidate's luck with one fold (its fold teacher, its training images and views, the same for
+    every seed) moves its figure on that fold: the candidate-by-fold interaction of the candidates' figures fold by
+    fold over the re-ranking seeds, less the seeds' own noise (a two-way analysis of variance with replication).
+    0 for a holdout, or with fewer than two candidates or seeds."""
+    members = np.unique(held.member)
+    runs = [r for r in fits if r and all(f["status"] == Outcome.COMPLETED for f in r)]
+    seeds = min((len(r) for r in runs), default=0)
+    if len(members) < 2 or len(runs) < 2 or seeds < 2:
+        return 0.0
+    idx = [np.flatnonzero(held.member == m) for m in members]
+    y = np.array([[[half_figure(metric, held, f["probs"], i) for f in r[:seeds]] for i in idx] for r in runs])
+    cells = y.mean(axis=2)  # candidates x folds
+    interaction = cells - cells.mean(axis=1, keepdims=True) - cells.mean(axis=0, keepdims=True) + cells.mean()
+    between = seeds * np.sum(interaction ** 2) / ((len(runs) - 1) * (len(members) - 1))
+    within = np.sum((y - cells[..., None]) ** 2) / (len(runs) * len(members) * (seeds - 1))
+    return max(0.0, float(between - within) / seeds)
 
 
 def against_twin(best: int, winners: list[int], entries: list[Candidate], configs: list[Config],

@@ -306,7 +306,7 @@ def _reranking(run: Run) -> list[str]:
                 "the images within each class, and the paired difference's spread from seed to seed: its 97.5% "
                 "lower bound must be above 0). With pooled out-of-fold predictions the halves are whole folds, "
                 "so that no half picks on a candidate's luck with a fold it then judges. Simulated as a search "
-                "runs (16 equal trials, seed shifts and candidate-by-fold effects) this says \"beats\" 2 to 4 "
+                "runs (16 equal trials, seed shifts and candidate-by-fold effects) this says \"beats\" 1 to 2 "
                 "times in a hundred; judged on the images and seeds that picked it, about one time in four.", ""]
     for c in rr.against_points:
         if c.verdict == Verdict.SAME:
