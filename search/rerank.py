@@ -125,7 +125,8 @@ def rerank(run: Run, prepared: Prepared, seeds: list[int], judge_seeds: list[int
     twin_runs = {i: fetched(j) for i, j in twins.items()}
     entries = [dataclasses.replace(e, judged=[_value(r, metric) for r in judged.get(i, [])])
                for i, e in enumerate(entries)]
-    comparisons = [compare(best, winners, i, entries, judged, held, halves, metric, sign, results)
+    folds = fold_variance(metric, held, results) if held is not None else 0.0  # once: the same for every point
+    comparisons = [compare(best, winners, i, entries, judged, held, halves, metric, sign, results, folds)
                    for i, e in enumerate(entries) if e.hand_picked]
     twin = against_twin(best, winners, entries, configs, judged, twin_runs, held, halves, metric, sign,
                         twin_seeds) if held is not None else None
@@ -188,12 +189,12 @@ Runs = list[dict[str, Any]]
 
 def compare(best: int, winners: list[int], point: int, entries: list[Candidate], judged: dict[int, Runs],
             held: HeldOut | None, halves: np.ndarray, metric: str, sign: int,
-            further: list[Runs] | None = None) -> Comparison:
+            further: list[Runs] | None = None, folds: float = 0.0) -> Comparison:
     """The search against hand-picked point `point` (indices into `entries`): on each half of the held-out images,
     the candidate the other half picked (`winners`) against the point, both retrained on the judging seeds; the
     two halves' paired differences averaged, and whether the 97.5% lower bound is above 0. `further`: each
-    candidate's fits on the re-ranking seeds, whose paired differences on the half add to the seed-to-seed spread,
-    and whose figures fold by fold measure how much a candidate's luck with a fold moves it (`fold_variance`)."""
+    candidate's fits on the re-ranking seeds, whose paired differences on the half add to the seed-to-seed spread;
+    `folds`: how much a candidate's luck with a fold moves it (`fold_variance` of those fits)."""
     mine = entries[point]
     assert mine.hand_picked is not None
     if best == point:
@@ -201,7 +202,6 @@ def compare(best: int, winners: list[int], point: int, entries: list[Candidate],
                           verdict=Verdict.SAME)
     sides = [None if winner == point else (judged.get(winner, []), judged.get(point, [])) for winner in winners]
     more = [None if further is None or winner == point else (further[winner], further[point]) for winner in winners]
-    folds = fold_variance(metric, held, further) if held is not None and further else 0.0
     d = halves_difference(sides, held, halves, metric, sign, more, folds)
     if d is None:
         return Comparison(point=mine.hand_picked, trial=mine.trial, difference=math.nan, standard_error=math.nan,

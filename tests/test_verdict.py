@@ -19,7 +19,7 @@ from kd.train import HeldOut, Outcome
 from search.config import Config, load_config
 from search.halves import half_figures, judging_halves
 from search.records import Candidate, TrialStatus, Verdict
-from search.rerank import compare, half_winners, pick
+from search.rerank import compare, fold_variance, half_winners, pick
 from search.run import best_trials, half_pools
 
 N_MAJORITY, N_MINORITY = 270, 30
@@ -96,8 +96,10 @@ def search_flow(held: HeldOut, cfg: Config, rng: np.random.Generator, gain: floa
     halves = validation_parts(held.labels, 1) if before else judging_halves(held)
     eligible = [[e.trial in pools[h] or e.hand_picked is not None for e in entries] for h in (0, 1)]
     winners = half_winners(results, eligible, held, halves, metric, sign)
-    further = None if before else results
-    return compare(best, winners, chosen.index(0), entries, judged, held, halves, metric, sign, further).verdict
+    if before:
+        return compare(best, winners, chosen.index(0), entries, judged, held, halves, metric, sign).verdict
+    return compare(best, winners, chosen.index(0), entries, judged, held, halves, metric, sign, results,
+                   fold_variance(metric, held, results)).verdict
 
 
 def flow_config(metric: str, **keys) -> Config:
@@ -139,7 +141,6 @@ def test_a_candidates_luck_with_a_fold_is_measured_from_the_re_ranking():
     """search.rerank.fold_variance: the candidate-by-fold variance of the re-ranked candidates' figures, fold by fold,
     less the seeds' noise. For five candidates whose luck with each of three folds is drawn once, three seeds give on
     average what thirty show (where the seeds' noise has all but averaged out); without such luck, next to nothing."""
-    from search.rerank import fold_variance
     held, rng = held_out(folds=3), np.random.default_rng(15)
 
     def world(fold_sd: float):
