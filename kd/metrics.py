@@ -6,7 +6,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 from scipy.stats import binomtest
-from sklearn.metrics import classification_report, confusion_matrix, f1_score, log_loss, roc_auc_score
+from sklearn.metrics import classification_report, confusion_matrix, f1_score, log_loss
 
 
 def predict(probs: np.ndarray, threshold: float | None = None) -> np.ndarray:
@@ -162,8 +162,19 @@ def macro_auc(labels: np.ndarray, probs: np.ndarray) -> float:
     if len(present) < 2 or not np.isfinite(probs).all():  # NaN probabilities (a diverging model): no figure
         return float("nan")
     if probs.shape[1] == 2:
-        return float(roc_auc_score(labels, probs[:, 1]))
-    return float(np.mean([roc_auc_score(labels == c, probs[:, c]) for c in present]))
+        return _auc(labels == 1, probs[:, 1])
+    return float(np.mean([_auc(labels == c, probs[:, c]) for c in present]))
+
+
+def _auc(positive: np.ndarray, score: np.ndarray) -> float:
+    """The area under the ROC curve of `score` for the images where `positive` holds: the Mann-Whitney statistic,
+    the share of (positive, negative) pairs ranked the right way, ties counted half. Equal to scikit-learn's
+    roc_auc_score (tests/test_metrics.py), at a twentieth of its cost per call: its input checks dominate on a few
+    hundred images, and every trial's epoch, each judging half and the verdict's simulations call this."""
+    negatives = np.sort(score[~positive])
+    below = np.searchsorted(negatives, score[positive], side="left")  # negatives under each positive
+    level = np.searchsorted(negatives, score[positive], side="right") - below  # and tied with it
+    return float((below.sum() + level.sum() / 2) / (len(below) * len(negatives)))
 
 
 def balanced_log_loss(labels: np.ndarray, probs: np.ndarray) -> float:
