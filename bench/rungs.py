@@ -14,10 +14,16 @@ For each it prints the rank correlation (Spearman) between the figure at the fir
 epoch's, the same for the second rung (epoch 4), whether the trial best at the end was in the top half at the
 first rung (ASHA's cut at reduction_factor 2 keeps the top half), and the trials' mean and best final figure (what
 the restarts cost or bought at the end). The same 12 trials' configs under both schedules where the sampler
-draws them alike (Optuna's seed; its first 10 are random draws, the 2 reference points among them).
+draws them alike (Optuna's seed; its first 4 are random draws, the 2 reference points among them).
+
+With --again, every trial is also retrained on one further student seed (the re-ranking, all trials its
+candidates): the rank correlation of each trial's last-epoch figure with that seed's is how far any figure can
+predict the end on this task (two runs of the same configs agree no better), and the rung's correlation with the
+other seed's end is the prediction free of the run's own luck.
 
     .venv/bin/python bench/rungs.py                   # 3 split seeds x 2 schedules (about 35 minutes on 2 cores)
     .venv/bin/python bench/rungs.py --seeds 0
+    .venv/bin/python bench/rungs.py --again --schedules rungs --out bench/results-rungs-again.json
 """
 from __future__ import annotations
 
@@ -39,13 +45,15 @@ SCHEDULES = {"cosine": "train.restarts=[]", "rungs": "train.restarts=[2, 4]"}
 EPOCHS, FIRST, SECOND = 8, 2, 4
 
 
-def one(schedule: str, seed: int, work: Path, trials: int) -> dict[str, float]:
-    """One search where every trial runs every epoch: the rung figures against the last epoch's."""
+def one(schedule: str, seed: int, work: Path, trials: int, again: bool = False) -> dict[str, float]:
+    """One search where every trial runs every epoch: the rung figures against the last epoch's (and, `again`,
+    against the last epoch of a further seed of the same config)."""
     from search.run import Run
-    name = f"rungs-{schedule}-{seed}"
+    name = f"rungs-{schedule}-{seed}" + ("-again" if again else "")
     common = [f"train.epochs={EPOCHS}", "search.scheduler=none", f"search.num_samples={trials}",
-              "search.confirm_seeds=1", "search.judge_seeds=0", "search.rerank=1", f"data.split_seed={seed}",
-              f"data.cache_dir={work / 'cache'}", f"output_dir={work}", f"name={name}", SCHEDULES[schedule]]
+              "search.confirm_seeds=1", "search.judge_seeds=0", f"search.rerank={trials if again else 1}",
+              f"data.split_seed={seed}", f"data.cache_dir={work / 'cache'}", f"output_dir={work}", f"name={name}",
+              SCHEDULES[schedule]]
     seconds = run(["search", "digits", *sets(common)], work)
     found = Run(work / name)
     metric = "val_auc"
@@ -56,16 +64,26 @@ def one(schedule: str, seed: int, work: Path, trials: int) -> dict[str, float]:
     at = {e: np.array([curves[t][e] for t in ids]) for e in (FIRST, SECOND, EPOCHS)}
     best_end = int(np.argmax(at[EPOCHS]))
     rank_first = int((at[FIRST] > at[FIRST][best_end]).sum())  # trials ahead of the final best at the first rung
-    return {"trials": len(ids), "seconds": seconds,
-            "spearman_first": float(spearmanr(at[FIRST], at[EPOCHS]).statistic),
-            "spearman_second": float(spearmanr(at[SECOND], at[EPOCHS]).statistic),
-            "best_kept": float(rank_first < len(ids) / 2), "best_rank_first": rank_first + 1,
-            "mean_end": float(at[EPOCHS].mean()), "best_end": float(at[EPOCHS].max())}
+    out = {"trials": len(ids), "seconds": seconds,
+           "spearman_first": float(spearmanr(at[FIRST], at[EPOCHS]).statistic),
+           "spearman_second": float(spearmanr(at[SECOND], at[EPOCHS]).statistic),
+           "best_kept": float(rank_first < len(ids) / 2), "best_rank_first": rank_first + 1,
+           "mean_end": float(at[EPOCHS].mean()), "best_end": float(at[EPOCHS].max())}
+    reranking = found.reranking
+    if again and reranking is not None:
+        other = {c.trial: c.values[0] for c in reranking.candidates if c.values and c.trial in curves}
+        both = [i for i, t in enumerate(ids) if t in other]
+        end_other = np.array([other[ids[i]] for i in both])
+        out.update(seeds_end=float(spearmanr(at[EPOCHS][both], end_other).statistic),
+                   first_other_end=float(spearmanr(at[FIRST][both], end_other).statistic),
+                   paired=len(both))
+    return out
 
 
 def table(results: dict[str, dict[str, dict[str, float]]]) -> str:
+    again = all("seeds_end" in r for by_seed in results.values() for r in by_seed.values())
     lines = [f"{'schedule':10} {'rho(2, 8)':>16} {'rho(4, 8)':>16} {'best kept':>10} {'mean at 8':>16} "
-             f"{'best at 8':>16}"]
+             f"{'best at 8':>16}" + (f" {'rho(8, 8 again)':>16} {'rho(2, 8 again)':>16}" if again else "")]
     for schedule, by_seed in results.items():
         rows = list(by_seed.values())
 
@@ -74,9 +92,11 @@ def table(results: dict[str, dict[str, dict[str, float]]]) -> str:
             return f"{v.mean():.3f} ± {v.std(ddof=1) if len(v) > 1 else 0:.3f}"
         kept = sum(int(r["best_kept"]) for r in rows)
         lines.append(f"{schedule:10} {stat('spearman_first'):>16} {stat('spearman_second'):>16} "
-                     f"{f'{kept}/{len(rows)}':>10} {stat('mean_end'):>16} {stat('best_end'):>16}")
+                     f"{f'{kept}/{len(rows)}':>10} {stat('mean_end'):>16} {stat('best_end'):>16}"
+                     + (f" {stat('seeds_end'):>16} {stat('first_other_end'):>16}" if again else ""))
     lines.append("(mean ± std over split seeds " + ", ".join(next(iter(results.values()))) + "; best kept: the trial "
-                 "best at epoch 8 was in the top half at epoch 2, which ASHA keeps)")
+                 "best at epoch 8 was in the top half at epoch 2, which ASHA keeps" +
+                 ("; 8 again: the same configs' epoch 8 on a further student seed" if again else "") + ")")
     return "\n".join(lines)
 
 
@@ -86,20 +106,24 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=12)
     parser.add_argument("--work", default="/tmp/kd-rungs", help="where runs write (default: /tmp/kd-rungs)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results-rungs.json"))
+    parser.add_argument("--again", action="store_true", help="retrain every trial on a further seed (twice the time)")
+    parser.add_argument("--schedules", nargs="*", default=list(SCHEDULES), choices=list(SCHEDULES))
     args = parser.parse_args()
     work, out_path = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     results: dict = json.loads(out_path.read_text()) if out_path.is_file() else {}
     for seed in args.seeds:
-        for schedule in SCHEDULES:
+        for schedule in args.schedules:
             if str(seed) in results.get(schedule, {}):
                 continue  # kept from an earlier run: the script resumes where it stopped
             t0 = time.perf_counter()
-            results.setdefault(schedule, {})[str(seed)] = r = one(schedule, seed, work, args.trials)
+            results.setdefault(schedule, {})[str(seed)] = r = one(schedule, seed, work, args.trials, args.again)
             out_path.write_text(json.dumps(results, indent=2) + "\n")
             print(f"{schedule} split seed {seed}: rho(2, 8) {r['spearman_first']:.3f}, rho(4, 8) "
                   f"{r['spearman_second']:.3f}, the final best ranked {r['best_rank_first']} of {r['trials']} at "
-                  f"epoch 2 ({time.perf_counter() - t0:.0f} s)", flush=True)
+                  f"epoch 2" + (f"; rho(8, 8 again) {r['seeds_end']:.3f}, rho(2, 8 again) "
+                                f"{r['first_other_end']:.3f}" if "seeds_end" in r else "") +
+                  f" ({time.perf_counter() - t0:.0f} s)", flush=True)
     print(table(results))
 
 
