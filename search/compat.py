@@ -12,6 +12,9 @@ check and a tested fallback.
   experiment). Fallback: {} (the caller derives statuses from the trial folders).
 - `trial_folder_id`: the trial id and number in a trial folder's name (Ray's `<trainable>_<8-hex id>_<number>_
   <tag>_<date>`). Fallback: the folder's name and number 0.
+- `numbered_after`: a `trial_dirname_creator` that names trial folders in that layout with numbers going on after
+  the trials an experiment folder already holds (the number is the head of the trial's `experiment_tag`, as
+  Ray's SearchGenerator writes it). Fallback (a tag without it): Ray's own name, with one warning.
 - `started_ray_node`: the Ray runtime this process started (`ray._private.worker._global_node`, a Node): its GCS
   server and raylet processes (its `all_processes`) and a stop for all of them (its `kill_all_processes`), which
   search/cluster.py's `ended_if_ray_dies` watches. Fallback (a Ray without them): None, no watcher; the search
@@ -103,24 +106,24 @@ def mlflow_trial_runs(callback: Any) -> dict[Any, str] | None:
 # ------------------------------------------------------------------------------------- Ray's experiment files
 
 def trial_statuses(exp: str | Path) -> dict[str, dict[str, Any]]:
-    """trial_id -> {status, failures} from the newest experiment state in `exp`; {} where it cannot be read."""
-    # The newest session's file: names carry the session's start time (Ray rewrites all of them at the end,
-    # so their modification times do not tell which is newest).
+    """trial_id -> {status, failures} from the experiment states in `exp`, the newest one's word standing where
+    they differ (a search that added trials ran a second Tune experiment in the same folder, whose state holds
+    only its own trials); {} where they cannot be read."""
+    # Newest last: names carry the session's start time (Ray rewrites all of them at the end, so their
+    # modification times do not tell which is newest).
     _check_ray()
-    files = sorted(glob.glob(os.path.join(str(exp), EXPERIMENT_STATE)))
-    if not files:
-        return {}
-    try:
-        state = json.loads(Path(files[-1]).read_text())
-        out = {}
-        for entry in state.get("trial_data", []):
-            trial = json.loads(entry[0] if isinstance(entry, list) else entry)
-            runtime = json.loads(entry[1]) if isinstance(entry, list) and len(entry) > 1 else {}
-            out[trial["trial_id"]] = {"status": trial.get("status"), "failures": runtime.get("num_failures", 0)}
-        return out
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        log.warning("could not read trial statuses from %s (%s); deriving them from the trial folders", files[-1], e)
-        return {}
+    out: dict[str, dict[str, Any]] = {}
+    for file in sorted(glob.glob(os.path.join(str(exp), EXPERIMENT_STATE))):
+        try:
+            state = json.loads(Path(file).read_text())
+            for entry in state.get("trial_data", []):
+                trial = json.loads(entry[0] if isinstance(entry, list) else entry)
+                runtime = json.loads(entry[1]) if isinstance(entry, list) and len(entry) > 1 else {}
+                out[trial["trial_id"]] = {"status": trial.get("status"), "failures": runtime.get("num_failures", 0)}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            log.warning("could not read trial statuses from %s (%s); deriving them from the trial folders", file, e)
+            return {}
+    return out
 
 
 def trial_folder_id(name: str) -> tuple[str, int]:
@@ -132,6 +135,24 @@ def trial_folder_id(name: str) -> tuple[str, int]:
     warn_once(log, "ray:trial_folder", "a trial folder's name (%s) is not Ray's <trainable>_<id>_<number>_...: the "
               "folder's name stands for the trial id (search/compat.py)", name)
     return name, 0
+
+
+def numbered_after(last: int) -> Callable[[Any], str]:
+    """Ray's trial folder name (`<trainable>_<id>_<number>_<tag>_<date>`, forbidden characters replaced by Ray)
+    with the number going on after `last`: trials that a later Tune run adds to an experiment folder are numbered
+    after the ones it holds (Ray's SearchGenerator numbers each run's trials from 1)."""
+    import time
+
+    def name(trial: Any) -> str:
+        number, _, rest = str(trial.experiment_tag).partition("_")
+        if number.isdigit():
+            tag = f"{int(number) + last}_{rest}"
+        else:
+            warn_once(log, "ray:experiment_tag", "a trial's experiment tag (%s) does not start with its number: "
+                      "added trials keep Ray's numbers (search/compat.py)", trial.experiment_tag)
+            tag = str(trial.experiment_tag)
+        return f"{trial}_{tag}"[:130] + time.strftime("_%Y-%m-%d_%H-%M-%S")
+    return name
 
 
 # ------------------------------------------------------------------------------------- Ray's own node

@@ -40,7 +40,7 @@ from search.session import exclusive, experiment_path, run_dir_of, set_aside_sta
 from search.space import check_points, check_searched_models, parse_space
 from search.teachers import prepare_teachers
 from search.tracking import check_loggers, exact_loggers
-from search.tuner import at_rungs, build_tuner
+from search.tuner import Adding, at_rungs, build_tuner
 
 
 def run_search(cfg: Config, address: str | None = None, storage: str | None = None, resume: bool = False,
@@ -93,12 +93,34 @@ def run_search(cfg: Config, address: str | None = None, storage: str | None = No
                         tuner = build_tuner(cfg, prepared.scheme, costs, exp_path, restore, quiet, weights)
                         with sigterm_as_interrupt(), exact_loggers(not restore), phases("trials"):
                             tuner.fit()
+                            if restore and (adding := _adding(run_dir)):
+                                echo(f"adding {adding.count} trial{'s' * (adding.count != 1)} to the "
+                                     f"{adding.held} this search ran "
+                                     f"(search.num_samples {cfg.search.num_samples}); TPE goes on from theirs")
+                                with exact_loggers():
+                                    build_tuner(cfg, prepared.scheme, costs, exp_path, False, quiet, weights,
+                                                adding).fit()
                         _raise_if_interrupted(run_dir)
                         finalize(run_dir, prepared, phases, echo=echo)
                 finally:
                     if started:
                         ray.shutdown()
     return run_dir
+
+
+def _adding(run_dir: Path) -> Adding | None:
+    """The trials to add to a resumed search whose `search.num_samples` was raised, once the experiment's own trials
+    have all ended (a restored part that was interrupted is said as such); None when there are none to add."""
+    run = Run(run_dir)
+    table, s = run.table, run.config.search
+    if run.finished() < len(table):
+        raise Interrupted(interrupted(run_dir))
+    count = s.num_samples - len(table)
+    if count <= 0:
+        return None
+    scored = list(table[s.metric].dropna()) if s.metric in table else []
+    best = float(max(scored) if s.direction == "max" else min(scored)) if scored else None
+    return Adding(held=len(table), last=int(table["number"].max()) if len(table) else 0, count=count, best=best)
 
 
 def _raise_if_interrupted(run_dir: Path) -> None:

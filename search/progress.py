@@ -36,14 +36,15 @@ def _error(trial: Trial) -> str:
 
 class TrialLog(Callback):
     def __init__(self, run_dir: str | Path, metric: str, mode: str, max_epochs: int, echo: bool = True,
-                 total: int = 0):
+                 total: int = 0, earlier: int = 0, best: float | None = None):
         self.path = str(Path(run_dir) / EVENTS)  # kept under this name: a resumed search unpickles it
         self.metric, self.mode, self.max_epochs, self.echo = metric, mode, max_epochs, echo
         self.total = total  # search.num_samples: the console counts the trials done against it
-        self._reset()
+        self.earlier, self.earlier_best = earlier, best  # trials an earlier Tune experiment of the search ran, and
+        self._reset()                                    # their best figure (search.tuner.Adding)
 
     def _reset(self) -> None:
-        self.best: float | None = None
+        self.best: float | None = getattr(self, "earlier_best", None)
         self.last: dict[str, dict[str, Any]] = {}
         self.started = time.time()
         self.done: set[str] = set()   # trials finished (completed, stopped or failed), earlier runs' among them
@@ -76,12 +77,13 @@ class TrialLog(Callback):
         total = getattr(self, "total", 0)  # a search pickled by an earlier version has none
         if not total or not self.done:
             return ""
-        left = total - len(self.done)
+        done = len(self.done) + getattr(self, "earlier", 0)
+        left = total - done
         if left <= 0 or not self.here:
-            return f" {len(self.done)}/{total}"
+            return f" {done}/{total}"
         seconds = elapsed / self.here * left
         about = f"{seconds / 60:.0f} min" if seconds >= 120 else f"{max(seconds, 1):.0f} s"
-        return f" {len(self.done)}/{total}, about {about} left"
+        return f" {done}/{total}, about {about} left"
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         self.last[trial.trial_id] = result

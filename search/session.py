@@ -74,7 +74,9 @@ def exclusive(run_dir: Path) -> Iterator[None]:
 
 
 def should_resume(cfg: Config, run_dir: Path, exp_path: str, resume: bool) -> bool:
-    """True when `run_dir` holds an interrupted search of this very config; a different config refuses."""
+    """True when `run_dir` holds a search of this very config to continue (its unfinished trials resume). With
+    `resume`, `search.num_samples` may be raised (the driver then adds the trials: search.tuner's `adding`); any
+    other change refuses, saying why."""
     from ray.tune import Tuner
     saved_path = run_dir / CONFIG
     restorable = saved_path.exists() and Tuner.can_restore(exp_path)
@@ -85,10 +87,21 @@ def should_resume(cfg: Config, run_dir: Path, exp_path: str, resume: bool) -> bo
     saved = load_config(saved_path)
     a, b = _flat(saved.to_dict()), _flat(cfg.to_dict())
     a["search.final"], b["search.final"] = saved.ships, cfg.ships  # auto, or the way it resolves to: the same search
-    if a != b:
-        changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-        raise UserError(f"{run_dir} holds a search with a different config (changed: {', '.join(changed[:8])}). "
-                        "Run it with the same config to resume, or choose another name (--set name=...)")
+    changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    more = b["search.num_samples"] - a["search.num_samples"]
+    if changed == ["search.num_samples"] and more > 0:
+        if resume:
+            return True
+        raise UserError(f"{run_dir} holds a search of {a['search.num_samples']} trials; to add {more} to it (the "
+                        "study's TPE goes on from the trials so far), run the same command with --resume, or choose "
+                        "another name (--set name=...)")
+    if changed:
+        grows = "" if more >= 0 else f" (search.num_samples can grow, not shrink: {a['search.num_samples']} planned)"
+        raise UserError(f"{run_dir} holds a search with a different config (changed: {', '.join(changed[:8])})"
+                        f"{grows}. Resuming continues the same search and may only raise search.num_samples: any "
+                        "other change would judge the trials so far by settings they did not train with (and feed "
+                        "TPE their figures as if they had). Run it with the same config, or choose another name "
+                        "(--set name=...)")
     return True
 
 

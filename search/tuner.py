@@ -12,7 +12,7 @@ import logging
 import math
 import os
 import warnings
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, cast
 
 import optuna
@@ -24,7 +24,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from kd.schemes import Scheme
 from search.cluster import trial_resources, trial_slots
-from search.compat import optuna_trial
+from search.compat import numbered_after, optuna_trial
 from search.config import Config
 from search.costs import Costs
 from search.progress import TrialLog
@@ -37,10 +37,22 @@ from search.trainable import DistillTrainable
 log = logging.getLogger("search")
 
 
+@dataclass(frozen=True)
+class Adding:
+    """Trials added to a search whose own have all ended (`--resume` with a larger `search.num_samples`): Ray
+    restores an experiment only as it was planned, so the added trials are a second Tune experiment in the same
+    folder, on the same Optuna study (TPE goes on from every trial so far; the hand-picked points are not run
+    again), numbered after the trials the folder holds. ASHA judges the added trials against each other."""
+    held: int                # trials the experiment folder holds, all ended
+    last: int                # the highest trial number among them
+    count: int               # trials to add
+    best: float | None       # the best search-metric figure among the trials held
+
+
 def build_tuner(cfg: Config, scheme: Scheme, costs: Costs, exp_path: str, restore: bool, quiet: bool,
-                weights: dict[str, tuple[str, bytes]] | None = None) -> tune.Tuner:
+                weights: dict[str, tuple[str, bytes]] | None = None, adding: Adding | None = None) -> tune.Tuner:
     """`costs`: each student's, measured once (search.costs); `weights`: the driver's timm weights files the trials
-    load (search.cluster.shipping)."""
+    load (search.cluster.shipping); `adding`: a Tune experiment of added trials (never a restore)."""
     s = cfg.search
     resources = trial_resources(cfg)
     trainable = tune.with_resources(
@@ -52,17 +64,20 @@ def build_tuner(cfg: Config, scheme: Scheme, costs: Costs, exp_path: str, restor
         return tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=False)
 
     root, name = os.path.split(exp_path.rstrip("/"))
-    tune_config = tune.TuneConfig(search_alg=_searcher(cfg), scheduler=_scheduler(cfg), num_samples=s.num_samples,
+    tune_config = tune.TuneConfig(search_alg=_searcher(cfg, points=adding is None), scheduler=_scheduler(cfg),
+                                  num_samples=adding.count if adding else s.num_samples,
                                   metric=s.metric, mode=s.direction,
                                   max_concurrent_trials=s.max_concurrent or trial_slots(resources),
                                   # the next trial starts in the last one's actor (search.trainable: reset_config),
                                   # with its imports, its device and the scheme it fetched; a class trainable has no
                                   # training thread that must end first, so a busy node cannot fail the reuse
-                                  reuse_actors=True)
+                                  reuse_actors=True,
+                                  trial_dirname_creator=numbered_after(adding.last) if adding else None)
     run_config = tune.RunConfig(
         name=name, storage_path=root, verbose=0,
         callbacks=[TrialLog(run_dir_of(cfg), s.metric, s.direction, cfg.train.epochs, echo=not quiet,
-                            total=s.num_samples),
+                            total=s.num_samples, earlier=adding.held if adding else 0,
+                            best=adding.best if adding else None),
                    *logger_callbacks(cfg, run_dir_of(cfg))],
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         failure_config=tune.FailureConfig(max_failures=s.max_failures))
@@ -108,7 +123,9 @@ class Searcher(OptunaSearch):
         self._reported.pop(trial_id, None)
 
 
-def _searcher(cfg: Config) -> OptunaSearch:
+def _searcher(cfg: Config, points: bool = True) -> OptunaSearch:
+    """TPE on the search's study in its journal (an earlier part's trials included); `points`: the hand-picked
+    points are enqueued (not for added trials: they ran)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     s = cfg.search
     params = parse_space(cfg)
@@ -123,7 +140,8 @@ def _searcher(cfg: Config) -> OptunaSearch:
     # (docs/searching.md: accuracy against cost)
     metric, mode = (s.objectives, s.directions) if s.objectives else (s.metric, s.direction)
     return Searcher(epochs=cfg.train.epochs, space=DefineByRun(params, cfg), metric=metric, mode=mode,
-                        points_to_evaluate=check_points(s.points, params, cfg) or None, sampler=sampler,
+                        points_to_evaluate=(check_points(s.points, params, cfg) or None) if points else None,
+                        sampler=sampler,
                         storage=storage, study_name=cfg.name)
 
 

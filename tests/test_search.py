@@ -510,7 +510,18 @@ def test_a_second_search_on_the_same_directory_refuses(shared_search, capsys):
     other = cfg.updated({"distill.alpha": 0.9})
     path.write_text(other.to_yaml())
     assert main(["search", str(path), "--quiet"]) == 2
-    assert "holds a search with a different config (changed: distill.alpha)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "holds a search with a different config (changed: distill.alpha)" in err
+    assert "may only raise search.num_samples" in err and err.count("\n") == 1  # one line, no traceback
+    more = cfg.updated({"search.num_samples": cfg.search.num_samples + 2})
+    path.write_text(more.to_yaml())
+    assert main(["search", str(path), "--quiet"]) == 2  # more trials: only when asked to resume
+    assert "to add 2 to it (the study's TPE goes on from the trials so far), run the same command with --resume" \
+        in capsys.readouterr().err
+    fewer = cfg.updated({"search.num_samples": cfg.search.num_samples - 1})
+    path.write_text(fewer.to_yaml())
+    assert main(["search", str(path), "--resume", "--quiet"]) == 2
+    assert "(search.num_samples can grow, not shrink: 4 planned)" in capsys.readouterr().err
     assert not ray.is_initialized()
 
 
@@ -547,6 +558,21 @@ def test_a_fresh_search_sets_an_old_study_aside_and_exports_the_epoch_that_ranke
         metrics = json.loads((out / "metrics.json").read_text())
         assert metrics["epoch"] == row["epochs"] < 3
         assert metrics["trial_val"]["val_balanced_accuracy"] == pytest.approx(row["val_balanced_accuracy"])
+
+    # --resume with more trials, as Optuna users extend a study: the ended search gets one more, a new Tune
+    # experiment in the same folder whose trial goes on from the study (the hand-picked points not run again)
+    said: list[str] = []
+    run_search(cfg.updated({"search.num_samples": 4}), resume=True, quiet=True, echo=said.append)
+    assert "adding 1 trial to the 3 this search ran (search.num_samples 4); TPE goes on from theirs" in said
+    study = optuna.load_study(study_name="fresh", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(run_dir / "optuna.journal"))))
+    assert len(study.trials) == 4 and sum(t.params["train.lr"] == 1e-7 for t in study.trials) == 1
+    grown = read_table(run_dir / "trials.csv")
+    assert sorted(grown["number"]) == [1, 2, 3, 4] and grown["trial"].is_unique
+    assert set(table["trial"]) < set(grown["trial"])  # the first three as they were, and one more
+    pd.testing.assert_frame_equal(grown[grown["trial"].isin(table["trial"])][["trial", "status", "epochs"]]
+                                  .reset_index(drop=True), table[["trial", "status", "epochs"]])
+    assert (run_dir / "best" / "model.safetensors").is_file()
 
 
 def test_students_of_several_sizes_on_a_pareto_front_and_a_budget_on_the_export(shared_search):
