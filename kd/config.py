@@ -153,8 +153,8 @@ class TrainConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "test_resnet"          # any timm model name
-    pretrained: bool | str = False  # false, true (timm's weights from the hub cache) or a local file
+    name: str = "test_resnet"          # a timm model name, or hf-hub:owner/repo[@revision], local-dir:PATH
+    pretrained: bool | str = False  # false, true (the named weights, from the hub cache) or a local file
     drop_rate: float = 0.0             # dropout before the classifier
 
     def check(self, prefix: str) -> None:
@@ -168,7 +168,7 @@ def _teacher_train() -> TrainConfig:
 
 @dataclass
 class TeacherConfig(ModelConfig):
-    name: str = "resnet18"       # any timm model name
+    name: str = "resnet18"       # a timm model name, or hf-hub:owner/repo[@revision], local-dir:PATH
     train: TrainConfig = field(default_factory=_teacher_train)  # fine-tuning; epochs: 0 uses the weights as given
     class_weighted: bool = True                                 # inverse-frequency weights in the teacher's CE
 

@@ -39,6 +39,7 @@ from kd.ensemble import Ensemble
 from kd.errors import UserError
 from kd.files import atomic_dir, atomic_write_json
 from kd.graphs import Preprocessed, export_graph, export_onnx
+from kd.hub import provenance
 from kd.infer import predict_probs
 from kd.metrics import predict
 from kd.modelcard import model_card
@@ -86,6 +87,21 @@ class ExportMetadata(JsonRecord):
     checks: dict[str, float | None] = field(default_factory=dict)  # each graph's largest logit difference
     compression: dict[str, Any] | None = None    # the compression report (kd.cost)
     weights_bytes: int = 0
+    # the weights the teacher and the student started from (kd.hub.provenance: the hub repository, revision and
+    # commit, or the local file, and the sha256), None for random initialisation
+    started_from: dict[str, Any] = field(default_factory=dict)
+
+
+def started_from(cfg: Config) -> dict[str, Any]:
+    """The weights the teacher and the student started from (kd.hub.provenance), as far as this machine knows."""
+    out: dict[str, Any] = {}
+    for role in ("teacher", "student"):
+        model = getattr(cfg, role)
+        try:
+            out[role] = provenance(model.name, model.pretrained)
+        except UserError as e:  # an export made where the weights' file is not (a copied run folder)
+            out[role] = {"name": model.name, "unknown": str(e)}
+    return out
 
 
 def export_student(out_dir: str | Path, model: torch.nn.Module, cfg: Config, classes: list[str],
@@ -117,8 +133,9 @@ def export_student(out_dir: str | Path, model: torch.nn.Module, cfg: Config, cla
                                                                          expected)
             if onnx:
                 onnx_file, checks["onnx_max_abs_diff"] = export_onnx(deploy, size, tmp / ONNX_FILE, check, expected)
+        started = started_from(cfg)
         meta = ExportMetadata(
-            architecture=cfg.student.name,
+            architecture=str(getattr(one, "pretrained_cfg", {}).get("architecture") or cfg.student.name),
             ensemble=len(model) if isinstance(model, Ensemble) else 0,
             classes=list(classes), image_size=size, mean=list(mean), std=list(std),
             threshold=threshold, positive_class=classes[1] if threshold is not None else None,
@@ -133,11 +150,12 @@ def export_student(out_dir: str | Path, model: torch.nn.Module, cfg: Config, cla
             graph=graph_file, onnx=onnx_file, checks=checks,
             compression=cost if cost is not None else metrics.get("cost"),
             weights_bytes=(tmp / WEIGHTS_FILE).stat().st_size,
+            started_from=started,
         )
         atomic_write_json(tmp / METADATA_FILE, meta.to_dict())
         atomic_write_json(tmp / "metrics.json", metrics)
         params = sum(p.numel() for p in model.parameters())
-        (tmp / CARD_FILE).write_text(model_card(cfg, list(classes), threshold, metrics, params))
+        (tmp / CARD_FILE).write_text(model_card(cfg, list(classes), threshold, metrics, params, started))
     return out_dir
 
 

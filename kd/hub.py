@@ -7,6 +7,12 @@ HF_HUB_CACHE, HF_TOKEN and HF_HUB_OFFLINE) with its progress bar. The download h
 models are checked, before any image is decoded. Ray workers never download: the driver hands them the file's
 bytes (`shipped`, through Ray's object store) and they `provide` it, so a worker without the hub, or with a cache
 of its own, loads the very file the driver checked.
+
+A model may also be named as timm names a model outside its registry (`source_of`): `hf-hub:owner/repo` (a model
+published on the hub, its config.json and weights; `@revision` pins a branch, tag or commit) or `local-dir:PATH` (a
+folder holding them, such as a kd-search export). `source_folder` gives the local folder that holds both (the
+folder itself, the hub's cache snapshot, downloaded there once), and the workers get both files. `provenance`
+says which weights a model started from: the hub repository and the commit they came from, and their sha256.
 """
 from __future__ import annotations
 
@@ -20,16 +26,93 @@ from kd.errors import UserError
 
 log = logging.getLogger("kd")
 HUB_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm publishes on the hub, preferred first
+CONFIG_FILE = "config.json"  # beside them: the architecture, its arguments and its pretrained config
+SOURCES = ("hf-hub", "local-dir")
 _PROVIDED: dict[str, str] = {}  # model name -> the file the driver handed this process (provide)
+Files = dict[str, list[tuple[str, bytes]]]  # model name -> its files (name, bytes), the weights last (shipped)
+
+
+def source_of(name: str, key: str = "name") -> str | None:
+    """'hf-hub' or 'local-dir' for a name in timm's source syntax (`hf-hub:owner/repo[@revision]`,
+    `local-dir:PATH`), None for a name in timm's registry; a name that is neither (an unknown prefix, a path or
+    repository without one) is refused, naming `key`."""
+    from timm.models import parse_model_name
+
+    try:
+        source, _ = parse_model_name(name)
+    except ValueError as e:
+        raise UserError(f"{key}: {e}") from None
+    return source
+
+
+def source_folder(name: str, role: str = "", download: bool = True) -> str:
+    """The local folder holding config.json and the weights of a model named by its source: handed over by the
+    driver, the `local-dir:` folder itself, or the hub cache's snapshot of the repository at its revision (with
+    `download`, downloaded there first where not cached)."""
+    key = f"{role}.name" if role else "name"
+    if name in _PROVIDED and os.path.isfile(_PROVIDED[name]):
+        return os.path.dirname(_PROVIDED[name])
+    ident = name.partition(":")[2]
+    if source_of(name, key) == "local-dir":
+        folder = os.path.abspath(os.path.expanduser(ident))
+        missing = [f for f in (CONFIG_FILE,) if not os.path.isfile(os.path.join(folder, f))]
+        if missing or not _weights_in(folder):
+            raise UserError(f"{key}: {name} is not a timm model folder (it needs {CONFIG_FILE} and "
+                            f"{' or '.join(HUB_FILES)}, as a kd-search export or timm's save_for_hf writes them)")
+        return folder
+    from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.errors import RemoteEntryNotFoundError
+
+    repo, _, revision = ident.partition("@")
+    config = try_to_load_from_cache(repo, CONFIG_FILE, revision=revision or None)
+    if isinstance(config, str) and os.path.isfile(config) and _weights_in(os.path.dirname(config)):
+        return os.path.dirname(config)
+    ways_out = "fetch it where there is network and copy the hub cache here (HF_HOME), or name a local-dir: folder"
+    if not download:
+        raise UserError(f"{key}: {name} is not on this machine (the hub cache {constants.HF_HUB_CACHE}) and was not "
+                        "handed over by the driver (the command that runs here fetches it first)")
+    if constants.HF_HUB_OFFLINE:
+        raise UserError(f"{key}: {name} is not in the hub cache {constants.HF_HUB_CACHE} and HF_HUB_OFFLINE is "
+                        f"set: {ways_out}")
+    try:
+        log.info("downloading %s (%s, %s) from %s", name, repo, CONFIG_FILE, constants.ENDPOINT)
+        folder = os.path.dirname(hf_hub_download(repo, CONFIG_FILE, revision=revision or None))
+        for filename in HUB_FILES:
+            try:
+                log.info("downloading %s (%s, %s) from %s", name, repo, filename, constants.ENDPOINT)
+                hf_hub_download(repo, filename, revision=revision or None)
+                return folder
+            except RemoteEntryNotFoundError:  # the repository lacks this file: the next choice
+                if filename == HUB_FILES[-1]:
+                    raise
+    except Exception as e:  # whatever the HTTP stack raises (httpx, the hub's errors, OSError): one message
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise UserError(f"{key}: could not download {name} from {constants.ENDPOINT}: {first}; {ways_out}") from None
+    raise AssertionError("unreachable")
+
+
+def _weights_in(folder: str) -> str | None:
+    return next((os.path.join(folder, f) for f in HUB_FILES if os.path.isfile(os.path.join(folder, f))), None)
+
+
+def source_config(name: str, role: str = "", download: bool = True) -> dict:
+    """The config.json of a model named by its source (`source_folder`)."""
+    import json
+    with open(os.path.join(source_folder(name, role, download), CONFIG_FILE)) as f:
+        return json.load(f)
 
 
 def pretrained_file(name: str, role: str = "", download: bool = True) -> str:
-    """The local file holding timm's pretrained weights for `name`: handed over by the driver, cached, or (with
-    `download`) downloaded into the cache first."""
+    """The local file holding the pretrained weights for `name` (timm's, or those of a model named by its source):
+    handed over by the driver, cached, or (with `download`) downloaded into the cache first."""
     import timm
 
     if name in _PROVIDED and os.path.isfile(_PROVIDED[name]):
         return _PROVIDED[name]
+    if source_of(name, f"{role}.name" if role else "name"):
+        found = _weights_in(source_folder(name, role, download))
+        assert found  # source_folder holds one
+        return found
     key = f"{role}.pretrained" if role else "pretrained"
     pcfg = timm.models.get_pretrained_cfg(name)
     if pcfg is None or not (pcfg.hf_hub_id or pcfg.url):
@@ -108,28 +191,68 @@ def _download(pcfg: object, name: str, key: str, looked: str) -> str:
                         f"{ways_out}") from None
 
 
-def shipped(names: list[str]) -> dict[str, tuple[str, bytes]]:
-    """What the driver hands the workers: each model's weights file, by name, as (file name, bytes)."""
+def shipped(names: list[str]) -> Files:
+    """What the driver hands the workers: each model's files, by name, as (file name, bytes): its weights file,
+    after its config.json for a model named by its source."""
     out = {}
     for name in dict.fromkeys(names):
         path = pretrained_file(name)
-        with open(path, "rb") as f:
-            out[name] = (os.path.basename(path), f.read())
+        paths = [os.path.join(os.path.dirname(path), CONFIG_FILE), path] if source_of(name) else [path]
+        out[name] = [(os.path.basename(p), _read(p)) for p in paths]
     return out
 
 
-def provide(files: dict[str, tuple[str, bytes]] | None) -> None:
-    """Make the driver's weights files this process's own (written once per machine, by content)."""
-    for name, (filename, data) in (files or {}).items():
-        digest = hashlib.sha256(data).hexdigest()
-        path = os.path.join(tempfile.gettempdir(), f"kd-weights-{os.getuid()}", digest[:16], filename)
-        if not os.path.isfile(path) or _digest(path) != digest:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path))
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        _PROVIDED[name] = path
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def provide(files: Files | None) -> None:
+    """Make the driver's files this process's own: a model's files in one folder (written once per machine, by
+    content), its weights file the one `pretrained_file` gives."""
+    for name, parts in (files or {}).items():
+        digest = hashlib.sha256(b"".join(hashlib.sha256(data).digest() for _, data in parts)).hexdigest()
+        folder = os.path.join(tempfile.gettempdir(), f"kd-weights-{os.getuid()}", digest[:16])
+        os.makedirs(folder, exist_ok=True)
+        for filename, data in parts:
+            path = os.path.join(folder, filename)
+            if not os.path.isfile(path) or _digest(path) != hashlib.sha256(data).hexdigest():
+                fd, tmp = tempfile.mkstemp(dir=folder)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, path)
+        _PROVIDED[name] = os.path.join(folder, parts[-1][0])
+
+
+def provenance(name: str, pretrained: bool | str) -> dict[str, str] | None:
+    """Which weights a model of this name started from, as its export records them: the hub repository, the
+    revision asked for and the commit its files came from (a hub cache's snapshot folder is named by it), or the
+    local file or folder; and the weights file's sha256. None for random initialisation."""
+    if pretrained is False:
+        return None
+    path = pretrained if isinstance(pretrained, str) else pretrained_file(name, download=False)
+    out = {"name": name, "file": os.path.basename(path), "sha256": _digest(path)}
+    ident = name.partition(":")[2]
+    if isinstance(pretrained, str):
+        out["path"] = os.path.abspath(path)
+    elif source_of(name) == "local-dir":
+        out["folder"] = os.path.abspath(os.path.expanduser(ident))
+    else:
+        repo, revision = (ident.partition("@")[::2] if source_of(name) else _timm_repo(name))
+        if repo:
+            out["repo"], out["revision"] = repo, revision or "main"
+        parts = os.path.normpath(path).split(os.sep)
+        if len(parts) > 2 and parts[-3] == "snapshots":  # the hub cache: snapshots/<commit>/<file>
+            out["commit"] = parts[-2]
+    return out
+
+
+def _timm_repo(name: str) -> tuple[str, str]:
+    import timm
+    pcfg = timm.models.get_pretrained_cfg(name)
+    hub_id = getattr(pcfg, "hf_hub_id", None) or ""
+    repo, _, revision = hub_id.partition("@")
+    return repo, revision
 
 
 def _digest(path: str) -> str:

@@ -11,7 +11,8 @@ from kd.config import Config
 
 
 def model_card(cfg: Config, classes: list[str], threshold: float | None, metrics: dict[str, Any],
-               params: int | None = None) -> str:
+               params: int | None = None, started: dict[str, Any] | None = None) -> str:
+    """`started`: the weights the teacher and the student started from (kd.export.started_from)."""
     test = metrics.get("test") or {}
     way = metrics.get("final") or "distill"
     members = metrics.get("members") or 0
@@ -32,7 +33,8 @@ def model_card(cfg: Config, classes: list[str], threshold: float | None, metrics
               f"- class imbalance: {imb.method}",
               f"- {t.epochs} epochs, {t.optimizer}, peak learning rate {t.lr:g}, {t.schedule} schedule"
               + (f" restarted after epochs {', '.join(map(str, t.restarts))}" if t.restarts else "")
-              + f", batch {t.batch_size}", ""]
+              + f", batch {t.batch_size}",
+              *[f"- {role} weights at the start: {_weights(w)}" for role, w in (started or {}).items() if w], ""]
     lines += ["## Evaluation", "", *_evaluation(test, metrics), ""]
     lines += ["## Use", "", "```python", "import timm, torch", "",
               'model = timm.create_model("local-dir:PATH/TO/THIS/FOLDER", pretrained=True).eval()',
@@ -43,6 +45,16 @@ def model_card(cfg: Config, classes: list[str], threshold: float | None, metrics
               "`model.pt2` hold the same model with its preprocessing.", ""]
     lines += ["## Intended use and limits", "", _limits(cfg, test, metrics, threshold), ""]
     return "\n".join(lines)
+
+
+def _weights(found: dict[str, Any]) -> str:
+    """Where a model's starting weights came from (kd.hub.provenance), in a line."""
+    if found.get("unknown"):
+        return f"`{found['name']}`, not on the machine that exported this ({found['unknown']})"
+    where = (f"`{found['repo']}` at revision `{found.get('revision', 'main')}`" +
+             (f" (commit `{found['commit']}`)" if found.get("commit") else "") if found.get("repo") else
+             f"`{found.get('path') or found.get('folder') or found['name']}`")
+    return f"{where}, `{found['file']}` sha256 `{found['sha256']}`"
 
 
 def _how(way: str, members: int) -> str:

@@ -16,7 +16,7 @@ from torch import nn
 
 from kd.config import Config, DataConfig, ModelConfig, TeacherConfig
 from kd.errors import UserError
-from kd.hub import pretrained_file
+from kd.hub import pretrained_file, source_config, source_folder, source_of
 
 log = logging.getLogger("kd")
 
@@ -26,8 +26,10 @@ def create_model(cfg: ModelConfig, num_classes: int, image_size: int, role: str 
 
     `cfg.pretrained`: false (random init), true (timm's own weights: kd.hub, never downloaded here) or a local
     file (safetensors or a torch checkpoint, loaded with weights_only=True); a classifier whose shape does
-    not match is left freshly initialised. A teacher used without fine-tuning (`train.epochs: 0`) is refused
-    when its classifier would be one of those (see `check_teacher_head`). `role` ("teacher", "student")
+    not match is left freshly initialised. A name in timm's source syntax (`hf-hub:owner/repo[@revision]`,
+    `local-dir:PATH`) is built from that model's config.json, and true takes its weights (kd.hub.source_folder).
+    A teacher used without fine-tuning (`train.epochs: 0`) is refused when its classifier would be one of those
+    (see `check_teacher_head`). `role` ("teacher", "student")
     names the config key in errors, as `check_model` does, for a caller whose real build is its check.
     """
     if cfg.pretrained is True:
@@ -60,7 +62,7 @@ def fetch_pretrained(cfg: Config, roles: tuple[str, ...] = ("teacher", "student"
     (kd.hub): a command does this first, so the models it builds never reach for the network."""
     for role in roles:
         model: ModelConfig = getattr(cfg, role)
-        if model.pretrained is True:
+        if model.pretrained is True or source_of(model.name, f"{role}.name"):  # a named source: its config.json too
             pretrained_file(model.name, role)
 
 
@@ -92,8 +94,10 @@ def check_model(cfg: ModelConfig, num_classes: int | None, image_size: int, role
     classes = num_classes or 2  # the classifier's size matters only to `check_teacher_head`
     if num_classes and cfg.pretrained is True:
         check_teacher_head(cfg, num_classes, role=role)
+    if source_of(cfg.name, f"{role}.name") and not weights:
+        return  # its architecture is in its config.json, which this check is not to fetch
     with torch.device("meta"):
-        model = _build(cfg, classes, image_size, None, role)
+        model = _build(cfg, classes, image_size, None, role, fetch=True)
     if not weights:
         return
     if cfg.pretrained is True:
@@ -119,8 +123,10 @@ def check_teacher_head(cfg: ModelConfig, num_classes: int, model: nn.Module | No
     import timm
 
     if cfg.pretrained is True:
-        pcfg = timm.models.get_pretrained_cfg(cfg.name)
-        outputs = getattr(pcfg, "num_classes", None)
+        if source_of(cfg.name):
+            outputs = source_config(cfg.name, role).get("num_classes")
+        else:
+            outputs = getattr(timm.models.get_pretrained_cfg(cfg.name), "num_classes", None)
         if outputs is None or outputs == num_classes:
             return  # no weights at all is pretrained_file's error to give
         whose = f"the pretrained classifier of '{cfg.name}' has {outputs} outputs"
@@ -153,25 +159,37 @@ def _classifier_names(model: nn.Module) -> tuple[str, ...]:
     return (names,) if isinstance(names, str) else tuple(names)
 
 
-def _build(cfg: ModelConfig, num_classes: int, image_size: int, hub_file: str | None, role: str = "") -> nn.Module:
+def _build(cfg: ModelConfig, num_classes: int, image_size: int, hub_file: str | None, role: str = "",
+           fetch: bool = False) -> nn.Module:
+    """`fetch`: a model named by its source may be downloaded here (the driver's check), not only found."""
     import timm
 
     where = f"{role}.name: " if role else ""
-    if not timm.is_model(cfg.name):
+    name = cfg.name
+    kwargs: dict[str, Any] = {"num_classes": num_classes, "drop_rate": cfg.drop_rate}
+    if source_of(cfg.name, f"{role}.name" if role else "name"):
+        # timm's own local-dir loading (its config.json's architecture and arguments; with weights, the classifier
+        # reset where the classes differ), from the folder the hub cache, the driver or the user holds
+        name = f"local-dir:{source_folder(cfg.name, role, download=fetch)}"
+        kwargs["pretrained"] = hub_file is not None
+    elif not timm.is_model(cfg.name):
         close = difflib.get_close_matches(cfg.name, timm.list_models(), n=5, cutoff=0.6)
         hint = f" Did you mean: {', '.join(close)}?" if close else " See timm.list_models()."
-        raise UserError(f"{where}'{cfg.name}' is not a timm model name.{hint}")
-    kwargs: dict[str, Any] = {"num_classes": num_classes, "drop_rate": cfg.drop_rate}
-    if hub_file:  # timm's own loading (classifier reset, position-embedding resampling), from the cached file
+        raise UserError(f"{where}'{cfg.name}' is not a timm model name.{hint} (A model outside timm's registry: "
+                        "hf-hub:owner/repo or local-dir:PATH.)")
+    elif hub_file:  # timm's own loading (classifier reset, position-embedding resampling), from the cached file
         kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": hub_file})
     try:
         try:
-            model = timm.create_model(cfg.name, img_size=image_size, **kwargs)
+            model = timm.create_model(name, img_size=image_size, **kwargs)
         except TypeError as e:  # CNNs take any size and have no img_size argument
             if "img_size" not in str(e):
                 raise
-            model = timm.create_model(cfg.name, **kwargs)
+            model = timm.create_model(name, **kwargs)
     except Exception as e:
+        if name != cfg.name:  # a model named by its source: its config.json or its weights file
+            raise UserError(f"{where}could not build '{cfg.name}' from {name.removeprefix('local-dir:')} "
+                            f"({type(e).__name__}: {e})") from None
         if not hub_file:
             raise
         raise UserError(f"could not load timm's pretrained weights for '{cfg.name}' from the cached file {hub_file} "

@@ -25,7 +25,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from kd.data import Dataset
 from kd.errors import UserError
-from kd.hub import provide, shipped
+from kd.hub import Files, provide, shipped
 from search.compat import started_ray_node, swap_ray_printer
 from search.config import Config
 from search.format import shown
@@ -275,7 +275,7 @@ _SHIPPED: list[ray.ObjectRef | None] = []  # the weights files the search runnin
 
 
 @contextlib.contextmanager
-def shipping(names: list[str]) -> Iterator[dict[str, tuple[str, bytes]]]:
+def shipping(names: list[str]) -> Iterator[Files]:
     """Within this block every Ray task (`remote`, `call`) gets the driver's timm weights files for `names`
     (kd.hub.provide: a worker never downloads, and loads the very file the driver checked); the files are yielded
     for the trials (which get them through tune.with_parameters)."""
@@ -288,7 +288,7 @@ def shipping(names: list[str]) -> Iterator[dict[str, tuple[str, bytes]]]:
 
 
 @ray.remote
-def _task(fn: Callable[..., Any], threads: int, weights: dict[str, tuple[str, bytes]] | None, *args: Any,
+def _task(fn: Callable[..., Any], threads: int, weights: Files | None, *args: Any,
           **kwargs: Any) -> Any:
     provide(weights)
     torch.set_num_threads(threads)

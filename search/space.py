@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kd.errors import ConfigError, UserError
-from kd.hub import pretrained_file
+from kd.hub import pretrained_file, source_of
 from kd.models import check_models
 from search.config import Config, config_keys
 
@@ -200,7 +200,7 @@ def check_searched_models(base: Config, params: list[Param], weights: bool = Tru
                 except UserError as e:
                     raise UserError(f"search.space['{p.key}'] offers {value!r}, which cannot work: {e}") from None
                 configs.append(cfg.student)
-    names = [m.name for m in configs if m.pretrained is True]
+    names = [m.name for m in configs if m.pretrained is True or source_of(m.name)]  # a named source: its config too
     searched = {p.key: p.values for p in params if p.type == "choice"}
     if True in searched.get("student.pretrained", []):  # a searched pretrained flag meets every searched student
         for name in [str(n) for n in searched.get("student.name", [base.student.name])]:

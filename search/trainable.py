@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from ray import tune
 
-from kd.hub import provide
+from kd.hub import Files, provide
 from kd.infer import resolve_device
 from kd.metrics import scalars
 from kd.schemes import Scheme
@@ -51,7 +51,7 @@ class DistillTrainable(tune.Trainable):
 
     def setup(self, config: dict[str, Any], base: dict[str, Any] | None = None, scheme: Scheme | None = None,
               checkpoint_epochs: frozenset[int] = frozenset(), threads: int = 1,
-              weights: dict[str, tuple[str, bytes]] | None = None, costs: Costs | None = None) -> None:
+              weights: Files | None = None, costs: Costs | None = None) -> None:
         """`costs`: each searched student's cost, measured once before the trials (search.costs)."""
         assert base is not None and scheme is not None and costs, "DistillTrainable needs tune.with_parameters"
         provide(weights)  # the driver's timm weights files: this node never downloads

@@ -22,6 +22,7 @@ from ray.tune.result import TRAINING_ITERATION
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+from kd.hub import Files
 from kd.schemes import Scheme
 from search.cluster import trial_resources, trial_slots
 from search.compat import numbered_after, optuna_trial
@@ -50,7 +51,7 @@ class Adding:
 
 
 def build_tuner(cfg: Config, scheme: Scheme, costs: Costs, exp_path: str, restore: bool, quiet: bool,
-                weights: dict[str, tuple[str, bytes]] | None = None, adding: Adding | None = None) -> tune.Tuner:
+                weights: Files | None = None, adding: Adding | None = None) -> tune.Tuner:
     """`costs`: each student's, measured once (search.costs); `weights`: the driver's timm weights files the trials
     load (search.cluster.shipping); `adding`: a Tune experiment of added trials (never a restore)."""
     s = cfg.search

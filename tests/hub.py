@@ -18,6 +18,7 @@ class StandInHub:
     def __init__(self, files: dict[str, bytes]):
         """`files`: "<repo>/<file>" (e.g. "timm/test_resnet.r160_in1k/model.safetensors") -> its bytes."""
         self.files, self.downloads = files, Counter()
+        self.revisions: set[str] = set()  # the revisions asked for, as the URLs name them
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -30,6 +31,7 @@ class StandInHub:
                     return None
                 at = parts.index("resolve")
                 key = "/".join(parts[:at] + parts[at + 2:])  # repo / file, the revision dropped
+                hub.revisions.add(parts[at + 1])
                 return (key, hub.files[key]) if key in hub.files else None
 
             def _head(self, found: tuple[str, bytes] | None) -> None:
@@ -79,3 +81,16 @@ def timm_weights(name: str, path: Path) -> bytes:
     model = timm.create_model(name, pretrained=False)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     return path.read_bytes()
+
+
+PUBLISHED = "someone/digits-teacher"  # a model published on the hub as timm publishes one
+
+
+def published(folder: Path) -> Path:
+    """A model as a user publishes it (timm's save_for_hf: config.json and model.safetensors): test_resnet with a
+    two-class head, seeded."""
+    import timm
+    import torch
+    torch.manual_seed(1)
+    timm.models.save_for_hf(timm.create_model("test_resnet", num_classes=2), str(folder), safe_serialization=True)
+    return folder

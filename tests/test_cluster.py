@@ -242,16 +242,21 @@ def test_streamed_images_must_be_readable_on_every_node(cluster, tmp_path):
 
 
 def test_workers_without_the_hub_load_the_drivers_weights_file(cluster, tmp_path):
-    """Worker nodes with their own empty hub cache and no hub at all (HF_HUB_OFFLINE) run a search whose teacher
-    and students start from timm's pretrained weights: the driver downloads them once from the hub (a local
-    stand-in) and hands the file to the teacher's task and the trials. (After the lost-node search one worker
-    node is left; run alone, both take trials.)"""
-    from tests.hub import StandInHub, timm_weights
+    """Worker nodes with their own empty hub cache and no hub at all (HF_HUB_OFFLINE) run a search whose teacher is
+    a model published on the hub (hf-hub:owner/repo: its config.json and weights) and whose students start from
+    timm's pretrained weights: the driver downloads each file once from the hub (a local stand-in) and hands them
+    to the teacher's task and the trials. (After the lost-node search one worker node is left; run alone, both
+    take trials.)"""
+    from tests.hub import PUBLISHED, StandInHub, published, timm_weights
+    folder = published(tmp_path / "published")
     weights = "timm/test_resnet.r160_in1k/model.safetensors"
-    with StandInHub({weights: timm_weights("test_resnet", tmp_path / "served.safetensors")}) as hub:
+    files = {weights: timm_weights("test_resnet", tmp_path / "served.safetensors"),
+             **{f"{PUBLISHED}/{name}": (folder / name).read_bytes() for name in ("config.json", "model.safetensors")}}
+    with StandInHub(files) as hub:
         cfg = load_config(None, tiny_overrides(tmp_path / "cache", tmp_path / "results") + [
             "name=hub", "search.num_samples=2", "search.confirm_seeds=0", "search.cpus_per_trial=1",
-            "teacher.pretrained=true", "student.pretrained=true", "teacher.train.epochs=1", "train.epochs=1"])
+            f"teacher.name=hf-hub:{PUBLISHED}", "teacher.pretrained=true", "student.pretrained=true",
+            "teacher.train.epochs=1", "train.epochs=1"])
         config = tmp_path / "hub.yaml"
         config.write_text(cfg.to_yaml())
         env = {**token_env(), "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "driver-hf")}
@@ -259,7 +264,7 @@ def test_workers_without_the_hub_load_the_drivers_weights_file(cluster, tmp_path
                               "--storage", str(tmp_path / "shared")], capture_output=True, text=True, cwd=tmp_path,
                              env=env, timeout=600)
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-        assert hub.downloads[weights] == 1  # the driver's one download
+        assert dict(hub.downloads) == {key: 1 for key in files}  # the driver's one download of each
     assert not list(Path(cluster.worker_env["HF_HOME"]).rglob("*.safetensors"))  # no worker downloaded or cached one
     table = read_table(tmp_path / "results" / "hub" / "trials.csv")
     assert (table["status"] == "completed").all()

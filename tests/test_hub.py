@@ -1,6 +1,8 @@
 """timm's pretrained weights as timm gets them (kd.hub), from a local stand-in for the Hugging Face hub
 (tests/hub.py): downloaded once, on the driver, then read from the cache; offline with an empty cache, one clear
 message. Nothing here reaches the internet: HF_ENDPOINT points at the stand-in."""
+import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -10,8 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from kd.config import ModelConfig
+from kd.errors import UserError
+from search.config import load_config
 from tests.helpers import tiny_overrides
-from tests.hub import StandInHub, timm_weights
+from tests.hub import COMMIT, PUBLISHED, StandInHub, published, timm_weights
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,3 +79,54 @@ def test_an_unreachable_hub_is_one_message_too(tmp_path, hub):
     assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-3000:]
     assert "student.pretrained: could not download timm's weights for 'test_resnet' from http://127.0.0.1:9" \
         in run.stderr
+
+
+def test_models_named_on_the_hub_and_in_a_folder_as_timm_names_them(tmp_path):
+    """`hf-hub:owner/repo@revision` and `local-dir:PATH` (timm's own syntax) as teacher and student: the repository's
+    config.json and weights downloaded once, at the pinned revision, and the export records which weights each
+    started from (repository, revision, commit, sha256) in kdsearch.json and its model card."""
+    folder = published(tmp_path / "published")
+    files = {f"{PUBLISHED}/{name}": (folder / name).read_bytes() for name in ("config.json", "model.safetensors")}
+    sha256 = hashlib.sha256(files[f"{PUBLISHED}/model.safetensors"]).hexdigest()
+    base = [*tiny_overrides(tmp_path / "cache", tmp_path / "out"), f"teacher.name=hf-hub:{PUBLISHED}@v1",
+            "teacher.pretrained=true", "teacher.train.epochs=1", f"student.name=local-dir:{folder}",
+            "student.pretrained=true", "train.epochs=1"]
+    with StandInHub(files) as hub:
+        env = hub_env(hub, tmp_path / "hf")
+        for name in ("named", "again"):  # the second from the cache
+            run = kdsearch(["distill", "digits", *sets([*base, f"name={name}"])], env, tmp_path)
+            assert run.returncode == 0, run.stderr[-3000:]
+            assert dict(hub.downloads) == {key: 1 for key in files} and hub.revisions == {"v1"}
+    meta = json.loads((tmp_path / "out" / "named" / "distill" / "model" / "kdsearch.json").read_text())
+    assert meta["architecture"] == "test_resnet"  # what timm builds, not the name it was found by
+    assert meta["started_from"] == {
+        "teacher": {"name": f"hf-hub:{PUBLISHED}@v1", "file": "model.safetensors", "sha256": sha256,
+                    "repo": PUBLISHED, "revision": "v1", "commit": COMMIT},
+        "student": {"name": f"local-dir:{folder}", "file": "model.safetensors", "sha256": sha256,
+                    "folder": str(folder)}}
+    card = (tmp_path / "out" / "named" / "distill" / "model" / "README.md").read_text()
+    assert (f"- teacher weights at the start: `{PUBLISHED}` at revision `v1` (commit `{COMMIT}`), "
+            f"`model.safetensors` sha256 `{sha256}`") in card
+
+    from kd.models import create_model
+    saved = load_file(str(folder / "model.safetensors"))
+    same = create_model(ModelConfig(name=f"local-dir:{folder}", pretrained=True), 2, 16).state_dict()
+    assert all(torch.equal(same[k], saved[k]) for k in saved)  # the student starts from the folder's weights
+    other = create_model(ModelConfig(name=f"local-dir:{folder}", pretrained=True), 3, 16).state_dict()
+    assert other["fc.weight"].shape[0] == 3 and torch.equal(other["conv1.0.weight"], saved["conv1.0.weight"])
+    fresh = create_model(ModelConfig(name=f"local-dir:{folder}", pretrained=False), 2, 16).state_dict()
+    assert not torch.equal(fresh["conv1.0.weight"], saved["conv1.0.weight"])  # the architecture only
+
+
+@pytest.mark.parametrize("name,message", [
+    ("local-dir:{tmp}/nowhere", r"student\.name: local-dir:\S+ is not a timm model folder \(it needs config\.json"),
+    ("someone/model", r"student\.name: Model name 'someone/model' has no source prefix but looks like a Hugging Face "
+                      r"Hub repo id or a local path\. Use 'hf-hub:someone/model'"),
+    ("hf:someone/model", r"student\.name: Unknown model source 'hf' in model name 'hf:someone/model', valid "
+                         r"sources: hf-hub, local-dir"),
+])
+def test_a_named_source_that_cannot_work_is_refused_before_anything_runs(tmp_path, name, message):
+    from kd.models import check_models
+    cfg = load_config(None, [*tiny_overrides(tmp_path / "cache"), f"student.name={name.format(tmp=tmp_path)}"])
+    with pytest.raises(UserError, match=message):
+        check_models(cfg, roles=("student",))
