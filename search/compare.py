@@ -106,14 +106,24 @@ def _plot(table: pd.DataFrame, path: Path) -> None:
     fig = new_figure((7, 4.5))
     ax = fig.subplots()
     shown = table.dropna(subset=["test balanced accuracy", "student latency ms"])
+    latency = shown["student latency ms"].astype(float)
+    one = len(latency) > 0 and latency.max() - latency.min() < 0.05 * latency.max()
+    span = 0.4 * latency.max() if one else latency.max() - latency.min()
+    seen: dict[float, int] = {}
     for _, row in shown.iterrows():
         lo_hi = [float(v) for v in row["95% interval"].split("-")] if row["95% interval"] else None
-        value = row["test balanced accuracy"]
+        value, ms = row["test balanced accuracy"], float(row["student latency ms"])
         err = [[max(0.0, value - lo_hi[0])], [max(0.0, lo_hi[1] - value)]] if lo_hi else None
-        ax.errorbar(row["student latency ms"], row["test balanced accuracy"], yerr=err, fmt="o", capsize=4)
-        ax.annotate(row["search"], (row["student latency ms"], row["test balanced accuracy"]),
-                    textcoords="offset points", xytext=(6, 4), fontsize=9)
+        # named in the legend, not beside the point, and set a little apart: searches of one student sit at one
+        # latency, often at nearly one figure, where their names and bars were drawn on top of each other
+        nth = seen[round(ms, 2)] = seen.get(round(ms, 2), -1) + 1
+        ax.errorbar(ms + 0.02 * span * nth, value, yerr=err, fmt="o", capsize=4,
+                    label=f"{row['search']} ({value:.3f}, {ms:.2f} ms)")
+    if one:  # one latency: an axis around it, not a hundredth of a millisecond wide
+        ax.set_xlim(0.8 * latency.min(), 1.2 * latency.max())
     ax.set(xlabel="student latency at batch 1 (ms, as measured in its trial)",
            ylabel="test balanced accuracy", title="searches side by side (bars: 95% interval over test images)")
     ax.grid(alpha=0.3)
+    if len(shown):
+        ax.legend(fontsize=8, loc="best")
     save_figure(fig, path)
