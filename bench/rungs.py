@@ -114,7 +114,8 @@ def main() -> None:
     results: dict = json.loads(out_path.read_text()) if out_path.is_file() else {}
     for seed in args.seeds:
         for schedule in args.schedules:
-            if str(seed) in results.get(schedule, {}):
+            kept = results.get(schedule, {}).get(str(seed))
+            if kept is not None and (not args.again or "seeds_end" in kept):
                 continue  # kept from an earlier run: the script resumes where it stopped
             t0 = time.perf_counter()
             results.setdefault(schedule, {})[str(seed)] = r = one(schedule, seed, work, args.trials, args.again)

@@ -65,7 +65,7 @@ class ExportMetadata(JsonRecord):
     """kdsearch.json: what only kd-search knows of an export (timm ignores it), written by `export_student` and read
     by `read_metadata` (kd.records: every field checked). Its fields in the order they are written."""
     format: str = EXPORT_FORMAT
-    architecture: str                            # the student's timm name
+    architecture: str                            # the student's timm architecture (as its config.json says)
     # K: the weights hold K students (members.0. ...), each loads in timm with its prefix stripped, and the
     # graphs and the PyTorch model output the log of their mean probability (kd.ensemble)
     ensemble: int = 0
@@ -99,7 +99,7 @@ def started_from(cfg: Config) -> dict[str, Any]:
         model = getattr(cfg, role)
         try:
             out[role] = provenance(model.name, model.pretrained)
-        except UserError as e:  # an export made where the weights' file is not (a copied run folder)
+        except (UserError, OSError) as e:  # an export made where the weights' file is not (a copied run folder)
             out[role] = {"name": model.name, "unknown": str(e)}
     return out
 

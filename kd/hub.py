@@ -77,10 +77,11 @@ def source_folder(name: str, role: str = "", download: bool = True) -> str:
     try:
         log.info("downloading %s (%s, %s) from %s", name, repo, CONFIG_FILE, constants.ENDPOINT)
         folder = os.path.dirname(hf_hub_download(repo, CONFIG_FILE, revision=revision or None))
+        commit = os.path.basename(folder)  # the cache's snapshots/<commit>/: the weights of that very commit
         for filename in HUB_FILES:
             try:
                 log.info("downloading %s (%s, %s) from %s", name, repo, filename, constants.ENDPOINT)
-                hf_hub_download(repo, filename, revision=revision or None)
+                hf_hub_download(repo, filename, revision=commit)
                 return folder
             except RemoteEntryNotFoundError:  # the repository lacks this file: the next choice
                 if filename == HUB_FILES[-1]:
@@ -93,6 +94,15 @@ def source_folder(name: str, role: str = "", download: bool = True) -> str:
 
 def _weights_in(folder: str) -> str | None:
     return next((os.path.join(folder, f) for f in HUB_FILES if os.path.isfile(os.path.join(folder, f))), None)
+
+
+def source_fingerprint(name: str, role: str = "") -> str:
+    """What a model named by its source is, by content: the sha256 of its config.json and of its weights file. A
+    cache keyed by it (a fine-tuned teacher, a student's measured cost) is not fooled by a folder exported again in
+    place, a relative path from elsewhere, or a hub branch that has moved."""
+    folder = source_folder(name, role, download=False)
+    return hashlib.sha256(f"{_digest(os.path.join(folder, CONFIG_FILE))} {_digest(pretrained_file(name, role))}"
+                          .encode()).hexdigest()
 
 
 def source_config(name: str, role: str = "", download: bool = True) -> dict:
@@ -110,8 +120,10 @@ def pretrained_file(name: str, role: str = "", download: bool = True) -> str:
     if name in _PROVIDED and os.path.isfile(_PROVIDED[name]):
         return _PROVIDED[name]
     if source_of(name, f"{role}.name" if role else "name"):
-        found = _weights_in(source_folder(name, role, download))
-        assert found  # source_folder holds one
+        folder = source_folder(name, role, download)
+        found = _weights_in(folder)
+        if found is None:
+            raise UserError(f"{role or 'model'}: {name}: {folder} holds no {' or '.join(HUB_FILES)}")
         return found
     key = f"{role}.pretrained" if role else "pretrained"
     pcfg = timm.models.get_pretrained_cfg(name)
@@ -231,6 +243,8 @@ def provenance(name: str, pretrained: bool | str) -> dict[str, str] | None:
     if pretrained is False:
         return None
     path = pretrained if isinstance(pretrained, str) else pretrained_file(name, download=False)
+    if not os.path.isfile(path):
+        raise UserError(f"{path} is not on this machine")
     out = {"name": name, "file": os.path.basename(path), "sha256": _digest(path)}
     ident = name.partition(":")[2]
     if isinstance(pretrained, str):
@@ -256,6 +270,17 @@ def _timm_repo(name: str) -> tuple[str, str]:
 
 
 def _digest(path: str) -> str:
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = _sha256(path)
+    return _DIGESTS[key]
+
+
+_DIGESTS: dict[tuple[str, int, int], str] = {}  # a file's sha256 by path, size and time: a weights file read once
+
+
+def _sha256(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

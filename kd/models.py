@@ -92,16 +92,19 @@ def check_model(cfg: ModelConfig, num_classes: int | None, image_size: int, role
     `num_classes` None: not known yet (any count builds the model; a teacher's head is checked by
     `create_model` once the data is loaded)."""
     classes = num_classes or 2  # the classifier's size matters only to `check_teacher_head`
+    named = source_of(cfg.name, f"{role}.name")
+    if named and not weights:
+        return  # its architecture is in its config.json, which this check is not to fetch
     if num_classes and cfg.pretrained is True:
         check_teacher_head(cfg, num_classes, role=role)
-    if source_of(cfg.name, f"{role}.name") and not weights:
-        return  # its architecture is in its config.json, which this check is not to fetch
     with torch.device("meta"):
         model = _build(cfg, classes, image_size, None, role, fetch=True)
     if not weights:
         return
     if cfg.pretrained is True:
-        pretrained_file(cfg.name, role)  # downloaded here, once, if not cached
+        path = pretrained_file(cfg.name, role)  # downloaded here, once, if not cached
+        if named:  # its weights must fit the architecture its config.json names (an ensemble export's do not)
+            _matching(read_weights(path, cfg.name), model, path, cfg.name)
     elif isinstance(cfg.pretrained, str) and cfg.pretrained:
         state = read_weights(cfg.pretrained, cfg.name)
         _matching(state, model, cfg.pretrained, cfg.name)

@@ -28,6 +28,7 @@ from kd.config import Config, TrainConfig
 from kd.data import Dataset
 from kd.errors import UserError
 from kd.files import CacheError, file_lock, load_tensors, save_tensors
+from kd.hub import source_fingerprint, source_of
 from kd.infer import Runner, resolve_device
 from kd.losses import DistillLoss, class_weights
 from kd.metrics import compute_metrics
@@ -142,6 +143,8 @@ def teacher_key(cfg: Config, data: Dataset) -> str:
     if isinstance(cfg.teacher.pretrained, str):
         st = os.stat(cfg.teacher.pretrained) if os.path.exists(cfg.teacher.pretrained) else None
         teacher["pretrained"] = [os.path.abspath(cfg.teacher.pretrained), st and st.st_size, st and st.st_mtime_ns]
+    if source_of(cfg.teacher.name):  # hf-hub:, local-dir: by what they hold, not by the name
+        teacher["name"] = [cfg.teacher.name, source_fingerprint(cfg.teacher.name, "teacher")]
     augment = dataclasses.asdict(cfg.augment)
     augment.pop("seed")  # the students' view stream: it shapes the logits, not the teacher's weights
     blob = json.dumps([TEACHER_VERSION, data.fingerprint, teacher, augment], sort_keys=True)

@@ -7,9 +7,10 @@ check and a tested fallback.
 - `mlflow_trial_runs`: the trial -> MLflow run id map that Ray's `MLflowLoggerCallback` keeps in `_trial_runs`
   (set by its `setup`), which search/tracking.py fills to continue a resumed trial's run. Fallback: None, and
   a resumed trial gets a second MLflow run, as with Ray's own callback.
-- `trial_statuses`: the trials' statuses and failure counts in Ray's newest `experiment_state-*.json` (its
-  `trial_data`, JSON written by Ray's TuneController; `ray.tune.ExperimentAnalysis` would unpickle the whole
-  experiment). Fallback: {} (the caller derives statuses from the trial folders).
+- `trial_statuses`: the trials' statuses and failure counts in Ray's `experiment_state-*.json` files, the newest's
+  word standing (their `trial_data`, JSON written by Ray's TuneController; `ray.tune.ExperimentAnalysis` would
+  unpickle the whole experiment). Fallback: a file it cannot read is skipped (the caller derives those trials'
+  statuses from their folders).
 - `trial_folder_id`: the trial id and number in a trial folder's name (Ray's `<trainable>_<8-hex id>_<number>_
   <tag>_<date>`). Fallback: the folder's name and number 0.
 - `numbered_after`: a `trial_dirname_creator` that names trial folders in that layout with numbers going on after
@@ -122,7 +123,6 @@ def trial_statuses(exp: str | Path) -> dict[str, dict[str, Any]]:
                 out[trial["trial_id"]] = {"status": trial.get("status"), "failures": runtime.get("num_failures", 0)}
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             log.warning("could not read trial statuses from %s (%s); deriving them from the trial folders", file, e)
-            return {}
     return out
 
 

@@ -22,6 +22,7 @@ import torch
 
 from kd.cost import count_flops, device_name, measure_many
 from kd.files import atomic_write_json, file_lock, read_json
+from kd.hub import source_fingerprint, source_of
 from kd.infer import resolve_device
 from kd.student import student_shell
 from search.cluster import call, trial_resources, trials_run_here
@@ -74,6 +75,8 @@ def _read(path: Path) -> dict[str, dict[str, float]]:
 
 
 def _key(name: str, classes: int, image_size: int, device: str, threads: int) -> str:
+    if source_of(name):  # hf-hub:, local-dir: by what they hold, not by the name
+        name = f"{name} ({source_fingerprint(name, 'student')[:16]})"
     return (f"{name} | {classes} classes | {image_size} px | {device} | {threads} threads | torch {torch.__version__} "
             f"| timm {timm.__version__}")
 

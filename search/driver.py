@@ -113,11 +113,11 @@ def _adding(run_dir: Path) -> Adding | None:
     have all ended (a restored part that was interrupted is said as such); None when there are none to add."""
     run = Run(run_dir)
     table, s = run.table, run.config.search
-    if run.finished() < len(table):
-        raise Interrupted(interrupted(run_dir))
     count = s.num_samples - len(table)
     if count <= 0:
         return None
+    if run.finished() < len(table):
+        raise Interrupted(interrupted(run_dir))
     scored = list(table[s.metric].dropna()) if s.metric in table else []
     best = float(max(scored) if s.direction == "max" else min(scored)) if scored else None
     return Adding(held=len(table), last=int(table["number"].max()) if len(table) else 0, count=count, best=best)

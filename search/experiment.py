@@ -3,7 +3,8 @@
 Nothing is unpickled: Ray's per-trial `params.json` and `result.json` are plain JSON, and the parts of
 its layout that are Ray's own business (the statuses in `experiment_state-*.json`, the trial folders'
 names) are read through search.compat. A trial's status comes from the driver's own event log when it
-has one (written as events happen), else from Ray's newest experiment state, else from its files.
+has one (written as events happen), else from Ray's experiment states (the newest one's word standing), else
+from its files.
 """
 from __future__ import annotations
 
@@ -77,7 +78,7 @@ def _status(ray_status: str | None, history: list[dict[str, Any]], error: str, e
 
 def load_trials(cfg: Config, exp: str, run_dir: Path) -> tuple[pd.DataFrame, dict[str, list[dict[str, Any]]]]:
     """A trial's status comes from the driver's own event log when it has one (written as events happen), else
-    from Ray's newest experiment state, else from the trial's files."""
+    from Ray's experiment states (the newest one's word standing), else from the trial's files."""
     statuses = trial_statuses(exp)
     events: dict[str, list[TrialEvent]] = {}
     for event in read_events(run_dir):

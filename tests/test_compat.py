@@ -356,16 +356,22 @@ def _state(exp: Path, session: str, trials: list) -> None:
     (exp / f"experiment_state-{session}.json").write_text(json.dumps({"trial_data": trials, "runner_data": {}}))
 
 
-def test_trial_statuses_read_the_newest_experiment_state(tmp_path):
+def test_trial_statuses_read_the_newest_experiment_state(tmp_path, caplog):
+    """The newest state's word stands; a trial only an older one holds (a search that added trials ran a second
+    Tune experiment in the folder) keeps its status there; an unreadable state is skipped, and said."""
     from search.compat import trial_statuses
     assert trial_statuses(tmp_path) == {}
-    _state(tmp_path, "2026-01-01_10-00-00", [[json.dumps({"trial_id": "aaaa0000", "status": "RUNNING"}), "{}"]])
+    _state(tmp_path, "2026-01-01_10-00-00", [[json.dumps({"trial_id": "aaaa0000", "status": "RUNNING"}), "{}"],
+                                             [json.dumps({"trial_id": "cccc2222", "status": "TERMINATED"}), "{}"]])
     _state(tmp_path, "2026-01-02_10-00-00", [
         [json.dumps({"trial_id": "aaaa0000", "status": "TERMINATED"}), json.dumps({"num_failures": 2})],
         json.dumps({"trial_id": "bbbb1111", "status": "ERROR"}),  # an older Ray's entry: the trial alone
     ])
+    (tmp_path / "experiment_state-2026-01-03_10-00-00.json").write_text("{cut short")
     assert trial_statuses(str(tmp_path)) == {"aaaa0000": {"status": "TERMINATED", "failures": 2},
-                                             "bbbb1111": {"status": "ERROR", "failures": 0}}
+                                             "bbbb1111": {"status": "ERROR", "failures": 0},
+                                             "cccc2222": {"status": "TERMINATED", "failures": 0}}
+    assert warnings_of(caplog, "deriving them from the trial folders")
 
 
 @pytest.mark.parametrize("content", ["{not json", "[1, 2]", json.dumps({"trial_data": [["{}", "{}"]]}),

@@ -83,7 +83,8 @@ def test_an_unreachable_hub_is_one_message_too(tmp_path, hub):
 
 def test_models_named_on_the_hub_and_in_a_folder_as_timm_names_them(tmp_path):
     """`hf-hub:owner/repo@revision` and `local-dir:PATH` (timm's own syntax) as teacher and student: the repository's
-    config.json and weights downloaded once, at the pinned revision, and the export records which weights each
+    config.json and weights downloaded once, at the pinned revision (the weights at the very commit the config came
+    from), and the export records which weights each
     started from (repository, revision, commit, sha256) in kdsearch.json and its model card."""
     folder = published(tmp_path / "published")
     files = {f"{PUBLISHED}/{name}": (folder / name).read_bytes() for name in ("config.json", "model.safetensors")}
@@ -96,7 +97,8 @@ def test_models_named_on_the_hub_and_in_a_folder_as_timm_names_them(tmp_path):
         for name in ("named", "again"):  # the second from the cache
             run = kdsearch(["distill", "digits", *sets([*base, f"name={name}"])], env, tmp_path)
             assert run.returncode == 0, run.stderr[-3000:]
-            assert dict(hub.downloads) == {key: 1 for key in files} and hub.revisions == {"v1"}
+            assert dict(hub.downloads) == {key: 1 for key in files}
+            assert hub.revisions == {"v1", COMMIT}  # config.json at the pinned revision, the weights at its commit
     meta = json.loads((tmp_path / "out" / "named" / "distill" / "model" / "kdsearch.json").read_text())
     assert meta["architecture"] == "test_resnet"  # what timm builds, not the name it was found by
     assert meta["started_from"] == {
@@ -129,4 +131,28 @@ def test_a_named_source_that_cannot_work_is_refused_before_anything_runs(tmp_pat
     from kd.models import check_models
     cfg = load_config(None, [*tiny_overrides(tmp_path / "cache"), f"student.name={name.format(tmp=tmp_path)}"])
     with pytest.raises(UserError, match=message):
+        check_models(cfg, roles=("student",))
+
+
+def test_a_named_folder_is_known_by_what_it_holds(tmp_path):
+    """A fine-tuned teacher is cached by the content of a named folder, not its name: exported again in place, it is
+    another teacher. Weights that do not fit the architecture its config.json names (an ensemble's members.0. ...)
+    are refused before anything runs."""
+    from types import SimpleNamespace
+
+    from safetensors.torch import save_file
+
+    from kd.models import check_models
+    from kd.teacher import teacher_key
+    folder = published(tmp_path / "model")
+    cfg = load_config(None, [*tiny_overrides(tmp_path / "cache"), f"teacher.name=local-dir:{folder}",
+                             "teacher.pretrained=true", f"student.name=local-dir:{folder}", "student.pretrained=true"])
+    check_models(cfg)
+    data = SimpleNamespace(fingerprint="the same images")
+    before = teacher_key(cfg, data)
+    state = load_file(str(folder / "model.safetensors"))
+    save_file({k: v + 1 for k, v in state.items()}, str(folder / "model.safetensors"))  # exported again, in place
+    assert teacher_key(cfg, data) != before
+    save_file({f"members.0.{k}": v for k, v in state.items()}, str(folder / "model.safetensors"))
+    with pytest.raises(UserError, match=r"model.safetensors does not look like weights for 'local-dir:"):
         check_models(cfg, roles=("student",))
