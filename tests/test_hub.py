@@ -93,12 +93,13 @@ def test_models_named_on_the_hub_and_in_a_folder_as_timm_names_them(tmp_path):
             "teacher.pretrained=true", "teacher.train.epochs=1", f"student.name=local-dir:{folder}",
             "student.pretrained=true", "train.epochs=1"]
     with StandInHub(files) as hub:
-        env = hub_env(hub, tmp_path / "hf")
-        for name in ("named", "again"):  # the second from the cache
-            run = kdsearch(["distill", "digits", *sets([*base, f"name={name}"])], env, tmp_path)
-            assert run.returncode == 0, run.stderr[-3000:]
-            assert dict(hub.downloads) == {key: 1 for key in files}
-            assert hub.revisions == {"v1", COMMIT}  # config.json at the pinned revision, the weights at its commit
+        run = kdsearch(["distill", "digits", *sets([*base, "name=named"])], hub_env(hub, tmp_path / "hf"), tmp_path)
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert dict(hub.downloads) == {key: 1 for key in files}  # checked, built and exported: fetched once
+        assert hub.revisions == {"v1", COMMIT}  # config.json at the pinned revision, the weights at its commit
+        offline = {**hub_env(hub, tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}  # the next command: from the cache
+        again = kdsearch(["teacher", "digits", *sets([*base, "name=again"])], offline, tmp_path)
+        assert again.returncode == 0 and dict(hub.downloads) == {key: 1 for key in files}, again.stderr[-3000:]
     meta = json.loads((tmp_path / "out" / "named" / "distill" / "model" / "kdsearch.json").read_text())
     assert meta["architecture"] == "test_resnet"  # what timm builds, not the name it was found by
     assert meta["started_from"] == {
