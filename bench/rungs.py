@@ -32,6 +32,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from scipy.stats import spearmanr
@@ -55,7 +56,13 @@ def one(schedule: str, seed: int, work: Path, trials: int, again: bool = False) 
               f"data.split_seed={seed}", f"data.cache_dir={work / 'cache'}", f"output_dir={work}", f"name={name}",
               SCHEDULES[schedule]]
     seconds = run(["search", "digits", *sets(common)], work)
-    found = Run(work / name)
+    return {"seconds": seconds, **figures(Run(work / name), again)}
+
+
+def figures(found: Any, again: bool) -> dict[str, float]:
+    """The rung figures of a finished search (search.run.Run) against its trials' last epoch (and, `again`, against
+    a further seed's: its re-ranking's candidates). Beside them, each trial's training loss at the first rung (lower
+    first) against the same end: a figure the rungs could judge by instead."""
     metric = "val_auc"
     curves = {t: {int(r["epoch"]): float(r[metric]) for r in rows if metric in r}
               for t, rows in found.histories.items()}
@@ -64,8 +71,11 @@ def one(schedule: str, seed: int, work: Path, trials: int, again: bool = False) 
     at = {e: np.array([curves[t][e] for t in ids]) for e in (FIRST, SECOND, EPOCHS)}
     best_end = int(np.argmax(at[EPOCHS]))
     rank_first = int((at[FIRST] > at[FIRST][best_end]).sum())  # trials ahead of the final best at the first rung
-    out = {"trials": len(ids), "seconds": seconds,
+    loss_first = np.array([-next(float(r["train_loss"]) for r in found.histories[t] if r.get("epoch") == FIRST)
+                           for t in ids])
+    out = {"trials": len(ids),
            "spearman_first": float(spearmanr(at[FIRST], at[EPOCHS]).statistic),
+           "loss_first_end": float(spearmanr(loss_first, at[EPOCHS]).statistic),
            "spearman_second": float(spearmanr(at[SECOND], at[EPOCHS]).statistic),
            "best_kept": float(rank_first < len(ids) / 2), "best_rank_first": rank_first + 1,
            "mean_end": float(at[EPOCHS].mean()), "best_end": float(at[EPOCHS].max())}
@@ -76,14 +86,17 @@ def one(schedule: str, seed: int, work: Path, trials: int, again: bool = False) 
         end_other = np.array([other[ids[i]] for i in both])
         out.update(seeds_end=float(spearmanr(at[EPOCHS][both], end_other).statistic),
                    first_other_end=float(spearmanr(at[FIRST][both], end_other).statistic),
+                   loss_first_other_end=float(spearmanr(loss_first[both], end_other).statistic),
                    paired=len(both))
     return out
 
 
 def table(results: dict[str, dict[str, dict[str, float]]]) -> str:
     again = all("seeds_end" in r for by_seed in results.values() for r in by_seed.values())
+    loss = all("loss_first_end" in r for by_seed in results.values() for r in by_seed.values())
     lines = [f"{'schedule':10} {'rho(2, 8)':>16} {'rho(4, 8)':>16} {'best kept':>10} {'mean at 8':>16} "
-             f"{'best at 8':>16}" + (f" {'rho(8, 8 again)':>16} {'rho(2, 8 again)':>16}" if again else "")]
+             f"{'best at 8':>16}" + (f" {'rho(8, 8 again)':>16} {'rho(2, 8 again)':>16}" if again else "") +
+             (f" {'rho(loss 2, 8)':>16}" if loss else "") + (f" {'loss 2, 8 again':>16}" if loss and again else "")]
     for schedule, by_seed in results.items():
         rows = list(by_seed.values())
 
@@ -93,10 +106,13 @@ def table(results: dict[str, dict[str, dict[str, float]]]) -> str:
         kept = sum(int(r["best_kept"]) for r in rows)
         lines.append(f"{schedule:10} {stat('spearman_first'):>16} {stat('spearman_second'):>16} "
                      f"{f'{kept}/{len(rows)}':>10} {stat('mean_end'):>16} {stat('best_end'):>16}"
-                     + (f" {stat('seeds_end'):>16} {stat('first_other_end'):>16}" if again else ""))
+                     + (f" {stat('seeds_end'):>16} {stat('first_other_end'):>16}" if again else "")
+                     + (f" {stat('loss_first_end'):>16}" if loss else "")
+                     + (f" {stat('loss_first_other_end'):>16}" if loss and again else ""))
     lines.append("(mean ± std over split seeds " + ", ".join(next(iter(results.values()))) + "; best kept: the trial "
                  "best at epoch 8 was in the top half at epoch 2, which ASHA keeps" +
-                 ("; 8 again: the same configs' epoch 8 on a further student seed" if again else "") + ")")
+                 ("; 8 again: the same configs' epoch 8 on a further student seed" if again else "") +
+                 ("; loss 2: the training loss at epoch 2, lower first" if loss else "") + ")")
     return "\n".join(lines)
 
 
@@ -108,6 +124,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "bench" / "results-rungs.json"))
     parser.add_argument("--again", action="store_true", help="retrain every trial on a further seed (twice the time)")
     parser.add_argument("--schedules", nargs="*", default=list(SCHEDULES), choices=list(SCHEDULES))
+    parser.add_argument("--reread", action="store_true", help="read the figures again from the searches in --work "
+                        "(their seconds kept), running nothing")
     args = parser.parse_args()
     work, out_path = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
@@ -115,6 +133,12 @@ def main() -> None:
     for seed in args.seeds:
         for schedule in args.schedules:
             kept = results.get(schedule, {}).get(str(seed))
+            if args.reread and kept is not None:
+                from search.run import Run
+                name = f"rungs-{schedule}-{seed}" + ("-again" if args.again else "")
+                results[schedule][str(seed)] = {**kept, **figures(Run(work / name), args.again)}
+                out_path.write_text(json.dumps(results, indent=2) + "\n")
+                continue
             if kept is not None and (not args.again or "seeds_end" in kept):
                 continue  # kept from an earlier run: the script resumes where it stopped
             t0 = time.perf_counter()
