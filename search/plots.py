@@ -38,8 +38,8 @@ def draw_all(run: Run) -> None:
         if len(top):
             metric = run.config.search.metric
             exported = run.best.trial if run.best is not None else None
-            kplots.learning_curves({f"{r['trial']}{' (exported)' if r['trial'] == exported else ''} "
-                                    f"({r['status']}, {r.get('distill.mode', '')})".replace(", )", ")"):
+            kplots.learning_curves({f"{r['trial']} ({'exported; ' if r['trial'] == exported else ''}"
+                                    f"{r['status']}, {r.get('distill.mode', '')})".replace(", )", ")"):
                                     run.histories[r["trial"]] for _, r in top.iterrows()}, out / "learning_curves.png",
                                    f"the top trials by {metric}", run.rule_label, metric, len(run.classes))
         soft_vs_hard(run, out / "soft_vs_hard.png")
