@@ -70,12 +70,15 @@ def trials_in_order(run: Run, path: Path) -> None:
     marked = [(run.best.trial if run.best is not None else None, "exported", "*", 260)]
     marked += [(r["trial"], f"hand-picked {i + 1}", "D", 90) for i, point in enumerate(cfg.search.points)
                if (r := run.point_trial(point)) is not None]
+    last = table["number"].max() if len(table) else 0
     for trial, what, marker, size in marked:
         row = table[table["trial"] == trial]
         if len(row) and pd.notna(row.iloc[0][metric]):
             x, y = row.iloc[0]["number"], row.iloc[0][metric]
             ax.scatter([x], [y], s=size, marker=marker, facecolors="none", edgecolors="black", zorder=4)
-            ax.annotate(f"{trial}\n{what}", (x, y), textcoords="offset points", xytext=(6, -18), fontsize=7)
+            left = x > last - max(1, last / 8)  # near the right edge: the label to the left, not cut by the frame
+            ax.annotate(f"{trial}\n{what}", (x, y), textcoords="offset points", xytext=(-6 if left else 6, -18),
+                        fontsize=7, ha="right" if left else "left")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     rule = _rule_note(run, metric)
     ax.set(xlabel="trial, in order of start (the table's trial ids at the marked ones)", ylabel=metric,
