@@ -529,7 +529,7 @@ def test_a_fresh_search_sets_an_old_study_aside_and_exports_the_epoch_that_ranke
     import optuna
     cfg = load_config(None, tiny_overrides(shared_cache, tmp_path / "results") + [
         "name=fresh", "search.num_samples=3", "search.grace_period=1", "search.confirm_seeds=0", "train.epochs=3",
-        "search.checkpoint_every=3", "search.max_concurrent=1"])
+        "search.checkpoint_every=3", "search.max_concurrent=1", "search.judge_seeds=0"])  # no verdict: not its point
     cfg = cfg.updated({"search.space": {"distill.mode": {"type": "choice", "values": ["soft", "hard"]},
                                         "train.lr": {"type": "loguniform", "low": 1e-7, "high": 0.01}},
                        "search.points": [{"distill.mode": "soft", "train.lr": 0.003},   # learns
