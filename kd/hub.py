@@ -55,13 +55,11 @@ def source_folder(name: str, role: str = "", download: bool = True) -> str:
     ident = name.partition(":")[2]
     if source_of(name, key) == "local-dir":
         folder = os.path.abspath(os.path.expanduser(ident))
-        missing = [f for f in (CONFIG_FILE,) if not os.path.isfile(os.path.join(folder, f))]
-        if missing or not _weights_in(folder):
+        if not os.path.isfile(os.path.join(folder, CONFIG_FILE)) or not _weights_in(folder):
             raise UserError(f"{key}: {name} is not a timm model folder (it needs {CONFIG_FILE} and "
                             f"{' or '.join(HUB_FILES)}, as a kd-search export or timm's save_for_hf writes them)")
         return folder
     from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
-    from huggingface_hub.errors import RemoteEntryNotFoundError
 
     repo, _, revision = ident.partition("@")
     config = try_to_load_from_cache(repo, CONFIG_FILE, revision=revision or None)
@@ -77,19 +75,31 @@ def source_folder(name: str, role: str = "", download: bool = True) -> str:
     try:
         log.info("downloading %s (%s, %s) from %s", name, repo, CONFIG_FILE, constants.ENDPOINT)
         folder = os.path.dirname(hf_hub_download(repo, CONFIG_FILE, revision=revision or None))
-        commit = os.path.basename(folder)  # the cache's snapshots/<commit>/: the weights of that very commit
-        for filename in HUB_FILES:
-            try:
-                log.info("downloading %s (%s, %s) from %s", name, repo, filename, constants.ENDPOINT)
-                hf_hub_download(repo, filename, revision=commit)
-                return folder
-            except RemoteEntryNotFoundError:  # the repository lacks this file: the next choice
-                if filename == HUB_FILES[-1]:
-                    raise
+        # the cache's snapshots/<commit>/: the weights of that very commit
+        _first_file(repo, list(HUB_FILES), os.path.basename(folder), name)
+        return folder
     except Exception as e:  # whatever the HTTP stack raises (httpx, the hub's errors, OSError): one message
-        first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
-        raise UserError(f"{key}: could not download {name} from {constants.ENDPOINT}: {first}; {ways_out}") from None
-    raise AssertionError("unreachable")
+        raise UserError(f"{key}: could not download {name} from {constants.ENDPOINT}: {_first_line(e)}; "
+                        f"{ways_out}") from None
+
+
+def _first_file(repo: str, files: list[str], revision: str | None, name: str) -> str:
+    """The first of `files` the hub repository has at `revision`, downloaded into the hub cache (its path)."""
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import RemoteEntryNotFoundError
+
+    for filename in files:
+        log.info("downloading %s (%s, %s) from %s", name, repo, filename, constants.ENDPOINT)
+        try:
+            return hf_hub_download(repo, filename, revision=revision)
+        except RemoteEntryNotFoundError:  # the repository lacks this file: the next choice
+            if filename == files[-1]:
+                raise
+    raise ValueError("no file to download")
+
+
+def _first_line(e: Exception) -> str:
+    return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
 
 
 def _weights_in(folder: str) -> str | None:
@@ -169,8 +179,7 @@ def _url_path(url: str | tuple[str, str], hub_dir: str) -> str:
 
 def _download(pcfg: object, name: str, key: str, looked: str) -> str:
     import torch
-    from huggingface_hub import constants, hf_hub_download
-    from huggingface_hub.errors import RemoteEntryNotFoundError
+    from huggingface_hub import constants
 
     hub_id, hub_file, url = (getattr(pcfg, k, None) for k in ("hf_hub_id", "hf_hub_filename", "url"))
     ways_out = (f"fill the cache where there is network (python -c \"import timm; timm.create_model('{name}', "
@@ -181,15 +190,8 @@ def _download(pcfg: object, name: str, key: str, looked: str) -> str:
     try:
         if hub_id:
             repo, _, revision = hub_id.partition("@")
-            files = [hub_file] if hub_file else list(HUB_FILES)
-            for filename in files:
-                log.info("downloading timm's weights for '%s' (%s, %s) from %s", name, repo, filename,
-                         constants.ENDPOINT)
-                try:
-                    return hf_hub_download(repo, filename, revision=revision or None)
-                except RemoteEntryNotFoundError:  # the repository lacks this file: timm's next choice
-                    if filename == files[-1]:
-                        raise
+            return _first_file(repo, [hub_file] if hub_file else list(HUB_FILES), revision or None,
+                               f"timm's weights for '{name}'")
         assert url
         path = _url_path(url, torch.hub.get_dir())
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -197,9 +199,8 @@ def _download(pcfg: object, name: str, key: str, looked: str) -> str:
         torch.hub.download_url_to_file(url[0] if isinstance(url, tuple) else url, path, progress=True)
         return path
     except Exception as e:  # whatever the HTTP stack raises (httpx, the hub's errors, OSError): one message
-        first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
         where = f"{constants.ENDPOINT} ({hub_id})" if hub_id else str(url)
-        raise UserError(f"{key}: could not download timm's weights for '{name}' from {where}: {first}; "
+        raise UserError(f"{key}: could not download timm's weights for '{name}' from {where}: {_first_line(e)}; "
                         f"{ways_out}") from None
 
 
