@@ -7,16 +7,24 @@ from collections.abc import Generator
 from pathlib import Path
 
 import pytest
-import torch
-
-from search.config import Config, load_config
-from tests.helpers import tiny_overrides
 
 # `make test` runs the suite in pytest-xdist workers, one per core: each worker's torch (and the kdsearch processes
-# and Ray workers it starts) gets its share of the cores, so that two workers do not fight over both. torch is
-# imported by now (tests.helpers imports kd), so its threads are set here, not through the environment alone.
+# and Ray workers it starts) gets its share of the cores, so that two workers do not fight over both. A search still
+# gives a task as many threads as its Ray has CPUs (a teacher's fine-tuning takes the node), and two threads beside
+# the other worker's busy one spin-wait at each step while one of them waits for a core (OpenMP's default, made for a
+# machine of one's own): the shared search's teachers took 107 s beside the other worker, 15 s alone. Passive waiting
+# (set before torch loads its OpenMP runtime, and inherited by every process a test starts) gives the core back:
+# a 2-thread fine-tuning beside a busy core took 4.0 s instead of 7.5 s, and 7 % longer than spinning when alone.
 if (_workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))) > 1:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402  (after the environment its OpenMP runtime reads once)
+
+from search.config import Config, load_config  # noqa: E402
+from tests.helpers import tiny_overrides  # noqa: E402
+
+if _workers > 1:
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
