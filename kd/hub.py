@@ -11,8 +11,10 @@ of its own, loads the very file the driver checked.
 A model may also be named as timm names a model outside its registry (`source_of`): `hf-hub:owner/repo` (a model
 published on the hub, its config.json and weights; `@revision` pins a branch, tag or commit) or `local-dir:PATH` (a
 folder holding them, such as a kd-search export). `source_folder` gives the local folder that holds both (the
-folder itself, the hub's cache snapshot, downloaded there once), and the workers get both files. `provenance`
-says which weights a model started from: the hub repository and the commit they came from, and their sha256.
+folder itself, the hub's cache snapshot, downloaded there once), and the workers get both files; with `pretrained:
+false` only its config.json is fetched, shipped and fingerprinted, as timm itself reads only that to build the
+architecture. `provenance` says which weights a model started from: the hub repository and the commit they came
+from, and their sha256.
 """
 from __future__ import annotations
 
@@ -28,8 +30,8 @@ log = logging.getLogger("kd")
 HUB_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm publishes on the hub, preferred first
 CONFIG_FILE = "config.json"  # beside them: the architecture, its arguments and its pretrained config
 SOURCES = ("hf-hub", "local-dir")
-_PROVIDED: dict[str, str] = {}  # model name -> the file the driver handed this process (provide)
-Files = dict[str, list[tuple[str, bytes]]]  # model name -> its files (name, bytes), the weights last (shipped)
+_PROVIDED: dict[str, str] = {}  # model name -> the file the driver handed this process last (provide)
+Files = dict[str, list[tuple[str, bytes]]]  # model name -> its files (name, bytes), any weights last (shipped)
 
 
 def source_of(name: str, key: str = "name") -> str | None:
@@ -45,25 +47,26 @@ def source_of(name: str, key: str = "name") -> str | None:
     return source
 
 
-def source_folder(name: str, role: str = "", download: bool = True) -> str:
-    """The local folder holding config.json and the weights of a model named by its source: handed over by the
-    driver, the `local-dir:` folder itself, or the hub cache's snapshot of the repository at its revision (with
-    `download`, downloaded there first where not cached)."""
+def source_folder(name: str, role: str = "", download: bool = True, weights: bool = True) -> str:
+    """The local folder holding config.json and (with `weights`) the weights of a model named by its source: handed
+    over by the driver, the `local-dir:` folder itself, or the hub cache's snapshot of the repository at its
+    revision (with `download`, downloaded there first where not cached: the weights only with `weights`)."""
     key = f"{role}.name" if role else "name"
     if name in _PROVIDED and os.path.isfile(_PROVIDED[name]):
         return os.path.dirname(_PROVIDED[name])
     ident = name.partition(":")[2]
     if source_of(name, key) == "local-dir":
         folder = os.path.abspath(os.path.expanduser(ident))
-        if not os.path.isfile(os.path.join(folder, CONFIG_FILE)) or not _weights_in(folder):
-            raise UserError(f"{key}: {name} is not a timm model folder (it needs {CONFIG_FILE} and "
-                            f"{' or '.join(HUB_FILES)}, as a kd-search export or timm's save_for_hf writes them)")
+        if not os.path.isfile(os.path.join(folder, CONFIG_FILE)) or (weights and not _weights_in(folder)):
+            needs = f"{CONFIG_FILE} and {' or '.join(HUB_FILES)}" if weights else CONFIG_FILE
+            raise UserError(f"{key}: {name} is not a timm model folder (it needs {needs}, as a kd-search export or "
+                            "timm's save_for_hf writes them)")
         return folder
     from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
 
     repo, _, revision = ident.partition("@")
     config = try_to_load_from_cache(repo, CONFIG_FILE, revision=revision or None)
-    if isinstance(config, str) and os.path.isfile(config) and _weights_in(os.path.dirname(config)):
+    if isinstance(config, str) and os.path.isfile(config) and (not weights or _weights_in(os.path.dirname(config))):
         return os.path.dirname(config)
     ways_out = "fetch it where there is network and copy the hub cache here (HF_HOME), or name a local-dir: folder"
     if not download:
@@ -75,8 +78,8 @@ def source_folder(name: str, role: str = "", download: bool = True) -> str:
     try:
         log.info("downloading %s (%s, %s) from %s", name, repo, CONFIG_FILE, constants.ENDPOINT)
         folder = os.path.dirname(hf_hub_download(repo, CONFIG_FILE, revision=revision or None))
-        # the cache's snapshots/<commit>/: the weights of that very commit
-        _first_file(repo, list(HUB_FILES), os.path.basename(folder), name)
+        if weights:  # the cache's snapshots/<commit>/: the weights of that very commit
+            _first_file(repo, list(HUB_FILES), os.path.basename(folder), name)
         return folder
     except Exception as e:  # whatever the HTTP stack raises (httpx, the hub's errors, OSError): one message
         raise UserError(f"{key}: could not download {name} from {constants.ENDPOINT}: {_first_line(e)}; "
@@ -106,19 +109,21 @@ def _weights_in(folder: str) -> str | None:
     return next((os.path.join(folder, f) for f in HUB_FILES if os.path.isfile(os.path.join(folder, f))), None)
 
 
-def source_fingerprint(name: str, role: str = "") -> str:
-    """What a model named by its source is, by content: the sha256 of its config.json and of its weights file. A
-    cache keyed by it (a fine-tuned teacher, a student's measured cost) is not fooled by a folder exported again in
-    place, a relative path from elsewhere, or a hub branch that has moved."""
-    folder = source_folder(name, role, download=False)
-    return hashlib.sha256(f"{_digest(os.path.join(folder, CONFIG_FILE))} {_digest(pretrained_file(name, role))}"
-                          .encode()).hexdigest()
+def source_fingerprint(name: str, role: str = "", weights: bool = True) -> str:
+    """What a model named by its source is, by content: the sha256 of its config.json and (with `weights`: where its
+    weights are loaded) of its weights file. A cache keyed by it (a fine-tuned teacher, a student's measured cost) is
+    not fooled by a folder exported again in place, a relative path from elsewhere, or a hub branch that has moved."""
+    folder = source_folder(name, role, download=False, weights=weights)
+    held = _digest(os.path.join(folder, CONFIG_FILE))
+    if weights:
+        held += f" {_digest(pretrained_file(name, role))}"
+    return hashlib.sha256(held.encode()).hexdigest()
 
 
 def source_config(name: str, role: str = "", download: bool = True) -> dict:
     """The config.json of a model named by its source (`source_folder`)."""
     import json
-    with open(os.path.join(source_folder(name, role, download), CONFIG_FILE)) as f:
+    with open(os.path.join(source_folder(name, role, download, weights=False), CONFIG_FILE)) as f:
         return json.load(f)
 
 
@@ -127,14 +132,14 @@ def pretrained_file(name: str, role: str = "", download: bool = True) -> str:
     handed over by the driver, cached, or (with `download`) downloaded into the cache first."""
     import timm
 
-    if name in _PROVIDED and os.path.isfile(_PROVIDED[name]):
-        return _PROVIDED[name]
-    if source_of(name, f"{role}.name" if role else "name"):
+    if source_of(name, f"{role}.name" if role else "name"):  # its folder, as the driver handed it over or not
         folder = source_folder(name, role, download)
         found = _weights_in(folder)
         if found is None:
             raise UserError(f"{role or 'model'}: {name}: {folder} holds no {' or '.join(HUB_FILES)}")
         return found
+    if name in _PROVIDED and os.path.isfile(_PROVIDED[name]):
+        return _PROVIDED[name]
     key = f"{role}.pretrained" if role else "pretrained"
     pcfg = timm.models.get_pretrained_cfg(name)
     if pcfg is None or not (pcfg.hf_hub_id or pcfg.url):
@@ -204,13 +209,15 @@ def _download(pcfg: object, name: str, key: str, looked: str) -> str:
                         f"{ways_out}") from None
 
 
-def shipped(names: list[str]) -> Files:
-    """What the driver hands the workers: each model's files, by name, as (file name, bytes): its weights file,
-    after its config.json for a model named by its source."""
+def shipped(models: dict[str, bool]) -> Files:
+    """What the driver hands the workers, for each model name with whether its weights are loaded: the files, as
+    (file name, bytes): a model named by its source its config.json, then its weights file where they are loaded;
+    a timm name its weights file."""
     out = {}
-    for name in dict.fromkeys(names):
-        path = pretrained_file(name)
-        paths = [os.path.join(os.path.dirname(path), CONFIG_FILE), path] if source_of(name) else [path]
+    for name, weights in models.items():
+        paths = [pretrained_file(name)] if weights else []
+        if source_of(name):
+            paths.insert(0, os.path.join(source_folder(name, weights=weights), CONFIG_FILE))
         out[name] = [(os.path.basename(p), _read(p)) for p in paths]
     return out
 
@@ -222,7 +229,8 @@ def _read(path: str) -> bytes:
 
 def provide(files: Files | None) -> None:
     """Make the driver's files this process's own: a model's files in one folder (written once per machine, by
-    content), its weights file the one `pretrained_file` gives."""
+    content): a timm name's weights file the one `pretrained_file` gives, a named model's folder the one
+    `source_folder` gives."""
     for name, parts in (files or {}).items():
         digest = hashlib.sha256(b"".join(hashlib.sha256(data).digest() for _, data in parts)).hexdigest()
         folder = os.path.join(tempfile.gettempdir(), f"kd-weights-{os.getuid()}", digest[:16])

@@ -62,8 +62,10 @@ def fetch_pretrained(cfg: Config, roles: tuple[str, ...] = ("teacher", "student"
     (kd.hub): a command does this first, so the models it builds never reach for the network."""
     for role in roles:
         model: ModelConfig = getattr(cfg, role)
-        if model.pretrained is True or source_of(model.name, f"{role}.name"):  # a named source: its config.json too
+        if model.pretrained is True:
             pretrained_file(model.name, role)
+        elif source_of(model.name, f"{role}.name"):  # a named source's architecture: its config.json alone
+            source_folder(model.name, role, weights=False)
 
 
 def known_class_count(data: DataConfig) -> int | None:
@@ -173,7 +175,7 @@ def _build(cfg: ModelConfig, num_classes: int, image_size: int, hub_file: str | 
     if source_of(cfg.name, f"{role}.name" if role else "name"):
         # timm's own local-dir loading (its config.json's architecture and arguments; with weights, the classifier
         # reset where the classes differ), from the folder the hub cache, the driver or the user holds
-        name = f"local-dir:{source_folder(cfg.name, role, download=fetch)}"
+        name = f"local-dir:{source_folder(cfg.name, role, download=fetch, weights=hub_file is not None)}"
         kwargs["pretrained"] = hub_file is not None
     elif not timm.is_model(cfg.name):
         close = difflib.get_close_matches(cfg.name, timm.list_models(), n=5, cutoff=0.6)

@@ -144,7 +144,8 @@ def teacher_key(cfg: Config, data: Dataset) -> str:
         st = os.stat(cfg.teacher.pretrained) if os.path.exists(cfg.teacher.pretrained) else None
         teacher["pretrained"] = [os.path.abspath(cfg.teacher.pretrained), st and st.st_size, st and st.st_mtime_ns]
     if source_of(cfg.teacher.name):  # hf-hub:, local-dir: by what they hold, not by the name
-        teacher["name"] = [cfg.teacher.name, source_fingerprint(cfg.teacher.name, "teacher")]
+        teacher["name"] = [cfg.teacher.name, source_fingerprint(cfg.teacher.name, "teacher",
+                                                                weights=cfg.teacher.pretrained is True)]
     augment = dataclasses.asdict(cfg.augment)
     augment.pop("seed")  # the students' view stream: it shapes the logits, not the teacher's weights
     blob = json.dumps([TEACHER_VERSION, data.fingerprint, teacher, augment], sort_keys=True)

@@ -275,11 +275,11 @@ _SHIPPED: list[ray.ObjectRef | None] = []  # the weights files the search runnin
 
 
 @contextlib.contextmanager
-def shipping(names: list[str]) -> Iterator[Files]:
-    """Within this block every Ray task (`remote`, `call`) gets the driver's timm weights files for `names`
-    (kd.hub.provide: a worker never downloads, and loads the very file the driver checked); the files are yielded
-    for the trials (which get them through tune.with_parameters)."""
-    files = shipped(names)
+def shipping(models: dict[str, bool]) -> Iterator[Files]:
+    """Within this block every Ray task (`remote`, `call`) gets the driver's files for `models` (name -> whether its
+    weights are loaded: kd.hub.shipped; a worker never downloads, and loads the very file the driver checked:
+    kd.hub.provide); the files are yielded for the trials (which get them through tune.with_parameters)."""
+    files = shipped(models)
     _SHIPPED.append(ray.put(files) if files else None)
     try:
         yield files

@@ -75,8 +75,8 @@ def _read(path: Path) -> dict[str, dict[str, float]]:
 
 
 def _key(name: str, classes: int, image_size: int, device: str, threads: int) -> str:
-    if source_of(name):  # hf-hub:, local-dir: by what they hold, not by the name
-        name = f"{name} ({source_fingerprint(name, 'student')[:16]})"
+    if source_of(name):  # hf-hub:, local-dir: by the architecture they hold (a cost is the same for any weights)
+        name = f"{name} ({source_fingerprint(name, 'student', weights=False)[:16]})"
     return (f"{name} | {classes} classes | {image_size} px | {device} | {threads} threads | torch {torch.__version__} "
             f"| timm {timm.__version__}")
 

@@ -185,10 +185,11 @@ def check_points(points: list[dict[str, Any]], params: list[Param], base: Config
     return [dict(p) for p in points]
 
 
-def check_searched_models(base: Config, params: list[Param], weights: bool = True) -> list[str]:
+def check_searched_models(base: Config, params: list[Param], weights: bool = True) -> dict[str, bool]:
     """The base config's teacher and student, and every student a searched choice can swap in, exist and load
-    (timm's pretrained weights downloaded here where they are not cached: kd.hub). The names of the models whose
-    timm weights the trials and teachers will load."""
+    (timm's pretrained weights downloaded here where they are not cached: kd.hub). The models whose files the
+    trials and teachers will read, by name: whether their weights are loaded (a model named by its source is read
+    for its config.json either way)."""
     check_models(base, weights)
     configs = [base.teacher, base.student]
     for p in params:
@@ -200,7 +201,10 @@ def check_searched_models(base: Config, params: list[Param], weights: bool = Tru
                 except UserError as e:
                     raise UserError(f"search.space['{p.key}'] offers {value!r}, which cannot work: {e}") from None
                 configs.append(cfg.student)
-    names = [m.name for m in configs if m.pretrained is True or source_of(m.name)]  # a named source: its config too
+    models: dict[str, bool] = {}
+    for m in configs:
+        if m.pretrained is True or source_of(m.name):
+            models[m.name] = models.get(m.name, False) or m.pretrained is True
     searched = {p.key: p.values for p in params if p.type == "choice"}
     if True in searched.get("student.pretrained", []):  # a searched pretrained flag meets every searched student
         for name in [str(n) for n in searched.get("student.name", [base.student.name])]:
@@ -209,5 +213,5 @@ def check_searched_models(base: Config, params: list[Param], weights: bool = Tru
             except UserError as e:
                 raise UserError(f"search.space offers student.pretrained true with student.name {name!r}, which "
                                 f"cannot work: {e}") from None
-            names.append(name)
-    return list(dict.fromkeys(names))
+            models[name] = True
+    return models

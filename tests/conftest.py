@@ -19,10 +19,10 @@ if (_workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))) > 1:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import torch  # noqa: E402  (after the environment its OpenMP runtime reads once)
+import torch
 
-from search.config import Config, load_config  # noqa: E402
-from tests.helpers import tiny_overrides  # noqa: E402
+from search.config import Config, load_config
+from tests.helpers import tiny_overrides
 
 if _workers > 1:
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))

@@ -157,3 +157,34 @@ def test_a_named_folder_is_known_by_what_it_holds(tmp_path):
     save_file({f"members.0.{k}": v for k, v in state.items()}, str(folder / "model.safetensors"))
     with pytest.raises(UserError, match=r"model.safetensors does not look like weights for 'local-dir:"):
         check_models(cfg, roles=("student",))
+
+
+def test_a_named_model_without_its_weights_reads_its_config_alone(tmp_path):
+    """`pretrained: false` with a named model builds its architecture from config.json alone, as timm does: a
+    folder needs no weights, the hub serves config.json only, the workers are handed config.json only, and the
+    caches key it by config.json alone."""
+    from kd.hub import shipped, source_fingerprint
+    from kd.models import check_models, create_model
+    from kd.teacher import teacher_key
+    folder = published(tmp_path / "published")
+    files = {f"{PUBLISHED}/{name}": (folder / name).read_bytes() for name in ("config.json", "model.safetensors")}
+    (folder / "model.safetensors").unlink()
+    name = f"local-dir:{folder}"
+    cfg = load_config(None, [*tiny_overrides(tmp_path / "cache"), f"teacher.name={name}", f"student.name={name}"])
+    check_models(cfg)
+    assert create_model(cfg.student, 2, 16, "student").fc.out_features == 2
+    assert shipped({name: False}) == {name: [("config.json", (folder / "config.json").read_bytes())]}
+    assert source_fingerprint(name, weights=False) == hashlib.sha256(
+        hashlib.sha256((folder / "config.json").read_bytes()).hexdigest().encode()).hexdigest()
+    teacher_key(cfg, type("Data", (), {"fingerprint": "the images"})())  # keyed without weights to read
+    with pytest.raises(UserError, match=r"it needs config\.json and model\.safetensors or pytorch_model\.bin"):
+        check_models(cfg.updated({"student.pretrained": True}), roles=("student",))
+
+    sets = [*tiny_overrides(tmp_path / "cache"), f"student.name=hf-hub:{PUBLISHED}"]
+    script = ("from kd.models import check_models, fetch_pretrained; from search.config import load_config; "
+              f"cfg = load_config(None, {sets!r}); check_models(cfg); fetch_pretrained(cfg)")
+    with StandInHub(files) as hub:
+        run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT,
+                             env={**hub_env(hub, tmp_path / "hf"), "PYTHONPATH": str(ROOT)}, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert dict(hub.downloads) == {f"{PUBLISHED}/config.json": 1}  # the architecture, not the weights
