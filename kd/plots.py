@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib import rcParams
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
@@ -42,15 +43,25 @@ THRESHOLD_FREE = ("val_auc", "val_balanced_log_loss")  # figures of the probabil
 
 
 def learning_curves(histories: dict[str, list[dict[str, Any]]], path: str | Path, title: str = "",
-                    rule: str = "", metric: str = "val_balanced_accuracy", classes: int = 2) -> None:
-    """Training loss and the held-out `metric` per epoch, one line per run, with its chance level dotted."""
-    fig = new_figure((11, 4.4))
-    ax_loss, ax_metric = fig.subplots(1, 2)
-    for label, history in histories.items():
+                    rule: str = "", metric: str = "val_balanced_accuracy", classes: int = 2,
+                    losses: dict[str, str] | None = None) -> None:
+    """Training loss and the held-out `metric` per epoch, one line per run (its colour the same in every panel), with
+    the metric's chance level dotted. `losses` names each run's kind of loss (a search's distillation mode): runs
+    whose losses are different sums (soft mode's KL to softened probabilities against hard mode's cross-entropy to
+    the teacher's labels) get a loss panel each, never one axis."""
+    kinds = list(dict.fromkeys((losses or {}).get(label, "") for label in histories))
+    fig = new_figure((5.5 * (len(kinds) + 1), 4.4))
+    *ax_losses, ax_metric = fig.subplots(1, len(kinds) + 1, sharex=True)  # epochs line up across the panels
+    colours = rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (label, history) in enumerate(histories.items()):
         epochs = [h["epoch"] for h in history]
-        ax_loss.plot(epochs, [h.get("train_loss", np.nan) for h in history], marker=".", label=label)
-        ax_metric.plot(epochs, [h.get(metric, np.nan) for h in history], marker=".", label=label)
-    ax_loss.set(xlabel="epoch", ylabel="training loss", title="training loss")
+        colour = colours[i % len(colours)]
+        ax_loss = ax_losses[kinds.index((losses or {}).get(label, ""))]
+        ax_loss.plot(epochs, [h.get("train_loss", np.nan) for h in history], marker=".", label=label, color=colour)
+        ax_metric.plot(epochs, [h.get(metric, np.nan) for h in history], marker=".", label=label, color=colour)
+    for ax_loss, kind in zip(ax_losses, kinds, strict=True):
+        ax_loss.set(xlabel="epoch", ylabel="training loss", title=f"training loss, {kind} mode" if kind else
+                    "training loss")
     name = metric.removeprefix("val_").replace("_", " ").replace("auc", "AUC")
     rule = "" if metric in THRESHOLD_FREE else rule  # AUC and the log-loss judge probabilities: no rule
     ax_metric.set(xlabel="epoch", ylabel=name, title=f"validation {name}" + (f"\n({rule})" if rule else ""))
@@ -62,7 +73,7 @@ def learning_curves(histories: dict[str, list[dict[str, Any]]], path: str | Path
     chance = chance_level(metric, classes)
     if chance is not None and (not seen or chance >= min(seen) - 0.1):  # chance, where it is in view
         ax_metric.axhline(chance, color="grey", linestyle=":", linewidth=1, label=f"chance ({chance:.2f})")
-    for ax in (ax_loss, ax_metric):
+    for ax in (*ax_losses, ax_metric):
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
     handles, labels = ax_metric.get_legend_handles_labels()

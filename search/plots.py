@@ -38,10 +38,12 @@ def draw_all(run: Run) -> None:
         if len(top):
             metric = run.config.search.metric
             exported = run.best.trial if run.best is not None else None
-            kplots.learning_curves({f"{r['trial']} ({'exported; ' if r['trial'] == exported else ''}"
-                                    f"{r['status']}, {r.get('distill.mode', '')})".replace(", )", ")"):
-                                    run.histories[r["trial"]] for _, r in top.iterrows()}, out / "learning_curves.png",
-                                   f"the top trials by {metric}", run.rule_label, metric, len(run.classes))
+            labels = {r["trial"]: f"{r['trial']} ({'exported; ' if r['trial'] == exported else ''}{r['status']}, "
+                                  f"{r.get('distill.mode', '')})".replace(", )", ")") for _, r in top.iterrows()}
+            kplots.learning_curves({labels[t]: run.histories[t] for t in labels}, out / "learning_curves.png",
+                                   f"the top trials by {metric}", run.rule_label, metric, len(run.classes),
+                                   losses={labels[r["trial"]]: str(r.get("distill.mode", "")) for _, r in top.iterrows()
+                                           if isinstance(r.get("distill.mode"), str)})
         soft_vs_hard(run, out / "soft_vs_hard.png")
         pareto(run, out / "pareto.png")
         importance(run, out / "importance.png")
