@@ -95,6 +95,18 @@ def _rule_note(run: Run, metric: str) -> str:
     return "" if metric in THRESHOLD_FREE else f" ({run.rule_label})"
 
 
+def mark_exported(ax: Any, x: Any, y: Any, trial: str | None = None) -> None:
+    """The exported trial's point ringed with a star (the same mark in every picture); `trial` labels it for the
+    legend."""
+    ax.scatter(x, y, s=200, marker="*", facecolors="none", edgecolors="black", linewidths=1.0, zorder=4,
+               label=exported_handle(trial).get_label() if trial else None)
+
+
+def exported_handle(trial: str) -> Line2D:
+    return Line2D([], [], marker="*", markersize=11, linestyle="", markerfacecolor="none", color="black",
+                  label=f"exported ({trial})")
+
+
 def log_axis(ax: Any, low: float, high: float) -> None:
     """A log x axis labelled in plain numbers: its decades where it spans several, else a few values between
     (matplotlib's default labels a narrow log axis "1.4x10^0 1.6x10^0 ...", overlapping)."""
@@ -121,6 +133,7 @@ def params_vs_metric(run: Run, path: Path) -> None:
     fig = new_figure((4.2 * cols, 3.4 * rows))
     axes = fig.subplots(rows, cols, squeeze=False)
     mode_colour = {"soft": "tab:blue", "hard": "tab:green"}
+    exported = run.best.trial if run.best is not None else None
     for ax, key in zip(axes.flat, keys, strict=False):
         sub = done[done[key].notna()] if key in done else done.iloc[:0]
         colours = [mode_colour.get(m, "tab:grey") for m in sub.get("distill.mode", pd.Series(["?"] * len(sub)))]
@@ -144,6 +157,7 @@ def params_vs_metric(run: Run, path: Path) -> None:
                    alpha=0.8, edgecolors="none")
         ax.scatter(xs[stopped], ys[stopped], facecolors="none", s=24, alpha=0.8,
                    edgecolors=[c for c, s in zip(colours, stopped, strict=True) if s])
+        mark_exported(ax, xs[(sub["trial"] == exported).to_numpy()], ys[(sub["trial"] == exported).to_numpy()])
         ax.set(title=key, ylabel=metric if ax in axes[:, 0] else "")
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(keys):]:
@@ -154,7 +168,9 @@ def params_vs_metric(run: Run, path: Path) -> None:
                    for m, c in mode_colour.items()]
     key_handles.append(Line2D([], [], marker="o", linestyle="", markerfacecolor="none", color="grey",
                               label="stopped early (an earlier epoch's figure)"))
-    fig.legend(handles=key_handles, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    if exported is not None:
+        key_handles.append(exported_handle(exported))
+    fig.legend(handles=key_handles, loc="lower center", ncol=len(key_handles), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     save_figure(fig, path)
 
@@ -250,6 +266,7 @@ def pareto(run: Run, path: Path) -> None:
         return  # a column of points at one cost is no front (summary.md says why)
     students = done.get("student.name", pd.Series([run.config.student.name] * len(done), index=done.index))
     full = done["status"] == TrialStatus.COMPLETED
+    exported = done[done["trial"] == run.best.trial] if run.best is not None else done.iloc[:0]
     fig = new_figure((11, 4))
     axes = fig.subplots(1, 2)
     for ax, cost in zip(axes, costs, strict=False):
@@ -265,6 +282,8 @@ def pareto(run: Run, path: Path) -> None:
         own_front = run.objectives == [metric, cost]  # this panel's front is the search's own
         ax.scatter(front[cost], front[metric], s=90, facecolors="none", edgecolors="black", linewidths=1.2,
                    label="the front (trials that ran every epoch)" if own_front else None)
+        if len(exported):
+            mark_exported(ax, exported[cost], exported[metric], str(exported.iloc[0]["trial"]))
         if not own_front:
             ax.set_title(f"front of {metric} against this cost alone", fontsize=9)
         ax.set(xlabel=COST_LABELS[cost], ylabel=metric if ax is axes[0] else "")
@@ -302,7 +321,8 @@ def timeline(run: Run, path: Path) -> None:
     for row, (_, trial) in enumerate(ran.sort_values("started").iterrows()):
         ax.barh(row, trial["ended"] - trial["started"], left=trial["started"] - t0,
                 color=colour_of(trial["status"]), alpha=0.8)
-        ax.text(trial["ended"] - t0, row, f" {trial['trial']} · {trial['slot']}", va="center", fontsize=7)
+        shipped = " (exported)" if run.best is not None and trial["trial"] == run.best.trial else ""
+        ax.text(trial["ended"] - t0, row, f" {trial['trial']}{shipped} · {trial['slot']}", va="center", fontsize=7)
     ax.set_yticks([])
     where = f"{len(slots)} slots (node, GPU)" if len(slots) > 1 else "one node"
     ax.set(xlabel="seconds since the first trial started", title=f"trials over time, on {where}")
