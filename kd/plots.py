@@ -49,7 +49,8 @@ def learning_curves(histories: dict[str, list[dict[str, Any]]], path: str | Path
     the metric's chance level dotted. `losses` names each run's kind of loss (a search's distillation mode): runs
     whose losses are different sums (soft mode's KL to softened probabilities against hard mode's cross-entropy to
     the teacher's labels) get a loss panel each, never one axis."""
-    kinds = list(dict.fromkeys((losses or {}).get(label, "") for label in histories))
+    kinds = sorted(dict.fromkeys((losses or {}).get(label, "") for label in histories),
+                   key=lambda kind: ["soft", "hard"].index(kind) if kind in ("soft", "hard") else 2)
     fig = new_figure((5.5 * (len(kinds) + 1), 4.4))
     *ax_losses, ax_metric = fig.subplots(1, len(kinds) + 1, sharex=True)  # epochs line up across the panels
     colours = rcParams["axes.prop_cycle"].by_key()["color"]

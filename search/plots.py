@@ -73,14 +73,27 @@ def trials_in_order(run: Run, path: Path) -> None:
     marked += [(r["trial"], f"hand-picked {i + 1}", "D", 90) for i, point in enumerate(cfg.search.points)
                if (r := run.point_trial(point)) is not None]
     last = table["number"].max() if len(table) else 0
+    marks = []  # (trial number, figure, trial, what, marker, size), left to right
     for trial, what, marker, size in marked:
-        row = table[table["trial"] == trial]
-        if len(row) and pd.notna(row.iloc[0][metric]):
-            x, y = row.iloc[0]["number"], row.iloc[0][metric]
-            ax.scatter([x], [y], s=size, marker=marker, facecolors="none", edgecolors="black", zorder=4)
-            left = x > last - max(1, last / 8)  # near the right edge: the label to the left, not cut by the frame
-            ax.annotate(f"{trial}\n{what}", (x, y), textcoords="offset points", xytext=(-6 if left else 6, -18),
-                        fontsize=7, ha="right" if left else "left")
+        found = table[table["trial"] == trial]
+        if len(found) and pd.notna(found.iloc[0][metric]):
+            marks.append((found.iloc[0]["number"], found.iloc[0][metric], trial, what, marker, size))
+    marks.sort(key=lambda m: m[0])
+    near = max(2, last / 5)  # a label runs about two trials wide, level with its point and the next mark
+    above = False
+    for i, (x, y, trial, what, marker, size) in enumerate(marks):
+        ax.scatter([x], [y], s=size, marker=marker, facecolors="none", edgecolors="black", zorder=6)
+        left = x > last - max(1, last / 8)  # near the right edge: the label to the left, not cut by the frame
+        # close marks: the first label on the side away from the next mark, then each on the other side by turns
+        after = marks[i + 1] if i + 1 < len(marks) and marks[i + 1][0] - x <= near else None
+        follows = i > 0 and x - marks[i - 1][0] <= near
+        above = not above if follows else (after is not None and after[1] <= y)
+        ax.annotate(f"{trial}\n{what}", (x, y), textcoords="offset points", xytext=(-6 if left else 6,
+                    8 if above else -18), fontsize=7, ha="right" if left else "left", zorder=5,
+                    bbox={"boxstyle": "square,pad=0.1", "facecolor": "white", "edgecolor": "none", "alpha": 0.8})
+    if len(marks) > 1:  # room above the top mark for a label
+        low, high = ax.get_ylim()
+        ax.set_ylim(low, high + 0.08 * (high - low))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     rule = _rule_note(run, metric)
     ax.set(xlabel="trial, in order of start (the table's trial ids at the marked ones)", ylabel=metric,
@@ -322,7 +335,9 @@ def timeline(run: Run, path: Path) -> None:
         ax.barh(row, trial["ended"] - trial["started"], left=trial["started"] - t0,
                 color=colour_of(trial["status"]), alpha=0.8)
         shipped = " (exported)" if run.best is not None and trial["trial"] == run.best.trial else ""
-        ax.text(trial["ended"] - t0, row, f" {trial['trial']}{shipped} · {trial['slot']}", va="center", fontsize=7)
+        where = f" · {trial['slot']}" if len(slots) > 1 else ""  # one node: the title says so, once
+        ax.text(trial["ended"] - t0, row, f" {trial['trial']}{shipped}{where}", va="center", fontsize=7)
+    ax.set_xlim(0, (ran["ended"].max() - t0) * (1.3 if len(slots) > 1 else 1.2))  # room for the last bars' labels
     ax.set_yticks([])
     where = f"{len(slots)} slots (node, GPU)" if len(slots) > 1 else "one node"
     ax.set(xlabel="seconds since the first trial started", title=f"trials over time, on {where}")
