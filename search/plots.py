@@ -179,8 +179,9 @@ def params_vs_metric(run: Run, path: Path) -> None:
     fig.suptitle(f"each searched parameter against {metric}{rule}, each trial at its last epoch")
     key_handles = [Line2D([], [], marker="o", linestyle="", color=c, label=f"{m} distillation")
                    for m, c in mode_colour.items()]
-    key_handles.append(Line2D([], [], marker="o", linestyle="", markerfacecolor="none", color="grey",
-                              label="stopped early (an earlier epoch's figure)"))
+    if (done["status"] != TrialStatus.COMPLETED).any():
+        key_handles.append(Line2D([], [], marker="o", linestyle="", markerfacecolor="none", color="grey",
+                                  label="stopped early (an earlier epoch's figure)"))
     if exported is not None:
         key_handles.append(exported_handle(exported))
     fig.legend(handles=key_handles, loc="lower center", ncol=len(key_handles), fontsize=8, frameon=False)
@@ -201,14 +202,18 @@ def soft_vs_hard(run: Run, path: Path) -> None:
     x = np.arange(len(names))
     fig = new_figure((1.4 * len(names) + 2, 3.8))
     ax = fig.subplots()
+    exported = run.best.trial if run.best is not None else None
     for i, (mode, b) in enumerate(best.items()):
         values = [float(b.iloc[0][n]) for n in names]
-        bars = ax.bar(x + (i - 0.5) * 0.38, values, 0.38,
-                      label=f"best {mode} (trial {b.iloc[0]['trial']}, epoch {int(b.iloc[0]['epochs'])})")
+        trial = b.iloc[0]["trial"]
+        bars = ax.bar(x + (i - 0.5) * 0.38, values, 0.38, label=f"best {mode} (trial {trial}"
+                      f"{', exported' if trial == exported else ''}, epoch {int(b.iloc[0]['epochs'])})")
         ax.bar_label(bars, fmt="%.3f", fontsize=7)
     ax.set_xticks(x, [n.removeprefix("val_").replace("_", " ") for n in names], fontsize=8)
+    epochs = {int(b.iloc[0]["epochs"]) for b in best.values()}
+    unlike = "\nat different epochs (ASHA stopped one earlier): not like for like" if len(epochs) > 1 else ""
     ax.set(ylim=(0, 1.1), title=f"best soft vs best hard distillation, by {run.config.search.metric} "
-           f"({run.rule_label})")
+           f"({run.rule_label}){unlike}")
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2)  # below: it hides no bar
     save_figure(fig, path)
 

@@ -75,9 +75,15 @@ def _heading(run: Run) -> list[str]:
     counts = table["status"].value_counts().to_dict() if len(table) else {}
     status = ", ".join(f"{n} {s}" for s, n in counts.items()) or "no trials yet"
     data = record.data if record and record.data else cfg.data.source
+    space = cfg.search.space.get("student.name", {})
+    students = [str(v) for v in space["values"]] if space.get("type") == "choice" else [cfg.student.name]
+    objective = f"`{cfg.search.metric}` ({cfg.search.direction})"
+    if cfg.search.objectives:  # the first is the metric; the rest are costs, each the less the better
+        objective += "".join(f" and `{cost}` (min)" for cost in cfg.search.objectives[1:]) + " together"
     out = [f"# Search `{cfg.name}`", "",
-           f"{cfg.search.num_samples} trials of `{cfg.student.name}` distilled from `{cfg.teacher.name}` "
-           f"({data}), optimising `{cfg.search.metric}` ({cfg.search.direction}) with Optuna TPE"
+           f"{cfg.search.num_samples} trials of {'students ' if len(students) > 1 else ''}"
+           f"{', '.join(f'`{n}`' for n in students)} distilled from `{cfg.teacher.name}` "
+           f"({data}), optimising {objective} with Optuna TPE"
            f"{' and ASHA early stopping' if cfg.search.stops_early else ''}. "
            f"Trials so far: {len(table)} ({status}).", ""]
     if record and record.seconds:
