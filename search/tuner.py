@@ -65,7 +65,7 @@ def build_tuner(cfg: Config, scheme: Scheme, costs: Costs, exp_path: str, restor
         return tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=False)
 
     root, name = os.path.split(exp_path.rstrip("/"))
-    tune_config = tune.TuneConfig(search_alg=_searcher(cfg, points=adding is None), scheduler=_scheduler(cfg),
+    tune_config = tune.TuneConfig(search_alg=_searcher(cfg, adding), scheduler=_scheduler(cfg),
                                   num_samples=adding.count if adding else s.num_samples,
                                   metric=s.metric, mode=s.direction,
                                   max_concurrent_trials=s.max_concurrent or trial_slots(resources),
@@ -124,15 +124,18 @@ class Searcher(OptunaSearch):
         self._reported.pop(trial_id, None)
 
 
-def _searcher(cfg: Config, points: bool = True) -> OptunaSearch:
-    """TPE on the search's study in its journal (an earlier part's trials included); `points`: the hand-picked
-    points are enqueued (not for added trials: they ran)."""
+def _searcher(cfg: Config, adding: Adding | None = None) -> OptunaSearch:
+    """TPE on the search's study in its journal (an earlier part's trials included), the hand-picked points enqueued
+    first. For `adding` trials the points are not enqueued (they ran) and the sampler is seeded apart (the search's
+    seed plus the trials held): seeded as the first part's was, its random start-up draws would repeat that part's
+    trials' settings one for one (seen: added trials 3 and 4 trained the very settings of trials 1 and 2)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     s = cfg.search
     params = parse_space(cfg)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        sampler = optuna.samplers.TPESampler(seed=s.seed, multivariate=True, group=True, constant_liar=True,
+        seed = s.seed + (adding.held if adding else 0)
+        sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=True,
                                              n_startup_trials=min(10, max(4, s.num_samples // 3)))
     # The study lives beside the results (not in remote storage): Optuna's own tools can load it from there.
     journal = run_dir_of(cfg) / JOURNAL
@@ -141,7 +144,7 @@ def _searcher(cfg: Config, points: bool = True) -> OptunaSearch:
     # (docs/searching.md: accuracy against cost)
     metric, mode = (s.objectives, s.directions) if s.objectives else (s.metric, s.direction)
     return Searcher(epochs=cfg.train.epochs, space=DefineByRun(params, cfg), metric=metric, mode=mode,
-                        points_to_evaluate=(check_points(s.points, params, cfg) or None) if points else None,
+                        points_to_evaluate=(check_points(s.points, params, cfg) or None) if adding is None else None,
                         sampler=sampler,
                         storage=storage, study_name=cfg.name)
 

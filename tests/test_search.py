@@ -567,6 +567,8 @@ def test_a_fresh_search_sets_an_old_study_aside_and_exports_the_epoch_that_ranke
     study = optuna.load_study(study_name="fresh", storage=optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(run_dir / "optuna.journal"))))
     assert len(study.trials) == 4 and sum(t.params["train.lr"] == 1e-7 for t in study.trials) == 1
+    # its sampler seeded apart from the first part's: the same seed drew trial 2's settings again for trial 4
+    assert len({tuple(sorted(t.params.items())) for t in study.trials}) == 4
     grown = read_table(run_dir / "trials.csv")
     assert sorted(grown["number"]) == [1, 2, 3, 4] and grown["trial"].is_unique
     assert set(table["trial"]) < set(grown["trial"])  # the first three as they were, and one more
