@@ -218,7 +218,8 @@ def shipped(models: dict[str, bool]) -> Files:
         paths = [pretrained_file(name)] if weights else []
         if source_of(name):
             paths.insert(0, os.path.join(source_folder(name, weights=weights), CONFIG_FILE))
-        out[name] = [(os.path.basename(p), _read(p)) for p in paths]
+        if paths:  # a timm name whose weights are not loaded needs nothing
+            out[name] = [(os.path.basename(p), _read(p)) for p in paths]
     return out
 
 

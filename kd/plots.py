@@ -52,7 +52,7 @@ def learning_curves(histories: dict[str, list[dict[str, Any]]], path: str | Path
     kinds = sorted(dict.fromkeys((losses or {}).get(label, "") for label in histories),
                    key=lambda kind: ["soft", "hard"].index(kind) if kind in ("soft", "hard") else 2)
     fig = new_figure((5.5 * (len(kinds) + 1), 4.4))
-    *ax_losses, ax_metric = fig.subplots(1, len(kinds) + 1, sharex=True)  # epochs line up across the panels
+    *ax_losses, ax_metric = fig.subplots(1, len(kinds) + 1, sharex=True, squeeze=False)[0]  # epochs line up
     colours = rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (label, history) in enumerate(histories.items()):
         epochs = [h["epoch"] for h in history]

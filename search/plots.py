@@ -42,8 +42,8 @@ def draw_all(run: Run) -> None:
                                   f"{r.get('distill.mode', '')})".replace(", )", ")") for _, r in top.iterrows()}
             kplots.learning_curves({labels[t]: run.histories[t] for t in labels}, out / "learning_curves.png",
                                    f"the top trials by {metric}", run.rule_label, metric, len(run.classes),
-                                   losses={labels[r["trial"]]: str(r.get("distill.mode", "")) for _, r in top.iterrows()
-                                           if isinstance(r.get("distill.mode"), str)})
+                                   losses={labels[r["trial"]]: mode if isinstance(mode := r.get("distill.mode"), str)
+                                           else run.config.distill.mode for _, r in top.iterrows()})
         soft_vs_hard(run, out / "soft_vs_hard.png")
         pareto(run, out / "pareto.png")
         importance(run, out / "importance.png")
@@ -324,8 +324,9 @@ def pareto(run: Run, path: Path) -> None:
 
 def timeline(run: Run, path: Path) -> None:
     """When each trial ran and on which Ray node (and GPU): one row per trial, in order of start, a bar from its
-    first start to its last report (a retried trial's bar spans its retry), labelled with the node and GPU it
-    finished on. The height stops growing at 200 trials (matplotlib's image size limit); the bars get thinner."""
+    first start to its last report (a retried trial's bar spans its retry), labelled with its id (and "exported"
+    for the winner) and, where there are several, the node and GPU it finished on. The height stops growing at 200
+    trials (matplotlib's image size limit); the bars get thinner."""
     table = run.table
     if "started" not in table.columns or table["started"].isna().all():
         return

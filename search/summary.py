@@ -78,8 +78,9 @@ def _heading(run: Run) -> list[str]:
     space = cfg.search.space.get("student.name", {})
     students = [str(v) for v in space["values"]] if space.get("type") == "choice" else [cfg.student.name]
     objective = f"`{cfg.search.metric}` ({cfg.search.direction})"
-    if cfg.search.objectives:  # the first is the metric; the rest are costs, each the less the better
-        objective += "".join(f" and `{cost}` (min)" for cost in cfg.search.objectives[1:]) + " together"
+    if cfg.search.objectives:  # the first is the metric; then at least one cost, and maybe other figures
+        objective += "".join(f" and `{name}` ({cfg.search.direction_of(name)})"
+                             for name in cfg.search.objectives[1:]) + " together"
     out = [f"# Search `{cfg.name}`", "",
            f"{cfg.search.num_samples} trials of {'students ' if len(students) > 1 else ''}"
            f"{', '.join(f'`{n}`' for n in students)} distilled from `{cfg.teacher.name}` "

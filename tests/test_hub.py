@@ -159,17 +159,22 @@ def test_a_named_folder_is_known_by_what_it_holds(tmp_path):
         check_models(cfg, roles=("student",))
 
 
-def test_a_named_model_without_its_weights_reads_its_config_alone(tmp_path):
+def test_a_named_model_without_its_weights_reads_its_config_alone(tmp_path, monkeypatch):
     """`pretrained: false` with a named model builds its architecture from config.json alone, as timm does: a
     folder needs no weights, the hub serves config.json only, the workers are handed config.json only, and the
     caches key it by config.json alone."""
+    import kd.hub
     from kd.hub import shipped, source_fingerprint
     from kd.models import check_models, create_model
     from kd.teacher import teacher_key
+    from search.space import check_searched_models, parse_space
     folder = published(tmp_path / "published")
-    files = {f"{PUBLISHED}/{name}": (folder / name).read_bytes() for name in ("config.json", "model.safetensors")}
-    (folder / "model.safetensors").unlink()
     name = f"local-dir:{folder}"
+    both = load_config(None, [*tiny_overrides(tmp_path / "cache"), f"teacher.name={name}", "teacher.pretrained=true",
+                              f"student.name={name}"])
+    assert check_searched_models(both, parse_space(both)) == {name: True}  # shipped with the teacher's weights
+    files = {f"{PUBLISHED}/{f}": (folder / f).read_bytes() for f in ("config.json", "model.safetensors")}
+    (folder / "model.safetensors").unlink()
     cfg = load_config(None, [*tiny_overrides(tmp_path / "cache"), f"teacher.name={name}", f"student.name={name}"])
     check_models(cfg)
     assert create_model(cfg.student, 2, 16, "student").fc.out_features == 2
@@ -179,6 +184,11 @@ def test_a_named_model_without_its_weights_reads_its_config_alone(tmp_path):
     teacher_key(cfg, type("Data", (), {"fingerprint": "the images"})())  # keyed without weights to read
     with pytest.raises(UserError, match=r"it needs config\.json and model\.safetensors or pytorch_model\.bin"):
         check_models(cfg.updated({"student.pretrained": True}), roles=("student",))
+    monkeypatch.setattr(kd.hub, "_PROVIDED", {})
+    kd.hub.provide(shipped({name: False}))  # as a worker gets it: its config.json, and never taken for weights
+    assert create_model(cfg.student, 2, 16, "student").fc.out_features == 2
+    with pytest.raises(UserError, match=r"holds no model\.safetensors or pytorch_model\.bin"):
+        kd.hub.pretrained_file(name, "student")
 
     sets = [*tiny_overrides(tmp_path / "cache"), f"student.name=hf-hub:{PUBLISHED}"]
     script = ("from kd.models import check_models, fetch_pretrained; from search.config import load_config; "

@@ -31,6 +31,7 @@ def test_soft_and_hard_losses_never_share_an_axis(drawn, tmp_path):
     assert [ax.get_title() for ax in drawn[1].axes] == ["training loss", "validation AUC"]
 
 
+@pytest.mark.slow
 def test_the_exported_trial_is_starred_in_every_picture_of_its_trials(drawn, monkeypatch, shared_search):
     """params.png and pareto.png star the exported trial's point; timeline.png names it."""
     import search.plots as splots
