@@ -49,7 +49,8 @@ def learning_curves(histories: dict[str, list[dict[str, Any]]], path: str | Path
     the metric's chance level dotted. `losses` names each run's kind of loss (a search's distillation mode): runs
     whose losses are different sums (soft mode's KL to softened probabilities against hard mode's cross-entropy to
     the teacher's labels) get a loss panel each, never one axis."""
-    kinds = sorted(dict.fromkeys((losses or {}).get(label, "") for label in histories),
+    losses = losses or {}
+    kinds = sorted(dict.fromkeys(losses.get(label, "") for label in histories),
                    key=lambda kind: ["soft", "hard"].index(kind) if kind in ("soft", "hard") else 2)
     fig = new_figure((5.5 * (len(kinds) + 1), 4.4))
     *ax_losses, ax_metric = fig.subplots(1, len(kinds) + 1, sharex=True, squeeze=False)[0]  # epochs line up
@@ -57,7 +58,7 @@ def learning_curves(histories: dict[str, list[dict[str, Any]]], path: str | Path
     for i, (label, history) in enumerate(histories.items()):
         epochs = [h["epoch"] for h in history]
         colour = colours[i % len(colours)]
-        ax_loss = ax_losses[kinds.index((losses or {}).get(label, ""))]
+        ax_loss = ax_losses[kinds.index(losses.get(label, ""))]
         ax_loss.plot(epochs, [h.get("train_loss", np.nan) for h in history], marker=".", label=label, color=colour)
         ax_metric.plot(epochs, [h.get(metric, np.nan) for h in history], marker=".", label=label, color=colour)
     for ax_loss, kind in zip(ax_losses, kinds, strict=True):

@@ -27,7 +27,6 @@ from kd.infer import resolve_device
 from kd.student import student_shell
 from search.cluster import call, trial_resources, trials_run_here
 from search.config import Config
-from search.space import Param
 
 log = logging.getLogger("search")
 FORMAT = 1
@@ -35,15 +34,6 @@ COSTS_FILE = "costs.json"
 
 # student name -> student_params, student_mflops, student_latency_ms, student_images_per_s (or its error)
 Costs = dict[str, dict[str, Any]]
-
-
-def searched_students(cfg: Config, params: list[Param]) -> list[str]:
-    """The student architectures a search's trials may train: `student.name`'s choices (and the config's own, where
-    the choice is conditional and a trial may not sample it), or the config's one."""
-    for p in params:
-        if p.key == "student.name" and p.type == "choice":
-            return list(dict.fromkeys([str(v) for v in p.values] + ([cfg.student.name] if p.when else [])))
-    return [cfg.student.name]
 
 
 def student_costs(cfg: Config, names: list[str], classes: int, image_size: int) -> Costs:

@@ -30,14 +30,14 @@ from search.cluster import (
     tune_settings,
 )
 from search.config import COSTS, Config
-from search.costs import described, searched_students, student_costs
+from search.costs import described, student_costs
 from search.finalize import finalize
 from search.format import shown
 from search.phases import RunPhases
 from search.records import CONFIG, RAY_ERRORS, RunRecord
 from search.run import Run
 from search.session import exclusive, experiment_path, run_dir_of, set_aside_stale, should_resume, sigterm_as_interrupt
-from search.space import check_points, check_searched_models, parse_space
+from search.space import check_points, check_searched_models, parse_space, searched_students
 from search.teachers import prepare_teachers
 from search.tracking import check_loggers, exact_loggers
 from search.tuner import Adding, at_rungs, build_tuner

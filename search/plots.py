@@ -38,12 +38,15 @@ def draw_all(run: Run) -> None:
         if len(top):
             metric = run.config.search.metric
             exported = run.best.trial if run.best is not None else None
-            labels = {r["trial"]: f"{r['trial']} ({'exported; ' if r['trial'] == exported else ''}{r['status']}, "
-                                  f"{r.get('distill.mode', '')})".replace(", )", ")") for _, r in top.iterrows()}
-            kplots.learning_curves({labels[t]: run.histories[t] for t in labels}, out / "learning_curves.png",
-                                   f"the top trials by {metric}", run.rule_label, metric, len(run.classes),
-                                   losses={labels[r["trial"]]: mode if isinstance(mode := r.get("distill.mode"), str)
-                                           else run.config.distill.mode for _, r in top.iterrows()})
+            curves, losses = {}, {}  # by each trial's label: its history, and the mode its loss is a sum of
+            for _, r in top.iterrows():
+                label = (f"{r['trial']} ({'exported; ' if r['trial'] == exported else ''}{r['status']}, "
+                         f"{r.get('distill.mode', '')})").replace(", )", ")")
+                curves[label] = run.histories[r["trial"]]
+                mode = r.get("distill.mode")
+                losses[label] = mode if isinstance(mode, str) else run.config.distill.mode
+            kplots.learning_curves(curves, out / "learning_curves.png", f"the top trials by {metric}", run.rule_label,
+                                   metric, len(run.classes), losses=losses)
         soft_vs_hard(run, out / "soft_vs_hard.png")
         pareto(run, out / "pareto.png")
         importance(run, out / "importance.png")

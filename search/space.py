@@ -185,6 +185,15 @@ def check_points(points: list[dict[str, Any]], params: list[Param], base: Config
     return [dict(p) for p in points]
 
 
+def searched_students(cfg: Config, params: list[Param]) -> list[str]:
+    """The student architectures a search's trials may train: `student.name`'s choices (and the config's own, where
+    the choice is conditional and a trial may not sample it), or the config's one."""
+    for p in params:
+        if p.key == "student.name" and p.type == "choice":
+            return list(dict.fromkeys([str(v) for v in p.values] + ([cfg.student.name] if p.when else [])))
+    return [cfg.student.name]
+
+
 def check_searched_models(base: Config, params: list[Param], weights: bool = True) -> dict[str, bool]:
     """The base config's teacher and student, and every student a searched choice can swap in, exist and load
     (timm's pretrained weights downloaded here where they are not cached: kd.hub). The models whose files the

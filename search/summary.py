@@ -13,6 +13,7 @@ from search.config import COSTS
 from search.format import number, param_name, params_text, spread
 from search.records import TEACHER_WORK, BestRecord, TrialStatus, Verdict
 from search.run import Run
+from search.space import parse_space, searched_students
 
 
 def _table(header: list[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -75,8 +76,7 @@ def _heading(run: Run) -> list[str]:
     counts = table["status"].value_counts().to_dict() if len(table) else {}
     status = ", ".join(f"{n} {s}" for s, n in counts.items()) or "no trials yet"
     data = record.data if record and record.data else cfg.data.source
-    space = cfg.search.space.get("student.name", {})
-    students = [str(v) for v in space["values"]] if space.get("type") == "choice" else [cfg.student.name]
+    students = searched_students(cfg, parse_space(cfg))
     objective = f"`{cfg.search.metric}` ({cfg.search.direction})"
     if cfg.search.objectives:  # the first is the metric; then at least one cost, and maybe other figures
         objective += "".join(f" and `{name}` ({cfg.search.direction_of(name)})"
